@@ -1,0 +1,15 @@
+"""Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
+
+from .registry import LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
+from .spec import ArchSpec, get_submodule, set_submodule
+
+__all__ = [
+    "ArchSpec",
+    "LLAMA_FAMILY",
+    "OPT",
+    "get_spec",
+    "get_submodule",
+    "register_architecture",
+    "set_submodule",
+    "supported_model_types",
+]

@@ -1,0 +1,70 @@
+"""The architecture registry: ``model_type`` -> :class:`ArchSpec`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedModelError
+from .spec import ArchSpec
+
+OPT = ArchSpec(
+    name="opt",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    attention="self_attn",
+    q_proj="q_proj",
+    k_proj="k_proj",
+    v_proj="v_proj",
+    o_proj="out_proj",
+    mlp_producers=("fc1",),
+    mlp_consumer="fc2",
+    module_count_attrs={"self_attn.num_heads": "heads"},
+    config_kv_heads=None,
+    config_ffn="ffn_dim",
+    config_has_head_dim=False,
+)
+
+LLAMA_FAMILY = ArchSpec(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    blocks="model.layers",
+    attention="self_attn",
+    q_proj="q_proj",
+    k_proj="k_proj",
+    v_proj="v_proj",
+    o_proj="o_proj",
+    mlp_producers=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_consumer="mlp.down_proj",
+    module_count_attrs={"mlp.intermediate_size": "ffn"},
+)
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> None:
+    """Add ``spec`` for each of its model types (a clear error if one is taken, unless ``overwrite``)."""
+    for model_type in spec.model_types:
+        if model_type in _REGISTRY and not overwrite:
+            raise ValueError(f"model_type {model_type!r} is already registered (spec {_REGISTRY[model_type].name!r})")
+    for model_type in spec.model_types:
+        _REGISTRY[model_type] = spec
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(model_or_config: Any) -> ArchSpec:
+    """The spec for a model (or its config), by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"osscar_hf does not support model_type {model_type!r}; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]
+
+
+register_architecture(OPT)
+register_architecture(LLAMA_FAMILY)

@@ -1,0 +1,126 @@
+"""Capture every decoder block's inputs for the calibration windows, without running any block.
+
+Each block is temporarily replaced by a recorder that keeps its positional and keyword arguments (masks,
+position ids, rotary embeddings, cache flags: whatever the model passes, so new keyword arguments keep
+working) and passes the hidden states through unchanged. The last recorder stops the forward with a
+private exception, so neither the blocks nor the LM head ever run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class _CaptureDone(Exception):
+    """Raised by the last recorder to stop the model's forward (never escapes this module)."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, block: nn.Module, index: int, sink: list[tuple[tuple, dict]], last: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.index = index
+        self.sink = sink
+        self.last = last
+
+    def __getattr__(self, name: str) -> Any:  # models may read attributes of their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.sink.append((args, kwargs))
+        if self.last:
+            raise _CaptureDone
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class CapturedInputs:
+    """Calibration inputs of every block, batch by batch.
+
+    ``hidden[b]`` is the hidden state entering block 0 for batch ``b``; ``kwargs[i][b]`` are the keyword
+    arguments (and any extra positional ones, under ``"__args__"``) the model passes to block ``i``.
+    Tensors shared between blocks (masks, rotary tables) are shared here too, not copied.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]
+
+
+def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``; tensors shared stay shared."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        moved = [move_to(v, device, memo) for v in obj]
+        return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    storage_device: torch.device | str = "cpu",
+) -> CapturedInputs:
+    """Run ``model`` on ``input_ids`` (windows x seq_len) up to the first block and record each block's inputs.
+
+    The model runs where its embeddings are; captured tensors are kept on ``storage_device``.
+    """
+    if len(blocks) == 0:
+        raise ValueError("the model has no decoder blocks to prune")
+    embed_device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    originals = list(blocks)
+    hidden: list[torch.Tensor] = []
+    per_block: list[list[dict[str, Any]]] = [[] for _ in originals]
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            sink: list[tuple[tuple, dict]] = []
+            for i, block in enumerate(originals):
+                blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
+            try:
+                model(input_ids=input_ids[start : start + batch_size].to(embed_device), use_cache=False)
+            except _CaptureDone:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached its last decoder block")
+            finally:
+                for i, block in enumerate(originals):
+                    blocks[i] = block
+            if len(sink) != len(originals):
+                raise RuntimeError(f"captured inputs of {len(sink)} blocks, expected {len(originals)}")
+            memo: dict[int, Any] = {}  # per batch: ids of freed tensors may be reused later
+            for i, (args, kwargs) in enumerate(sink):
+                state = args[0] if args else kwargs["hidden_states"]
+                if i == 0:
+                    hidden.append(state.to(storage_device))
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if len(args) > 1:
+                    kw["__args__"] = tuple(args[1:])
+                per_block[i].append(move_to(kw, storage_device, memo))
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return CapturedInputs(hidden=hidden, kwargs=per_block)
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run one block on captured inputs and return its hidden-state output."""
+    kw = dict(kwargs)
+    extra = kw.pop("__args__", ())
+    out = block(hidden, *extra, **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out

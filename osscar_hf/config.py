@@ -1,0 +1,479 @@
+"""``OsscarConfig``: the validated, serialisable settings of one OSSCAR pruning run.
+
+The class plugs into transformers as a quantization config (it subclasses ``QuantizationConfigMixin``,
+in the style of ``GPTQConfig``), so a pruned checkpoint's ``config.json`` carries it under
+``quantization_config`` with ``"quant_method": "osscar"``.
+
+Every field is checked in ``__post_init__`` (and again by :meth:`OsscarConfig.post_init`, which the
+pipeline may call after attributes were changed by hand): a bad value raises ``OsscarConfigError`` whose
+message names the field, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import sys
+import tempfile
+from dataclasses import KW_ONLY, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from osscar_hf.errors import OsscarConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OsscarConfig", "keep_count"]
+
+QUANT_METHOD = "osscar"
+# Keys written by ``to_json_file`` next to the fields; accepted (and ignored) by ``from_dict``.
+VERSION_KEYS = ("osscar_version", "transformers_version", "torch_version")
+
+_SOLVER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def keep_count(m: int, sparsity: float) -> int:
+    """Number of structures (heads, KV groups, neurons) kept out of ``m`` at the given sparsity.
+
+    Returns ``m - round(m * sparsity)`` with Python's ``round`` (round half to even: ``keep_count(5, 0.5)``
+    removes ``round(2.5) == 2`` and keeps 3). The result may be 0 for small ``m`` (``keep_count(1, 0.6)``);
+    callers that cannot remove a whole module must check for that.
+    """
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+        raise OsscarConfigError(f"m must be a non-negative int, got {m!r}")
+    sparsity = _check_fraction("sparsity", sparsity)
+    return int(m) - round(int(m) * sparsity)
+
+
+# --------------------------------------------------------------------------- field checks
+def _check_fraction(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not 0.0 <= value < 1.0
+    ):
+        raise OsscarConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise OsscarConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OsscarConfigError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def _is_hf_dataset(value: Any) -> bool:
+    # Checked through sys.modules so that validating a config never imports `datasets` (slow import).
+    mod = sys.modules.get("datasets")
+    return mod is not None and isinstance(value, mod.Dataset)
+
+
+_DATASET_ACCEPTED = (
+    "None, a str (a dataset name such as 'wikitext2' or a path to a .txt/.jsonl/.parquet file), an "
+    "os.PathLike path, a non-empty list of str, a non-empty list of non-empty lists of int token ids, a 2-D "
+    "integer torch.Tensor of token ids, or a datasets.Dataset"
+)
+
+
+def _summarise(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_dataset(value: Any, text_column: str) -> Any:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and not value:
+            raise OsscarConfigError(f"dataset must not be an empty str; accepted: {_DATASET_ACCEPTED}")
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 2 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise OsscarConfigError(
+                "dataset as a torch.Tensor must be a 2-D integer tensor of token ids (num_rows, seq_len), got "
+                f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if value.numel() == 0:
+            raise OsscarConfigError(f"dataset tensor must not be empty, got shape {tuple(value.shape)}")
+        return value
+    if _is_hf_dataset(value):
+        if text_column not in value.column_names:
+            raise OsscarConfigError(
+                f"dataset (a datasets.Dataset) has no column text_column={text_column!r}; "
+                f"its columns are {value.column_names}"
+            )
+        return value
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise OsscarConfigError(f"dataset must not be an empty list; accepted: {_DATASET_ACCEPTED}")
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, (list, tuple)) for v in value):
+            for i, row in enumerate(value):
+                if len(row) == 0 or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in row
+                ):
+                    raise OsscarConfigError(
+                        f"dataset row {i} must be a non-empty list of int token ids, got {_summarise(row)}"
+                    )
+            return [[int(t) for t in row] for row in value]
+        raise OsscarConfigError(
+            "dataset as a list must hold only str (texts) or only lists of int (token ids), got "
+            f"{_summarise(value)}"
+        )
+    raise OsscarConfigError(f"dataset must be {_DATASET_ACCEPTED}; got a {type(value).__name__}")
+
+
+def _check_solver_dtype(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        for name, dtype in _SOLVER_DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(value, str) and value in _SOLVER_DTYPES:
+        return value
+    raise OsscarConfigError(
+        f"solver_dtype must be one of {sorted(_SOLVER_DTYPES)} (or torch.float32 / torch.float64), got {value!r}"
+    )
+
+
+def _check_device(value: Any) -> str:
+    if isinstance(value, torch.device):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+    else:
+        text = None
+    if text is None or not _DEVICE_RE.match(text):
+        raise OsscarConfigError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of those, got {value!r}"
+        )
+    return text
+
+
+def _dataset_to_json(value: Any, text_column: str) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, torch.Tensor):
+        return [[int(t) for t in row] for row in value.tolist()]
+    if _is_hf_dataset(value):
+        return list(value[text_column])
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], str):
+            return list(value)
+        return [[int(t) for t in row] for row in value]
+    raise OsscarConfigError(f"dataset of type {type(value).__name__} cannot be serialised")  # pragma: no cover
+
+
+def _parse_version(text: Any):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(text))
+    except InvalidVersion:
+        raise OsscarConfigError(f"osscar_version must be a version string such as '0.1.0', got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- the config
+@dataclass(eq=False, repr=False)
+class OsscarConfig(QuantizationConfigMixin):
+    """Settings of an OSSCAR structured-pruning run.
+
+    Args:
+        attention_sparsity: fraction of attention heads (or KV groups, for grouped-query attention) removed
+            in every block, in [0, 1). The count removed is ``round(n * attention_sparsity)`` (see
+            :func:`keep_count`).
+        mlp_sparsity: fraction of FFN neurons removed in every block, in [0, 1).
+        dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
+            to a ``.txt`` / ``.jsonl`` / ``.parquet`` file, a list of texts, token ids (a 2-D integer tensor
+            or a list of lists of int, used as windows directly) or a ``datasets.Dataset``. See
+            :func:`osscar_hf.calibration.build_calibration_windows`.
+        text_column: column (or JSON field) holding the text in a ``datasets.Dataset``, ``.jsonl`` or
+            ``.parquet`` dataset.
+        num_samples: number of calibration windows (>= 1).
+        seq_len: tokens per calibration window (>= 1); the pipeline caps it at the model's context length.
+        seed: seed of the window sampling (>= 0).
+        damping: ridge added to each Gram matrix, relative to its mean diagonal (``G + damping *
+            mean(diag(G)) * I``). Any finite value >= 0; 0 disables damping (a singular Gram matrix then
+            fails to factorise and the solver reports it). Typical values are 1e-3 to 1e-1.
+        mlp_step: neurons removed per step of the stage-A elimination (>= 1).
+        attention_step: heads / KV groups removed per step of the stage-A elimination (>= 1).
+        local_search: run the stage-B swap local search after stage A.
+        local_search_iters: iterations of the local search (>= 0).
+        mlp_swap_size: neurons considered per local-search swap (>= 1).
+        attention_swap_size: heads / KV groups considered per local-search swap (>= 1).
+        propagate: feed each pruned block's outputs to the next block (sequential pruning); if False,
+            every block sees the dense model's inputs.
+        dense_targets: fit each block to the dense model's outputs instead of the outputs of the dense
+            block on pruned inputs; requires ``propagate=True``.
+        solver_dtype: dtype of the linear algebra, ``"float32"`` or ``"float64"`` (``torch.float32`` /
+            ``torch.float64`` are accepted and stored as the string).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+            ``torch.device``; stored as a string.
+        batch_size: calibration windows per forward pass (>= 1).
+
+    The two sparsities may be given positionally; every other field is keyword-only.
+    """
+
+    attention_sparsity: float = 0.0
+    mlp_sparsity: float = 0.0
+    _: KW_ONLY
+    dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
+    text_column: str = "text"
+    num_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    damping: float = 0.01
+    mlp_step: int = 10
+    attention_step: int = 2
+    local_search: bool = True
+    local_search_iters: int = 30
+    mlp_swap_size: int = 10
+    attention_swap_size: int = 5
+    propagate: bool = True
+    dense_targets: bool = False
+    solver_dtype: str = "float64"
+    device: str = "auto"
+    batch_size: int = 8
+    quant_method: str = field(default=QUANT_METHOD, init=False)
+
+    def __post_init__(self) -> None:
+        self.post_init()
+
+    # ----------------------------------------------------------------- validation
+    def post_init(self) -> None:
+        """Validate and normalise every field; raise ``OsscarConfigError`` on the first bad one."""
+        self.quant_method = QUANT_METHOD
+        self.attention_sparsity = _check_fraction("attention_sparsity", self.attention_sparsity)
+        self.mlp_sparsity = _check_fraction("mlp_sparsity", self.mlp_sparsity)
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise OsscarConfigError(f"text_column must be a non-empty str, got {self.text_column!r}")
+        self.dataset = _check_dataset(self.dataset, self.text_column)
+        self.num_samples = _check_int("num_samples", self.num_samples, 1)
+        self.seq_len = _check_int("seq_len", self.seq_len, 1)
+        self.seed = _check_int("seed", self.seed, 0)
+        if (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, numbers.Real)
+            or not math.isfinite(self.damping)
+            or self.damping < 0
+        ):
+            raise OsscarConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        self.damping = float(self.damping)
+        self.mlp_step = _check_int("mlp_step", self.mlp_step, 1)
+        self.attention_step = _check_int("attention_step", self.attention_step, 1)
+        self.local_search = _check_bool("local_search", self.local_search)
+        self.local_search_iters = _check_int("local_search_iters", self.local_search_iters, 0)
+        self.mlp_swap_size = _check_int("mlp_swap_size", self.mlp_swap_size, 1)
+        self.attention_swap_size = _check_int("attention_swap_size", self.attention_swap_size, 1)
+        self.propagate = _check_bool("propagate", self.propagate)
+        self.dense_targets = _check_bool("dense_targets", self.dense_targets)
+        if self.dense_targets and not self.propagate:
+            raise OsscarConfigError(
+                "dense_targets=True requires propagate=True (got propagate=False): dense targets are only "
+                "meaningful when pruned outputs are fed to the next block"
+            )
+        self.solver_dtype = _check_solver_dtype(self.solver_dtype)
+        self.device = _check_device(self.device)
+        self.batch_size = _check_int("batch_size", self.batch_size, 1)
+
+    # ----------------------------------------------------------------- helpers
+    def resolved_device(self) -> torch.device:
+        """The device to run on: ``"auto"`` becomes CUDA when available, else CPU.
+
+        Raises ``OsscarConfigError`` when CUDA is requested explicitly but is not available.
+        """
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise OsscarConfigError(
+                    f"device={self.device!r} but CUDA is not available here; use device='cpu' or 'auto'"
+                )
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise OsscarConfigError(
+                    f"device={self.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+                )
+        return device
+
+    def torch_solver_dtype(self) -> torch.dtype:
+        """``solver_dtype`` as a ``torch.dtype``."""
+        return _SOLVER_DTYPES[self.solver_dtype]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The accepted keys of :meth:`from_dict` that are config fields (``quant_method`` included)."""
+        return [f.name for f in fields(cls) if f.name != "_"]
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field plus ``"quant_method": "osscar"``.
+
+        The dataset is written as given for ``None`` / str, as a list of str for texts (a
+        ``datasets.Dataset`` becomes the list of its ``text_column``), and as a list of lists of int for
+        token ids (tensor or lists).
+        """
+        out: dict[str, Any] = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            if name == "dataset":
+                value = _dataset_to_json(value, self.text_column)
+            out[name] = value
+        return out
+
+    def __iter__(self):
+        """``dict(config)`` gives :meth:`to_dict`."""
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OsscarConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.field_names():
+            if name == "quant_method":
+                continue
+            value = getattr(self, name)
+            parts.append(f"{name}={self._describe_dataset() if name == 'dataset' else repr(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _describe_dataset(self) -> str:
+        ds = self.dataset
+        if ds is None or isinstance(ds, str):
+            return _summarise(ds)
+        if isinstance(ds, torch.Tensor):
+            return f"<token ids {tuple(ds.shape)[0]}x{tuple(ds.shape)[1]}>"
+        if _is_hf_dataset(ds):
+            return f"<datasets.Dataset, {len(ds)} rows>"
+        if ds and isinstance(ds[0], str):
+            return f"<{len(ds)} texts, {sum(len(t) for t in ds)} chars>"
+        return f"<token ids, {len(ds)} rows>"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build a config from a dict such as :meth:`to_dict` or a saved JSON file wrote.
+
+        Unknown keys are an error listing them and the accepted keys, unless the dict records an
+        ``osscar_version`` newer than this package: then they are dropped with a warning that names them
+        (a file saved by a newer osscar_hf stays loadable). ``quant_method`` must be ``"osscar"`` when
+        present. The version keys written by :meth:`to_json_file` are accepted and ignored.
+
+        As in ``QuantizationConfigMixin.from_dict``, keyword arguments that are field names override the
+        dict's values; the others are returned as unused when ``return_unused_kwargs`` is True (and
+        otherwise ignored).
+        """
+        from osscar_hf import __version__
+
+        if not isinstance(config_dict, dict):
+            raise OsscarConfigError(f"config_dict must be a dict, got a {type(config_dict).__name__}")
+        data = dict(config_dict)
+        quant_method = data.pop("quant_method", QUANT_METHOD)
+        if str(getattr(quant_method, "value", quant_method)) != QUANT_METHOD:
+            raise OsscarConfigError(f"quant_method must be {QUANT_METHOD!r} for an OsscarConfig, got {quant_method!r}")
+        saved_version = data.get("osscar_version")
+        for key in VERSION_KEYS:
+            data.pop(key, None)
+
+        accepted = [n for n in cls.field_names() if n != "quant_method"]
+        unknown = sorted(k for k in data if k not in accepted)
+        if unknown:
+            if saved_version is not None and _parse_version(saved_version) > _parse_version(__version__):
+                logger.warning(
+                    "OsscarConfig saved by osscar_hf %s (this is %s): dropping unknown keys %s",
+                    saved_version,
+                    __version__,
+                    unknown,
+                )
+                for key in unknown:
+                    del data[key]
+            else:
+                raise OsscarConfigError(
+                    f"unknown OsscarConfig keys {unknown}; accepted keys are "
+                    f"{sorted(accepted + ['quant_method', *VERSION_KEYS])}"
+                )
+
+        unused = {}
+        for key, value in kwargs.items():
+            if key in accepted:
+                data[key] = value
+            else:
+                unused[key] = value
+        config = cls(**data)
+        return (config, unused) if return_unused_kwargs else config
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields (validated together); return the kwargs that are not fields."""
+        accepted = [n for n in self.field_names() if n != "quant_method"]
+        known = {k: v for k, v in kwargs.items() if k in accepted}
+        new = type(self)(**{**{n: getattr(self, n) for n in accepted}, **known})  # validates
+        for name in accepted:
+            setattr(self, name, getattr(new, name))
+        return {k: v for k, v in kwargs.items() if k not in accepted}
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write the config as JSON, atomically, with the library versions that wrote it.
+
+        The file holds :meth:`to_dict` plus ``osscar_version``, ``transformers_version`` and
+        ``torch_version``; :meth:`from_json_file` reads it back to an equal config.
+        """
+        import transformers
+
+        from osscar_hf import __version__
+
+        payload = self.to_dict()
+        payload["osscar_version"] = __version__
+        payload["transformers_version"] = transformers.__version__
+        payload["torch_version"] = torch.__version__
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+
+        path = os.fspath(json_file_path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".osscar_config.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    @classmethod
+    def from_json_file(cls, json_file_path: str | os.PathLike) -> OsscarConfig:
+        """Read a config written by :meth:`to_json_file` (or any JSON object accepted by :meth:`from_dict`)."""
+        path = os.fspath(json_file_path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise OsscarConfigError(f"config file {path!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise OsscarConfigError(f"config file {path!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,284 @@
+"""The block loop: accumulate Grams, solve both layer-wise problems, slice, propagate.
+
+Calibration activations stay on ``storage_device`` (the CPU when computing on a GPU); only the block
+being pruned, its Grams and one batch at a time live on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .arch.spec import ArchSpec, get_submodule
+from .capture import CapturedInputs, call_block, move_to
+from .report import BlockReport, ConsumerReport
+from .solver import LayerSolution, accumulate_cross_gram, accumulate_gram, new_gram, solve_layer
+from .surgery import group_channels, prune_attention, prune_mlp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProblemSettings:
+    """How to solve one consumer's problem (taken from an OsscarConfig)."""
+
+    num_keep: int
+    group_size: int
+    step: int
+    swap_size: int
+    local_search_iters: int
+    damping: float
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    attention: ProblemSettings
+    mlp: ProblemSettings
+    num_attention_groups: int
+    n_rep: int
+    head_dim: int
+    num_neurons: int
+    device: torch.device
+    storage_device: torch.device
+    propagate: bool
+    dense_targets: bool
+
+
+class _GramStats:
+    """Running Gram (and, for dense targets, cross-Gram) of one consumer's inputs."""
+
+    def __init__(self, p: int, device: torch.device, cross: bool) -> None:
+        self.H = new_gram(p, device)
+        self.G = new_gram(p, device) if cross else None
+        self.count = 0
+        self.cross_count = 0
+
+
+@contextmanager
+def _input_hooks(modules: dict[str, nn.Module], callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Forward pre-hooks that hand each named module's input to ``callback(name, input)``."""
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            callback(name, args[0].detach())
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    return next((p.device for p in block.parameters()), torch.device("cpu"))
+
+
+def _solve(stats: _GramStats, consumer: nn.Linear, settings: ProblemSettings) -> LayerSolution:
+    return solve_layer(
+        stats.H,
+        consumer.weight.detach().T,
+        group_size=settings.group_size,
+        num_keep=settings.num_keep,
+        damping=settings.damping,
+        step=settings.step,
+        local_search_iters=settings.local_search_iters,
+        swap_size=settings.swap_size,
+        dtype=settings.dtype,
+        cross_gram=stats.G,
+    )
+
+
+def _consumer_report(m: int, solution: LayerSolution | None, seconds: float) -> ConsumerReport:
+    if solution is None:
+        return ConsumerReport(structures=m, kept=m, kept_indices=list(range(m)), solved=False)
+    return ConsumerReport(
+        structures=m,
+        kept=int(solution.kept_groups.numel()),
+        kept_indices=[int(i) for i in solution.kept_groups.tolist()],
+        solved=True,
+        objective_dense=solution.objective_dense,
+        objective_stage_a=solution.objective_stage_a,
+        objective=solution.objective,
+        relative_error=solution.relative_error,
+        swaps_accepted=solution.swaps_accepted,
+        damping=solution.damping_used,
+        seconds=seconds,
+    )
+
+
+def _refit_weight(solution: LayerSolution, group_size: int) -> torch.Tensor:
+    """The consumer's new (out x kept inputs) weight from the solver's input-major solution."""
+    channels = group_channels(solution.kept_groups, group_size).to(solution.weight.device)
+    return solution.weight.index_select(0, channels).T.contiguous()
+
+
+def _accumulate(
+    block: nn.Module,
+    consumers: dict[str, nn.Module],
+    stats: dict[str, _GramStats],
+    states: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    dense_states: list[torch.Tensor] | None,
+    device: torch.device,
+    storage: torch.device,
+) -> list[torch.Tensor] | None:
+    """Accumulate the consumers' Grams over all batches (one ``addmm_`` per batch and consumer).
+
+    With ``dense_states`` (dense targets) the block also runs on the dense stream, the cross-Gram
+    X_pruned^T X_dense is accumulated, and the dense stream's next inputs are returned.
+    """
+    memo: dict[int, Any] = {}
+
+    def gram(name: str, x: torch.Tensor) -> None:
+        st = stats[name]
+        st.count = accumulate_gram(st.H, st.count, x)
+
+    if dense_states is None:
+        with _input_hooks(consumers, gram):
+            for b, state in enumerate(states):
+                call_block(block, state.to(device), move_to(kwargs[b], device, memo))
+        return None
+
+    next_dense: list[torch.Tensor] = []
+    for b, state in enumerate(states):
+        kw = move_to(kwargs[b], device, memo)
+        pruned_inputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, x: torch.Tensor) -> None:
+            pruned_inputs[name] = x
+            gram(name, x)
+
+        def cross(name: str, x: torch.Tensor) -> None:
+            st = stats[name]
+            st.cross_count = accumulate_cross_gram(st.G, st.cross_count, pruned_inputs.pop(name), x)
+
+        with _input_hooks(consumers, keep):
+            call_block(block, state.to(device), kw)
+        with _input_hooks(consumers, cross):
+            next_dense.append(call_block(block, dense_states[b].to(device), kw).to(storage))
+    return next_dense
+
+
+def _propagate(
+    block: nn.Module, states: list[torch.Tensor], kwargs: list[dict[str, Any]], device: torch.device,
+    storage: torch.device,
+) -> list[torch.Tensor]:
+    memo: dict[int, Any] = {}
+    return [call_block(block, s.to(device), move_to(kwargs[b], device, memo)).to(storage) for b, s in enumerate(states)]
+
+
+def prune_blocks(
+    model: nn.Module,
+    spec: ArchSpec,
+    captured: CapturedInputs,
+    settings: LoopSettings,
+    *,
+    progress: bool = True,
+) -> list[BlockReport]:
+    """Prune every decoder block of ``model`` in turn (see ALGORITHM.md, section 5)."""
+    blocks = get_submodule(model, spec.blocks)
+    device, storage = settings.device, settings.storage_device
+    states = captured.hidden
+    dense_states = [s for s in states] if settings.dense_targets else None
+    solve_attention = settings.attention.num_keep < settings.num_attention_groups
+    solve_mlp = settings.mlp.num_keep < settings.num_neurons
+    reports: list[BlockReport] = []
+    bar = tqdm(total=len(blocks), desc="OSSCAR pruning", unit="block", disable=not progress)
+    try:
+        for index, block in enumerate(blocks):
+            start = time.perf_counter()
+            home = _block_device(block)
+            block.to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            attention = get_submodule(block, spec.attention)
+            o_proj = get_submodule(attention, spec.o_proj)
+            down = get_submodule(block, spec.mlp_consumer)
+            consumers: dict[str, nn.Module] = {}
+            if solve_attention:
+                consumers["attention"] = o_proj
+            if solve_mlp:
+                consumers["mlp"] = down
+            stats = {
+                name: _GramStats(module.in_features, device, settings.dense_targets)
+                for name, module in consumers.items()
+            }
+            kwargs = captured.kwargs[index]
+            with torch.no_grad():
+                next_dense = (
+                    _accumulate(block, consumers, stats, states, kwargs, dense_states, device, storage)
+                    if consumers
+                    else (_propagate(block, dense_states, kwargs, device, storage) if dense_states else None)
+                )
+                if not settings.propagate:
+                    # Without propagation each block sees the dense model's inputs: run the dense block now.
+                    next_states = _propagate(block, states, kwargs, device, storage)
+
+                attn_solution = mlp_solution = None
+                attn_seconds = mlp_seconds = 0.0
+                if solve_attention:
+                    t = time.perf_counter()
+                    attn_solution = _solve(stats.pop("attention"), o_proj, settings.attention)
+                    attn_seconds = time.perf_counter() - t
+                if solve_mlp:
+                    t = time.perf_counter()
+                    mlp_solution = _solve(stats.pop("mlp"), down, settings.mlp)
+                    mlp_seconds = time.perf_counter() - t
+                del stats
+                if attn_solution is not None:
+                    prune_attention(
+                        block,
+                        spec,
+                        attn_solution.kept_groups,
+                        n_rep=settings.n_rep,
+                        head_dim=settings.head_dim,
+                        num_groups=settings.num_attention_groups,
+                        o_weight=_refit_weight(attn_solution, settings.attention.group_size),
+                    )
+                if mlp_solution is not None:
+                    prune_mlp(block, spec, mlp_solution.kept_groups,
+                              consumer_weight=_refit_weight(mlp_solution, settings.mlp.group_size))
+                if settings.propagate:
+                    next_states = _propagate(block, states, kwargs, device, storage)
+            states = next_states
+            if next_dense is not None:
+                dense_states = next_dense
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            block.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            report = BlockReport(
+                index=index,
+                attention=_consumer_report(settings.num_attention_groups, attn_solution, attn_seconds),
+                mlp=_consumer_report(settings.num_neurons, mlp_solution, mlp_seconds),
+                seconds=time.perf_counter() - start,
+                peak_device_memory_bytes=peak,
+            )
+            reports.append(report)
+            postfix = {"s": f"{report.seconds:.1f}"}
+            if attn_solution is not None:
+                postfix["attn_err"] = f"{attn_solution.relative_error:.2e}"
+            if mlp_solution is not None:
+                postfix["mlp_err"] = f"{mlp_solution.relative_error:.2e}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            logger.info(
+                "block %d: attention %d/%d kept (rel. err %s), mlp %d/%d kept (rel. err %s), %.2fs",
+                index, report.attention.kept, report.attention.structures, postfix.get("attn_err", "-"),
+                report.mlp.kept, report.mlp.structures, postfix.get("mlp_err", "-"), report.seconds,
+            )
+    finally:
+        bar.close()
+    return reports

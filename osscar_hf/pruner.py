@@ -1,0 +1,190 @@
+"""``OsscarPruner``: the public entry point of in-memory pruning."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .arch import ArchSpec, get_spec, get_submodule
+from .calibration import build_calibration_windows
+from .capture import capture_block_inputs
+from .config import OsscarConfig, keep_count
+from .errors import CalibrationDataError, OsscarConfigError, UnsupportedModelError
+from .pipeline import LoopSettings, ProblemSettings, prune_blocks
+from .report import PruneReport
+from .surgery import block_shape
+
+logger = logging.getLogger(__name__)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_context_length(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def update_model_config(model: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> list[dict[str, int]]:
+    """Write the pruned shapes into ``model.config``.
+
+    ``config.osscar_block_shapes`` always lists every block's head, KV-head and FFN counts. When all
+    blocks share one shape, the stock fields are updated too where the architecture's config can
+    express it (FFN width always; head counts only for configs with an explicit ``head_dim`` and a head
+    count that divides ``hidden_size``, as transformers' validation requires).
+    """
+    config = model.config
+    blocks = get_submodule(model, spec.blocks)
+    shapes = [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in blocks]
+    config.osscar_block_shapes = shapes
+    if all(shape == shapes[0] for shape in shapes):
+        shape = shapes[0]
+        setattr(config, spec.config_ffn, shape["ffn_dim"])
+        heads = shape["num_attention_heads"]
+        if spec.config_has_head_dim and heads > 0 and config.hidden_size % heads == 0:
+            config.head_dim = head_dim
+            setattr(config, spec.config_heads, heads)
+            if spec.config_kv_heads is not None:
+                setattr(config, spec.config_kv_heads, shape["num_key_value_heads"])
+    return shapes
+
+
+class OsscarPruner:
+    """Prune a ``PreTrainedModel`` in place with OSSCAR, in the style of transformers' quantizers.
+
+        pruner = OsscarPruner(OsscarConfig(attention_sparsity=0.25, mlp_sparsity=0.5, dataset=texts))
+        pruned = pruner.prune(model, tokenizer)
+        pruner.report.to_json("report.json")
+
+    Every input is validated before the model is touched: a bad config, dataset or unsupported model
+    raises and leaves the model as it was.
+    """
+
+    def __init__(self, config: OsscarConfig) -> None:
+        if not isinstance(config, OsscarConfig):
+            raise OsscarConfigError(f"OsscarPruner needs an OsscarConfig, got {type(config).__name__}")
+        self.config = config
+        self.report: PruneReport | None = None
+
+    def _settings(self, model: nn.Module, spec: ArchSpec) -> LoopSettings:
+        cfg = self.config
+        m, n_rep, head_dim = spec.group_geometry(model.config)
+        neurons = spec.ffn_dim(model.config)
+        dtype = cfg.torch_solver_dtype()
+        iters = cfg.local_search_iters if cfg.local_search else 0
+        attention = ProblemSettings(
+            num_keep=keep_count(m, cfg.attention_sparsity), group_size=n_rep * head_dim, step=cfg.attention_step,
+            swap_size=cfg.attention_swap_size, local_search_iters=iters, damping=cfg.damping, dtype=dtype,
+        )
+        mlp = ProblemSettings(
+            num_keep=keep_count(neurons, cfg.mlp_sparsity), group_size=1, step=cfg.mlp_step,
+            swap_size=cfg.mlp_swap_size, local_search_iters=iters, damping=cfg.damping, dtype=dtype,
+        )
+        return LoopSettings(
+            attention=attention, mlp=mlp, num_attention_groups=m, n_rep=n_rep, head_dim=head_dim,
+            num_neurons=neurons, device=cfg.resolved_device(), storage_device=torch.device("cpu"),
+            propagate=cfg.propagate, dense_targets=cfg.dense_targets,
+        )
+
+    def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
+        if getattr(model.config, "osscar_block_shapes", None) is not None:
+            raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise UnsupportedModelError(
+                "the model has parameters on the meta device (offloaded with a device_map?); load it fully "
+                "on one device to prune it in memory"
+            )
+        blocks = get_submodule(model, spec.blocks)
+        m, n_rep, head_dim = spec.group_geometry(model.config)
+        for i, block in enumerate(blocks):
+            if block_shape(block, spec, n_rep=n_rep, head_dim=head_dim)["num_key_value_heads"] != m:
+                raise UnsupportedModelError(f"block {i} does not have the {m} KV heads its config declares")
+
+    def calibration_windows(self, model: nn.Module, tokenizer: Any = None) -> torch.Tensor:
+        """The (num_samples x seq_len) token windows this pruner calibrates on."""
+        cfg = self.config
+        if cfg.dataset is None:
+            raise CalibrationDataError(
+                "OsscarConfig.dataset is required: pass a list of strings, a path to a .txt/.jsonl/.parquet "
+                "file, a datasets.Dataset, token ids, or one of 'c4', 'wikitext2', 'ptb'"
+            )
+        context = model_context_length(model.config)
+        seq_len = min(cfg.seq_len, context) if context else cfg.seq_len
+        if seq_len < cfg.seq_len:
+            logger.info("seq_len %d capped at the model context %d", cfg.seq_len, seq_len)
+        windows = build_calibration_windows(
+            cfg.dataset, tokenizer, num_samples=cfg.num_samples, seq_len=seq_len, seed=cfg.seed,
+            text_column=cfg.text_column,
+        )
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(windows.max()) >= vocab or int(windows.min()) < 0:
+            raise CalibrationDataError(
+                f"calibration token ids span [{int(windows.min())}, {int(windows.max())}] but the model's "
+                f"vocabulary has {vocab} entries: is the tokenizer the model's own?"
+            )
+        return windows
+
+    def prune(self, model: nn.Module, tokenizer: Any = None, *, progress: bool = True) -> nn.Module:
+        """Prune ``model`` in place and return it; ``self.report`` records what was done."""
+        start = time.perf_counter()
+        spec = get_spec(model)
+        self._check_model(model, spec)
+        settings = self._settings(model, spec)
+        windows = self.calibration_windows(model, tokenizer)
+        params_before = count_parameters(model)
+        was_training = model.training
+        model.eval()
+        logger.info(
+            "OSSCAR: %s, %d blocks; keeping %d/%d attention groups and %d/%d neurons per block; %d windows of %d tokens",
+            spec.name, len(get_submodule(model, spec.blocks)), settings.attention.num_keep,
+            settings.num_attention_groups, settings.mlp.num_keep, settings.num_neurons, *windows.shape,
+        )
+        try:
+            with torch.no_grad():
+                captured = capture_block_inputs(
+                    model, get_submodule(model, spec.blocks), windows, batch_size=self.config.batch_size,
+                    storage_device=settings.storage_device,
+                )
+            blocks = prune_blocks(model, spec, captured, settings, progress=progress)
+        finally:
+            model.train(was_training)
+        solved = any(b.attention.solved or b.mlp.solved for b in blocks)
+        if solved:
+            update_model_config(model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim)
+        self.report = PruneReport(
+            model_type=model.config.model_type,
+            config=self.config.to_dict() | {"dataset": _describe_dataset(self.config.dataset)},
+            calibration={"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                         "tokens": int(windows.numel())},
+            parameters_before=params_before,
+            parameters_after=count_parameters(model),
+            total_seconds=time.perf_counter() - start,
+            blocks=blocks,
+        )
+        return model
+
+
+def _describe_dataset(dataset: Any) -> str:
+    if isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, torch.Tensor):
+        return f"token ids {tuple(dataset.shape)}"
+    try:
+        return f"{type(dataset).__name__} of {len(dataset)} items"
+    except TypeError:
+        return type(dataset).__name__

@@ -1,0 +1,72 @@
+"""Machine-readable record of a pruning run: per-block kept structures, objectives and times."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ConsumerReport:
+    """One layer-wise problem (the attention output projection or the MLP down projection of a block)."""
+
+    structures: int                  # m: heads / KV groups, or neurons, before pruning
+    kept: int                        # structures kept
+    kept_indices: list[int]          # which ones (sorted)
+    solved: bool                     # False when nothing was removed (weights left bit-identical)
+    objective_dense: float | None = None
+    objective_stage_a: float | None = None
+    objective: float | None = None
+    relative_error: float | None = None   # ||X (W - W_hat)||^2 / ||X W_hat||^2 on the calibration inputs
+    swaps_accepted: int = 0
+    damping: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BlockReport:
+    index: int
+    attention: ConsumerReport
+    mlp: ConsumerReport
+    seconds: float
+    peak_device_memory_bytes: int | None = None
+
+
+@dataclass
+class PruneReport:
+    """What :meth:`OsscarPruner.prune` did. ``to_dict``/``to_json`` give a JSON record of it."""
+
+    model_type: str
+    config: dict[str, Any]
+    calibration: dict[str, Any]
+    parameters_before: int
+    parameters_after: int
+    total_seconds: float
+    blocks: list[BlockReport] = field(default_factory=list)
+
+    @property
+    def block_shapes(self) -> list[dict[str, int]]:
+        """Kept attention structures and neurons of each block."""
+        return [{"attention": b.attention.kept, "mlp": b.mlp.kept} for b in self.blocks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.to_dict(), handle, indent=2)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path

@@ -1,0 +1,177 @@
+"""Model surgery: slice producers and consumers down to the kept structures.
+
+Linears are resized in place (the same module objects keep their hooks and names), with
+``in_features``/``out_features`` updated. Every index is validated first, so a bad call leaves the
+module untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .arch.spec import ArchSpec, get_submodule, set_submodule
+from .errors import SurgeryError
+
+
+def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    idx = torch.as_tensor(idx)
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise SurgeryError(f"{what}: indices must be a 1-D integer tensor, got shape {tuple(idx.shape)} {idx.dtype}")
+    idx = idx.to(torch.int64).cpu()
+    bad = idx[(idx < 0) | (idx >= size)]
+    if bad.numel():
+        raise SurgeryError(f"{what}: indices {bad.tolist()[:20]} are outside [0, {size})")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise SurgeryError(f"{what}: indices must be strictly increasing (sorted, no duplicates), got {idx.tolist()[:20]}")
+    return idx
+
+
+def group_channels(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Channel indices of contiguous groups: group g covers ``[g*group_size, (g+1)*group_size)``."""
+    groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
+    offsets = torch.arange(group_size, dtype=torch.int64)
+    return (groups[:, None] * group_size + offsets[None, :]).reshape(-1)
+
+
+def slice_linear_outputs(linear: nn.Linear, idx: torch.Tensor) -> None:
+    """Keep output rows ``idx`` (and their bias entries)."""
+    idx = _check_indices(idx, linear.out_features, f"output rows of {linear}").to(linear.weight.device)
+    with torch.no_grad():
+        linear.weight = nn.Parameter(linear.weight.index_select(0, idx).contiguous(), linear.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, idx).contiguous(), linear.bias.requires_grad)
+    linear.out_features = int(idx.numel())
+
+
+def slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Keep input columns ``idx``; with ``weight`` (out x len(idx)), use it instead of the sliced columns."""
+    idx = _check_indices(idx, linear.in_features, f"input columns of {linear}").to(linear.weight.device)
+    if weight is not None and tuple(weight.shape) != (linear.out_features, idx.numel()):
+        raise SurgeryError(
+            f"replacement weight has shape {tuple(weight.shape)}, expected {(linear.out_features, idx.numel())}"
+        )
+    with torch.no_grad():
+        new = linear.weight.index_select(1, idx) if weight is None else weight.to(linear.weight)
+        linear.weight = nn.Parameter(new.contiguous(), linear.weight.requires_grad)
+    linear.in_features = int(idx.numel())
+
+
+class EmptyAttention(nn.Module):
+    """An attention that lost every head: its output is the output projection's bias (or zero).
+
+    It keeps zero-width projections under the original names so the state dict keeps its layout, and still
+    writes a one-channel placeholder into a KV cache so the cache's sequence length stays right during
+    generation.
+    """
+
+    def __init__(self, projections: dict[str, nn.Linear], o_proj: str, layer_idx: int | None) -> None:
+        super().__init__()
+        for name, linear in projections.items():
+            self.add_module(name, linear)
+        self._o_proj = o_proj
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
+        o_proj: nn.Linear = getattr(self, self._o_proj)
+        out = hidden_states.new_zeros(hidden_states.shape[:-1] + (o_proj.out_features,))
+        if o_proj.bias is not None:
+            out = out + o_proj.bias.to(out.dtype)
+        if past_key_values is not None and self.layer_idx is not None:
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(placeholder, placeholder, self.layer_idx)
+        return out, None
+
+
+def _set_count_attrs(block: nn.Module, spec: ArchSpec, counts: dict[str, int]) -> None:
+    for path, kind in spec.module_count_attrs.items():
+        if kind not in counts:
+            continue
+        owner_path, _, attr = path.rpartition(".")
+        owner = get_submodule(block, owner_path)
+        if isinstance(owner, EmptyAttention):
+            continue
+        if not hasattr(owner, attr):
+            raise SurgeryError(f"{type(owner).__name__} has no attribute {attr!r} named in spec {spec.name!r}")
+        setattr(owner, attr, counts[kind])
+
+
+def prune_attention(
+    block: nn.Module,
+    spec: ArchSpec,
+    kept_groups: torch.Tensor,
+    *,
+    n_rep: int,
+    head_dim: int,
+    num_groups: int,
+    o_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep the KV groups ``kept_groups`` of ``block``'s attention.
+
+    ``o_weight`` (hidden x kept channels) replaces the output projection's kept columns (the refit);
+    ``None`` keeps the original columns. With no group kept, the attention becomes an
+    :class:`EmptyAttention`.
+    """
+    kept_groups = _check_indices(kept_groups, num_groups, "kept attention groups")
+    attention = get_submodule(block, spec.attention)
+    q_idx = group_channels(kept_groups, n_rep * head_dim)
+    kv_idx = group_channels(kept_groups, head_dim)
+    names = (spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj)
+    linears = {name: get_submodule(attention, name) for name in names}
+    # Validate everything before changing anything.
+    for name in (spec.q_proj,):
+        _check_indices(q_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
+    for name in (spec.k_proj, spec.v_proj):
+        _check_indices(kv_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
+    if o_weight is not None and tuple(o_weight.shape) != (linears[spec.o_proj].out_features, q_idx.numel()):
+        raise SurgeryError(
+            f"{spec.o_proj} refit weight has shape {tuple(o_weight.shape)}, "
+            f"expected {(linears[spec.o_proj].out_features, q_idx.numel())}"
+        )
+    slice_linear_outputs(linears[spec.q_proj], q_idx)
+    slice_linear_outputs(linears[spec.k_proj], kv_idx)
+    slice_linear_outputs(linears[spec.v_proj], kv_idx)
+    slice_linear_inputs(linears[spec.o_proj], q_idx, o_weight)
+    if kept_groups.numel() == 0:
+        empty = EmptyAttention(linears, spec.o_proj, getattr(attention, "layer_idx", None))
+        set_submodule(block, spec.attention, empty)
+    _set_count_attrs(block, spec, {"heads": int(kept_groups.numel()) * n_rep, "kv_heads": int(kept_groups.numel())})
+
+
+def prune_mlp(
+    block: nn.Module,
+    spec: ArchSpec,
+    kept_neurons: torch.Tensor,
+    *,
+    consumer_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep the FFN neurons ``kept_neurons``: producer rows and consumer columns (refit if given)."""
+    consumer = get_submodule(block, spec.mlp_consumer)
+    kept_neurons = _check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
+    producers = [get_submodule(block, path) for path in spec.mlp_producers]
+    for path, producer in zip(spec.mlp_producers, producers):
+        if producer.out_features != consumer.in_features:
+            raise SurgeryError(f"{path} has {producer.out_features} outputs but {spec.mlp_consumer} has "
+                               f"{consumer.in_features} inputs")
+    if consumer_weight is not None and tuple(consumer_weight.shape) != (consumer.out_features, kept_neurons.numel()):
+        raise SurgeryError(
+            f"{spec.mlp_consumer} refit weight has shape {tuple(consumer_weight.shape)}, "
+            f"expected {(consumer.out_features, kept_neurons.numel())}"
+        )
+    for producer in producers:
+        slice_linear_outputs(producer, kept_neurons)
+    slice_linear_inputs(consumer, kept_neurons, consumer_weight)
+    _set_count_attrs(block, spec, {"ffn": int(kept_neurons.numel())})
+
+
+def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> dict[str, int]:
+    """The current structure counts of a block, read from its weights."""
+    attention = get_submodule(block, spec.attention)
+    kv_heads = get_submodule(attention, spec.k_proj).out_features // head_dim
+    return {
+        "num_key_value_heads": kv_heads,
+        "num_attention_heads": kv_heads * n_rep,
+        "ffn_dim": get_submodule(block, spec.mlp_consumer).in_features,
+    }

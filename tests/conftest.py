@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models of every supported family and a tiny offline tokenizer."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 96
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+_WORDS = (
+    "the a of to and in is was for on that with as by at from it his an were are which this be has had "
+    "not or but its new first one two three after also who they their more other been year time state "
+    "people nation world peace war government congress program work economy free"
+).split()
+
+
+def _config(kind: str, **overrides) -> object:
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, max_position_embeddings=128,
+                  pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if kind == "opt":
+        cfg = OPTConfig(**common, num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32, enable_bias=True,
+                        dropout=0.0, attention_dropout=0.0)
+    elif kind == "llama-mha":
+        cfg = LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=4, intermediate_size=48)
+    elif kind == "llama-gqa":
+        cfg = LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    elif kind == "mistral":
+        cfg = MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                            sliding_window=64)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral")
+
+
+def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model; biases are randomised too so bias handling is exercised."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(kind, **overrides), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_text(num_words: int = 4000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    # A little structure (bigram preferences) so activations are not pure noise.
+    words = [rng.choice(_WORDS)]
+    for _ in range(num_words - 1):
+        prev = _WORDS.index(words[-1])
+        words.append(_WORDS[(prev * 7 + rng.randrange(5)) % len(_WORDS)] if rng.random() < 0.6 else rng.choice(_WORDS))
+    return " ".join(words)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., torch.nn.Module]:
+    return make_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def calibration_texts() -> list[str]:
+    text = make_text()
+    words = text.split()
+    return [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
