@@ -1,0 +1,18 @@
+"""The OSSCAR layer-wise solver: pure functions on torch tensors (no modules, hooks or I/O).
+
+    H = new_gram(p)
+    count = 0
+    for X in batches:                      # the consumer layer's inputs, (..., p)
+        count = accumulate_gram(H, count, X)
+    solution = solve_layer(H, linear.weight.T, group_size=1, num_keep=p // 2, step=10, swap_size=10)
+
+See ALGORITHM.md for the math: stage A (greedy backward elimination, :mod:`.elimination`), stage B
+(local search by swaps, :mod:`.local_search`), both on the swept system of :mod:`.sweep`.
+"""
+
+from __future__ import annotations
+
+from osscar_hf.solver.gram import accumulate_cross_gram, accumulate_gram, new_gram
+from osscar_hf.solver.layer import LayerSolution, solve_layer
+
+__all__ = ["LayerSolution", "accumulate_cross_gram", "accumulate_gram", "new_gram", "solve_layer"]

@@ -1,0 +1,87 @@
+"""Stage A: greedy backward elimination with block downdates (ALGORITHM.md section 3).
+
+Starting from the unconstrained optimum, remove the m - s groups in n = max(1, floor((m - s) / t)) steps
+of about t groups each. Each step scores every kept group by the exact increase of f if it alone were
+removed, removes the t cheapest together, and downdates the swept system (inverse and weights) with one
+rank-t pivot, after which the weights are again the exact ridge refit on the new support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from osscar_hf.solver.sweep import apply_pivot, channels_of, prepare_pivot, removal_scores
+
+__all__ = ["EliminationResult", "eliminate", "elimination_schedule", "initial_system", "remove_groups"]
+
+
+@dataclass
+class EliminationResult:
+    """What stage A leaves behind (the swept system ``B`` itself is updated in place)."""
+
+    kept: torch.Tensor  # (m,) bool mask of kept groups
+    removal_order: torch.Tensor  # (m - s,) int64, in the order removed (cheapest first within a step)
+    objective_curve: torch.Tensor  # (n + 1,) float64: f before the first step and after each step
+    curve_num_kept: torch.Tensor  # (n + 1,) int64: number of kept groups at each point of the curve
+
+
+def elimination_schedule(num_groups: int, num_keep: int, step: int) -> list[int]:
+    """Sizes of the removal steps: n = max(1, floor((m - s) / t)) steps, as equal as possible, larger first."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if not 0 <= num_keep <= num_groups:
+        raise ValueError(f"num_keep must be in [0, {num_groups}], got {num_keep}")
+    to_remove = num_groups - num_keep
+    if to_remove == 0:
+        return []
+    n = max(1, to_remove // step)
+    base, extra = divmod(to_remove, n)
+    return [base + 1] * extra + [base] * (n - extra)
+
+
+def initial_system(Hinv: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The swept system with every channel kept: ``[-Hb^{-1} | W]`` with W the unconstrained optimum."""
+    p, q = W.shape
+    B = torch.empty(p, p + q, dtype=Hinv.dtype, device=Hinv.device)
+    torch.neg(Hinv, out=B[:, :p])
+    B[:, p:] = W
+    return B
+
+
+def remove_groups(B: torch.Tensor, groups: torch.Tensor, group_size: int) -> float:
+    """Remove kept ``groups`` from the support of ``B`` (one block downdate); return the increase of f."""
+    channels = channels_of(groups, group_size)
+    sign = torch.full((channels.numel(),), -1.0, dtype=B.dtype, device=B.device)
+    pivot = prepare_pivot(B, channels, sign)
+    apply_pivot(B, pivot)
+    return pivot.delta
+
+
+def eliminate(
+    B: torch.Tensor, *, group_size: int, num_keep: int, step: int, objective_start: float
+) -> EliminationResult:
+    """Run stage A on the full swept system ``B`` (as built by :func:`initial_system`), in place."""
+    p = B.shape[0]
+    m = p // group_size
+    kept = torch.ones(m, dtype=torch.bool, device=B.device)
+    removed: list[torch.Tensor] = []
+    objective = objective_start
+    curve = [objective]
+    counts = [m]
+    for size in elimination_schedule(m, num_keep, step):
+        scores = removal_scores(B, kept, group_size)
+        cheapest = torch.topk(scores, size, largest=False, sorted=True).indices
+        objective += remove_groups(B, cheapest, group_size)
+        kept[cheapest] = False
+        removed.append(cheapest)
+        curve.append(objective)
+        counts.append(counts[-1] - size)
+    order = torch.cat(removed) if removed else torch.zeros(0, dtype=torch.int64, device=B.device)
+    return EliminationResult(
+        kept=kept,
+        removal_order=order,
+        objective_curve=torch.tensor(curve, dtype=torch.float64),
+        curve_num_kept=torch.tensor(counts, dtype=torch.int64),
+    )

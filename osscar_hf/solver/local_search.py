@@ -1,0 +1,156 @@
+"""Stage B: local search by swaps (ALGORITHM.md section 4).
+
+Each round drops the k kept groups with the lowest removal scores (set D), computes for every group
+outside S \\ D its exact gain if added back to S \\ D (Schur complements, batched over groups), and adds
+back the k best (set A). The round is accepted only if f strictly decreases; the first round that does
+not improve ends the search (or, with ``halve_on_failure``, halves k and tries again).
+
+The swept system makes a round cheap: the gains w.r.t. S \\ D need only the |D| rows of B (a rank-|D|
+correction of the diagonal blocks and residual rows, never the whole matrix), the objective of the new
+support (S \\ D) u A comes from the |T| rows of B with T = D xor A, and only an accepted round touches the
+full matrix, with one rank-|T| pivot. A rejected round therefore costs nothing to undo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from osscar_hf.errors import SolverError
+from osscar_hf.solver.sweep import (
+    NOT_PD_ADVICE,
+    apply_pivot,
+    channels_of,
+    diagonal_blocks,
+    group_scores,
+    group_values,
+    prepare_pivot,
+    removal_scores,
+)
+
+__all__ = ["LocalSearchResult", "gains_after_drop", "local_search"]
+
+
+@dataclass
+class LocalSearchResult:
+    """What stage B leaves behind (the swept system ``B`` is updated in place to the final support)."""
+
+    kept: torch.Tensor  # (m,) bool mask of kept groups
+    objective: float  # f on the final support (tracked exactly by pivot deltas)
+    swaps_accepted: int  # number of accepted rounds
+    rounds: int  # number of rounds tried
+
+
+def gains_after_drop(
+    B: torch.Tensor, kept: torch.Tensor, drop: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact gains of adding each group alone to ``S \\ drop``, for every group not in ``S \\ drop``.
+
+    ``B`` is the swept system for the support ``kept`` (which contains ``drop``); it is not modified.
+    Returns ``(candidates, gains)``: the pruned groups followed by the dropped ones, and their gains
+    ``1/2 tr(g_i^T C_i^{-1} g_i)`` with C_i and g_i taken w.r.t. ``S \\ drop``.
+    """
+    p = B.shape[0]
+    g = group_size
+    k = drop.numel()
+    pruned = torch.nonzero(~kept).flatten()
+    drop_ch = channels_of(drop, g)
+    pruned_ch = channels_of(pruned, g)
+
+    drop_rows = B.index_select(0, drop_ch)  # (k g, p + q)
+    q_block = -drop_rows.index_select(1, drop_ch)  # [Hb_SS^{-1}]_DD, positive definite
+    factor, info = torch.linalg.cholesky_ex(q_block)
+    if int(info) != 0:
+        raise SolverError(f"a block of the swept Gram matrix is not positive definite; {NOT_PD_ADVICE}")
+    q_inverse = torch.cholesky_inverse(factor)  # = -B_DD^{-1}
+    solved_values = q_inverse @ drop_rows[:, p:]  # = -B_DD^{-1} B_DV
+
+    # Pruned groups: B'_ii = B_ii - B_iD B_DD^{-1} B_Di and B'_iV = B_iV - B_iD B_DD^{-1} B_DV.
+    cross = drop_rows.index_select(1, pruned_ch)  # B_DU, (k g, u g)
+    solved_cross = q_inverse @ cross  # -B_DD^{-1} B_DU
+    u = pruned.numel()
+    correction = torch.einsum("dia,dib->iab", cross.view(k * g, u, g), solved_cross.view(k * g, u, g))
+    pruned_blocks = diagonal_blocks(B, g).index_select(0, pruned) + correction
+    pruned_values = group_values(B, g).index_select(0, pruned) + (cross.T @ solved_values).view(u, g, -1)
+
+    # Dropped groups, after leaving S: B'_DD = -B_DD^{-1} (Schur block) and B'_DV = -B_DD^{-1} B_DV.
+    dropped_blocks = q_inverse.view(k, g, k, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    dropped_values = solved_values.view(k, g, -1)
+
+    blocks = torch.cat([pruned_blocks, dropped_blocks])
+    values = torch.cat([pruned_values, dropped_values])
+    return torch.cat([pruned, drop]), group_scores(blocks, values)
+
+
+def _swap_round(
+    B: torch.Tensor, kept: torch.Tensor, k: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Choose D and A for one round; return (channels of T = D xor A, signs, new kept mask) or None."""
+    scores = removal_scores(B, kept, group_size)
+    drop = torch.topk(scores, k, largest=False, sorted=True).indices
+    candidates, gains = gains_after_drop(B, kept, drop, group_size)
+    add = candidates[torch.topk(gains, k, largest=True, sorted=True).indices]
+
+    new_kept = kept.clone()
+    new_kept[drop] = False
+    new_kept[add] = True
+    leaving = torch.nonzero(kept & ~new_kept).flatten()
+    entering = torch.nonzero(new_kept & ~kept).flatten()
+    if leaving.numel() == 0:
+        return None
+    g = group_size
+    channels = torch.cat([channels_of(leaving, g), channels_of(entering, g)])
+    sign = torch.cat(
+        [
+            torch.full((leaving.numel() * g,), -1.0, dtype=B.dtype, device=B.device),
+            torch.full((entering.numel() * g,), 1.0, dtype=B.dtype, device=B.device),
+        ]
+    )
+    return channels, sign, new_kept
+
+
+def local_search(
+    B: torch.Tensor,
+    kept: torch.Tensor,
+    *,
+    group_size: int,
+    swap_size: int,
+    max_iters: int,
+    objective_start: float,
+    halve_on_failure: bool = False,
+) -> LocalSearchResult:
+    """Run stage B on the swept system ``B`` for the support ``kept`` (both updated in place).
+
+    A round is accepted only if it lowers f by more than a few ulps of |f|, so that rounding can never
+    make the search cycle between supports of equal objective.
+    """
+    kept = kept.clone()
+    s = int(kept.sum())
+    m = kept.numel()
+    objective = objective_start
+    tolerance = 16.0 * torch.finfo(B.dtype).eps
+    k = min(swap_size, s)
+    accepted = 0
+    rounds = 0
+    if s == 0 or s == m:
+        return LocalSearchResult(kept=kept, objective=objective, swaps_accepted=0, rounds=0)
+    while rounds < max_iters and k >= 1:
+        rounds += 1
+        proposal = _swap_round(B, kept, k, group_size)
+        improved = False
+        if proposal is not None:
+            channels, sign, new_kept = proposal
+            pivot = prepare_pivot(B, channels, sign)
+            if pivot.delta < -tolerance * abs(objective):
+                apply_pivot(B, pivot)
+                kept = new_kept
+                objective += pivot.delta
+                accepted += 1
+                improved = True
+        if not improved:
+            if halve_on_failure and k > 1:
+                k //= 2
+            else:
+                break
+    return LocalSearchResult(kept=kept, objective=objective, swaps_accepted=accepted, rounds=rounds)
