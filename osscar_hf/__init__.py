@@ -19,12 +19,16 @@ _LAZY = {
     "PruneReport": "osscar_hf.report",
     "magnitude_prune": "osscar_hf.baselines",
     "evaluate_perplexity": "osscar_hf.evaluation",
+    "measure_throughput": "osscar_hf.evaluation",
+    "count_parameters": "osscar_hf.evaluation",
+    "fetch_smollm2": "osscar_hf.models",
     "OsscarError": "osscar_hf.errors",
     "OsscarConfigError": "osscar_hf.errors",
     "UnsupportedModelError": "osscar_hf.errors",
     "CalibrationDataError": "osscar_hf.errors",
     "SolverError": "osscar_hf.errors",
     "SurgeryError": "osscar_hf.errors",
+    "ModelFetchError": "osscar_hf.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

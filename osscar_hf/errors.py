@@ -29,3 +29,7 @@ class SolverError(OsscarError, RuntimeError):
 
 class SurgeryError(OsscarError, ValueError):
     """Structures to keep are invalid for the module being resized."""
+
+
+class ModelFetchError(OsscarError, RuntimeError):
+    """A model could not be downloaded or converted (network, checksum, missing dependency)."""

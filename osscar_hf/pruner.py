@@ -14,22 +14,12 @@ from .calibration import build_calibration_windows
 from .capture import capture_block_inputs
 from .config import OsscarConfig, keep_count
 from .errors import CalibrationDataError, OsscarConfigError, UnsupportedModelError
+from .evaluation import count_parameters
 from .pipeline import LoopSettings, ProblemSettings, prune_blocks
 from .report import PruneReport
 from .surgery import block_shape
 
 logger = logging.getLogger(__name__)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def model_context_length(config: Any) -> int | None:

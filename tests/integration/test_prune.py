@@ -10,7 +10,7 @@ from osscar_hf import OsscarConfig, OsscarPruner, magnitude_prune
 from osscar_hf.arch import get_spec
 from osscar_hf.capture import capture_block_inputs
 from osscar_hf.config import keep_count
-from osscar_hf.pruner import count_parameters
+from osscar_hf.evaluation import count_parameters
 from osscar_hf.errors import CalibrationDataError, OsscarConfigError, UnsupportedModelError
 from osscar_hf.surgery import group_channels
 from tests.conftest import MODEL_KINDS, VOCAB, make_model
