@@ -51,13 +51,16 @@ class _HubDataset:
     split: str
     column: str
     data_files: str | None = None
+    revision: str | None = None
 
 
 #: Calibration sets known by name, resolved through ``datasets.load_dataset``.
 HUB_DATASETS: dict[str, _HubDataset] = {
     "c4": _HubDataset("allenai/c4", None, "train", "text", data_files="en/c4-train.00000-of-01024.json.gz"),
-    "wikitext2": _HubDataset("wikitext", "wikitext-2-raw-v1", "train", "text"),
-    "ptb": _HubDataset("ptb_text_only", None, "train", "sentence"),
+    "wikitext2": _HubDataset("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
+    # The PTB repository is script-based, which datasets >= 4 cannot run: read the Hub's parquet conversion.
+    "ptb": _HubDataset("ptb-text-only/ptb_text_only", "penn_treebank", "train", "sentence",
+                       revision="refs/convert/parquet"),
 }
 
 _LOCAL_HINT = (
@@ -402,6 +405,8 @@ def _texts_from_hub(name: str) -> list[str]:
     kwargs: dict[str, Any] = {"split": spec.split}
     if spec.data_files is not None:
         kwargs["data_files"] = spec.data_files
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
     args = (spec.path,) if spec.name is None else (spec.path, spec.name)
     logger.info("calibration: loading %r from the Hub (%s)", name, ", ".join(map(str, args)))
     try:

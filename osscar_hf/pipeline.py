@@ -112,6 +112,7 @@ def _consumer_report(m: int, solution: LayerSolution | None, seconds: float) -> 
         objective_stage_a=solution.objective_stage_a,
         objective=solution.objective,
         relative_error=solution.relative_error,
+        relative_error_masked=solution.relative_error_masked,
         swaps_accepted=solution.swaps_accepted,
         damping=solution.damping_used,
         seconds=seconds,
@@ -268,14 +269,15 @@ def prune_blocks(
             )
             reports.append(report)
             postfix = {"s": f"{report.seconds:.1f}"}
+            # Relative reconstruction error of the kept structures before -> after the refit.
             if attn_solution is not None:
-                postfix["attn_err"] = f"{attn_solution.relative_error:.2e}"
+                postfix["attn_err"] = f"{attn_solution.relative_error_masked:.2e}->{attn_solution.relative_error:.2e}"
             if mlp_solution is not None:
-                postfix["mlp_err"] = f"{mlp_solution.relative_error:.2e}"
+                postfix["mlp_err"] = f"{mlp_solution.relative_error_masked:.2e}->{mlp_solution.relative_error:.2e}"
             bar.set_postfix(postfix)
             bar.update(1)
             logger.info(
-                "block %d: attention %d/%d kept (rel. err %s), mlp %d/%d kept (rel. err %s), %.2fs",
+                "block %d: attention %d/%d kept (rel. err masked->refit %s), mlp %d/%d kept (rel. err %s), %.2fs",
                 index, report.attention.kept, report.attention.structures, postfix.get("attn_err", "-"),
                 report.mlp.kept, report.mlp.structures, postfix.get("mlp_err", "-"), report.seconds,
             )

@@ -22,6 +22,7 @@ class ConsumerReport:
     objective_stage_a: float | None = None
     objective: float | None = None
     relative_error: float | None = None   # ||X (W - W_hat)||^2 / ||X W_hat||^2 on the calibration inputs
+    relative_error_masked: float | None = None  # the same for the kept structures without the refit
     swaps_accepted: int = 0
     damping: float | None = None
     seconds: float = 0.0

@@ -46,6 +46,7 @@ class LayerSolution:
     objective_curve: torch.Tensor | None = None  # float64 (n_steps + 1,): f before and after each stage-A step
     curve_num_kept: torch.Tensor | None = None  # int64 (n_steps + 1,): kept groups at each curve point
     seconds_total: float = 0.0  # the whole call, refit and reconstruction error included
+    relative_error_masked: float = 0.0  # the same error for the kept support without the refit (W_hat masked)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -154,6 +155,7 @@ def solve_layer(
         objective_stage_a = objective_final  # same support: report one value, from the fresh refit
     H_W_hat = Gb - lam * W0 if cross_gram is None else H.to(dtype) @ W0
     error = relative_error(H, H_rows, channels, W_S, W0, H_W_hat)
+    error_masked = relative_error(H, H_rows, channels, W0.index_select(0, channels), W0, H_W_hat)
 
     weight = torch.zeros(p, W_hat.shape[1], dtype=dtype, device=device)
     weight.index_copy_(0, channels, W_S)
@@ -188,6 +190,7 @@ def solve_layer(
         objective_curve=stage_a.objective_curve + objective_dense,
         curve_num_kept=stage_a.curve_num_kept,
         seconds_total=finished - started,
+        relative_error_masked=error_masked,
     )
 
 

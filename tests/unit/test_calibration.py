@@ -363,8 +363,9 @@ def test_hub_unreachable_endpoint_fails_fast(tokenizer, monkeypatch):
     ("name", "args", "kwargs", "column"),
     [
         ("c4", ("allenai/c4",), {"split": "train", "data_files": "en/c4-train.00000-of-01024.json.gz"}, "text"),
-        ("wikitext2", ("wikitext", "wikitext-2-raw-v1"), {"split": "train"}, "text"),
-        ("ptb", ("ptb_text_only",), {"split": "train"}, "sentence"),
+        ("wikitext2", ("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "train"}, "text"),
+        ("ptb", ("ptb-text-only/ptb_text_only", "penn_treebank"),
+         {"split": "train", "revision": "refs/convert/parquet"}, "sentence"),
     ],
 )
 def test_hub_names_resolve_through_load_dataset(tokenizer, monkeypatch, name, args, kwargs, column):

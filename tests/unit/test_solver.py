@@ -531,3 +531,22 @@ def test_cuda_solution_matches_cpu_and_returns_on_w_hat_device() -> None:
     assert gpu.weight.device.type == "cpu" and gpu.weight.dtype == torch.float32
     assert torch.equal(gpu.kept_groups.cpu(), cpu.kept_groups)
     torch.testing.assert_close(gpu.weight, cpu.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_masked_and_refit_relative_errors_match_direct_computation(group_size):
+    H, W_hat = make_problem(11, 24, 5)
+    sol = solve_layer(H.float(), W_hat, group_size=group_size, num_keep=24 // group_size // 2, damping=1e-8, step=1)
+    ch = channels(sol.kept_groups.tolist(), group_size)
+    masked = torch.zeros_like(W_hat)
+    masked[ch] = W_hat[ch]
+
+    def rel(W):
+        D = W - W_hat
+        return float((D * (H @ D)).sum() / (W_hat * (H @ W_hat)).sum())
+
+    assert sol.relative_error_masked == pytest.approx(rel(masked), rel=1e-5)
+    assert sol.relative_error == pytest.approx(rel(sol.weight), rel=1e-5)
+    # With (almost) no damping the refit is the least-squares optimum on the support: never worse.
+    assert sol.relative_error <= sol.relative_error_masked
+    assert sol.relative_error < 0.9 * sol.relative_error_masked
