@@ -1,8 +1,8 @@
 """The end-to-end demo: prune SmolLM2-135M-Instruct with OSSCAR and compare it with the dense model.
 
 :func:`run_demo` fetches the model (see :mod:`osscar_hf.models`), measures parameters, WikiText-2 test
-perplexity and greedy generation speed, prunes the model in place with :class:`~osscar_hf.OsscarPruner`,
-and measures the same again. ``osscar-hf demo`` prints the result as a before/after table.
+perplexity, prunes a copy with :class:`~osscar_hf.OsscarPruner`, measures the pruned model, and times
+greedy generation of both models in interleaved rounds (so that a busy machine slows both alike). ``osscar-hf demo`` prints the result as a before/after table.
 
 Data: calibration uses the local State of the Union text (``shared/data``, see
 :mod:`osscar_hf.data_paths`) when present, else the Hub dataset ``"wikitext2"`` (train split) through the
@@ -11,6 +11,7 @@ calibration module; evaluation uses the local WikiText-2 test split when present
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from osscar_hf import data_paths
-from osscar_hf.evaluation import count_parameters, evaluate_perplexity, load_wikitext2_test, measure_throughput
+from osscar_hf.evaluation import compare_throughput, count_parameters, evaluate_perplexity, load_wikitext2_test
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,9 @@ def _measure(
     *,
     eval_seq_len: int,
     eval_windows: int | None,
-    throughput: bool,
-) -> ModelMeasurements:
+) -> tuple[int, float]:
     ppl = evaluate_perplexity(model, tokenizer, eval_texts, seq_len=eval_seq_len, max_windows=eval_windows)
-    speed = measure_throughput(model) if throughput else None
-    return ModelMeasurements(parameters=count_parameters(model), perplexity=ppl.perplexity, tokens_per_second=speed)
+    return count_parameters(model), ppl.perplexity
 
 
 def run_demo(
@@ -138,20 +137,26 @@ def run_demo(
         "threads": torch.get_num_threads(),
     }
     logger.info("Measuring the dense model")
-    dense = _measure(model, tokenizer, eval_texts, eval_seq_len=eval_seq_len, eval_windows=eval_windows,
-                     throughput=throughput)
+    dense_params, dense_ppl = _measure(model, tokenizer, eval_texts, eval_seq_len=eval_seq_len,
+                                       eval_windows=eval_windows)
 
     logger.info("Pruning with OSSCAR (attention %.3f, mlp %.3f)", attention_sparsity, mlp_sparsity)
     pruner = OsscarPruner(config)
     started = time.perf_counter()
-    model = pruner.prune(model, tokenizer, progress=progress)
+    pruned_model = pruner.prune(copy.deepcopy(model), tokenizer, progress=progress)
     elapsed = time.perf_counter() - started
     report = pruner.report
     prune_seconds = float(getattr(report, "total_seconds", elapsed))
 
     logger.info("Measuring the pruned model")
-    pruned = _measure(model, tokenizer, eval_texts, eval_seq_len=eval_seq_len, eval_windows=eval_windows,
-                      throughput=throughput)
+    pruned_params, pruned_ppl = _measure(pruned_model, tokenizer, eval_texts, eval_seq_len=eval_seq_len,
+                                         eval_windows=eval_windows)
+    speeds: dict[str, float | None] = {"dense": None, "pruned": None}
+    if throughput:
+        logger.info("Timing generation of both models, interleaved")
+        speeds.update(compare_throughput({"dense": model, "pruned": pruned_model}))
+    dense = ModelMeasurements(parameters=dense_params, perplexity=dense_ppl, tokens_per_second=speeds["dense"])
+    pruned = ModelMeasurements(parameters=pruned_params, perplexity=pruned_ppl, tokens_per_second=speeds["pruned"])
     return DemoResult(
         dense=dense,
         pruned=pruned,

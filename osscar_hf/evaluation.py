@@ -30,7 +30,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -257,26 +257,19 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measure_throughput(
+def _generation_timer(
     model: torch.nn.Module,
     *,
-    batch_size: int = 1,
-    prompt_len: int = 128,
-    new_tokens: int = 64,
-    repeats: int = 3,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-) -> float:
-    """Greedy generation speed in generated tokens per second (median of ``repeats`` timed runs after one
-    untimed warm-up run).
-
-    Prompts are random token ids (seeded), and exactly ``new_tokens`` tokens are generated per sequence
-    (EOS is ignored), so the figure depends only on the model's shapes and the hardware.
-    """
+    batch_size: int,
+    prompt_len: int,
+    new_tokens: int,
+    device: str | torch.device | None,
+    seed: int,
+) -> Callable[[], float]:
+    """A function that runs one greedy generation of ``model`` and returns its generated tokens per second."""
     from transformers import GenerationConfig
 
-    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
-                        ("repeats", repeats)):
+    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     run_device = _resolve_device(model, device)
@@ -300,28 +293,74 @@ def measure_throughput(
     )
 
     def once() -> float:
-        if run_device.type == "cuda":
-            torch.cuda.synchronize(run_device)
-        start = time.perf_counter()
-        out = model.generate(input_ids=prompt, attention_mask=attention_mask, generation_config=gen_config)
-        if run_device.type == "cuda":
-            torch.cuda.synchronize(run_device)
-        elapsed = time.perf_counter() - start
-        generated = (out.shape[-1] - prompt_len) * batch_size
-        return generated / elapsed
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                if run_device.type == "cuda":
+                    torch.cuda.synchronize(run_device)
+                start = time.perf_counter()
+                out = model.generate(input_ids=prompt, attention_mask=attention_mask, generation_config=gen_config)
+                if run_device.type == "cuda":
+                    torch.cuda.synchronize(run_device)
+                elapsed = time.perf_counter() - start
+        finally:
+            model.train(was_training)
+        return (out.shape[-1] - prompt_len) * batch_size / elapsed
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            once()  # warm-up
-            rates = [once() for _ in range(repeats)]
-    finally:
-        model.train(was_training)
-    rate = statistics.median(rates)
-    logger.info("Throughput %.1f tokens/s (batch %d, prompt %d, %d new tokens)", rate, batch_size,
-                prompt_len, new_tokens)
-    return rate
+    return once
+
+
+def measure_throughput(
+    model: torch.nn.Module,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> float:
+    """Greedy generation speed in generated tokens per second (median of ``repeats`` timed runs after one
+    untimed warm-up run).
+
+    Prompts are random token ids (seeded), and exactly ``new_tokens`` tokens are generated per sequence
+    (EOS is ignored), so the figure depends only on the model's shapes and the hardware.
+    """
+    return compare_throughput({"model": model}, batch_size=batch_size, prompt_len=prompt_len,
+                              new_tokens=new_tokens, repeats=repeats, device=device, seed=seed)["model"]
+
+
+def compare_throughput(
+    models: dict[str, torch.nn.Module],
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Generation tokens/s of several models, timed in interleaved rounds (one run of each model per
+    round, after one warm-up run each) so that a noisy machine slows them alike; medians per model."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    timers = {
+        name: _generation_timer(model, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                                device=device, seed=seed)
+        for name, model in models.items()
+    }
+    for once in timers.values():
+        once()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, once in timers.items():
+            rates[name].append(once())
+    result = {name: statistics.median(values) for name, values in rates.items()}
+    for name, rate in result.items():
+        logger.info("Throughput of %s: %.1f tokens/s (batch %d, prompt %d, %d new tokens, median of %d)", name,
+                    rate, batch_size, prompt_len, new_tokens, repeats)
+    return result
 
 
 def load_wikitext2_test(path: str | Path | None = None) -> list[str]:

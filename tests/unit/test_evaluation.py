@@ -18,6 +18,7 @@ from osscar_hf.evaluation import (
     count_parameters,
     evaluate_perplexity,
     load_wikitext2_test,
+    compare_throughput,
     measure_throughput,
 )
 
@@ -210,3 +211,13 @@ def test_shared_data_dir_honours_env_var(monkeypatch, tmp_path) -> None:
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "state_union.txt").write_text("text", encoding="utf-8")
     assert data_paths.calibration_text_path() == tmp_path / "calibration" / "state_union.txt"
+
+
+def test_compare_throughput_times_every_model(model) -> None:
+    import copy
+
+    rates = compare_throughput({"a": model, "b": copy.deepcopy(model)}, prompt_len=8, new_tokens=4, repeats=2)
+    assert set(rates) == {"a", "b"}
+    assert all(rate > 0 for rate in rates.values())
+    with pytest.raises(ValueError, match="repeats"):
+        compare_throughput({"a": model}, repeats=0)
