@@ -32,9 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OsscarConfig", "keep_count"]
+__all__ = ["OsscarConfig", "describe_dataset", "keep_count", "library_versions"]
 
 QUANT_METHOD = "osscar"
+# The keys of one entry of ``OsscarConfig.block_shapes`` (one decoder block's structure counts).
+BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
 # Keys written by ``to_json_file`` next to the fields; accepted (and ignored) by ``from_dict``.
 VERSION_KEYS = ("osscar_version", "transformers_version", "torch_version")
 
@@ -183,6 +185,80 @@ def _dataset_to_json(value: Any, text_column: str) -> Any:
     raise OsscarConfigError(f"dataset of type {type(value).__name__} cannot be serialised")  # pragma: no cover
 
 
+def _check_block_shapes(value: Any) -> list[dict[str, int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise OsscarConfigError(
+            f"block_shapes must be None or a non-empty list with one dict per decoder block, got {_summarise(value)}"
+        )
+    shapes = []
+    for i, shape in enumerate(value):
+        if not isinstance(shape, dict) or set(shape) != set(BLOCK_SHAPE_KEYS):
+            raise OsscarConfigError(
+                f"block_shapes[{i}] must be a dict with exactly the keys {list(BLOCK_SHAPE_KEYS)}, got {_summarise(shape)}"
+            )
+        counts = {}
+        for key in BLOCK_SHAPE_KEYS:
+            count = shape[key]
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise OsscarConfigError(f"block_shapes[{i}][{key!r}] must be an int >= 0, got {count!r}")
+            counts[key] = int(count)
+        heads, kv = counts["num_attention_heads"], counts["num_key_value_heads"]
+        if (kv == 0) != (heads == 0) or (kv and heads % kv):
+            raise OsscarConfigError(
+                f"block_shapes[{i}]: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv} "
+                "(both 0 for a block that lost every head)"
+            )
+        shapes.append(counts)
+    return shapes
+
+
+def _check_library_versions(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise OsscarConfigError(
+            f"library_versions must be None or a dict of str to str (library -> version), got {_summarise(value)}"
+        )
+    return dict(value)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that shape a pruned checkpoint: osscar_hf, transformers and torch."""
+    import transformers
+
+    from osscar_hf import __version__
+
+    return {"osscar_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def describe_dataset(value: Any, text_column: str = "text") -> str | None:
+    """A short JSON-able stand-in for calibration data, stored in a model's config instead of the data.
+
+    Names and paths are kept as they are; in-memory data becomes ``"<in-memory calibration data: ...>"`` with
+    its size and a SHA-256 of its JSON form (a ``datasets.Dataset`` is described by its fingerprint).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if _is_hf_dataset(value):
+        return (
+            f"<in-memory calibration data: datasets.Dataset, {len(value)} rows, column {text_column!r}, "
+            f"fingerprint {getattr(value, '_fingerprint', None)}>"
+        )
+    import hashlib
+
+    data = _dataset_to_json(value, text_column)
+    digest = hashlib.sha256(json.dumps(data, separators=(",", ":")).encode("utf-8")).hexdigest()[:16]
+    if data and isinstance(data[0], str):
+        size = f"{len(data)} texts, {sum(len(t) for t in data)} chars"
+    else:
+        size = f"{len(data)} rows of token ids, {sum(len(r) for r in data)} tokens"
+    return f"<in-memory calibration data: {size}, sha256 {digest}>"
+
+
 def _parse_version(text: Any):
     from packaging.version import InvalidVersion, Version
 
@@ -229,6 +305,11 @@ class OsscarConfig(QuantizationConfigMixin):
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
             ``torch.device``; stored as a string.
         batch_size: calibration windows per forward pass (>= 1).
+        block_shapes: set on the config stored in a pruned model (``model.config.quantization_config``): one
+            dict per decoder block with its ``num_attention_heads``, ``num_key_value_heads`` and ``ffn_dim``.
+            ``None`` (the default) in a config given to the pruner.
+        library_versions: set with ``block_shapes``: the versions of osscar_hf, transformers and torch that
+            pruned the model (library name -> version string).
 
     The two sparsities may be given positionally; every other field is keyword-only.
     """
@@ -253,6 +334,8 @@ class OsscarConfig(QuantizationConfigMixin):
     solver_dtype: str = "float64"
     device: str = "auto"
     batch_size: int = 8
+    block_shapes: list[dict[str, int]] | None = None
+    library_versions: dict[str, str] | None = None
     quant_method: str = field(default=QUANT_METHOD, init=False)
 
     def __post_init__(self) -> None:
@@ -294,6 +377,8 @@ class OsscarConfig(QuantizationConfigMixin):
         self.solver_dtype = _check_solver_dtype(self.solver_dtype)
         self.device = _check_device(self.device)
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
+        self.block_shapes = _check_block_shapes(self.block_shapes)
+        self.library_versions = _check_library_versions(self.library_versions)
 
     # ----------------------------------------------------------------- helpers
     def resolved_device(self) -> torch.device:
@@ -319,6 +404,20 @@ class OsscarConfig(QuantizationConfigMixin):
         """``solver_dtype`` as a ``torch.dtype``."""
         return _SOLVER_DTYPES[self.solver_dtype]
 
+    def for_model_config(self, block_shapes: list[dict[str, int]]) -> OsscarConfig:
+        """The copy of this config stored in a pruned model's ``config.quantization_config``.
+
+        It records ``block_shapes`` and the library versions, and replaces in-memory calibration data by a
+        short description (:func:`describe_dataset`) so that ``config.json`` stays small.
+        """
+        data = {n: getattr(self, n) for n in self.field_names() if n != "quant_method"}
+        data.update(
+            dataset=describe_dataset(self.dataset, self.text_column),
+            block_shapes=block_shapes,
+            library_versions=library_versions(),
+        )
+        return type(self)(**data)
+
     @classmethod
     def field_names(cls) -> list[str]:
         """The accepted keys of :meth:`from_dict` that are config fields (``quant_method`` included)."""
@@ -337,6 +436,8 @@ class OsscarConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if name == "dataset":
                 value = _dataset_to_json(value, self.text_column)
+            elif name in ("block_shapes", "library_versions") and value is not None:
+                value = json.loads(json.dumps(value))  # a copy the caller may change freely
             out[name] = value
         return out
 
@@ -357,7 +458,13 @@ class OsscarConfig(QuantizationConfigMixin):
             if name == "quant_method":
                 continue
             value = getattr(self, name)
-            parts.append(f"{name}={self._describe_dataset() if name == 'dataset' else repr(value)}")
+            if name == "dataset":
+                text = self._describe_dataset()
+            elif name == "block_shapes" and value is not None:
+                text = f"<{len(value)} blocks>"
+            else:
+                text = repr(value)
+            parts.append(f"{name}={text}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def _describe_dataset(self) -> str:

@@ -13,8 +13,10 @@ from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_calibration_windows
 from .capture import capture_block_inputs
 from .config import OsscarConfig, keep_count
-from .errors import CalibrationDataError, OsscarConfigError, UnsupportedModelError
+from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .evaluation import count_parameters
+from .io.save import mark_pruned, pruning_record
+from .io.shapes import stock_config_expresses
 from .pipeline import LoopSettings, ProblemSettings, prune_blocks
 from .report import PruneReport
 from .surgery import block_shape
@@ -30,18 +32,25 @@ def model_context_length(config: Any) -> int | None:
     return None
 
 
-def update_model_config(model: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> list[dict[str, int]]:
-    """Write the pruned shapes into ``model.config``.
+def update_model_config(
+    model: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int, osscar_config: OsscarConfig | None = None
+) -> list[dict[str, int]]:
+    """Write the pruned shapes into ``model.config``; return every block's shape.
 
-    ``config.osscar_block_shapes`` always lists every block's head, KV-head and FFN counts. When all
-    blocks share one shape, the stock fields are updated too where the architecture's config can
+    When all blocks share one shape, the stock fields are updated where the architecture's config can
     express it (FFN width always; head counts only for configs with an explicit ``head_dim`` and a head
-    count that divides ``hidden_size``, as transformers' validation requires).
+    count that divides ``hidden_size``, as transformers' validation requires). If the stock config then
+    describes every block, the model is a plain smaller model and its config gets nothing else (plain
+    ``save_pretrained`` writes a checkpoint vanilla transformers loads). Otherwise
+    ``config.quantization_config`` becomes ``osscar_config.for_model_config(shapes)``: the pruning settings,
+    the per-block shapes and the library versions, which the osscar quantizer reads on load.
+
+    Either way the model keeps that record (see :func:`osscar_hf.io.pruning_record`), and its
+    ``save_pretrained`` refuses the folder the dense model was loaded from.
     """
     config = model.config
     blocks = get_submodule(model, spec.blocks)
     shapes = [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in blocks]
-    config.osscar_block_shapes = shapes
     if all(shape == shapes[0] for shape in shapes):
         shape = shapes[0]
         setattr(config, spec.config_ffn, shape["ffn_dim"])
@@ -51,6 +60,13 @@ def update_model_config(model: nn.Module, spec: ArchSpec, *, n_rep: int, head_di
             setattr(config, spec.config_heads, heads)
             if spec.config_kv_heads is not None:
                 setattr(config, spec.config_kv_heads, shape["num_key_value_heads"])
+    record = (osscar_config if osscar_config is not None else OsscarConfig()).for_model_config(shapes)
+    if stock_config_expresses(config, shapes, spec):
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+    else:
+        config.quantization_config = record
+    mark_pruned(model, record)
     return shapes
 
 
@@ -92,7 +108,11 @@ class OsscarPruner:
         )
 
     def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
-        if getattr(model.config, "osscar_block_shapes", None) is not None:
+        try:
+            record = pruning_record(model)
+        except OsscarError as exc:  # quantized by another method
+            raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
+        if record is not None:
             raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
         if any(p.device.type == "meta" for p in model.parameters()):
             raise UnsupportedModelError(
@@ -155,7 +175,9 @@ class OsscarPruner:
             model.train(was_training)
         solved = any(b.attention.solved or b.mlp.solved for b in blocks)
         if solved:
-            update_model_config(model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim)
+            update_model_config(
+                model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
+            )
         self.report = PruneReport(
             model_type=model.config.model_type,
             config=self.config.to_dict() | {"dataset": _describe_dataset(self.config.dataset)},

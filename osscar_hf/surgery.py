@@ -32,7 +32,7 @@ def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
 def group_channels(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     """Channel indices of contiguous groups: group g covers ``[g*group_size, (g+1)*group_size)``."""
     groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
-    offsets = torch.arange(group_size, dtype=torch.int64)
+    offsets = torch.arange(group_size, dtype=torch.int64, device="cpu")  # cpu even under torch.device("meta")
     return (groups[:, None] * group_size + offsets[None, :]).reshape(-1)
 
 
@@ -76,9 +76,9 @@ class EmptyAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
         o_proj: nn.Linear = getattr(self, self._o_proj)
-        out = hidden_states.new_zeros(hidden_states.shape[:-1] + (o_proj.out_features,))
-        if o_proj.bias is not None:
-            out = out + o_proj.bias.to(out.dtype)
+        # Call the (zero-input-width) projection rather than reading its bias: module hooks then run, so an
+        # offloaded block (accelerate loads weights in a pre-forward hook) or an adapter works as usual.
+        out = o_proj(hidden_states.new_zeros(hidden_states.shape[:-1] + (0,)))
         if past_key_values is not None and self.layer_idx is not None:
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             past_key_values.update(placeholder, placeholder, self.layer_idx)
@@ -175,3 +175,26 @@ def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) 
         "num_attention_heads": kv_heads * n_rep,
         "ffn_dim": get_submodule(block, spec.mlp_consumer).in_features,
     }
+
+
+def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_rep: int, head_dim: int) -> None:
+    """Shrink ``block`` to ``shape`` (a :func:`block_shape` dict) by keeping its first structures.
+
+    Meant for a skeleton about to receive a pruned checkpoint's weights (on the meta device, where slicing
+    costs nothing): the values are overwritten by the loaded weights, only the sizes matter. A block with no
+    KV head left becomes an :class:`EmptyAttention`. Asking for more structures than the block has, or for a
+    head count that is not ``n_rep`` times the KV-head count, raises ``SurgeryError``.
+    """
+    current = block_shape(block, spec, n_rep=n_rep, head_dim=head_dim)
+    kv, ffn = int(shape["num_key_value_heads"]), int(shape["ffn_dim"])
+    if int(shape["num_attention_heads"]) != kv * n_rep:
+        raise SurgeryError(
+            f"target shape {shape} does not have {n_rep} query heads per KV head, as the model's config implies"
+        )
+    if kv > current["num_key_value_heads"] or ffn > current["ffn_dim"]:
+        raise SurgeryError(f"cannot grow a block of shape {current} to {shape}: the config and the shapes disagree")
+    if kv < current["num_key_value_heads"]:
+        prune_attention(block, spec, torch.arange(kv, device="cpu"), n_rep=n_rep, head_dim=head_dim,
+                        num_groups=current["num_key_value_heads"])
+    if ffn < current["ffn_dim"]:
+        prune_mlp(block, spec, torch.arange(ffn, device="cpu"))

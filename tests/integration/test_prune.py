@@ -11,6 +11,7 @@ from osscar_hf.arch import get_spec
 from osscar_hf.capture import capture_block_inputs
 from osscar_hf.config import keep_count
 from osscar_hf.evaluation import count_parameters
+from osscar_hf.io import pruning_record, read_block_shapes, stock_config_expresses
 from osscar_hf.errors import CalibrationDataError, OsscarConfigError, UnsupportedModelError
 from osscar_hf.surgery import group_channels
 from tests.conftest import MODEL_KINDS, VOCAB, make_model
@@ -41,10 +42,18 @@ def test_prune_resizes_blocks_and_matches_masked_dense(kind, tokenizer, calibrat
 
     assert report.parameters_after < report.parameters_before
     assert report.parameters_after == count_parameters(pruned)
-    assert pruned.config.osscar_block_shapes == [
-        {"num_key_value_heads": keep_g, "num_attention_heads": keep_g * n_rep, "ffn_dim": keep_n}
-    ] * 2
+    shapes = [{"num_key_value_heads": keep_g, "num_attention_heads": keep_g * n_rep, "ffn_dim": keep_n}] * 2
+    assert read_block_shapes(pruned) == shapes
+    assert pruning_record(pruned).block_shapes == shapes
     assert spec.ffn_dim(pruned.config) == keep_n
+    # Llama-family configs express uniform head counts (explicit head_dim): a plain config. OPT cannot, so
+    # the per-block shapes travel in config.quantization_config.
+    if spec.config_has_head_dim:
+        assert stock_config_expresses(pruned.config, shapes)
+        assert getattr(pruned.config, "quantization_config", None) is None
+    else:
+        assert pruned.config.quantization_config.block_shapes == shapes
+        assert pruned.config.quantization_config.quant_method == "osscar"
 
     # The masked dense model: original weights, consumers replaced by the pruned model's refit columns.
     masked = copy.deepcopy(original)
@@ -95,7 +104,7 @@ def test_osscar_reconstructs_better_than_magnitude(kind, tokenizer, calibration_
     osscar, _ = _prune(copy.deepcopy(dense), tokenizer, calibration_texts[:-3], attention_sparsity=0.5,
                        mlp_sparsity=0.5, num_samples=16)
     magnitude = magnitude_prune(copy.deepcopy(dense), attention_sparsity=0.5, mlp_sparsity=0.5)
-    assert osscar.config.osscar_block_shapes == magnitude.config.osscar_block_shapes
+    assert read_block_shapes(osscar) == read_block_shapes(magnitude)
     with torch.no_grad():
         err_osscar = (osscar(ids).logits - ref).pow(2).mean()
         err_magnitude = (magnitude(ids).logits - ref).pow(2).mean()
@@ -158,7 +167,8 @@ def test_capture_keeps_every_keyword_argument(tokenizer, calibration_texts):
 def _assert_untouched(model, before):
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert getattr(model.config, "osscar_block_shapes", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert pruning_record(model) is None
 
 
 @pytest.mark.parametrize(
@@ -205,9 +215,20 @@ def test_unsupported_model_raises_and_is_untouched(tokenizer, calibration_texts)
     _assert_untouched(model, before)
 
 
-def test_pruning_twice_is_refused(tokenizer, calibration_texts):
-    model, _ = _prune(make_model("opt"), tokenizer, calibration_texts)
+@pytest.mark.parametrize("kind", ["opt", "llama-gqa"])  # osscar-format config / plain config
+def test_pruning_twice_is_refused(kind, tokenizer, calibration_texts):
+    model, _ = _prune(make_model(kind), tokenizer, calibration_texts)
+    before = _state(model)
     with pytest.raises(UnsupportedModelError, match="already pruned"):
+        _prune(model, tokenizer, calibration_texts)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pruning_a_model_quantized_by_another_method_is_refused(tokenizer, calibration_texts):
+    model = make_model("opt")
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(UnsupportedModelError, match="quantized with 'gptq'.*full-precision"):
         _prune(model, tokenizer, calibration_texts)
 
 
@@ -227,7 +248,7 @@ def test_cuda_pruning_matches_cpu(tokenizer, calibration_texts):
     cpu, _ = _prune(make_model("llama-gqa"), tokenizer, calibration_texts)
     gpu, pruner = _prune(make_model("llama-gqa"), tokenizer, calibration_texts, device="cuda")
     assert next(gpu.parameters()).device.type == "cpu"  # blocks go back where they were
-    assert gpu.config.osscar_block_shapes == cpu.config.osscar_block_shapes
+    assert read_block_shapes(gpu) == read_block_shapes(cpu)
     assert all(b.peak_device_memory_bytes for b in pruner.report.blocks)
     ids = torch.randint(3, VOCAB, (1, 12))
     with torch.no_grad():

@@ -35,6 +35,8 @@ DEFAULTS = {
     "solver_dtype": "float64",
     "device": "auto",
     "batch_size": 8,
+    "block_shapes": None,
+    "library_versions": None,
     "quant_method": "osscar",
 }
 
@@ -161,6 +163,15 @@ BAD_VALUES = [
     ("dataset", [[1, True]], "dataset row 0 must be a non-empty list of int token ids"),
     ("dataset", torch.zeros(2, 3), "2-D integer tensor"),
     ("dataset", torch.arange(3), "shape (3,)"),
+    ("block_shapes", [], "block_shapes must be None or a non-empty list"),
+    ("block_shapes", [{"ffn_dim": 3}], "block_shapes[0] must be a dict with exactly the keys"),
+    ("block_shapes", [{"num_attention_heads": 4, "num_key_value_heads": 2, "ffn_dim": -1}],
+     "block_shapes[0]['ffn_dim'] must be an int >= 0, got -1"),
+    ("block_shapes", [{"num_attention_heads": 3, "num_key_value_heads": 2, "ffn_dim": 8}],
+     "num_attention_heads=3 must be a multiple of num_key_value_heads=2"),
+    ("block_shapes", [{"num_attention_heads": 2, "num_key_value_heads": 0, "ffn_dim": 8}],
+     "both 0 for a block that lost every head"),
+    ("library_versions", {"torch": 2}, "library_versions must be None or a dict of str to str"),
 ]
 
 
@@ -353,3 +364,47 @@ def test_repr_is_short():
     assert "<token ids 2x3>" in repr(OsscarConfig(dataset=torch.zeros(2, 3, dtype=torch.long)))
     assert "<token ids, 1 rows>" in repr(OsscarConfig(dataset=[[1]]))
     assert "'wikitext2'" in repr(OsscarConfig(dataset="wikitext2"))
+
+
+# --------------------------------------------------------------------------- the config stored in a pruned model
+SHAPES = [{"num_attention_heads": 4, "num_key_value_heads": 2, "ffn_dim": 24},
+          {"num_attention_heads": 0, "num_key_value_heads": 0, "ffn_dim": 0}]
+
+
+@pytest.mark.parametrize("kind", DATASET_KINDS)
+def test_for_model_config_is_small_and_round_trips(kind):
+    import transformers
+
+    cfg, _ = _config_with(kind)
+    stored = cfg.for_model_config(SHAPES)
+    d = stored.to_dict()
+    assert d["block_shapes"] == SHAPES and d["quant_method"] == "osscar"
+    assert d["library_versions"] == {
+        "osscar_hf": osscar_hf.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    assert d["dataset"] is None or isinstance(d["dataset"], str)
+    if kind in ("none", "name", "path"):
+        assert d["dataset"] == cfg.to_dict()["dataset"]
+    else:
+        assert d["dataset"].startswith("<in-memory calibration data: ")
+    assert OsscarConfig.from_dict(json.loads(json.dumps(d))) == stored
+    assert {k: v for k, v in d.items() if k not in ("dataset", "block_shapes", "library_versions")} == {
+        k: v for k, v in cfg.to_dict().items() if k not in ("dataset", "block_shapes", "library_versions")}
+    assert cfg.block_shapes is None  # the original is unchanged
+
+
+def test_for_model_config_describes_big_data_briefly():
+    texts = ["word " * 2000] * 500  # 5 MB of text
+    d = OsscarConfig(dataset=texts).for_model_config(SHAPES).to_dict()
+    assert len(json.dumps(d)) < 2000
+    assert "500 texts, 5000000 chars, sha256 " in d["dataset"]
+    other = OsscarConfig(dataset=texts[:-1] + ["other"]).for_model_config(SHAPES).to_dict()["dataset"]
+    assert other != d["dataset"]
+
+
+def test_block_shapes_are_copied_and_summarised_in_repr():
+    shapes = [dict(s) for s in SHAPES]
+    cfg = OsscarConfig(block_shapes=shapes)
+    shapes[0]["ffn_dim"] = 99
+    cfg.to_dict()["block_shapes"][0]["ffn_dim"] = 98
+    assert cfg.block_shapes == SHAPES
+    assert "block_shapes=<2 blocks>" in repr(cfg)

@@ -1,0 +1,29 @@
+"""Saving and loading pruned checkpoints.
+
+    from osscar_hf.io import save_pruned
+    save_pruned(pruned, "out", tokenizer=tok)          # stock checkpoint when expressible, else osscar format
+
+See :mod:`osscar_hf.io.save` (formats, safety rules) and :mod:`osscar_hf.io.shapes` (per-block shapes).
+"""
+
+from .save import FORMATS, SaveError, pruning_record, resolve_format, save_pruned
+from .shapes import (
+    apply_block_shapes,
+    config_block_shape,
+    osscar_quantization_config,
+    read_block_shapes,
+    stock_config_expresses,
+)
+
+__all__ = [
+    "FORMATS",
+    "SaveError",
+    "apply_block_shapes",
+    "config_block_shape",
+    "osscar_quantization_config",
+    "pruning_record",
+    "read_block_shapes",
+    "resolve_format",
+    "save_pruned",
+    "stock_config_expresses",
+]

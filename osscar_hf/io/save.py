@@ -1,0 +1,238 @@
+"""Saving pruned models: stock checkpoints when the stock config can say it, the osscar format otherwise.
+
+:func:`save_pruned` is the library-level save: it refuses the dense model's own folder and a non-empty
+folder (unless ``overwrite=True``), writes into a temporary folder beside the target and renames it into
+place, so an interrupted save never leaves a folder that looks like a checkpoint at the target path.
+
+A model pruned in memory also gets a guarded ``save_pretrained`` (set on the instance by the pruner): it
+keeps transformers' semantics but refuses the folder the dense model was loaded from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..arch import get_spec
+from ..config import OsscarConfig
+from ..errors import OsscarError
+from .shapes import config_block_shape, osscar_quantization_config, read_block_shapes, stock_config_expresses
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "SaveError", "mark_pruned", "pruning_record", "resolve_format", "save_pruned"]
+
+FORMATS = ("auto", "stock", "osscar")
+CONFIG_NAME = "config.json"
+
+
+class SaveError(OsscarError, ValueError):
+    """A pruned model cannot be saved where or how it was asked to be."""
+
+
+# --------------------------------------------------------------------------- the record on a pruned model
+def pruning_record(model: nn.Module) -> OsscarConfig | None:
+    """The :class:`OsscarConfig` (with ``block_shapes``) describing how ``model`` was pruned, or ``None``.
+
+    Read from ``model.config.quantization_config`` (checkpoints in the osscar format, and in-memory models
+    whose shapes the stock config cannot express) or from the record the pruner leaves on the model.
+    """
+    record = osscar_quantization_config(model.config)
+    return record if record is not None else getattr(model, "_osscar_config", None)
+
+
+def _dense_source(config: Any) -> str | None:
+    name = getattr(config, "_name_or_path", None) or ""
+    return os.path.realpath(name) if name and os.path.isdir(name) else None
+
+
+def mark_pruned(model: nn.Module, record: OsscarConfig) -> None:
+    """Leave the pruning record and the dense model's folder on ``model``, and guard its ``save_pretrained``."""
+    model._osscar_config = record
+    if getattr(model, "_osscar_source", None) is None:
+        model._osscar_source = _dense_source(model.config)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _GuardedSavePretrained(model)
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_dense_source(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Raise ``SaveError`` when ``save_directory`` is the folder the dense model was loaded from."""
+    source = getattr(model, "_osscar_source", None)
+    if source and _same_folder(save_directory, source):
+        raise SaveError(
+            f"refusing to save the pruned model into {os.fspath(save_directory)!r}: the dense model it was pruned "
+            "from was loaded from that folder, and saving there would overwrite the dense weights and config. "
+            "Save the pruned model to another folder."
+        )
+
+
+class _GuardedSavePretrained:
+    """A pruned model's ``save_pretrained``: transformers' own, refusing the dense model's folder.
+
+    A small object rather than a bound method, so that ``copy.deepcopy`` and pickling (``torch.save`` of
+    the whole model) carry it along, bound to the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__doc__ = type(model).save_pretrained.__doc__
+
+    def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        check_not_dense_source(self.model, save_directory)
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- format
+def _why_not_stock(model: nn.Module, shapes: list[dict[str, int]]) -> str:
+    implied = config_block_shape(model.config)
+    if any(shape != shapes[0] for shape in shapes):
+        different = sorted({i for i, shape in enumerate(shapes) if shape != shapes[0]})
+        return f"the blocks do not all have the same shape (block 0: {shapes[0]}; blocks {different[:10]} differ)"
+    shape = shapes[0]
+    reason = f"every block has {shape} but a stock model built from the config would have {implied}"
+    if shape["num_key_value_heads"] != implied["num_key_value_heads"]:
+        if not get_spec(model).config_has_head_dim:
+            reason += f" ({model.config.model_type} derives head_dim from hidden_size // num_attention_heads)"
+        elif shape["num_attention_heads"] == 0:
+            reason += " (no stock attention has zero heads)"
+        else:
+            reason += (
+                f" (transformers requires hidden_size={model.config.hidden_size} to be a multiple of "
+                f"num_attention_heads={shape['num_attention_heads']})"
+            )
+    return reason
+
+
+def resolve_format(model: nn.Module, format: str = "auto") -> str:
+    """``"stock"`` or ``"osscar"``: the format :func:`save_pruned` writes for ``model`` and ``format``."""
+    if format not in FORMATS:
+        raise SaveError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    shapes = read_block_shapes(model)
+    expressible = stock_config_expresses(model.config, shapes)
+    if format == "stock" and not expressible:
+        raise SaveError(
+            f"cannot save a stock checkpoint: {_why_not_stock(model, shapes)}. Use format='osscar' (or 'auto'); "
+            "loading it then needs `import osscar_hf`"
+        )
+    if format == "osscar" and pruning_record(model) is None:
+        raise SaveError(
+            "format='osscar' needs the record of an osscar_hf pruning (model.config.quantization_config or the "
+            "pruner's record), and this model has none: save it with format='stock'"
+        )
+    if format == "auto":
+        return "stock" if expressible else "osscar"
+    return format
+
+
+# --------------------------------------------------------------------------- save
+def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
+    path = folder / CONFIG_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if fmt == "stock":
+        data.pop("quantization_config", None)
+    else:
+        record = pruning_record(model)
+        shapes = read_block_shapes(model)
+        if record.block_shapes != shapes:  # the record predates a change of shapes: record what is saved
+            record = record.for_model_config(shapes)
+        data["quantization_config"] = record.to_dict()
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # pragma: no cover - platforms without directory fds
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_pruned(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    format: str = "auto",
+    overwrite: bool = False,
+    **save_kwargs: Any,
+) -> Path:
+    """Save a pruned model (and its tokenizer) as a checkpoint that ``from_pretrained`` loads; return its folder.
+
+    ``format``:
+        ``"auto"`` (default): a stock checkpoint when every block has the shape the stock config declares
+        (vanilla transformers loads it, no osscar_hf needed), else the osscar format.
+        ``"stock"``: a stock checkpoint, or ``SaveError`` saying why the stock config cannot express the shapes.
+        ``"osscar"``: ``config.json`` carries ``quantization_config`` (``quant_method: "osscar"``, the
+        pruning settings, per-block shapes, library versions); loading needs ``import osscar_hf``.
+
+    Weights are written as safetensors only. The folder must not be the one the dense model was loaded from;
+    an existing non-empty folder is refused unless ``overwrite=True``, which replaces it as a whole. The
+    checkpoint is written to a hidden temporary folder beside the target and renamed into place.
+    ``save_kwargs`` go to ``save_pretrained`` (for example ``max_shard_size``).
+    """
+    if "push_to_hub" in save_kwargs:
+        raise SaveError("save_pruned does not push: save, then upload the folder (see osscar_hf.hub)")
+    target = Path(save_directory).absolute()
+    check_not_dense_source(model, target)
+    fmt = resolve_format(model, format)
+    if target.exists():
+        if not target.is_dir():
+            raise SaveError(f"{str(target)!r} exists and is not a folder")
+        entries = sorted(p.name for p in target.iterdir())
+        if entries and not overwrite:
+            raise SaveError(
+                f"refusing to save into {str(target)!r}: the folder is not empty ({', '.join(entries[:5])}"
+                f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkdtemp: its 0o700 would become the checkpoint folder's mode; mkdir gives the usual umask mode.
+    tmp = target.parent / f".{target.name}.osscar-tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    old: Path | None = None
+    try:
+        type(model).save_pretrained(model, tmp, **save_kwargs)
+        _rewrite_config(tmp, model, fmt)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
+            raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
+        _fsync_tree(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.osscar-old-", dir=target.parent))
+            os.replace(target, old / "previous")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not target.exists():
+            os.replace(old / "previous", target)  # put the previous folder back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved the pruned model to %s (%s format)", target, fmt)
+    return target
