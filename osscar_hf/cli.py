@@ -1,8 +1,14 @@
 """The ``osscar-hf`` command line (also ``python -m osscar_hf``).
 
+    osscar-hf prune MODEL --attention-sparsity F --mlp-sparsity F --dataset DATA --output DIR [--eval wikitext2]
+    osscar-hf eval DIR_OR_ID --dataset wikitext2|PATH [--seq-len N --max-windows N --stride N]
+    osscar-hf push DIR REPO [--private] [--token TOKEN]
+    osscar-hf demo
+
 Each subcommand is a ``register_*`` function adding its parser and a handler taking the parsed arguments
-and returning an exit code, so new subcommands (``prune``, ``eval``, ``push``) plug in the same way. This is
-the only module that parses ``argv`` or prints.
+and returning an exit code. Bad arguments exit 2 (argparse); a refused or failed command prints one line,
+``osscar-hf: error: ...``, and exits 1 (``--log-level DEBUG`` adds the traceback). This is the only module
+that parses ``argv`` or prints.
 """
 
 from __future__ import annotations
@@ -11,16 +17,31 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from osscar_hf import __version__
 from osscar_hf.errors import OsscarError
 
 PROG = "osscar-hf"
+logger = logging.getLogger(__name__)
 Handler = Callable[[argparse.Namespace], int]
+
+REPORT_FILENAME = "osscar_report.json"
+EVAL_FILENAME = "osscar_eval.json"
+CARD_FILENAME = "README.md"
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for, found by a command handler: printed as one line, exit 1."""
 
 
 # --------------------------------------------------------------------------- argument types
@@ -59,6 +80,15 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be >= 0")
     return value
+
+
+def device(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    value = text.strip().lower()
+    kind, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device {text!r}: expected auto, cpu, cuda or cuda:N")
 
 
 # --------------------------------------------------------------------------- demo
@@ -153,8 +183,318 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- helpers shared by prune/eval/push
+def _add_eval_protocol_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(f"--{prefix}seq-len", dest="eval_seq_len", type=positive_int, default=None, metavar="N",
+                        help="tokens per perplexity window (default: the model context, at most 2048)")
+    parser.add_argument(f"--{prefix}max-windows", dest="eval_max_windows", type=positive_int, default=None,
+                        metavar="N", help="score only the first N windows (default: all)")
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device, default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="dtype the model is loaded in; auto keeps the checkpoint's (default: float32)")
+
+
+def _load_eval_texts(dataset: str, text_column: str) -> list[str]:
+    from osscar_hf.metrics import load_eval_texts
+
+    return load_eval_texts(dataset, text_column=text_column)
+
+
+def _perplexity(model: Any, tokenizer: Any, texts: list[str], args: argparse.Namespace, *, batch_size: int,
+                stride: int | None = None):  # noqa: ANN202 - osscar_hf.evaluation.PerplexityResult
+    from osscar_hf.evaluation import evaluate_perplexity
+    from osscar_hf.metrics import resolve_device
+
+    return evaluate_perplexity(
+        model, tokenizer, texts, seq_len=args.eval_seq_len, stride=stride, max_windows=args.eval_max_windows,
+        batch_size=batch_size, device=resolve_device(args.device),
+    )
+
+
+def _describe_ppl(result) -> str:  # noqa: ANN001 - PerplexityResult
+    return (f"{result.perplexity:.4f} (nll {result.nll:.5f} nats/token over {result.num_tokens:,} tokens, "
+            f"{result.num_windows} windows of {result.seq_len})")
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a model argument that is clearly a local path (a Hub id has at most one '/') but does not exist,
+    instead of letting it fall through to the Hub."""
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise CommandError(f"model folder {name} does not exist")
+
+
+def check_output_dir(output: Path, source: str, *, overwrite: bool) -> Path:
+    """Refuse an output folder that would destroy the source model or existing files; return it resolved."""
+    out = output.expanduser().resolve()
+    src = Path(source).expanduser()
+    if src.exists():
+        src = src.resolve()
+        if out == src:
+            raise CommandError(f"--output {output} is the source model folder; write the pruned model elsewhere")
+        if out in src.parents:
+            raise CommandError(f"--output {output} contains the source model {source}; choose a folder outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise CommandError(f"--output {output} exists and is not a folder")
+        if not overwrite and any(out.iterdir()):
+            raise CommandError(f"--output {output} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _chmod_like_mkdir(folder: Path) -> None:
+    """Give a ``mkdtemp`` folder (mode 0700) the permissions ``mkdir`` would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def _replace_folder(staged: Path, output: Path) -> None:
+    """Move the fully written ``staged`` folder to ``output``, replacing what is there only at the end."""
+    if not output.exists():
+        os.replace(staged, output)
+        return
+    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    os.rmdir(old)
+    os.replace(output, old)
+    try:
+        os.replace(staged, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _card_eval_results(dataset: str, dense: Any, pruned: Any, max_windows: int | None) -> dict[str, Any]:
+    """``eval_results`` for :func:`osscar_hf.card.build_model_card` from the two measurements."""
+    from osscar_hf.metrics import is_wikitext2
+
+    results: dict[str, Any] = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+    if not is_wikitext2(dataset):
+        results.update(dataset_type="text", dataset_name=Path(dataset).name, dataset_config=None,
+                       dataset_split="all")
+    if max_windows is not None:
+        name = "the WikiText-2 test split" if is_wikitext2(dataset) else f"`{Path(dataset).name}`"
+        results["protocol"] = (
+            f"Corpus perplexity, measured the same way for both models (`osscar_hf.evaluate_perplexity`): "
+            f"{name} joined with blank lines, tokenised once without special tokens, cut into non-overlapping "
+            f"windows of {pruned.seq_len} tokens of which the first {pruned.num_windows} were scored "
+            f"({pruned.num_tokens:,} tokens), exp(mean token negative log-likelihood)."
+        )
+    return results
+
+
+def _check_repo_id(repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise CommandError(f"invalid Hub repository id {repo_id!r}: expected 'namespace/name'")
+
+
+def _push(folder: Path, repo_id: str, *, private: bool, token: str | None) -> Any:
+    from osscar_hf import hub
+
+    return hub.push_pruned(folder, repo_id, token=token, private=private or None)
+
+
+def _commit_url(commit: Any, repo_id: str) -> str:
+    """What to print for a push: the commit URL of a ``CommitInfo``, else the repository id."""
+    return str(getattr(commit, "commit_url", None) or getattr(commit, "repo_url", None) or repo_id)
+
+
+# --------------------------------------------------------------------------- prune
+def register_prune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a model with OSSCAR and save it",
+        description=(
+            "Load MODEL (a folder or Hub id), prune whole attention heads / KV groups and FFN neurons of every "
+            "block with OSSCAR on calibration text, and save the smaller model, its tokenizer, the per-block "
+            f"report ({REPORT_FILENAME}) and a model card to --output."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the dense model: a local folder or a Hub model id")
+    parser.add_argument("--attention-sparsity", type=sparsity, required=True, metavar="F",
+                        help="fraction of attention heads / KV groups removed per block, in [0, 1)")
+    parser.add_argument("--mlp-sparsity", type=sparsity, required=True, metavar="F",
+                        help="fraction of FFN neurons removed per block, in [0, 1)")
+    parser.add_argument("--dataset", required=True, metavar="DATASET",
+                        help="calibration data: a .txt/.jsonl/.parquet file, or c4, wikitext2, ptb (from the Hub)")
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR",
+                        help="folder to write the pruned model to (must be empty or absent unless --overwrite)")
+    parser.add_argument("--text-column", default="text", metavar="NAME",
+                        help="text column of .jsonl/.parquet data (default: text)")
+    parser.add_argument("--num-samples", type=positive_int, default=128, metavar="N",
+                        help="calibration windows (default: 128)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, metavar="N",
+                        help="tokens per calibration window, capped at the model context (default: 2048)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                        help="calibration windows per block forward (default: 8)")
+    _add_runtime_options(parser)
+    parser.add_argument("--eval", default=None, metavar="DATA",
+                        help="also measure dense and pruned perplexity on wikitext2 (the test split) or a text "
+                        f"file, with the same protocol; results go to {EVAL_FILENAME} and the model card")
+    _add_eval_protocol_options(parser, prefix="eval-")
+    parser.add_argument("--base-model", default=None, metavar="ID",
+                        help="Hub id recorded as base_model in the card (default: MODEL when it is not a folder)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    parser.add_argument("--token", default=None,
+                        help="with --push-to-hub: Hub token (default: $HF_TOKEN or the saved login)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.set_defaults(handler=run_prune_command)
+
+
+def run_prune_command(args: argparse.Namespace) -> int:
+    from osscar_hf.card import CardError, build_model_card
+    from osscar_hf.config import OsscarConfig
+    from osscar_hf.io import save_pruned
+    from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
+    from osscar_hf.pruner import OsscarPruner
+
+    # Everything that can be checked cheaply is checked before the model is loaded.
+    check_model_source(args.model)
+    output = check_output_dir(args.output, args.model, overwrite=args.overwrite)
+    if args.push_to_hub:
+        _check_repo_id(args.push_to_hub)
+    config = OsscarConfig(
+        attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=args.dataset,
+        text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+        device=args.device, batch_size=args.batch_size,
+    )
+    eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
+    resolve_device(args.device)
+
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu")
+    eval_record: dict[str, Any] | None = None
+    card_eval: dict[str, Any] | None = None
+    if eval_texts is not None:
+        dense = _perplexity(model, tokenizer, eval_texts, args, batch_size=1)
+        model.to("cpu")  # the pruner moves one block at a time to the device
+        print(f"dense perplexity  {_describe_ppl(dense)}")
+    pruner = OsscarPruner(config)
+    pruner.prune(model, tokenizer)
+    report = pruner.report
+    if eval_texts is not None:
+        pruned = _perplexity(model, tokenizer, eval_texts, args, batch_size=1)
+        print(f"pruned perplexity {_describe_ppl(pruned)}")
+        eval_record = {"dataset": args.eval, "max_windows": args.eval_max_windows, "dense": dense.to_dict(),
+                       "pruned": pruned.to_dict()}
+        card_eval = _card_eval_results(args.eval, dense, pruned, args.eval_max_windows)
+
+    base_model = args.base_model
+    if base_model is None and not Path(args.model).expanduser().exists():
+        base_model = args.model
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        save_pruned(model, staged, tokenizer=tokenizer)
+        report.to_json(staged / REPORT_FILENAME)
+        if eval_record is not None:
+            (staged / EVAL_FILENAME).write_text(json.dumps(eval_record, indent=2) + "\n", encoding="utf-8")
+        try:
+            card = build_model_card(report, base_model=base_model, config=config, eval_results=card_eval,
+                                    repo_id=args.push_to_hub)
+        except CardError as exc:  # never lose the pruned model over its card
+            logger.warning("no model card written: %s", exc)
+        else:
+            card.save(staged / CARD_FILENAME)
+        _chmod_like_mkdir(staged)
+        _replace_folder(staged, output)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    print(f"parameters {report.parameters_before:,} -> {report.parameters_after:,} "
+          f"({report.parameters_after / report.parameters_before:.1%}), pruned in {report.total_seconds:.1f} s")
+    print(f"wrote {output}")
+    if args.push_to_hub:
+        try:
+            url = _push(output, args.push_to_hub, private=args.private, token=args.token)
+        except Exception as exc:  # noqa: BLE001 - Hub errors come in many types; the folder is kept
+            raise CommandError(
+                f"wrote {output} but pushing it failed: {exc} (retry with: {PROG} push {output} {args.push_to_hub})"
+            ) from exc
+        print(f"pushed to {_commit_url(url, args.push_to_hub)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def register_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="measure the corpus perplexity of a model",
+        description=(
+            "Corpus perplexity as papers report it: the texts joined with blank lines and tokenized once, "
+            "scored in windows of --seq-len tokens (non-overlapping unless --stride), exp(mean token NLL)."
+        ),
+    )
+    parser.add_argument("model", metavar="DIR_OR_ID", help="a model folder (dense or pruned) or a Hub model id")
+    parser.add_argument("--dataset", required=True, metavar="DATA",
+                        help="wikitext2 (the test split; local shared copy when present) or a .txt/.jsonl/.parquet "
+                        "file")
+    parser.add_argument("--text-column", default="text", metavar="NAME",
+                        help="text column of .jsonl/.parquet data (default: text)")
+    _add_eval_protocol_options(parser)
+    parser.add_argument("--stride", type=positive_int, default=None, metavar="N",
+                        help="sliding-window step in [1, seq-len] (default: non-overlapping windows)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                        help="windows per forward pass (default: 1)")
+    _add_runtime_options(parser)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
+    parser.set_defaults(handler=run_eval_command)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from osscar_hf.metrics import load_model_and_tokenizer
+
+    check_model_source(args.model)
+    texts = _load_eval_texts(args.dataset, args.text_column)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    result = _perplexity(model, tokenizer, texts, args, batch_size=args.batch_size, stride=args.stride)
+    print(f"{args.model} on {args.dataset}: perplexity {_describe_ppl(result)}")
+    if args.json is not None:
+        payload = {"model": args.model, "dataset": args.dataset, "stride": args.stride, **result.to_dict()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# --------------------------------------------------------------------------- push
+def register_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a pruned model folder to the Hugging Face Hub",
+        description="Upload a folder written by 'osscar-hf prune' (model, tokenizer, report, card) to a Hub repo.",
+    )
+    parser.add_argument("folder", type=Path, metavar="DIR", help="the pruned model folder")
+    parser.add_argument("repo", metavar="REPO", help="Hub repository id, e.g. user/model-osscar")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--token", default=None, help="Hub token with write access (default: $HF_TOKEN or the "
+                        "saved login)")
+    parser.set_defaults(handler=run_push_command)
+
+
+def run_push_command(args: argparse.Namespace) -> int:
+    folder = args.folder.expanduser()
+    if not folder.is_dir():
+        raise CommandError(f"{args.folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{args.folder} has no config.json: is it a model folder written by 'osscar-hf prune'?")
+    _check_repo_id(args.repo)
+    commit = _push(folder, args.repo, private=args.private, token=args.token)
+    print(f"pushed {args.folder} to {_commit_url(commit, args.repo)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
-REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (register_demo,)
+REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    register_demo, register_prune, register_eval, register_push,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _package_logging(args.log_level):
             return handler(args)
-    except (OsscarError, ImportError, FileNotFoundError, RuntimeError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except (CommandError, OsscarError, ImportError, OSError, RuntimeError, ValueError) as exc:
+        if args.log_level == "DEBUG":
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -1,14 +1,22 @@
-"""Tests of the osscar-hf command line (argument parsing only: nothing is downloaded or pruned)."""
+"""Tests of the osscar-hf command line: argument parsing of every command, and prune / eval / push run end to
+end on tiny random models saved in a temporary folder (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from osscar_hf import cli
 from osscar_hf.demo import DemoResult, ModelMeasurements
+from osscar_hf.evaluation import evaluate_perplexity
+from osscar_hf.metrics import load_model_and_tokenizer
+from tests.conftest import VOCAB, make_model, make_text, make_tokenizer
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -115,3 +123,268 @@ def test_python_dash_m_bad_sparsity() -> None:
     assert completed.returncode == 2
     assert "'1.2'" in completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("osscar-hf demo: error:")
+
+
+# --------------------------------------------------------------------------- prune / eval / push
+# These run the commands end to end on a tiny random Llama saved in tmp, with a tiny calibration text.
+
+PRUNE_OPTIONS = ["--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--num-samples", "4", "--seq-len", "32",
+                 "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A dense tiny model folder (``src``), a calibration text and an evaluation text."""
+    root = tmp_path_factory.mktemp("cli")
+    make_model("llama-gqa", seed=1).save_pretrained(root / "src")
+    make_tokenizer().save_pretrained(root / "src")
+    make_model("opt", seed=1).save_pretrained(root / "src-opt")
+    make_tokenizer().save_pretrained(root / "src-opt")
+    (root / "calib.txt").write_text(make_text(1500, seed=2), encoding="utf-8")
+    (root / "eval.txt").write_text(make_text(600, seed=3), encoding="utf-8")
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run(argv: list[str]) -> int:
+    return cli.main(["--log-level", "WARNING", *argv])
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("osscar-hf")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, options", [
+    ("prune", ["--attention-sparsity", "--mlp-sparsity", "--dataset", "--output", "--num-samples", "--seq-len",
+               "--seed", "--device", "--batch-size", "--dtype", "--push-to-hub", "--eval", "--overwrite"]),
+    ("eval", ["--dataset", "--seq-len", "--max-windows", "--stride", "--batch-size", "--device", "--dtype"]),
+    ("push", ["--private", "--token", "DIR", "REPO"]),
+])
+def test_subcommand_help(capsys, command, options) -> None:
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: osscar-hf {command}")
+    for option in options:
+        assert option in out
+
+
+def test_top_level_help_lists_every_command(capsys) -> None:
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "prune", "eval", "push"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["prune", "m", "--mlp-sparsity", "0.5", "--dataset", "d.txt", "--output", "o"], "--attention-sparsity"),
+    (["prune", "m", "--attention-sparsity", "0.5", "--mlp-sparsity", "1.5", "--dataset", "d", "--output", "o"],
+     "'1.5'"),
+    (["eval", "m"], "--dataset"),
+    (["eval", "m", "--dataset", "wikitext2", "--stride", "0"], "'0'"),
+    (["eval", "m", "--dataset", "wikitext2", "--device", "tpu"], "'tpu'"),
+    (["eval", "m", "--dataset", "wikitext2", "--dtype", "int8"], "'int8'"),
+    (["push", "dir"], "REPO"),
+])
+def test_bad_arguments_exit_2_with_one_error_line(capsys, argv, fragment) -> None:
+    assert _exit_code(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"osscar-hf {argv[0]}: error:")
+    assert fragment in line
+
+
+@pytest.mark.parametrize("kind, folder, stock", [("llama-gqa", "src", True), ("opt", "src-opt", False)])
+def test_prune_writes_a_reloadable_model_folder(workdir, tmp_path, capsys, kind, folder, stock) -> None:
+    """Llama with uniform shapes is a stock checkpoint; OPT with heads removed needs the osscar format."""
+    out = tmp_path / "pruned"
+    code = _run(["prune", str(workdir / folder), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout
+    for name in ("model.safetensors", "config.json", "osscar_report.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+    report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
+    assert report["parameters_after"] < report["parameters_before"]
+    assert [b["attention"]["kept"] for b in report["blocks"]] == ([1, 1] if kind == "llama-gqa" else [2, 2])
+    assert [b["mlp"]["kept"] for b in report["blocks"]] == [24, 24]
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert ("quantization_config" not in config) == stock
+
+    # The saved weights are those of the same pruning done in memory.
+    from osscar_hf import OsscarConfig, OsscarPruner
+
+    config = OsscarConfig(0.5, 0.5, dataset=str(workdir / "calib.txt"), num_samples=4, seq_len=32, batch_size=2,
+                          device="cpu")
+    expected = OsscarPruner(config).prune(make_model(kind, seed=1), make_tokenizer(), progress=False)
+    reloaded, _ = load_model_and_tokenizer(out, device="cpu")
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_with_eval_records_dense_and_pruned_perplexity(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "pruned"
+    code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out), "--eval", str(workdir / "eval.txt"), "--eval-seq-len", "64"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    record = json.loads((out / "osscar_eval.json").read_text(encoding="utf-8"))
+    texts = [(workdir / "eval.txt").read_text(encoding="utf-8")]
+    dense_model, tokenizer = load_model_and_tokenizer(workdir / "src", device="cpu")
+    pruned_model, _ = load_model_and_tokenizer(out, device="cpu")
+    dense = evaluate_perplexity(dense_model, tokenizer, texts, seq_len=64)
+    pruned = evaluate_perplexity(pruned_model, tokenizer, texts, seq_len=64)
+    assert record["dense"]["perplexity"] == pytest.approx(dense.perplexity, rel=1e-6)
+    assert record["pruned"]["perplexity"] == pytest.approx(pruned.perplexity, rel=1e-6)
+    assert record["dense"]["num_tokens"] == record["pruned"]["num_tokens"] == dense.num_tokens
+    assert f"dense perplexity  {dense.perplexity:.4f}" in stdout
+    assert f"pruned perplexity {pruned.perplexity:.4f}" in stdout
+    from huggingface_hub import ModelCard  # the model card carries both numbers
+
+    card = ModelCard((out / "README.md").read_text(encoding="utf-8"))
+    values = sorted(m["value"] for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"])
+    assert values == sorted([round(dense.perplexity, 4), round(pruned.perplexity, 4)])
+
+
+def test_prune_refuses_a_non_empty_output(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious", encoding="utf-8")
+    before = _snapshot(out)
+    code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out)])
+    assert code == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"osscar-hf: error: --output {out} is not empty; pass --overwrite to replace it"
+    assert _snapshot(out) == before
+
+
+def test_prune_overwrite_replaces_the_output(workdir, tmp_path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "stale.txt").write_text("old", encoding="utf-8")
+    code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out), "--overwrite"])
+    assert code == 0
+    assert not (out / "stale.txt").exists()
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+@pytest.mark.parametrize("target", ["same", "same-spelled-differently", "parent"])
+def test_prune_refuses_to_write_over_the_source(workdir, capsys, target) -> None:
+    src = workdir / "src"
+    output = {"same": src, "same-spelled-differently": src / ".." / "src", "parent": workdir}[target]
+    before = _snapshot(workdir)
+    code = _run(["prune", str(src), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(output), "--overwrite"])
+    assert code == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"osscar-hf: error: --output {output} ")
+    assert "source model" in line
+    assert _snapshot(workdir) == before
+
+
+def test_prune_bad_calibration_file_leaves_no_output(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "pruned"
+    code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(tmp_path / "missing.txt"),
+                 "--output", str(out)])
+    assert code == 1
+    assert "missing.txt" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_prints_the_perplexity_of_evaluate_perplexity(workdir, tmp_path, capsys) -> None:
+    result_file = tmp_path / "result.json"
+    code = _run(["eval", str(workdir / "src"), "--dataset", str(workdir / "eval.txt"), "--seq-len", "64",
+                 "--device", "cpu", "--json", str(result_file)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    model, tokenizer = load_model_and_tokenizer(workdir / "src", device="cpu")
+    expected = evaluate_perplexity(model, tokenizer, [(workdir / "eval.txt").read_text(encoding="utf-8")],
+                                   seq_len=64)
+    assert f"perplexity {expected.perplexity:.4f} " in stdout
+    saved = json.loads(result_file.read_text(encoding="utf-8"))
+    assert saved["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert saved["num_tokens"] == expected.num_tokens
+
+
+def test_eval_stride_and_max_windows(workdir, tmp_path, capsys) -> None:
+    result_file = tmp_path / "result.json"
+    assert _run(["eval", str(workdir / "src"), "--dataset", str(workdir / "eval.txt"), "--seq-len", "64",
+                 "--stride", "16", "--max-windows", "3", "--batch-size", "2", "--device", "cpu",
+                 "--json", str(result_file)]) == 0
+    model, tokenizer = load_model_and_tokenizer(workdir / "src", device="cpu")
+    expected = evaluate_perplexity(model, tokenizer, [(workdir / "eval.txt").read_text(encoding="utf-8")],
+                                   seq_len=64, stride=16, max_windows=3)
+    saved = json.loads(result_file.read_text(encoding="utf-8"))
+    assert saved["num_windows"] == 3
+    assert saved["num_tokens"] == expected.num_tokens
+    assert saved["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+
+
+def test_eval_missing_data_file_is_one_line(workdir, tmp_path, capsys) -> None:
+    code = _run(["eval", str(workdir / "src"), "--dataset", str(tmp_path / "nope.txt")])
+    assert code == 1
+    assert "nope.txt" in _one_error_line(capsys.readouterr().err)
+
+
+def test_push_uploads_the_folder(workdir, monkeypatch, capsys) -> None:
+    calls = []
+
+    def fake_push(folder, repo_id, **kwargs):
+        calls.append((Path(folder), repo_id, kwargs))
+
+    monkeypatch.setattr("osscar_hf.hub.push_pruned", fake_push)
+    assert _run(["push", str(workdir / "src"), "me/tiny", "--private", "--token", "hf_x"]) == 0
+    assert calls == [(workdir / "src", "me/tiny", {"token": "hf_x", "private": True})]
+    assert "pushed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "absent", "is not a folder"),
+    (lambda root: root, "has no config.json"),
+])
+def test_push_refuses_a_non_model_folder(tmp_path, capsys, make, message) -> None:
+    assert _run(["push", str(make(tmp_path)), "me/tiny"]) == 1
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_push_refuses_a_bad_repo_id(workdir, capsys) -> None:
+    assert _run(["push", str(workdir / "src"), "no-namespace"]) == 1
+    assert "namespace/name" in _one_error_line(capsys.readouterr().err)
+
+
+def test_prune_then_push_to_a_fake_hub(workdir, tmp_path, monkeypatch, capsys) -> None:
+    from osscar_hf import hub as hub_module
+    from tests.fake_hub import FakeHub
+
+    out = tmp_path / "pruned"
+    with FakeHub(tokens={"hf_alice": "alice"}) as hub:
+        monkeypatch.setattr(hub_module, "push_pruned", functools.partial(hub_module.push_pruned, endpoint=hub.url))
+        code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                     "--output", str(out), "--push-to-hub", "alice/tiny-osscar", "--token", "hf_alice"])
+        assert code == 0, capsys.readouterr().err
+        files = hub.files("alice/tiny-osscar")
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert files["osscar_report.json"] == (out / "osscar_report.json").read_bytes()
+    assert files["README.md"] == (out / "README.md").read_bytes()
+    assert "alice/tiny-osscar" in files["README.md"].decode()  # the card's loading snippet names the repo
+
+
+@pytest.mark.parametrize("command", ["eval", "prune"])
+def test_missing_local_model_folder_fails_fast(tmp_path, capsys, command) -> None:
+    missing = str(tmp_path / "no-such-model")
+    extra = (["--dataset", "wikitext2"] if command == "eval" else
+             ["--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--dataset", "c.txt", "--output",
+              str(tmp_path / "out")])
+    assert _run([command, missing, *extra]) == 1
+    assert _one_error_line(capsys.readouterr().err) == f"osscar-hf: error: model folder {missing} does not exist"

@@ -1,0 +1,179 @@
+"""``evaluate`` metrics shipped with osscar_hf, and the model loading they share with the command line.
+
+The corpus-perplexity metric lives in ``perplexity/perplexity.py`` (a standard ``evaluate`` metric script)
+and is loaded by path, so it works offline, unlike ``evaluate.load("perplexity")`` which fetches the stock
+script from the Hub (and computes a mean of per-text perplexities, not the corpus number papers report):
+
+    from osscar_hf.metrics import load_perplexity_metric
+    ppl = load_perplexity_metric()
+    ppl.compute(predictions=texts, model_id="path/or/id", seq_len=2048)   # or model=model, tokenizer=tok
+    # {"perplexity": ..., "nll": ..., "num_tokens": ...}
+
+or equivalently ``evaluate.load(osscar_hf.metrics.PERPLEXITY_METRIC_PATH)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PERPLEXITY_METRIC_PATH",
+    "load_perplexity_metric",
+    "resolve_dtype",
+    "resolve_device",
+    "load_model_and_tokenizer",
+    "load_eval_texts",
+    "is_wikitext2",
+]
+
+PERPLEXITY_METRIC_PATH: str = str(Path(__file__).resolve().parent / "perplexity")
+"""Folder of the perplexity metric script; pass it to ``evaluate.load``."""
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def load_perplexity_metric(**kwargs: Any):
+    """``evaluate.load(PERPLEXITY_METRIC_PATH, **kwargs)``: the corpus-perplexity metric, loaded offline."""
+    import evaluate
+
+    return evaluate.load(PERPLEXITY_METRIC_PATH, **kwargs)
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``None``/``"auto"`` -> ``"auto"`` (the checkpoint's dtype); a name or ``torch.dtype`` -> ``torch.dtype``.
+
+    Raises ``ValueError`` naming the accepted values.
+    """
+    import torch
+
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+        if name == "auto":
+            return "auto"
+        if name in DTYPE_NAMES:
+            return getattr(torch, name)
+    raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} (or a torch.dtype), got {dtype!r}")
+
+
+def resolve_device(device: Any) -> Any:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise a ``torch.device``.
+
+    Raises ``ValueError`` for an unknown device or CUDA requested where there is none.
+    """
+    import torch
+
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and device.strip().lower() == "gpu":
+        device = "cuda"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
+    return resolved
+
+
+def load_model_and_tokenizer(
+    model_id: str | Path,
+    *,
+    dtype: Any = "float32",
+    device: Any = None,
+    tokenizer: Any = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM (dense, or pruned by osscar_hf) and its tokenizer for evaluation.
+
+    Args:
+        model_id: a local folder or a Hub model id.
+        dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: where to put the model; ``None``/``"auto"`` is CUDA when available, else CPU.
+        tokenizer: a tokenizer object, a folder / id to load one from, or ``None`` for ``model_id``'s own.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Importing osscar_hf (done by importing this module) registered the "osscar" quantization method with
+    # transformers, so pruned checkpoints with per-block shapes load here too.
+    torch_dtype = resolve_dtype(dtype)
+    run_device = resolve_device(device)
+    source = str(model_id)
+    logger.info("Loading %s (dtype %s) on %s", source, torch_dtype, run_device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model.to(run_device)
+    model.eval()
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or source))
+    return model, tokenizer
+
+
+WIKITEXT2 = "wikitext2"
+_WIKITEXT2_NAMES = {WIKITEXT2, "wikitext-2", "wikitext"}
+
+
+def is_wikitext2(dataset: Any) -> bool:
+    """Whether ``dataset`` names the WikiText-2 test split (``"wikitext2"``) rather than a file."""
+    return isinstance(dataset, str) and dataset.strip().lower() in _WIKITEXT2_NAMES
+
+
+def load_eval_texts(dataset: str | Path, *, text_column: str = "text") -> list[str]:
+    """The texts of an evaluation set, in order, for :func:`osscar_hf.evaluation.evaluate_perplexity`.
+
+    ``dataset`` is ``"wikitext2"`` (the WikiText-2 raw test split: the project's shared copy when present,
+    else the Hub), or a path: a ``.parquet`` file (column ``text_column``), a ``.jsonl`` file (field
+    ``text_column`` of each line), WikiText's ``wiki.*.raw`` (read as the split's rows), or any other text
+    file (read whole, as one text).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file without the text column, or with no text.
+    """
+    from osscar_hf.evaluation import load_wikitext2_test
+
+    if is_wikitext2(dataset):
+        return load_wikitext2_test()
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"evaluation data {str(dataset)!r} {what}; give {WIKITEXT2!r} or a .txt, .jsonl or .parquet file"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".raw" and path.name.startswith("wiki."):
+        texts = load_wikitext2_test(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        if text_column not in names:
+            raise ValueError(f"parquet file {str(path)!r} has no column {text_column!r}; its columns are {names}")
+        column = pq.read_table(path, columns=[text_column]).column(text_column).to_pylist()
+        texts = ["" if t is None else str(t) for t in column]
+    elif suffix == ".jsonl":
+        import json
+
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+                    raise ValueError(f"{path}:{lineno} has no string field {text_column!r}")
+                texts.append(record[text_column])
+    else:
+        texts = [path.read_text(encoding="utf-8")]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"evaluation data {str(path)!r} holds no text")
+    return texts
