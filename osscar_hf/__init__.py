@@ -3,7 +3,9 @@
     from osscar_hf import OsscarConfig, OsscarPruner
     pruned = OsscarPruner(OsscarConfig(attention_sparsity=0.25, mlp_sparsity=0.5, dataset=texts)).prune(model, tok)
 
-Public names are imported lazily so that ``import osscar_hf`` stays cheap.
+Public names are imported lazily so that ``import osscar_hf`` stays cheap. Importing the package also
+registers the ``"osscar"`` quantization method with transformers (see :mod:`osscar_hf.integrations`), so
+``AutoModelForCausalLM.from_pretrained`` loads pruned checkpoints whose blocks have per-block shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ _LAZY = {
     "SolverError": "osscar_hf.errors",
     "SurgeryError": "osscar_hf.errors",
     "ModelFetchError": "osscar_hf.errors",
+    "save_pruned": "osscar_hf.io.save",
+    "build_model_card": "osscar_hf.card",
+    "push_pruned": "osscar_hf.hub",
+    "pruning_record": "osscar_hf.io.save",
+    "SaveError": "osscar_hf.io.save",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -38,3 +45,12 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'osscar_hf' has no attribute {name!r}")
+
+
+def _install_transformers_integration() -> None:
+    from .integrations import install
+
+    install()
+
+
+_install_transformers_integration()
