@@ -218,7 +218,10 @@ def _describe_calibration(dataset: Any, report: PruneReport, config: OsscarConfi
     if isinstance(dataset, (str, os.PathLike)):
         return f"The local file `{Path(dataset).name}` (column `{config.text_column}` where it has columns)"
     described = report.config.get("dataset")
-    return f"Calibration data passed in memory ({described})" if described else "Calibration data passed in memory"
+    if not described:
+        return "Calibration data passed in memory"
+    described = described.strip("<>")
+    return described[:1].upper() + described[1:]
 
 
 def _config_for_card(config: OsscarConfig, report: PruneReport) -> tuple[dict[str, Any], bool]:
@@ -227,7 +230,7 @@ def _config_for_card(config: OsscarConfig, report: PruneReport) -> tuple[dict[st
     dataset = data.get("dataset")
     if dataset is None or isinstance(dataset, str):
         return data, False
-    data["dataset"] = f"<{report.config.get('dataset') or 'in-memory data'}>"
+    data["dataset"] = report.config.get("dataset") or "<in-memory calibration data>"
     return data, True
 
 

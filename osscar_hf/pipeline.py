@@ -60,7 +60,7 @@ class _GramStats:
         self.H = new_gram(p, device)
         self.G = new_gram(p, device) if cross else None
         self.count = 0
-        self.cross_count = 0
+        self.count_cross = 0
 
 
 @contextmanager
@@ -134,50 +134,95 @@ def _accumulate(
     dense_states: list[torch.Tensor] | None,
     device: torch.device,
     storage: torch.device,
-) -> list[torch.Tensor] | None:
-    """Accumulate the consumers' Grams over all batches (one ``addmm_`` per batch and consumer).
+    keep_outputs: bool,
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """Run the (still dense) block on every batch and accumulate the consumers' Grams (one ``addmm_`` per
+    batch and consumer).
 
-    With ``dense_states`` (dense targets) the block also runs on the dense stream, the cross-Gram
-    X_pruned^T X_dense is accumulated, and the dense stream's next inputs are returned.
+    Returns the block's outputs on ``states`` when ``keep_outputs``, and, with ``dense_states`` (dense
+    targets), the dense stream's next inputs; the block then also runs on the dense stream and the
+    cross-Gram X_pruned^T X_dense is accumulated. Keyword arguments are moved to the device one batch at a
+    time, so no batch's masks or rotary tables stay there.
     """
-    memo: dict[int, Any] = {}
+    outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+    next_dense: list[torch.Tensor] | None = [] if dense_states is not None else None
 
     def gram(name: str, x: torch.Tensor) -> None:
         st = stats[name]
         st.count = accumulate_gram(st.H, st.count, x)
 
-    if dense_states is None:
-        with _input_hooks(consumers, gram):
-            for b, state in enumerate(states):
-                call_block(block, state.to(device), move_to(kwargs[b], device, memo))
-        return None
-
-    next_dense: list[torch.Tensor] = []
     for b, state in enumerate(states):
-        kw = move_to(kwargs[b], device, memo)
+        kw = move_to(kwargs[b], device)
         pruned_inputs: dict[str, torch.Tensor] = {}
 
         def keep(name: str, x: torch.Tensor) -> None:
-            pruned_inputs[name] = x
+            if dense_states is not None:
+                pruned_inputs[name] = x
             gram(name, x)
 
         def cross(name: str, x: torch.Tensor) -> None:
             st = stats[name]
-            st.cross_count = accumulate_cross_gram(st.G, st.cross_count, pruned_inputs.pop(name), x)
+            st.count_cross = accumulate_cross_gram(st.G, st.count_cross, pruned_inputs.pop(name), x)
 
         with _input_hooks(consumers, keep):
-            call_block(block, state.to(device), kw)
-        with _input_hooks(consumers, cross):
-            next_dense.append(call_block(block, dense_states[b].to(device), kw).to(storage))
-    return next_dense
+            out = call_block(block, state.to(device), kw)
+        if outputs is not None:
+            outputs.append(out.to(storage))
+        del out
+        if next_dense is not None:
+            with _input_hooks(consumers, cross):
+                next_dense.append(call_block(block, dense_states[b].to(device), kw).to(storage))
+    return outputs, next_dense
 
 
 def _propagate(
     block: nn.Module, states: list[torch.Tensor], kwargs: list[dict[str, Any]], device: torch.device,
     storage: torch.device,
 ) -> list[torch.Tensor]:
-    memo: dict[int, Any] = {}
-    return [call_block(block, s.to(device), move_to(kwargs[b], device, memo)).to(storage) for b, s in enumerate(states)]
+    return [call_block(block, s.to(device), move_to(kwargs[b], device)).to(storage) for b, s in enumerate(states)]
+
+
+def _prune_block(
+    block: nn.Module,
+    spec: ArchSpec,
+    settings: LoopSettings,
+    states: list[torch.Tensor],
+    dense_states: list[torch.Tensor] | None,
+    kwargs: list[dict[str, Any]],
+) -> tuple[LayerSolution | None, float, LayerSolution | None, float, list[torch.Tensor], list[torch.Tensor] | None]:
+    """Solve and slice one block (already on the compute device); return the solutions, their solve times,
+    and the next block's inputs (pruned stream, dense stream)."""
+    device, storage = settings.device, settings.storage_device
+    o_proj = get_submodule(block, f"{spec.attention}.{spec.o_proj}")
+    down = get_submodule(block, spec.mlp_consumer)
+    consumers: dict[str, nn.Module] = {}
+    if settings.attention.num_keep < settings.num_attention_groups:
+        consumers["attention"] = o_proj
+    if settings.mlp.num_keep < settings.num_neurons:
+        consumers["mlp"] = down
+    stats = {name: _GramStats(module.in_features, device, settings.dense_targets) for name, module in consumers.items()}
+    # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
+    dense_outputs, next_dense = _accumulate(block, consumers, stats, states, kwargs, dense_states, device, storage,
+                                            keep_outputs=not settings.propagate)
+    solutions: dict[str, tuple[LayerSolution | None, float]] = {"attention": (None, 0.0), "mlp": (None, 0.0)}
+    for name, module, problem in (("attention", o_proj, settings.attention), ("mlp", down, settings.mlp)):
+        if name in stats:
+            t = time.perf_counter()
+            solutions[name] = (_solve(stats.pop(name), module, problem), time.perf_counter() - t)
+    del stats
+    attn_solution, attn_seconds = solutions["attention"]
+    mlp_solution, mlp_seconds = solutions["mlp"]
+    if attn_solution is not None:
+        prune_attention(
+            block, spec, attn_solution.kept_groups, n_rep=settings.n_rep, head_dim=settings.head_dim,
+            num_groups=settings.num_attention_groups,
+            o_weight=_refit_weight(attn_solution, settings.attention.group_size),
+        )
+    if mlp_solution is not None:
+        prune_mlp(block, spec, mlp_solution.kept_groups,
+                  consumer_weight=_refit_weight(mlp_solution, settings.mlp.group_size))
+    next_states = _propagate(block, states, kwargs, device, storage) if settings.propagate else dense_outputs
+    return attn_solution, attn_seconds, mlp_solution, mlp_seconds, next_states, next_dense
 
 
 def prune_blocks(
@@ -188,78 +233,36 @@ def prune_blocks(
     *,
     progress: bool = True,
 ) -> list[BlockReport]:
-    """Prune every decoder block of ``model`` in turn (see ALGORITHM.md, section 5)."""
+    """Prune every decoder block of ``model`` in turn (see ALGORITHM.md, section 5).
+
+    Takes ownership of ``captured.hidden`` (emptied, so block-0 inputs are freed as the loop moves on).
+    Every block goes back to its own device, also when an error stops the loop.
+    """
     blocks = get_submodule(model, spec.blocks)
-    device, storage = settings.device, settings.storage_device
-    states = captured.hidden
-    dense_states = [s for s in states] if settings.dense_targets else None
-    solve_attention = settings.attention.num_keep < settings.num_attention_groups
-    solve_mlp = settings.mlp.num_keep < settings.num_neurons
+    device = settings.device
+    states, captured.hidden = captured.hidden, []
+    dense_states = list(states) if settings.dense_targets else None
     reports: list[BlockReport] = []
     bar = tqdm(total=len(blocks), desc="OSSCAR pruning", unit="block", disable=not progress)
     try:
         for index, block in enumerate(blocks):
             start = time.perf_counter()
             home = _block_device(block)
-            block.to(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            attention = get_submodule(block, spec.attention)
-            o_proj = get_submodule(attention, spec.o_proj)
-            down = get_submodule(block, spec.mlp_consumer)
-            consumers: dict[str, nn.Module] = {}
-            if solve_attention:
-                consumers["attention"] = o_proj
-            if solve_mlp:
-                consumers["mlp"] = down
-            stats = {
-                name: _GramStats(module.in_features, device, settings.dense_targets)
-                for name, module in consumers.items()
-            }
-            kwargs = captured.kwargs[index]
-            with torch.no_grad():
-                next_dense = (
-                    _accumulate(block, consumers, stats, states, kwargs, dense_states, device, storage)
-                    if consumers
-                    else (_propagate(block, dense_states, kwargs, device, storage) if dense_states else None)
-                )
-                if not settings.propagate:
-                    # Without propagation each block sees the dense model's inputs: run the dense block now.
-                    next_states = _propagate(block, states, kwargs, device, storage)
-
-                attn_solution = mlp_solution = None
-                attn_seconds = mlp_seconds = 0.0
-                if solve_attention:
-                    t = time.perf_counter()
-                    attn_solution = _solve(stats.pop("attention"), o_proj, settings.attention)
-                    attn_seconds = time.perf_counter() - t
-                if solve_mlp:
-                    t = time.perf_counter()
-                    mlp_solution = _solve(stats.pop("mlp"), down, settings.mlp)
-                    mlp_seconds = time.perf_counter() - t
-                del stats
-                if attn_solution is not None:
-                    prune_attention(
-                        block,
-                        spec,
-                        attn_solution.kept_groups,
-                        n_rep=settings.n_rep,
-                        head_dim=settings.head_dim,
-                        num_groups=settings.num_attention_groups,
-                        o_weight=_refit_weight(attn_solution, settings.attention.group_size),
+            try:
+                block.to(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with torch.no_grad():
+                    attn_solution, attn_seconds, mlp_solution, mlp_seconds, states, next_dense = _prune_block(
+                        block, spec, settings, states, dense_states, captured.kwargs[index]
                     )
-                if mlp_solution is not None:
-                    prune_mlp(block, spec, mlp_solution.kept_groups,
-                              consumer_weight=_refit_weight(mlp_solution, settings.mlp.group_size))
-                if settings.propagate:
-                    next_states = _propagate(block, states, kwargs, device, storage)
-            states = next_states
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            finally:
+                block.to(home)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             if next_dense is not None:
                 dense_states = next_dense
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            block.to(home)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             report = BlockReport(
                 index=index,
                 attention=_consumer_report(settings.num_attention_groups, attn_solution, attn_seconds),

@@ -12,7 +12,7 @@ import torch.nn as nn
 from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_calibration_windows
 from .capture import capture_block_inputs
-from .config import OsscarConfig, keep_count
+from .config import OsscarConfig, describe_dataset, keep_count
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .evaluation import count_parameters
 from .io.save import mark_pruned, pruning_record
@@ -170,7 +170,17 @@ class OsscarPruner:
                     model, get_submodule(model, spec.blocks), windows, batch_size=self.config.batch_size,
                     storage_device=settings.storage_device,
                 )
+            # prune_blocks takes the captured activations over and frees them block by block.
             blocks = prune_blocks(model, spec, captured, settings, progress=progress)
+        except BaseException:
+            if _any_block_pruned(model, spec, settings):
+                # Keep weights and config consistent, so what is left can still be inspected or saved.
+                update_model_config(
+                    model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
+                )
+                logger.error("pruning stopped by an error after some blocks were pruned: the model is partially "
+                             "pruned, and its config describes its blocks as they are now")
+            raise
         finally:
             model.train(was_training)
         solved = any(b.attention.solved or b.mlp.solved for b in blocks)
@@ -180,7 +190,7 @@ class OsscarPruner:
             )
         self.report = PruneReport(
             model_type=model.config.model_type,
-            config=self.config.to_dict() | {"dataset": _describe_dataset(self.config.dataset)},
+            config=self.config.to_dict() | {"dataset": describe_dataset(self.config.dataset, self.config.text_column)},
             calibration={"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                          "tokens": int(windows.numel())},
             parameters_before=params_before,
@@ -191,12 +201,8 @@ class OsscarPruner:
         return model
 
 
-def _describe_dataset(dataset: Any) -> str:
-    if isinstance(dataset, str):
-        return dataset
-    if isinstance(dataset, torch.Tensor):
-        return f"token ids {tuple(dataset.shape)}"
-    try:
-        return f"{type(dataset).__name__} of {len(dataset)} items"
-    except TypeError:
-        return type(dataset).__name__
+def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:
+    dense = {"num_key_value_heads": settings.num_attention_groups,
+             "num_attention_heads": settings.num_attention_groups * settings.n_rep, "ffn_dim": settings.num_neurons}
+    return any(block_shape(block, spec, n_rep=settings.n_rep, head_dim=settings.head_dim) != dense
+               for block in get_submodule(model, spec.blocks))

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .arch.spec import ArchSpec, get_submodule, set_submodule
 from .errors import SurgeryError
+from .solver.sweep import channels_of
 
 
 def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
@@ -31,9 +32,8 @@ def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
 
 def group_channels(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     """Channel indices of contiguous groups: group g covers ``[g*group_size, (g+1)*group_size)``."""
-    groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
-    offsets = torch.arange(group_size, dtype=torch.int64, device="cpu")  # cpu even under torch.device("meta")
-    return (groups[:, None] * group_size + offsets[None, :]).reshape(-1)
+    # On the CPU explicitly, also under a torch.device("meta") context (skeleton resizing).
+    return channels_of(torch.as_tensor(groups, dtype=torch.int64).cpu(), group_size)
 
 
 def slice_linear_outputs(linear: nn.Linear, idx: torch.Tensor) -> None:
@@ -125,6 +125,7 @@ def prune_attention(
         _check_indices(q_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
     for name in (spec.k_proj, spec.v_proj):
         _check_indices(kv_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
+    _check_indices(q_idx, linears[spec.o_proj].in_features, f"{spec.attention}.{spec.o_proj} columns")
     if o_weight is not None and tuple(o_weight.shape) != (linears[spec.o_proj].out_features, q_idx.numel()):
         raise SurgeryError(
             f"{spec.o_proj} refit weight has shape {tuple(o_weight.shape)}, "

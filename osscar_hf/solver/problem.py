@@ -121,7 +121,8 @@ def damped_cholesky(H: torch.Tensor, damping: float, dtype: torch.dtype) -> Damp
             return DampedFactor(factor, lam)
         if attempt == MAX_DAMPING_RETRIES:
             break
-        new_lam = lam * 10.0
+        # From no damping at all, start the retries at a small multiple of the matrix's scale.
+        new_lam = lam * 10.0 if lam > 0 else 1e-8 * max(float(H.diagonal().abs().mean()), 1.0)
         logger.warning(
             "Cholesky of the damped Gram matrix failed (p = %d, lam = %.3g, leading minor %d not positive); "
             "retrying with lam = %.3g",

@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard
 import osscar_hf
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.card import TAGS, CardError, build_model_card, template_path
+from osscar_hf.config import describe_dataset
 from osscar_hf.evaluation import PerplexityResult
 from osscar_hf.report import BlockReport, ConsumerReport, PruneReport
 from tests.conftest import make_model
@@ -85,10 +86,11 @@ def test_card_of_a_real_run_renders_with_metadata_table_config_and_citation(prun
     assert f"| parameters | {report.parameters_before:,} | {report.parameters_after:,} (" in text
 
     shown = _config_block(text)
-    assert shown == config.to_dict() | {"dataset": "<list of 20 items>"}
+    assert shown == config.to_dict() | {"dataset": describe_dataset(config.dataset)}
+    assert shown["dataset"].startswith("<in-memory calibration data: 20 texts, ")
     assert OsscarConfig.from_dict(shown | {"dataset": None}) == OsscarConfig.from_dict(
         config.to_dict() | {"dataset": None})
-    assert "Calibration data passed in memory (list of 20 items): 8 windows of 32 tokens" in text
+    assert "In-memory calibration data: 20 texts, " in text and "8 windows of 32 tokens" in text
 
     assert "import osscar_hf" in text and 'AutoModelForCausalLM.from_pretrained("alice/tiny-osscar")' in text
     assert "@inproceedings{meng2024osscar" in text and "{{OSSCAR}: One-Shot Structured Pruning" in text

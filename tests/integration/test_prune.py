@@ -253,3 +253,29 @@ def test_cuda_pruning_matches_cpu(tokenizer, calibration_texts):
     ids = torch.randint(3, VOCAB, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(gpu(ids).logits, cpu(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_an_error_mid_loop_leaves_weights_and_config_consistent(monkeypatch, tokenizer, calibration_texts):
+    import osscar_hf.pipeline as pipeline
+    from osscar_hf.errors import SolverError
+    from osscar_hf.io.save import pruning_record
+
+    real_solve, calls = pipeline.solve_layer, []
+
+    def failing_solve(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # block 0: attention, mlp; block 1: attention fails
+            raise SolverError("injected failure")
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "solve_layer", failing_solve)
+    model = make_model("opt")
+    with pytest.raises(SolverError, match="injected"):
+        _prune(model, tokenizer, calibration_texts)
+    record = pruning_record(model)
+    assert record is not None
+    assert record.block_shapes[0]["ffn_dim"] == 24 and record.block_shapes[1]["ffn_dim"] == 48
+    assert record.block_shapes[1]["num_attention_heads"] == 4
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
