@@ -15,7 +15,7 @@ from .capture import capture_block_inputs
 from .config import OsscarConfig, describe_dataset, keep_count
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .evaluation import count_parameters
-from .io.save import mark_pruned, pruning_record
+from .io.save import attach_run, mark_pruned, pruning_record
 from .io.shapes import stock_config_expresses
 from .pipeline import LoopSettings, ProblemSettings, prune_blocks
 from .report import PruneReport
@@ -198,6 +198,8 @@ class OsscarPruner:
             total_seconds=time.perf_counter() - start,
             blocks=blocks,
         )
+        if solved:
+            attach_run(model, self.report, self.config)
         return model
 
 

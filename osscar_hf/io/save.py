@@ -28,7 +28,10 @@ from .shapes import config_block_shape, osscar_quantization_config, read_block_s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "SaveError", "mark_pruned", "pruning_record", "resolve_format", "save_pruned"]
+__all__ = [
+    "FORMATS", "SaveError", "attach_run", "mark_pruned", "model_card", "pruning_record", "resolve_format", "save_pruned",
+    "write_model_card",
+]
 
 FORMATS = ("auto", "stock", "osscar")
 CONFIG_NAME = "config.json"
@@ -94,7 +97,74 @@ class _GuardedSavePretrained:
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         check_not_dense_source(self.model, save_directory)
-        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        write_model_card(self.model, save_directory)
+        return result
+
+
+class _PushWithCard:
+    """A pruned model's ``push_to_hub``: uploads weights, config and the osscar model card in one commit
+    (transformers' own push would replace the card with a generic one). See :func:`osscar_hf.hub.push_pruned`."""
+
+    ACCEPTED = ("token", "private", "commit_message", "revision")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, repo_id: str, **kwargs: Any) -> Any:
+        unknown = sorted(set(kwargs) - set(self.ACCEPTED))
+        if unknown:
+            raise SaveError(
+                f"push_to_hub of a pruned model accepts {list(self.ACCEPTED)}, not {unknown}; for other options "
+                "save with osscar_hf.save_pruned and upload the folder with osscar_hf.push_pruned"
+            )
+        from ..hub import push_pruned
+
+        options = {k: v for k, v in kwargs.items() if v is not None}
+        return push_pruned(self.model, repo_id, card=model_card(self.model), **options)
+
+
+def attach_run(model: nn.Module, report: Any, config: OsscarConfig) -> None:
+    """Keep a pruning run's report and settings on ``model``: its ``save_pretrained`` then writes the model
+    card beside the weights, and its ``push_to_hub`` uploads that card with them."""
+    model._osscar_report = report
+    model._osscar_run_config = config
+    if callable(getattr(type(model), "push_to_hub", None)):
+        model.push_to_hub = _PushWithCard(model)
+
+
+def model_card(model: nn.Module) -> Any:
+    """The osscar model card of a model pruned in this process (``None`` for other models)."""
+    report = getattr(model, "_osscar_report", None)
+    if report is None:
+        return None
+    from ..card import build_model_card
+
+    name = getattr(model.config, "_name_or_path", "") or ""
+    base_model = name if name and not os.path.exists(name) else None  # a Hub id, not a local folder
+    return build_model_card(report, base_model=base_model, config=model._osscar_run_config)
+
+
+_CARD_MARKER = "- structured-pruning"
+
+
+def write_model_card(model: nn.Module, folder: str | os.PathLike) -> Path | None:
+    """Write ``model``'s card as ``folder/README.md`` (atomically); a README that osscar_hf did not write
+    is left alone."""
+    card = model_card(model)
+    if card is None:
+        return None
+    path = Path(folder) / "README.md"
+    if path.exists() and _CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        logger.warning("%s exists and was not written by osscar_hf: not replacing it with the model card", path)
+        return None
+    tmp = path.with_name(f".README.md.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(str(card), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------- format
@@ -215,6 +285,7 @@ def save_pruned(
     try:
         type(model).save_pretrained(model, tmp, **save_kwargs)
         _rewrite_config(tmp, model, fmt)
+        write_model_card(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))

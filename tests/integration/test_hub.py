@@ -24,6 +24,7 @@ from osscar_hf.hub import (
     HubPushError,
     push_pruned,
 )
+from osscar_hf.io.save import SaveError
 from tests.conftest import make_model, make_tokenizer
 from tests.fake_hub import FakeHub
 
@@ -225,3 +226,42 @@ def test_tokenizer_is_pushed_with_an_in_memory_model(hub):
     files = hub.files("alice/with-tokenizer")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
     assert hub.repos["alice/with-tokenizer"].private
+
+
+def _pruned_opt():
+    from osscar_hf import OsscarConfig, OsscarPruner
+    from tests.conftest import make_text
+
+    words = make_text(2000).split()
+    texts = [" ".join(words[i : i + 100]) for i in range(0, len(words), 100)]
+    config = OsscarConfig(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=texts, num_samples=4, seq_len=32,
+                          device="cpu")
+    return OsscarPruner(config).prune(make_model("opt"), make_tokenizer(), progress=False)
+
+
+def test_model_push_to_hub_uploads_weights_config_and_our_card(hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    model = _pruned_opt()
+    model.push_to_hub("alice/pushed-by-method", token=TOKEN, commit_message="from push_to_hub")
+    files = hub.files("alice/pushed-by-method")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    assert "- structured-pruning" in card and "| 0 | 2 / 4 | 24 / 48 |" in card
+    assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "osscar"
+    with pytest.raises(SaveError, match="max_shard_size"):
+        model.push_to_hub("alice/other", token=TOKEN, max_shard_size="1MB")
+
+
+def test_save_pretrained_writes_the_card_but_keeps_a_foreign_readme(tmp_path):
+    model = _pruned_opt()
+    model.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert card.startswith("---") and "- osscar" in card and "OSSCAR" in card
+    foreign = tmp_path / "b"
+    foreign.mkdir()
+    (foreign / "README.md").write_text("my own notes\n")
+    model.save_pretrained(foreign)
+    assert (foreign / "README.md").read_text() == "my own notes\n"
+    assert (foreign / "model.safetensors").exists()
