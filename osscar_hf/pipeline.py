@@ -225,6 +225,101 @@ def _prune_block(
     return attn_solution, attn_seconds, mlp_solution, mlp_seconds, next_states, next_dense
 
 
+class BlockStream:
+    """Prunes decoder blocks one at a time, in order, carrying the calibration activations from each block to
+    the next. Both the in-memory loop (:func:`prune_blocks`) and the streaming one
+    (:mod:`osscar_hf.streaming`, which materialises each block from disk just before) call :meth:`prune`.
+
+    Takes ownership of ``captured.hidden`` (emptied, so block-0 inputs are freed as the loop moves on).
+    """
+
+    def __init__(self, spec: ArchSpec, captured: CapturedInputs, settings: LoopSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.kwargs = captured.kwargs
+        self.states, captured.hidden = captured.hidden, []
+        self.dense_states = list(self.states) if settings.dense_targets else None
+        self._next_states: list[torch.Tensor] | None = None  # computed by replay()
+        self._next_dense: list[torch.Tensor] | None = None
+
+    def prune(self, index: int, block: nn.Module) -> BlockReport:
+        """Prune block ``index`` (the next one) in place; it goes back to its own device, also on errors."""
+        settings = self.settings
+        device = settings.device
+        start = time.perf_counter()
+        home = _block_device(block)
+        try:
+            block.to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.no_grad():
+                attn_solution, attn_seconds, mlp_solution, mlp_seconds, states, next_dense = _prune_block(
+                    block, self.spec, settings, self.states, self.dense_states, self.kwargs[index]
+                )
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        finally:
+            block.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.states = states
+        if next_dense is not None:
+            self.dense_states = next_dense
+        return BlockReport(
+            index=index,
+            attention=_consumer_report(settings.num_attention_groups, attn_solution, attn_seconds),
+            mlp=_consumer_report(settings.num_neurons, mlp_solution, mlp_seconds),
+            seconds=time.perf_counter() - start,
+            peak_device_memory_bytes=peak,
+        )
+
+    def replay(self, index: int, block: nn.Module, *, pruned: bool) -> None:
+        """Move the stream past block ``index`` without solving it again (resuming an interrupted run).
+
+        Gives the next inputs :meth:`prune` gave: call it with the dense block (``pruned=False``) when
+        ``not settings.propagate`` or ``settings.dense_targets``, and with the pruned block (``pruned=True``)
+        when ``settings.propagate``; the two calls read the same inputs and update different streams.
+        """
+        settings = self.settings
+        device, storage = settings.device, settings.storage_device
+        kwargs = self.kwargs[index]
+        home = _block_device(block)
+        try:
+            block.to(device)
+            with torch.no_grad():
+                if pruned == settings.propagate:  # the pruned stream's next inputs come from this block
+                    self._next_states = _propagate(block, self.states, kwargs, device, storage)
+                if not pruned and self.dense_states is not None:
+                    self._next_dense = _propagate(block, self.dense_states, kwargs, device, storage)
+        finally:
+            block.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def finish_replay(self) -> None:
+        """Adopt the streams computed by :meth:`replay` calls for one block."""
+        if self._next_states is None or (self.dense_states is not None and self._next_dense is None):
+            raise RuntimeError("finish_replay() before the replay() calls that compute the next inputs")
+        self.states, self._next_states = self._next_states, None
+        if self.dense_states is not None:
+            self.dense_states, self._next_dense = self._next_dense, None
+
+
+def announce_block(bar: Any, report: BlockReport) -> None:
+    """Progress-bar postfix and log line of one pruned block."""
+    postfix = {"s": f"{report.seconds:.1f}"}
+    # Relative reconstruction error of the kept structures before -> after the refit.
+    for key, consumer in (("attn_err", report.attention), ("mlp_err", report.mlp)):
+        if consumer.solved:
+            postfix[key] = f"{consumer.relative_error_masked:.2e}->{consumer.relative_error:.2e}"
+    bar.set_postfix(postfix)
+    bar.update(1)
+    logger.info(
+        "block %d: attention %d/%d kept (rel. err masked->refit %s), mlp %d/%d kept (rel. err %s), %.2fs",
+        report.index, report.attention.kept, report.attention.structures, postfix.get("attn_err", "-"),
+        report.mlp.kept, report.mlp.structures, postfix.get("mlp_err", "-"), report.seconds,
+    )
+
+
 def prune_blocks(
     model: nn.Module,
     spec: ArchSpec,
@@ -239,51 +334,14 @@ def prune_blocks(
     Every block goes back to its own device, also when an error stops the loop.
     """
     blocks = get_submodule(model, spec.blocks)
-    device = settings.device
-    states, captured.hidden = captured.hidden, []
-    dense_states = list(states) if settings.dense_targets else None
+    stream = BlockStream(spec, captured, settings)
     reports: list[BlockReport] = []
     bar = tqdm(total=len(blocks), desc="OSSCAR pruning", unit="block", disable=not progress)
     try:
         for index, block in enumerate(blocks):
-            start = time.perf_counter()
-            home = _block_device(block)
-            try:
-                block.to(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                with torch.no_grad():
-                    attn_solution, attn_seconds, mlp_solution, mlp_seconds, states, next_dense = _prune_block(
-                        block, spec, settings, states, dense_states, captured.kwargs[index]
-                    )
-                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            finally:
-                block.to(home)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if next_dense is not None:
-                dense_states = next_dense
-            report = BlockReport(
-                index=index,
-                attention=_consumer_report(settings.num_attention_groups, attn_solution, attn_seconds),
-                mlp=_consumer_report(settings.num_neurons, mlp_solution, mlp_seconds),
-                seconds=time.perf_counter() - start,
-                peak_device_memory_bytes=peak,
-            )
+            report = stream.prune(index, block)
             reports.append(report)
-            postfix = {"s": f"{report.seconds:.1f}"}
-            # Relative reconstruction error of the kept structures before -> after the refit.
-            if attn_solution is not None:
-                postfix["attn_err"] = f"{attn_solution.relative_error_masked:.2e}->{attn_solution.relative_error:.2e}"
-            if mlp_solution is not None:
-                postfix["mlp_err"] = f"{mlp_solution.relative_error_masked:.2e}->{mlp_solution.relative_error:.2e}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-            logger.info(
-                "block %d: attention %d/%d kept (rel. err masked->refit %s), mlp %d/%d kept (rel. err %s), %.2fs",
-                index, report.attention.kept, report.attention.structures, postfix.get("attn_err", "-"),
-                report.mlp.kept, report.mlp.structures, postfix.get("mlp_err", "-"), report.seconds,
-            )
+            announce_block(bar, report)
     finally:
         bar.close()
     return reports

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -188,19 +190,59 @@ class OsscarPruner:
             update_model_config(
                 model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
             )
-        self.report = PruneReport(
+        self.report = self._build_report(model, windows, params_before, count_parameters(model), start, blocks)
+        if solved:
+            attach_run(model, self.report, self.config)
+        return model
+
+    def _build_report(
+        self, model: nn.Module, windows: torch.Tensor, params_before: int, params_after: int, start: float,
+        blocks: list[Any],
+    ) -> PruneReport:
+        return PruneReport(
             model_type=model.config.model_type,
             config=self.config.to_dict() | {"dataset": describe_dataset(self.config.dataset, self.config.text_column)},
             calibration={"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                          "tokens": int(windows.numel())},
             parameters_before=params_before,
-            parameters_after=count_parameters(model),
+            parameters_after=params_after,
             total_seconds=time.perf_counter() - start,
             blocks=blocks,
         )
-        if solved:
-            attach_run(model, self.report, self.config)
-        return model
+
+    def prune_checkpoint(
+        self,
+        model_path: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        *,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        resume: bool = True,
+    ) -> Path:
+        """Prune the safetensors checkpoint in the local folder ``model_path`` block by block, without ever
+        loading the whole model, and write the pruned checkpoint to ``output_dir``; return its path.
+
+        The result is the checkpoint :meth:`prune` followed by :func:`osscar_hf.save_pruned` would give (the same
+        tensors; stock format when the stock config expresses the pruned shapes, else the osscar format), with
+        the tokenizer files and ``generation_config.json`` of the source folder and ``osscar_report.json``;
+        ``self.report`` is set too. Host memory holds the calibration activations and one block at a time
+        (plus the embeddings and head during the capture). ``tokenizer``: used for text calibration data and
+        saved with the checkpoint; by default the source folder's tokenizer. The source folder and a
+        non-empty ``output_dir`` (unless ``overwrite=True``) are refused (``SaveError``); a missing, truncated
+        or inconsistent shard raises :class:`osscar_hf.streaming.CheckpointError` naming the file.
+
+        The checkpoint is built in a hidden folder beside ``output_dir`` (``.NAME.osscar-partial``) and renamed
+        into place at the end; progress is recorded there after every block. When a run is interrupted, the
+        same call continues from the first unfinished block and writes the same checkpoint as an uninterrupted
+        run. A partial run with other settings, calibration data, device or source files raises
+        :class:`osscar_hf.streaming.ResumeError`; ``resume=False`` discards it and starts over. See
+        :mod:`osscar_hf.streaming`.
+        """
+        from .streaming import prune_checkpoint
+
+        return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
+                                progress=progress, resume=resume)
 
 
 def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:

@@ -1,0 +1,337 @@
+"""Streaming pruning of a checkpoint from disk, block by block (``OsscarPruner.prune_checkpoint``).
+
+The streamed result must be the in-memory result: the same tensors, bit for bit, the same logits after
+``from_pretrained``, the same config.json as ``save_pruned`` writes; and only one block is ever materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import osscar_hf  # noqa: F401 - registers the osscar quantizer
+from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
+from osscar_hf.arch import get_spec
+from osscar_hf.errors import OsscarError, UnsupportedModelError
+from osscar_hf.io import SaveError
+from osscar_hf.pipeline import BlockStream
+from osscar_hf.streaming import INDEX_NAME, PROGRESS_NAME, REPORT_NAME, CheckpointError, ResumeError, partial_folder
+from tests.conftest import VOCAB, make_model
+
+SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
+IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+# (model kind, config overrides, save_pretrained kwargs, sparsities (attention, mlp))
+CASES = {
+    "opt-sharded": ("opt", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),                     # osscar format
+    "llama-gqa-tied-sharded": ("llama-gqa", {"tie_word_embeddings": True}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
+    "llama-gqa-single-file": ("llama-gqa", {"num_hidden_layers": 3}, {}, (0.0, 0.5)),     # stock format
+}
+
+
+def _config(texts: list[str], sparsities: tuple[float, float]) -> OsscarConfig:
+    return OsscarConfig(attention_sparsity=sparsities[0], mlp_sparsity=sparsities[1], dataset=texts, **SMALL)
+
+
+def _checkpoint(folder: Path, kind: str, overrides: dict, save_kwargs: dict, tokenizer) -> Path:
+    make_model(kind, **overrides).save_pretrained(folder, **save_kwargs)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def streamed(request, tmp_path_factory, tokenizer, calibration_texts):
+    """(case, source folder, in-memory pruned model and its pruner, streamed folder and its pruner)."""
+    kind, overrides, save_kwargs, sparsities = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    source = _checkpoint(root / "dense", kind, overrides, save_kwargs, tokenizer)
+    memory_pruner = OsscarPruner(_config(calibration_texts, sparsities))
+    model = AutoModelForCausalLM.from_pretrained(source)
+    memory_pruner.prune(model, tokenizer, progress=False)
+    stream_pruner = OsscarPruner(_config(calibration_texts, sparsities))
+    out = stream_pruner.prune_checkpoint(source, root / "streamed", progress=False)
+    return request.param, source, model, memory_pruner, out, stream_pruner
+
+
+def test_streamed_tensors_and_logits_are_the_in_memory_ones(streamed):
+    case, source, model, _, out, _ = streamed
+    assert out == (source.parent / "streamed").absolute()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert torch.equal(_logits(loaded), _logits(model))
+    if "tied" in case:
+        assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+
+
+def test_streamed_checkpoint_is_what_save_pruned_writes(streamed, tmp_path, tokenizer):
+    case, source, model, memory_pruner, out, stream_pruner = streamed
+    saved = save_pruned(model, tmp_path / "saved", tokenizer=tokenizer)
+    assert json.loads((out / "config.json").read_text()) == json.loads((saved / "config.json").read_text())
+    has_qc = "quantization_config" in json.loads((out / "config.json").read_text())
+    assert has_qc == (case == "opt-sharded")  # OPT with heads removed needs the osscar format
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    # The index lists every tensor once, in shards that exist and hold exactly those tensors.
+    index = json.loads((out / INDEX_NAME).read_text())
+    by_shard: dict[str, set[str]] = {}
+    for tensor, shard in index["weight_map"].items():
+        by_shard.setdefault(shard, set()).add(tensor)
+    assert len(by_shard) == model.config.num_hidden_layers + 1
+    size = 0
+    for shard, names in by_shard.items():
+        with safe_open(str(out / shard), framework="pt") as handle:
+            assert set(handle.keys()) == names
+            size += sum(handle.get_tensor(n).numel() * handle.get_tensor(n).element_size() for n in names)
+    assert index["metadata"]["total_size"] == size
+    # The report: the same kept structures and parameter counts as in memory, also on disk.
+    a, b = memory_pruner.report, stream_pruner.report
+    assert [(x.attention.kept_indices, x.mlp.kept_indices) for x in a.blocks] == [
+        (x.attention.kept_indices, x.mlp.kept_indices) for x in b.blocks]
+    assert (a.parameters_before, a.parameters_after) == (b.parameters_before, b.parameters_after)
+    assert a.parameters_after < a.parameters_before
+    on_disk = json.loads((out / REPORT_NAME).read_text())
+    assert on_disk["parameters_after"] == b.parameters_after and len(on_disk["blocks"]) == len(b.blocks)
+    assert not [p.name for p in out.parent.iterdir() if "osscar-tmp" in p.name]
+
+
+def test_one_block_at_a_time(tmp_path, tokenizer, calibration_texts, monkeypatch):
+    """While block i is pruned, it is the only block with real weights, and nothing outside the blocks is."""
+    from osscar_hf import capture as capture_module
+
+    source = _checkpoint(tmp_path / "dense", "llama-gqa", {"num_hidden_layers": 3}, {"max_shard_size": "20KB"},
+                         tokenizer)
+    spec = get_spec(make_model("llama-gqa").config)
+    models: list[torch.nn.Module] = []
+    real_capture, real_prune = capture_module.capture_block_inputs, BlockStream.prune
+
+    def capture(model, *args, **kwargs):
+        models.append(model)
+        return real_capture(model, *args, **kwargs)
+
+    materialised: list[list[int]] = []
+    outside: list[bool] = []
+
+    def prune(self, index, block):
+        model = models[0]
+        blocks = model.get_submodule(spec.blocks)
+        materialised.append([i for i, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())])
+        outside.append(any(p.device.type != "meta" for n, p in model.named_parameters()
+                           if not n.startswith(spec.blocks + ".")))
+        return real_prune(self, index, block)
+
+    monkeypatch.setattr(capture_module, "capture_block_inputs", capture)
+    monkeypatch.setattr(BlockStream, "prune", prune)
+    OsscarPruner(_config(calibration_texts, (0.5, 0.5))).prune_checkpoint(source, tmp_path / "out", progress=False)
+    assert materialised == [[0], [1], [2]]
+    assert outside == [False, False, False]
+    assert all(p.device.type == "meta" for p in models[0].parameters())
+
+
+# --------------------------------------------------------------------------- errors and refusals
+@pytest.fixture
+def sharded(tmp_path, tokenizer) -> Path:
+    return _checkpoint(tmp_path / "dense", "opt", {}, {"max_shard_size": "20KB"}, tokenizer)
+
+
+def _prune(calibration_texts, source, out, **kwargs) -> Path:
+    return OsscarPruner(_config(calibration_texts, (0.5, 0.5))).prune_checkpoint(source, out, progress=False, **kwargs)
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def test_missing_shard_names_the_file(sharded, tmp_path, calibration_texts):
+    victim = _shards(sharded)[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name) as info:
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    assert isinstance(info.value, OsscarError) and "does not exist" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["dense"]  # nothing written, no temporary folder left
+
+
+def test_truncated_shard_names_the_file(sharded, tmp_path, calibration_texts):
+    victim = _shards(sharded)[-1]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=rf"{victim.name}.*(truncated|corrupt)"):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["dense"]
+
+
+def test_truncated_single_file_names_the_file(tmp_path, tokenizer, calibration_texts):
+    source = _checkpoint(tmp_path / "dense", "opt", {}, {}, tokenizer)
+    victim = source / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        _prune(calibration_texts, source, tmp_path / "out")
+
+
+def test_a_shard_that_does_not_fit_the_config(sharded, tmp_path, calibration_texts):
+    config = json.loads((sharded / "config.json").read_text())
+    config["ffn_dim"] = 40
+    (sharded / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"fc1\.(weight|bias). in .*model-\d+-of-\d+\.safetensors has shape \[48"):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["dense"]
+
+
+def test_missing_weights_and_no_safetensors(sharded, tmp_path, calibration_texts):
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    del index["weight_map"]["model.decoder.layers.1.fc1.weight"]
+    (sharded / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.fc1\.weight"):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    for shard in _shards(sharded):
+        shard.unlink()
+    (sharded / INDEX_NAME).unlink()
+    with pytest.raises(CheckpointError, match="safetensors"):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+
+
+def test_refusals(sharded, tmp_path, calibration_texts):
+    with pytest.raises(SaveError, match="dense checkpoint's own folder"):
+        _prune(calibration_texts, sharded, sharded, overwrite=True)
+    with pytest.raises(SaveError, match="inside it"):
+        _prune(calibration_texts, sharded, tmp_path, overwrite=True)
+    with pytest.raises(CheckpointError, match="download it first"):
+        _prune(calibration_texts, "facebook/opt-125m", tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(SaveError, match="not empty"):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    # An already pruned (osscar-format) checkpoint is refused before anything is written.
+    pruned = _prune(calibration_texts, sharded, tmp_path / "out", overwrite=True)
+    assert not (pruned / "keep.txt").exists() and (pruned / "config.json").is_file()
+    with pytest.raises(UnsupportedModelError, match="already pruned"):
+        _prune(calibration_texts, pruned, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_nothing_to_prune_copies_the_tensors(sharded, tmp_path, calibration_texts):
+    out = OsscarPruner(OsscarConfig(dataset=calibration_texts, **SMALL)).prune_checkpoint(
+        sharded, tmp_path / "out", progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    copy = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(dense) == set(copy) and all(torch.equal(dense[k], copy[k]) for k in dense)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------- resuming an interrupted run
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / INDEX_NAME).read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+_REAL_PRUNE = BlockStream.prune
+
+
+def _interrupt_at(monkeypatch, block: int, calls: list[int]) -> None:
+    """Make the run stop (as on Ctrl-C) when block ``block`` is about to be solved; record solved blocks."""
+    real = _REAL_PRUNE
+
+    def prune(self, index, module):
+        if index == block:
+            raise KeyboardInterrupt
+        calls.append(index)
+        return real(self, index, module)
+
+    monkeypatch.setattr(BlockStream, "prune", prune)
+
+
+@pytest.mark.parametrize("loop", [{}, {"dense_targets": True}, {"propagate": False}],
+                         ids=["propagate", "dense-targets", "no-propagate"])
+def test_an_interrupted_run_resumes_with_identical_output(tmp_path, tokenizer, calibration_texts, monkeypatch, loop):
+    source = _checkpoint(tmp_path / "dense", "llama-gqa", {"num_hidden_layers": 3}, {"max_shard_size": "20KB"},
+                         tokenizer)
+    config = OsscarConfig(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL, **loop)
+    reference = OsscarPruner(config).prune_checkpoint(source, tmp_path / "reference", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    OsscarPruner(config).prune(model, tokenizer, progress=False)
+    expected = model.state_dict()
+    got = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    target = tmp_path / "out"
+    calls: list[int] = []
+    _interrupt_at(monkeypatch, 2, calls)
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    partial = partial_folder(target.absolute())
+    assert not target.exists() and (partial / PROGRESS_NAME).is_file()
+    assert len(json.loads((partial / PROGRESS_NAME).read_text())["blocks"]) == 2
+
+    calls.clear()
+    _interrupt_at(monkeypatch, -1, calls)
+    pruner = OsscarPruner(config)
+    assert pruner.prune_checkpoint(source, target, progress=False) == target.absolute()
+    assert calls == [2]  # blocks 0 and 1 were not solved again
+    assert not partial.exists() and not (target / PROGRESS_NAME).exists()
+    a, b = _tensors(reference), _tensors(target)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (target / "config.json").read_text() == (reference / "config.json").read_text()
+    assert (target / INDEX_NAME).read_text() == (reference / INDEX_NAME).read_text()
+    assert [blk.mlp.kept_indices for blk in pruner.report.blocks] == [
+        blk["mlp"]["kept_indices"] for blk in json.loads((reference / REPORT_NAME).read_text())["blocks"]]
+
+
+def test_resume_refuses_other_settings_and_redoes_a_damaged_block(tmp_path, tokenizer, calibration_texts, monkeypatch):
+    source = _checkpoint(tmp_path / "dense", "opt", {"num_hidden_layers": 3}, {"max_shard_size": "20KB"}, tokenizer)
+    config = _config(calibration_texts, (0.5, 0.5))
+    target = tmp_path / "out"
+    partial = partial_folder(target.absolute())
+    calls: list[int] = []
+    _interrupt_at(monkeypatch, 2, calls)
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    before = sorted(p.name for p in partial.iterdir())
+    # Other settings, or a source file that changed: refused, the partial run is left as it was.
+    with pytest.raises(ResumeError, match=r"mlp_sparsity: 0\.5 -> 0\.25.*resume=False"):
+        OsscarPruner(_config(calibration_texts, (0.5, 0.25))).prune_checkpoint(source, target, progress=False)
+    os.utime(source / "config.json", ns=(1, 1))
+    with pytest.raises(ResumeError, match="config.json"):
+        OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    assert sorted(p.name for p in partial.iterdir()) == before and not target.exists()
+    # resume=False starts over (every block solved again).
+    calls.clear()
+    _interrupt_at(monkeypatch, 2, calls)
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(source, target, progress=False, resume=False)
+    assert calls == [0, 1]
+    # A finished block whose shard was damaged afterwards is pruned again; the result is unchanged.
+    progress = json.loads((partial / PROGRESS_NAME).read_text())
+    damaged = partial / progress["blocks"][1]["shard"]
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    calls.clear()
+    _interrupt_at(monkeypatch, -1, calls)
+    out = OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    assert calls == [1, 2]
+    reference = OsscarPruner(config).prune_checkpoint(source, tmp_path / "reference", progress=False)
+    a, b = _tensors(reference), _tensors(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failure_before_any_block_leaves_nothing(sharded, tmp_path, calibration_texts, monkeypatch):
+    calls: list[int] = []
+    _interrupt_at(monkeypatch, 0, calls)
+    with pytest.raises(KeyboardInterrupt):
+        _prune(calibration_texts, sharded, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["dense"]
