@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,7 +44,15 @@ import torch.nn as nn
 
 from .arch import get_spec, get_submodule
 from .errors import OsscarError, UnsupportedModelError
-from .io.save import CONFIG_NAME, SaveError, _fsync_tree, _rewrite_config, resolve_format
+from .io.save import (
+    CONFIG_NAME,
+    SaveError,
+    _fsync_tree,
+    _rewrite_config,
+    check_output_folder,
+    move_into_place,
+    resolve_format,
+)
 from .io.shapes import osscar_quantization_config
 from .surgery import resize_block
 
@@ -305,40 +312,15 @@ def _check_target(source: Path, target: Path, overwrite: bool) -> None:
     if os.path.realpath(source).startswith(os.path.realpath(target) + os.sep):
         raise SaveError(f"refusing to write the pruned checkpoint into {str(target)!r}: the dense checkpoint "
                         f"{str(source)!r} is inside it")
-    if target.exists():
-        if not target.is_dir():
-            raise SaveError(f"{str(target)!r} exists and is not a folder")
-        entries = sorted(p.name for p in target.iterdir())
-        if entries and not overwrite:
-            raise SaveError(
-                f"refusing to save into {str(target)!r}: the folder is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
-            )
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    old: Path | None = None
-    try:
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.osscar-old-", dir=target.parent))
-            os.replace(target, old / "previous")
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None and (old / "previous").exists() and not target.exists():
-            os.replace(old / "previous", target)  # put the previous folder back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    check_output_folder(target, overwrite)
 
 
 def _write_card(model: nn.Module, pruner: OsscarPruner, folder: Path) -> None:
     """The osscar model card (README.md), as a model pruned in memory and saved would have it."""
-    from .io import save
+    from .io.save import attach_run, write_model_card
 
-    if hasattr(save, "attach_run") and hasattr(save, "write_model_card"):
-        save.attach_run(model, pruner.report, pruner.config)
-        save.write_model_card(model, folder)
+    attach_run(model, pruner.report, pruner.config)
+    write_model_card(model, folder)
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
@@ -557,7 +539,7 @@ def prune_checkpoint(
             _write_card(model, pruner, tmp)
         (tmp / PROGRESS_NAME).unlink()
         _fsync_tree(tmp)
-        _move_into_place(tmp, target)
+        move_into_place(tmp, target)
     except BaseException:
         if any(tmp.glob("model-*.safetensors")) and (tmp / PROGRESS_NAME).is_file():
             logger.error("pruning stopped after %d of %d blocks; the finished blocks are kept in %s: run "

@@ -240,6 +240,37 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def check_output_folder(target: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``."""
+    if target.exists():
+        if not target.is_dir():
+            raise SaveError(f"{str(target)!r} exists and is not a folder")
+        entries = sorted(p.name for p in target.iterdir())
+        if entries and not overwrite:
+            raise SaveError(
+                f"refusing to save into {str(target)!r}: the folder is not empty ({', '.join(entries[:5])}"
+                f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
+            )
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing a previous ``target`` as a whole; if that
+    fails, the previous folder is put back."""
+    old: Path | None = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.osscar-old-", dir=target.parent))
+            os.replace(target, old / "previous")
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None and (old / "previous").exists() and not target.exists():
+            os.replace(old / "previous", target)  # put the previous folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_pruned(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -268,20 +299,11 @@ def save_pruned(
     target = Path(save_directory).absolute()
     check_not_dense_source(model, target)
     fmt = resolve_format(model, format)
-    if target.exists():
-        if not target.is_dir():
-            raise SaveError(f"{str(target)!r} exists and is not a folder")
-        entries = sorted(p.name for p in target.iterdir())
-        if entries and not overwrite:
-            raise SaveError(
-                f"refusing to save into {str(target)!r}: the folder is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
-            )
+    check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0o700 would become the checkpoint folder's mode; mkdir gives the usual umask mode.
     tmp = target.parent / f".{target.name}.osscar-tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
-    old: Path | None = None
     try:
         type(model).save_pretrained(model, tmp, **save_kwargs)
         _rewrite_config(tmp, model, fmt)
@@ -292,18 +314,9 @@ def save_pruned(
         if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
             raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
         _fsync_tree(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.osscar-old-", dir=target.parent))
-            os.replace(target, old / "previous")
-        os.replace(tmp, target)
+        move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not target.exists():
-            os.replace(old / "previous", target)  # put the previous folder back
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     logger.info("saved the pruned model to %s (%s format)", target, fmt)
     return target
