@@ -36,6 +36,8 @@ _LAZY = {
     "push_pruned": "osscar_hf.hub",
     "pruning_record": "osscar_hf.io.save",
     "SaveError": "osscar_hf.io.save",
+    "CheckpointError": "osscar_hf.streaming",
+    "ResumeError": "osscar_hf.streaming",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -251,22 +251,6 @@ def _chmod_like_mkdir(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
 
 
-def _replace_folder(staged: Path, output: Path) -> None:
-    """Move the fully written ``staged`` folder to ``output``, replacing what is there only at the end."""
-    if not output.exists():
-        os.replace(staged, output)
-        return
-    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-    os.rmdir(old)
-    os.replace(output, old)
-    try:
-        os.replace(staged, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _card_eval_results(dataset: str, dense: Any, pruned: Any, max_windows: int | None) -> dict[str, Any]:
     """``eval_results`` for :func:`osscar_hf.card.build_model_card` from the two measurements."""
     from osscar_hf.metrics import is_wikitext2
@@ -344,6 +328,9 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token", default=None,
                         help="with --push-to-hub: Hub token (default: $HF_TOKEN or the saved login)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.add_argument("--stream", action="store_true",
+                        help="prune a local safetensors checkpoint block by block without loading the whole model; "
+                             "rerunning the same command after an interruption resumes it")
     parser.set_defaults(handler=run_prune_command)
 
 
@@ -351,6 +338,7 @@ def run_prune_command(args: argparse.Namespace) -> int:
     from osscar_hf.card import CardError, build_model_card
     from osscar_hf.config import OsscarConfig
     from osscar_hf.io import save_pruned
+    from osscar_hf.io.save import move_into_place
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
     from osscar_hf.pruner import OsscarPruner
 
@@ -364,6 +352,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
         text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         device=args.device, batch_size=args.batch_size,
     )
+    if args.stream:
+        return _prune_streaming(args, config, output)
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
     resolve_device(args.device)
 
@@ -402,10 +392,15 @@ def run_prune_command(args: argparse.Namespace) -> int:
         else:
             card.save(staged / CARD_FILENAME)
         _chmod_like_mkdir(staged)
-        _replace_folder(staged, output)
+        move_into_place(staged, output)
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
+    return _finish_prune(args, report, output)
+
+
+def _finish_prune(args: argparse.Namespace, report: Any, output: Path) -> int:
+    """Print the summary of a finished prune and push the folder when asked."""
     print(f"parameters {report.parameters_before:,} -> {report.parameters_after:,} "
           f"({report.parameters_after / report.parameters_before:.1%}), pruned in {report.total_seconds:.1f} s")
     print(f"wrote {output}")
@@ -418,6 +413,21 @@ def run_prune_command(args: argparse.Namespace) -> int:
             ) from exc
         print(f"pushed to {_commit_url(url, args.push_to_hub)}")
     return 0
+
+
+def _prune_streaming(args: argparse.Namespace, config: Any, output: Path) -> int:
+    """``prune --stream``: OsscarPruner.prune_checkpoint on a local folder (resumes an interrupted run)."""
+    from osscar_hf.pruner import OsscarPruner
+
+    if args.eval:
+        raise CommandError("--eval needs the dense model in memory and cannot be combined with --stream; "
+                           f"measure the output afterwards with: {PROG} eval {output} --dataset {args.eval}")
+    if not Path(args.model).expanduser().is_dir():
+        raise CommandError(f"--stream needs a local checkpoint folder, got {args.model!r}: download it first "
+                           "(huggingface_hub.snapshot_download or `hf download`)")
+    pruner = OsscarPruner(config)
+    pruner.prune_checkpoint(Path(args.model).expanduser(), output, overwrite=args.overwrite)
+    return _finish_prune(args, pruner.report, output)
 
 
 # --------------------------------------------------------------------------- eval

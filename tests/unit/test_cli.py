@@ -388,3 +388,24 @@ def test_missing_local_model_folder_fails_fast(tmp_path, capsys, command) -> Non
               str(tmp_path / "out")])
     assert _run([command, missing, *extra]) == 1
     assert _one_error_line(capsys.readouterr().err) == f"osscar-hf: error: model folder {missing} does not exist"
+
+
+def test_prune_stream_writes_the_same_model_as_in_memory(workdir, tmp_path, capsys) -> None:
+    calib = ["--dataset", str(workdir / "calib.txt")]
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "mem")]) == 0
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "streamed"),
+                 "--stream"]) == 0
+    assert f"wrote {tmp_path / 'streamed'}" in capsys.readouterr().out
+    for name in ("config.json", "osscar_report.json", "README.md", "tokenizer.json"):
+        assert (tmp_path / "streamed" / name).is_file(), name
+    mem, _ = load_model_and_tokenizer(tmp_path / "mem", device="cpu")
+    streamed, _ = load_model_and_tokenizer(tmp_path / "streamed", device="cpu")
+    a, b = mem.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_stream_refuses_eval(workdir, tmp_path, capsys) -> None:
+    base = [*PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"), "--output", str(tmp_path / "o"), "--stream"]
+    assert _run(["prune", str(workdir / "src"), *base, "--eval", str(workdir / "eval.txt")]) == 1
+    assert "cannot be combined with --stream" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
