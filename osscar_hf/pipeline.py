@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .arch.spec import ArchSpec, get_submodule
 from .capture import CapturedInputs, call_block, move_to
-from .report import BlockReport, ConsumerReport
+from .report import BlockReport, ConsumerReport, peak_host_rss_bytes
 from .solver import LayerSolution, accumulate_cross_gram, accumulate_gram, new_gram, solve_layer
 from .surgery import group_channels, prune_attention, prune_mlp
 
@@ -270,6 +270,7 @@ class BlockStream:
             mlp=_consumer_report(settings.num_neurons, mlp_solution, mlp_seconds),
             seconds=time.perf_counter() - start,
             peak_device_memory_bytes=peak,
+            peak_host_rss_bytes=peak_host_rss_bytes(),
         )
 
     def replay(self, index: int, block: nn.Module, *, pruned: bool) -> None:

@@ -2,6 +2,7 @@
 masked dense model with the refit weights computes, and whose choices are reproducible."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -144,6 +145,9 @@ def test_report_json_round_trip(tmp_path, tokenizer, calibration_texts):
     assert data["model_type"] == "opt" and len(data["blocks"]) == 2
     assert data["blocks"][0]["attention"]["kept_indices"] == pruner.report.blocks[0].attention.kept_indices
     assert data["calibration"] == {"num_samples": 8, "seq_len": 32, "tokens": 256}
+    if sys.platform.startswith("linux"):
+        rss = [b["peak_host_rss_bytes"] for b in data["blocks"]]
+        assert rss[0] > 10 * 2**20 and rss == sorted(rss)  # a process peak: at least the interpreter, never falls
     assert not list(tmp_path.glob("sub/.*.tmp"))
 
 
