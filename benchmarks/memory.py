@@ -1,0 +1,207 @@
+"""Peak host memory of streaming pruning (OsscarPruner.prune_checkpoint) on a checkpoint larger than it.
+
+    python benchmarks/memory.py [--layers 32 --hidden 2560 --ffn 10240 --heads 32] [--workdir DIR]
+
+1. Writes a random OPT checkpoint with OPT-2.7B shapes (bfloat16, one shard per block, about 5.3 GB)
+   without ever holding more than one block of it in memory.
+2. Prunes it with ``prune_checkpoint`` in a fresh child process and reads that process's peak RSS.
+3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
+   activations (block inputs and next inputs), the two Gram matrices, and the solver's working set for
+   the largest consumer (about 3 p^2 + p q values in the solver dtype: the swept system, the Cholesky
+   factor and the inverse), on top of the interpreter with torch and transformers imported.
+
+Prints a table and writes benchmarks/results/memory.md and memory.json. Random weights are fine here:
+memory and time do not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 2**30
+
+
+def make_checkpoint(folder: Path, args: argparse.Namespace) -> int:
+    """Write the random checkpoint shard by shard; return its size in bytes."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    config = OPTConfig(hidden_size=args.hidden, ffn_dim=args.ffn, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, vocab_size=args.vocab, word_embed_proj_dim=args.hidden,
+                       max_position_embeddings=2048, dtype="bfloat16")
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k != "lm_head.weight"}  # tied
+    groups: dict[str, list[str]] = {}
+    for key in shapes:
+        parts = key.split(".")
+        group = f"block{int(parts[3]):03d}" if key.startswith("model.decoder.layers.") else "other"
+        groups.setdefault(group, []).append(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    names = sorted(groups)
+    for i, group in enumerate(names, 1):
+        tensors = {}
+        for key in groups[group]:
+            if key.endswith("layer_norm.weight"):
+                t = torch.ones(shapes[key])
+            elif key.endswith("bias"):
+                t = torch.zeros(shapes[key])
+            else:
+                t = torch.randn(shapes[key], generator=generator) * 0.02
+            tensors[key] = t.to(torch.bfloat16)
+        name = f"model-{i:05d}-of-{len(names):05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(folder)
+    return total
+
+
+def _memory_status() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process in bytes, from /proc (Linux).
+
+    Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a child started by a big parent would report
+    the parent's peak. ``VmHWM`` belongs to the process's own address space.
+    """
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run in a fresh process: prune the checkpoint streaming and print measurements as JSON."""
+    import torch
+
+    import osscar_hf  # noqa: F401
+    from osscar_hf import OsscarConfig, OsscarPruner
+
+    import transformers  # noqa: F401  (what the pruning needs anyway, so the baseline includes it)
+
+    baseline, _ = _memory_status()
+    ids = torch.randint(2, args.vocab, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    config = OsscarConfig(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=ids,
+                          num_samples=args.num_samples, seq_len=args.seq_len, solver_dtype=args.solver_dtype,
+                          device="cpu", batch_size=args.batch_size)
+    pruner = OsscarPruner(config)
+    start = time.perf_counter()
+    pruner.prune_checkpoint(args.checkpoint, args.output, overwrite=True, progress=False)
+    seconds = time.perf_counter() - start
+    _, peak = _memory_status()
+    print(json.dumps({
+        "baseline_rss": baseline, "peak_rss": peak, "seconds": seconds,
+        "block_seconds": [b.seconds for b in pruner.report.blocks],
+        "parameters_before": pruner.report.parameters_before, "parameters_after": pruner.report.parameters_after,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=2560)
+    parser.add_argument("--ffn", type=int, default=10240)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=50272)
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--attention-sparsity", type=float, default=0.25)
+    parser.add_argument("--mlp-sparsity", type=float, default=0.25)
+    parser.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "osscar-memory-benchmark")
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and output")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    source, output = args.workdir / "dense", args.workdir / "pruned"
+    started = time.perf_counter()
+    if (source / "model.safetensors.index.json").exists():
+        size = json.loads((source / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        print(f"reusing the checkpoint in {source} ({size / GIB:.2f} GiB)")
+    else:
+        size = make_checkpoint(source, args)
+        print(f"wrote a random OPT checkpoint of {size / GIB:.2f} GiB to {source} in "
+              f"{time.perf_counter() - started:.0f} s")
+    command = [sys.executable, __file__, "--child", "--checkpoint", str(source), "--output", str(output),
+               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("child", "checkpoint", "output", "workdir", "keep")]]
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if run.returncode != 0:
+        sys.exit(f"the pruning process failed:\n{run.stderr[-4000:]}")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+
+    h, f, s = args.hidden, args.ffn, 2  # bfloat16 bytes
+    solver_bytes = {"float32": 4, "float64": 8}[args.solver_dtype]
+    block = (4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h) * s
+    activations = 2 * args.num_samples * args.seq_len * h * s  # this block's inputs and the next block's
+    grams = (f * f + h * h) * 4
+    solver = (3 * f * f + f * h) * solver_bytes
+    bound = block + activations + grams
+    peak_over_baseline = result["peak_rss"] - result["baseline_rss"]
+    rows = [
+        ("checkpoint size", size),
+        ("largest block", block),
+        ("calibration activations (inputs + next inputs)", activations),
+        ("Gram matrices (fc2 + out_proj, fp32)", grams),
+        ("bound: block + activations + Grams", bound),
+        (f"solver working set for fc2 (3p^2 + pq, {args.solver_dtype})", solver),
+        ("bound + solver working set", bound + solver),
+        ("interpreter with torch + transformers (RSS before pruning)", result["baseline_rss"]),
+        ("peak RSS of the pruning process", result["peak_rss"]),
+        ("peak RSS above the interpreter", peak_over_baseline),
+    ]
+    lines = [
+        "# Streaming pruning: peak host memory",
+        "",
+        f"Random OPT checkpoint: {args.layers} layers, hidden {h}, FFN {f}, {args.heads} heads, vocab {args.vocab}, "
+        f"bfloat16, one shard per block. `prune_checkpoint` on the CPU, attention sparsity {args.attention_sparsity}, "
+        f"MLP sparsity {args.mlp_sparsity}, {args.num_samples} calibration windows of {args.seq_len} tokens, solver "
+        f"{args.solver_dtype}. Peak RSS is the pruning process's own `VmHWM` (Linux /proc). Machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs.",
+        "",
+        "| quantity | GiB |",
+        "|---|---:|",
+        *[f"| {name} | {value / GIB:.2f} |" for name, value in rows],
+        "",
+        f"Peak RSS above the interpreter / (bound + solver working set): "
+        f"{peak_over_baseline / (bound + solver):.2f}x; peak RSS / checkpoint size: {result['peak_rss'] / size:.2f}x.",
+        f"Pruning took {result['seconds']:.0f} s ({len(result['block_seconds'])} blocks, median "
+        f"{sorted(result['block_seconds'])[len(result['block_seconds']) // 2]:.1f} s per block); parameters "
+        f"{result['parameters_before']:,} -> {result['parameters_after']:,}.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "memory.md").write_text(text)
+    (RESULTS / "memory.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                     "sizes": dict(rows), **result}, indent=1) + "\n")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
