@@ -32,12 +32,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from . import __version__
 from .config import OsscarConfig
 from .errors import OsscarError
+from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
 from .report import PruneReport
 
-__all__ = ["CardError", "TAGS", "build_model_card", "template_path"]
+__all__ = ["CHECKPOINT_FORMATS", "TAGS", "CardError", "build_model_card", "template_path"]
 
 TAGS = ["osscar", "pruned", "structured-pruning"]
 TEMPLATE_NAME = "osscar_model_card.md"
+#: Values of ``build_model_card(checkpoint_format=...)``: the formats ``osscar_hf.save_pruned`` writes.
+CHECKPOINT_FORMATS = ("stock", "osscar", "remote_code")
 
 #: Keys accepted in ``eval_results`` and their defaults (WikiText-2 test, as ``evaluate_perplexity`` measures).
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -86,6 +89,7 @@ def build_model_card(
     license: str | None = None,
     language: str | list[str] | None = None,
     template: str | os.PathLike | None = None,
+    checkpoint_format: str | None = None,
 ) -> ModelCard:
     """Build the model card of a model pruned by :class:`~osscar_hf.OsscarPruner`.
 
@@ -103,6 +107,9 @@ def build_model_card(
         tokenizer_id: where to load the tokenizer from in the snippet (default ``repo_id``).
         license, language: card metadata, passed through.
         template: another Jinja template file to render instead of the packaged one.
+        checkpoint_format: how the checkpoint is saved, which decides the loading instructions:
+            ``"remote_code"`` (``trust_remote_code=True``, no osscar_hf needed); ``"stock"``, ``"osscar"``
+            or ``None`` (unknown) give the instructions that work for both of those (``import osscar_hf``).
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(path)`` or ``card.push_to_hub(repo_id)`` write it.
@@ -114,6 +121,10 @@ def build_model_card(
     _check_consistent(report, config)
     if not report.blocks:
         raise CardError("the report lists no blocks: was the model pruned?")
+    if checkpoint_format is not None and checkpoint_format not in CHECKPOINT_FORMATS:
+        raise CardError(
+            f"checkpoint_format must be None or one of {list(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}"
+        )
 
     repo_name = repo_id.split("/")[-1] if repo_id else None
     base_name = base_model.split("/")[-1] if base_model else None
@@ -144,6 +155,9 @@ def build_model_card(
         origin=(f"[{base_model}](https://huggingface.co/{base_model})" if base_model
                 else f"a `{report.model_type}` model"),
         model_type=report.model_type,
+        checkpoint_format=checkpoint_format,
+        remote_model_type=remote_model_type(report.model_type),
+        remote_code_files=list(REMOTE_CODE_FILES),
         repo_id=repo_id or "path/or/repo-id/of/this/model",
         tokenizer_id=tokenizer_id or repo_id or base_model or "path/or/repo-id/of/the/tokenizer",
         attention_unit="heads (or KV groups)",
@@ -225,8 +239,10 @@ def _describe_calibration(dataset: Any, report: PruneReport, config: OsscarConfi
 
 
 def _config_for_card(config: OsscarConfig, report: PruneReport) -> tuple[dict[str, Any], bool]:
-    """``config.to_dict()``; in-memory calibration data (texts, token ids) is replaced by a description."""
-    data = config.to_dict()
+    """``config.to_dict()`` without the fields that never change the result (where activations were kept, a
+    machine's paths); in-memory calibration data (texts, token ids) is replaced by a description."""
+    neutral = set(getattr(type(config), "RESULT_NEUTRAL_FIELDS", ()))
+    data = {key: value for key, value in config.to_dict().items() if key not in neutral}
     dataset = data.get("dataset")
     if dataset is None or isinstance(dataset, str):
         return data, False

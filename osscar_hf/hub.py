@@ -5,7 +5,9 @@
     push_pruned("pruned/", "me/model-osscar", card=card)                      # or a saved folder
 
 Everything goes up in **one commit**: the weights, ``config.json``, ``generation_config.json``, the
-tokenizer files when given, and the card as ``README.md``. ``PreTrainedModel.push_to_hub`` is not used
+tokenizer files when given, and the card as ``README.md``; a saved folder is uploaded with every file in
+it, so a remote-code checkpoint (``save_pruned(..., format="remote_code")``) keeps its
+``configuration_osscar.py`` and ``modeling_osscar.py``. ``PreTrainedModel.push_to_hub`` is not used
 because it writes transformers' generic card over ours; an in-memory model is saved with
 ``save_pretrained`` into a temporary folder (what ``push_to_hub`` does too) and that folder is committed.
 Weight files left on the branch by an earlier push (``*.safetensors``, ``*.bin`` and their shard

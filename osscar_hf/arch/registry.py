@@ -58,6 +58,11 @@ def get_spec(model_or_config: Any) -> ArchSpec:
     """The spec for a model (or its config), by ``config.model_type``."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY and getattr(config, "osscar_base_model_type", None) is not None:
+        raise UnsupportedModelError(
+            f"this model (model_type {model_type!r}) was already pruned by osscar_hf and saved in the remote-code "
+            "format; prune the dense model instead"
+        )
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
             f"osscar_hf does not support model_type {model_type!r}; supported model types: "

@@ -2,8 +2,10 @@
 
     from osscar_hf.io import save_pruned
     save_pruned(pruned, "out", tokenizer=tok)          # stock checkpoint when expressible, else osscar format
+    save_pruned(pruned, "out", format="remote_code")   # loads with trust_remote_code=True, no osscar_hf needed
 
-See :mod:`osscar_hf.io.save` (formats, safety rules) and :mod:`osscar_hf.io.shapes` (per-block shapes).
+See :mod:`osscar_hf.io.save` (formats, safety rules), :mod:`osscar_hf.io.shapes` (per-block shapes) and
+:mod:`osscar_hf.io.remote_code` (the remote-code format).
 """
 
 from .save import FORMATS, SaveError, pruning_record, resolve_format, save_pruned

@@ -1,4 +1,5 @@
-"""Saving pruned models: stock checkpoints when the stock config can say it, the osscar format otherwise.
+"""Saving pruned models: stock checkpoints when the stock config can say it, the osscar format otherwise, or
+(on request) the remote-code format, which loads with ``trust_remote_code=True`` and no osscar_hf.
 
 :func:`save_pruned` is the library-level save: it refuses the dense model's own folder and a non-empty
 folder (unless ``overwrite=True``), writes into a temporary folder beside the target and renames it into
@@ -21,10 +22,22 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..arch import get_spec
 from ..config import OsscarConfig
 from ..errors import OsscarError
-from .shapes import config_block_shape, osscar_quantization_config, read_block_shapes, stock_config_expresses
+from .remote_code import (
+    base_model_type,
+    remote_code_config,
+    remote_code_names,
+    strip_remote_code,
+    write_remote_code_files,
+)
+from .shapes import (
+    config_block_shape,
+    osscar_quantization_config,
+    read_block_shapes,
+    spec_of,
+    stock_config_expresses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +46,7 @@ __all__ = [
     "write_model_card",
 ]
 
-FORMATS = ("auto", "stock", "osscar")
+FORMATS = ("auto", "stock", "osscar", "remote_code")
 CONFIG_NAME = "config.json"
 
 
@@ -46,10 +59,17 @@ def pruning_record(model: nn.Module) -> OsscarConfig | None:
     """The :class:`OsscarConfig` (with ``block_shapes``) describing how ``model`` was pruned, or ``None``.
 
     Read from ``model.config.quantization_config`` (checkpoints in the osscar format, and in-memory models
-    whose shapes the stock config cannot express) or from the record the pruner leaves on the model.
+    whose shapes the stock config cannot express), from the record the pruner leaves on the model, or from
+    ``config.osscar_pruning`` and ``config.osscar_block_shapes`` (models loaded from a remote-code checkpoint).
     """
     record = osscar_quantization_config(model.config)
-    return record if record is not None else getattr(model, "_osscar_config", None)
+    if record is None:
+        record = getattr(model, "_osscar_config", None)
+    pruning = getattr(model.config, "osscar_pruning", None)
+    if record is None and isinstance(pruning, dict):
+        shapes = getattr(model.config, "osscar_block_shapes", None)
+        record = OsscarConfig.from_dict({**pruning, "block_shapes": shapes})
+    return record
 
 
 def _dense_source(config: Any) -> str | None:
@@ -133,8 +153,12 @@ def attach_run(model: nn.Module, report: Any, config: OsscarConfig) -> None:
         model.push_to_hub = _PushWithCard(model)
 
 
-def model_card(model: nn.Module) -> Any:
-    """The osscar model card of a model pruned in this process (``None`` for other models)."""
+def model_card(model: nn.Module, checkpoint_format: str | None = None) -> Any:
+    """The osscar model card of a model pruned in this process (``None`` for other models).
+
+    ``checkpoint_format``: ``"stock"``, ``"osscar"`` or ``"remote_code"`` when known (it picks the loading
+    instructions), see :func:`osscar_hf.card.build_model_card`.
+    """
     report = getattr(model, "_osscar_report", None)
     if report is None:
         return None
@@ -142,16 +166,19 @@ def model_card(model: nn.Module) -> Any:
 
     name = getattr(model.config, "_name_or_path", "") or ""
     base_model = name if name and not os.path.exists(name) else None  # a Hub id, not a local folder
-    return build_model_card(report, base_model=base_model, config=model._osscar_run_config)
+    return build_model_card(report, base_model=base_model, config=model._osscar_run_config,
+                            checkpoint_format=checkpoint_format)
 
 
 _CARD_MARKER = "- structured-pruning"
 
 
-def write_model_card(model: nn.Module, folder: str | os.PathLike) -> Path | None:
+def write_model_card(
+    model: nn.Module, folder: str | os.PathLike, checkpoint_format: str | None = None
+) -> Path | None:
     """Write ``model``'s card as ``folder/README.md`` (atomically); a README that osscar_hf did not write
-    is left alone."""
-    card = model_card(model)
+    is left alone. ``checkpoint_format``: see :func:`model_card`."""
+    card = model_card(model, checkpoint_format)
     if card is None:
         return None
     path = Path(folder) / "README.md"
@@ -176,8 +203,9 @@ def _why_not_stock(model: nn.Module, shapes: list[dict[str, int]]) -> str:
     shape = shapes[0]
     reason = f"every block has {shape} but a stock model built from the config would have {implied}"
     if shape["num_key_value_heads"] != implied["num_key_value_heads"]:
-        if not get_spec(model).config_has_head_dim:
-            reason += f" ({model.config.model_type} derives head_dim from hidden_size // num_attention_heads)"
+        if not spec_of(model).config_has_head_dim:
+            family = base_model_type(model.config)
+            reason += f" ({family} derives head_dim from hidden_size // num_attention_heads)"
         elif shape["num_attention_heads"] == 0:
             reason += " (no stock attention has zero heads)"
         else:
@@ -189,38 +217,53 @@ def _why_not_stock(model: nn.Module, shapes: list[dict[str, int]]) -> str:
 
 
 def resolve_format(model: nn.Module, format: str = "auto") -> str:
-    """``"stock"`` or ``"osscar"``: the format :func:`save_pruned` writes for ``model`` and ``format``."""
+    """``"stock"``, ``"osscar"`` or ``"remote_code"``: the format :func:`save_pruned` writes for ``model`` and
+    ``format`` (``"auto"`` picks stock or osscar); ``SaveError`` says why a format cannot be written."""
     if format not in FORMATS:
         raise SaveError(f"format must be one of {list(FORMATS)}, got {format!r}")
     shapes = read_block_shapes(model)
+    if format == "remote_code":
+        remote_code_names(base_model_type(model.config))  # transformers has the family's classes
+        return format
     expressible = stock_config_expresses(model.config, shapes)
     if format == "stock" and not expressible:
         raise SaveError(
-            f"cannot save a stock checkpoint: {_why_not_stock(model, shapes)}. Use format='osscar' (or 'auto'); "
-            "loading it then needs `import osscar_hf`"
+            f"cannot save a stock checkpoint: {_why_not_stock(model, shapes)}. Use format='osscar' (or 'auto'; "
+            "loading it then needs `import osscar_hf`) or format='remote_code' (loads with trust_remote_code=True)"
         )
-    if format == "osscar" and pruning_record(model) is None:
+    resolved = ("stock" if expressible else "osscar") if format == "auto" else format
+    if resolved == "osscar" and pruning_record(model) is None:
+        asked = "format='osscar'" if format == "osscar" else "format='auto' picks the osscar format here, which"
         raise SaveError(
-            "format='osscar' needs the record of an osscar_hf pruning (model.config.quantization_config or the "
-            "pruner's record), and this model has none: save it with format='stock'"
+            f"{asked} needs the record of an osscar_hf pruning (model.config.quantization_config or the pruner's "
+            "record), and this model has none: save it with format='stock' (when the stock config expresses its "
+            "shapes) or format='remote_code'"
         )
-    if format == "auto":
-        return "stock" if expressible else "osscar"
-    return format
+    return resolved
 
 
 # --------------------------------------------------------------------------- save
 def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
+    """Turn ``folder/config.json`` (as ``save_pretrained`` wrote it for ``model``) into format ``fmt``
+    (``"stock"``, ``"osscar"`` or ``"remote_code"``, as :func:`resolve_format` returns), writing or removing
+    the remote-code files beside it."""
+    if fmt not in FORMATS or fmt == "auto":
+        raise SaveError(f"_rewrite_config needs a resolved format ('stock', 'osscar' or 'remote_code'), "
+                        f"got {fmt!r}")
     path = folder / CONFIG_NAME
-    data = json.loads(path.read_text(encoding="utf-8"))
+    # A model loaded from a remote-code checkpoint wrote that format's config and files: start from stock.
+    data = strip_remote_code(json.loads(path.read_text(encoding="utf-8")), folder)
+    shapes = read_block_shapes(model)
+    record = pruning_record(model)
+    if record is not None and record.block_shapes != shapes:  # the record predates a change of shapes
+        record = record.for_model_config(shapes)
     if fmt == "stock":
         data.pop("quantization_config", None)
-    else:
-        record = pruning_record(model)
-        shapes = read_block_shapes(model)
-        if record.block_shapes != shapes:  # the record predates a change of shapes: record what is saved
-            record = record.for_model_config(shapes)
+    elif fmt == "osscar":
         data["quantization_config"] = record.to_dict()
+    else:
+        data, names = remote_code_config(data, model, spec_of(model), shapes, record)
+        write_remote_code_files(folder, names)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -288,6 +331,12 @@ def save_pruned(
         ``"stock"``: a stock checkpoint, or ``SaveError`` saying why the stock config cannot express the shapes.
         ``"osscar"``: ``config.json`` carries ``quantization_config`` (``quant_method: "osscar"``, the
         pruning settings, per-block shapes, library versions); loading needs ``import osscar_hf``.
+        ``"remote_code"``: ``configuration_osscar.py`` and ``modeling_osscar.py`` (torch and transformers
+        only) are written beside the weights, and ``config.json`` gets ``model_type: "osscar_<family>"``, an
+        ``auto_map`` naming their classes and the per-block shapes as plain fields (see
+        :mod:`osscar_hf.io.remote_code`): ``from_pretrained(folder, trust_remote_code=True)`` loads it without
+        osscar_hf, and stock transformers without ``trust_remote_code=True`` refuses it. Works for any model of
+        a supported family, pruned by osscar_hf or not, whatever its shapes.
 
     Weights are written as safetensors only. The folder must not be the one the dense model was loaded from;
     an existing non-empty folder is refused unless ``overwrite=True``, which replaces it as a whole. The
@@ -307,7 +356,7 @@ def save_pruned(
     try:
         type(model).save_pretrained(model, tmp, **save_kwargs)
         _rewrite_config(tmp, model, fmt)
-        write_model_card(model, tmp)
+        write_model_card(model, tmp, fmt)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))

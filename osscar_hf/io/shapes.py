@@ -3,11 +3,14 @@
 A pruned model whose blocks all have the shape its (updated) stock config declares is a plain model of a
 smaller size: vanilla transformers builds and loads it. Otherwise the shapes travel in
 ``config.quantization_config`` (an :class:`~osscar_hf.config.OsscarConfig` with ``block_shapes``), and the
-osscar quantizer resizes the skeleton to them before the weights load.
+osscar quantizer resizes the skeleton to them before the weights load; or, in the remote-code format, in
+``config.osscar_block_shapes``, read by the modeling code saved beside the weights (see
+:mod:`osscar_hf.io.remote_code`).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,26 +20,35 @@ from ..arch import ArchSpec, get_spec, get_submodule
 from ..config import QUANT_METHOD, OsscarConfig
 from ..errors import OsscarError
 from ..surgery import block_shape, resize_block
+from .remote_code import base_model_type
 
 __all__ = [
     "apply_block_shapes",
     "config_block_shape",
     "osscar_quantization_config",
     "read_block_shapes",
+    "spec_of",
     "stock_config_expresses",
 ]
 
 
+def spec_of(model_or_config: Any) -> ArchSpec:
+    """:func:`osscar_hf.arch.get_spec`, also for a model loaded from a remote-code checkpoint (whose
+    ``model_type`` is ``osscar_<family>``): the spec of its stock family."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return get_spec(SimpleNamespace(model_type=base_model_type(config)))
+
+
 def read_block_shapes(model: nn.Module, spec: ArchSpec | None = None) -> list[dict[str, int]]:
     """Every decoder block's ``num_attention_heads``, ``num_key_value_heads`` and ``ffn_dim``, read from its weights."""
-    spec = spec or get_spec(model)
+    spec = spec or spec_of(model)
     _, n_rep, head_dim = spec.group_geometry(model.config)
     return [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in get_submodule(model, spec.blocks)]
 
 
 def config_block_shape(config: Any, spec: ArchSpec | None = None) -> dict[str, int]:
     """The block shape a stock model built from ``config`` has."""
-    spec = spec or get_spec(config)
+    spec = spec or spec_of(config)
     kv, n_rep, _ = spec.group_geometry(config)
     return {"num_key_value_heads": kv, "num_attention_heads": kv * n_rep, "ffn_dim": spec.ffn_dim(config)}
 

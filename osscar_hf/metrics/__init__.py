@@ -90,6 +90,7 @@ def load_model_and_tokenizer(
     dtype: Any = "float32",
     device: Any = None,
     tokenizer: Any = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Load a causal LM (dense, or pruned by osscar_hf) and its tokenizer for evaluation.
 
@@ -98,6 +99,8 @@ def load_model_and_tokenizer(
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
         device: where to put the model; ``None``/``"auto"`` is CUDA when available, else CPU.
         tokenizer: a tokenizer object, a folder / id to load one from, or ``None`` for ``model_id``'s own.
+        trust_remote_code: run the modeling code shipped with the checkpoint (needed for checkpoints saved in
+            osscar_hf's ``remote_code`` format, or any other custom-code model); off by default.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device``.
@@ -110,11 +113,11 @@ def load_model_and_tokenizer(
     run_device = resolve_device(device)
     source = str(model_id)
     logger.info("Loading %s (dtype %s) on %s", source, torch_dtype, run_device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.to(run_device)
     model.eval()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or source))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or source), trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 

@@ -164,6 +164,30 @@ def test_bad_eval_results_are_refused(eval_results, match):
         build_model_card(_report(config), base_model="org/base", config=config, eval_results=eval_results)
 
 
+def test_loading_instructions_follow_the_checkpoint_format():
+    config = OsscarConfig(0.25, 0.5)
+
+    def card(checkpoint_format):
+        return str(build_model_card(_report(config), base_model="org/base", config=config, repo_id="alice/m",
+                                    checkpoint_format=checkpoint_format))
+
+    default = card(None)
+    assert card("stock") == card("osscar") == default  # the instructions that serve both
+    remote = card("remote_code")
+    section = remote[remote.index("## How to load it"):remote.index("## Per-block shapes")]
+    assert 'AutoModelForCausalLM.from_pretrained("alice/m", trust_remote_code=True)' in section
+    assert "`configuration_osscar.py` and `modeling_osscar.py`" in section
+    assert 'model_type: "osscar_llama"' in section and "`osscar_hf` is not needed" in section
+    assert "import osscar_hf" not in remote and "quant_method" not in section
+    assert "{{" not in remote.replace("{{OSSCAR}", "") and "{%" not in remote
+    # Everything but the loading section is the same card.
+    assert remote[:remote.index("## How to load it")] == default[:default.index("## How to load it")]
+    assert remote[remote.index("## Per-block shapes"):] == default[default.index("## Per-block shapes"):]
+    with pytest.raises(CardError, match=r"checkpoint_format must be None or one of \['stock', 'osscar', "
+                                        r"'remote_code'\], got 'remote-code'"):
+        card("remote-code")
+
+
 def test_config_that_did_not_make_the_report_is_refused():
     with pytest.raises(CardError, match="attention_sparsity"):
         build_model_card(_report(OsscarConfig(0.25, 0.5)), base_model=None, config=OsscarConfig(0.5, 0.5))

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.card import build_model_card
 from osscar_hf.hub import push_pruned
+from osscar_hf.io import save_pruned
 from tests.conftest import VOCAB, make_model, make_text, make_tokenizer
 
 cases, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -55,15 +56,21 @@ for case in cases:
     pruner = OsscarPruner(config)
     model = pruner.prune(make_model(case["kind"]), tokenizer, progress=False)
     card = build_model_card(pruner.report, base_model="tests/tiny-" + case["kind"], config=config,
-                            repo_id=case["repo"], eval_results={"dense": 90.0, "pruned": 95.0})
-    if case["folder"]:
+                            repo_id=case["repo"], eval_results={"dense": 90.0, "pruned": 95.0},
+                            checkpoint_format=case.get("format"))
+    if case.get("format"):  # save_pruned in that format, then push the folder
+        folder = os.path.join(out, case["repo"].replace("/", "--"))
+        save_pruned(model, folder, tokenizer=tokenizer, format=case["format"])
+        info = push_pruned(folder, case["repo"], card=card)
+    elif case["folder"]:
         folder = os.path.join(out, case["repo"].replace("/", "--"))
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         info = push_pruned(folder, case["repo"], card=card)
     else:
         info = push_pruned(model, case["repo"], card=card, tokenizer=tokenizer)
-    reloaded = AutoModelForCausalLM.from_pretrained(case["repo"], attn_implementation="eager").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(case["repo"], attn_implementation="eager",
+                                                    trust_remote_code=case.get("format") == "remote_code").eval()
     with torch.no_grad():
         logits = {"expected": model(ids).logits, "actual": reloaded(ids).logits}
     name = case["repo"].replace("/", "--")
@@ -111,6 +118,9 @@ def test_push_model_and_folder_then_load_back_through_the_hub(hub, tmp_path):
         {"kind": "opt", "attention_sparsity": 0.5, "mlp_sparsity": 0.5, "repo": "alice/opt-mem", "folder": False},
         # KV groups and neurons removed, pushed as a saved folder.
         {"kind": "llama-gqa", "attention_sparsity": 0.5, "mlp_sparsity": 0.25, "repo": "alice/gqa-dir", "folder": True},
+        # The remote-code format: its two Python files go up with the weights, and come back from the Hub.
+        {"kind": "opt", "attention_sparsity": 0.5, "mlp_sparsity": 0.5, "repo": "alice/opt-remote-code",
+         "folder": True, "format": "remote_code"},
     ]
     out = tmp_path / "out"
     out.mkdir()
@@ -138,7 +148,12 @@ def test_push_model_and_folder_then_load_back_through_the_hub(hub, tmp_path):
         assert card.data.tags == ["osscar", "pruned", "structured-pruning"]
         assert card.data.base_model == f"tests/tiny-{case['kind']}"
         assert {r.metric_value for r in card.data.eval_results} == {90.0, 95.0}
-        if case["kind"] == "opt":
+        if case.get("format") == "remote_code":
+            assert json.loads(files["config.json"])["model_type"] == "osscar_opt"
+            for name in ("configuration_osscar.py", "modeling_osscar.py"):
+                assert files[name] == (out / case["repo"].replace("/", "--") / name).read_bytes()
+            assert "trust_remote_code=True" in readme
+        elif case["kind"] == "opt":
             assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "osscar"
 
 

@@ -35,6 +35,8 @@ Args:
         and saved by osscar_hf included).
     tokenizer: a tokenizer, or a folder / id to load one from; default the model's own (`model_id`, or the
         `name_or_path` of `model`).
+    trust_remote_code (bool): when loading `model_id`: run the checkpoint's own modeling code (osscar_hf's
+        remote-code format); default False.
     dtype (str): when loading `model_id`: "float32" (default), "bfloat16", "float16" or "auto" (the
         checkpoint's dtype).
     device (str): "cpu", "cuda", "cuda:N" or "auto". Default: "auto" when loading `model_id`; the model's
@@ -90,11 +92,13 @@ class Perplexity(evaluate.Metric):
         seq_len=None,
         stride=None,
         max_windows=None,
+        trust_remote_code=False,
     ):
         if (model is None) == (model_id is None):
             raise ValueError("give exactly one of `model` (a loaded model) or `model_id` (a folder or Hub id)")
         if model_id is not None:
-            model, tokenizer = load_model_and_tokenizer(model_id, dtype=dtype, device=device, tokenizer=tokenizer)
+            model, tokenizer = load_model_and_tokenizer(model_id, dtype=dtype, device=device, tokenizer=tokenizer,
+                                                        trust_remote_code=trust_remote_code)
             run_device = None
         else:
             if tokenizer is None or isinstance(tokenizer, str):

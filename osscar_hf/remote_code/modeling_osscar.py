@@ -1,0 +1,148 @@
+"""A causal LM pruned with OSSCAR: the family's stock model with every decoder block shrunk to its own shape.
+
+Written beside the weights by osscar_hf (``save_pruned(model, folder, format="remote_code")``); needs only
+torch and transformers. The model is built from the stock fields of the config (the unpruned shapes), then
+every block listed in ``config.osscar_block_shapes`` keeps its first ``num_key_value_heads`` KV groups (with
+their ``n_rep`` query heads each) and its first ``ffn_dim`` FFN neurons: the linears that produce those
+structures lose output rows, the ones that consume them lose input columns. Which values are kept does not
+matter (the checkpoint's weights replace them); inside ``from_pretrained`` the model is built on the meta
+device, so this costs nothing. A block left with no KV group gets an :class:`OsscarEmptyAttention`.
+
+Apart from the sizes, the model is the stock one: it generates with a KV cache, casts, saves with
+``save_pretrained`` (transformers copies these two files along) and loads with ``device_map``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from .configuration_osscar import OsscarLlamaConfig
+
+
+class OsscarEmptyAttention(nn.Module):
+    """The attention of a block that lost every head: its output is the output projection's bias (or zero).
+
+    The zero-width projections stay under their names, so the state dict keeps the stock layout. With a KV
+    cache, a one-channel placeholder is stored for every token, so that the cache's sequence length (which
+    the masks and positions of the next generation step are computed from) stays right.
+    """
+
+    def __init__(
+        self, projections: dict[str, nn.Linear], output_projection: str, layer_idx: int | None
+    ) -> None:
+        super().__init__()
+        for name, linear in projections.items():
+            self.add_module(name, linear)
+        self.output_projection = output_projection
+        self.layer_idx = layer_idx
+
+    def forward(
+        self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        projection = getattr(self, self.output_projection)
+        # Calling the zero-input-width projection (rather than reading its bias) runs its hooks, so offloading
+        # and adapters behave as for any other linear.
+        output = projection(hidden_states.new_zeros((*hidden_states.shape[:-1], 0)))
+        if past_key_values is not None and self.layer_idx is not None:
+            placeholder = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
+            past_key_values.update(placeholder, placeholder, self.layer_idx)
+        return output, None
+
+
+def _linear(root: nn.Module, path: str) -> nn.Linear:
+    module = root.get_submodule(path)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"osscar_layout names {path!r}, which is a {type(module).__name__}, not an nn.Linear")
+    return module
+
+
+def _keep_rows(linear: nn.Linear, count: int) -> None:
+    """Keep the first ``count`` outputs of ``linear``."""
+    if count == linear.out_features:
+        return
+    linear.weight = nn.Parameter(linear.weight[:count].clone(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias[:count].clone(), requires_grad=linear.bias.requires_grad)
+    linear.out_features = count
+
+
+def _keep_columns(linear: nn.Linear, count: int) -> None:
+    """Keep the first ``count`` inputs of ``linear``."""
+    if count == linear.in_features:
+        return
+    weight = linear.weight[:, :count].clone(memory_format=torch.contiguous_format)
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    linear.in_features = count
+
+
+def _set_counts(block: nn.Module, counts_at: dict[str, str], counts: dict[str, int]) -> None:
+    for path, kind in counts_at.items():
+        owner_path, _, attribute = path.rpartition(".")
+        owner = block.get_submodule(owner_path)
+        if isinstance(owner, OsscarEmptyAttention):
+            continue
+        if not hasattr(owner, attribute):
+            raise AttributeError(
+                f"osscar_layout['count_attributes'] names {path!r}, but the module has no {attribute!r}"
+            )
+        setattr(owner, attribute, counts[kind])
+
+
+def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]) -> None:
+    """Shrink one decoder block to ``shape`` (see the module docstring)."""
+    n_rep, head_dim = layout["n_rep"], layout["head_dim"]
+    attention = block.get_submodule(layout["attention"])
+    names = [layout[key] for key in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    q_proj, k_proj, v_proj, o_proj = (_linear(attention, name) for name in names)
+    producers = [_linear(block, path) for path in layout["mlp_producers"]]
+    consumer = _linear(block, layout["mlp_consumer"])
+    kv_heads, ffn_dim = shape["num_key_value_heads"], shape["ffn_dim"]
+    built = {"num_key_value_heads": k_proj.out_features // head_dim, "ffn_dim": consumer.in_features}
+    if kv_heads > built["num_key_value_heads"] or ffn_dim > built["ffn_dim"]:
+        raise ValueError(
+            f"cannot shrink a block built with {built} to {shape}: the stock fields of the config and "
+            "osscar_block_shapes disagree"
+        )
+    _keep_rows(q_proj, kv_heads * n_rep * head_dim)
+    _keep_rows(k_proj, kv_heads * head_dim)
+    _keep_rows(v_proj, kv_heads * head_dim)
+    _keep_columns(o_proj, kv_heads * n_rep * head_dim)
+    for producer in producers:
+        _keep_rows(producer, ffn_dim)
+    _keep_columns(consumer, ffn_dim)
+    if kv_heads == 0:
+        projections = dict(zip(names, (q_proj, k_proj, v_proj, o_proj), strict=True))
+        empty = OsscarEmptyAttention(projections, layout["o_proj"], getattr(attention, "layer_idx", None))
+        parent_path, _, name = layout["attention"].rpartition(".")
+        setattr(block.get_submodule(parent_path), name, empty)
+    counts = {"heads": kv_heads * n_rep, "kv_heads": kv_heads, "ffn": ffn_dim}
+    _set_counts(block, layout.get("count_attributes", {}), counts)
+
+
+def apply_block_shapes(model: nn.Module, config: OsscarLlamaConfig) -> None:
+    """Shrink every decoder block of ``model`` to ``config.osscar_block_shapes`` (nothing when unset)."""
+    shapes = config.osscar_block_shapes
+    if shapes is None:
+        return
+    blocks = model.get_submodule(config.osscar_layout["blocks"])
+    if len(blocks) != len(shapes):
+        raise ValueError(f"osscar_block_shapes lists {len(shapes)} blocks but the model has {len(blocks)}")
+    for block, shape in zip(blocks, shapes, strict=True):
+        resize_block(block, config.osscar_layout, shape)
+
+
+class OsscarLlamaForCausalLM(LlamaForCausalLM):
+    """The family's ``*ForCausalLM`` with every decoder block at its pruned shape."""
+
+    config_class = OsscarLlamaConfig
+
+    def __init__(self, config: OsscarLlamaConfig) -> None:
+        super().__init__(config)
+        apply_block_shapes(self, config)
+
+
+__all__ = ["OsscarEmptyAttention", "OsscarLlamaForCausalLM"]
