@@ -9,10 +9,13 @@ private exception, so neither the blocks nor the LM head ever run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .activations import ActivationSpace, ActivationStore
 
 
 class _CaptureDone(Exception):
@@ -44,12 +47,14 @@ class _Recorder(nn.Module):
 class CapturedInputs:
     """Calibration inputs of every block, batch by batch.
 
-    ``hidden[b]`` is the hidden state entering block 0 for batch ``b``; ``kwargs[i][b]`` are the keyword
-    arguments (and any extra positional ones, under ``"__args__"``) the model passes to block ``i``.
+    ``hidden[b]`` is the hidden state entering block 0 for batch ``b`` (a list, or an
+    :class:`~osscar_hf.activations.ActivationStore` when captured into an activation space); ``kwargs[i][b]``
+    are the keyword arguments (and any extra positional ones, under ``"__args__"``) the model passes to block
+    ``i``, always in memory (masks, position ids, rotary tables: small next to the hidden states).
     Tensors shared between blocks (masks, rotary tables) are shared here too, not copied.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | ActivationStore
     kwargs: list[list[dict[str, Any]]]
 
 
@@ -68,6 +73,35 @@ def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = 
     return obj
 
 
+# Keyword-argument tensors at least this big are shared between batches when equal (see _share_equal).
+SHARE_MIN_BYTES = 1 << 20
+
+
+def _share_equal(obj: Any, seen: dict[tuple, list[torch.Tensor]]) -> Any:
+    """``obj`` with every big tensor replaced by an equal one kept for an earlier batch, when there is one.
+
+    Eager attention passes a materialised (batch x 1 x seq x seq) mask with every batch, the same in every batch
+    of equal shape when there is no padding: 64 MiB per batch of 8 x 2048 tokens in 16 bits, kept once instead
+    of once per batch.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() * obj.element_size() < SHARE_MIN_BYTES:
+            return obj
+        key = (obj.shape, obj.dtype, obj.device, obj.stride())
+        kept = seen.setdefault(key, [])
+        for other in kept:
+            if other is obj or torch.equal(other, obj):
+                return other
+        kept.append(obj)
+        return obj
+    if isinstance(obj, dict):
+        return {k: _share_equal(v, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        shared = [_share_equal(v, seen) for v in obj]
+        return type(obj)(shared) if not hasattr(obj, "_fields") else type(obj)(*shared)
+    return obj
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -76,17 +110,22 @@ def capture_block_inputs(
     *,
     batch_size: int,
     storage_device: torch.device | str = "cpu",
+    activations: ActivationSpace | None = None,
 ) -> CapturedInputs:
     """Run ``model`` on ``input_ids`` (windows x seq_len) up to the first block and record each block's inputs.
 
-    The model runs where its embeddings are; captured tensors are kept on ``storage_device``.
+    The model runs where its embeddings are; captured tensors are kept on ``storage_device``. With
+    ``activations``, block 0's hidden states go batch by batch into a new store of that space (which settles
+    ``"auto"`` from the first batch's size times the number of windows) instead of a list; the store is closed
+    if the capture fails.
     """
     if len(blocks) == 0:
         raise ValueError("the model has no decoder blocks to prune")
     embed_device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     originals = list(blocks)
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] | ActivationStore = []
     per_block: list[list[dict[str, Any]]] = [[] for _ in originals]
+    seen: dict[tuple, list[torch.Tensor]] = {}  # big keyword tensors kept so far, shared between batches
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             sink: list[tuple[tuple, dict]] = []
@@ -107,11 +146,19 @@ def capture_block_inputs(
             for i, (args, kwargs) in enumerate(sink):
                 state = args[0] if args else kwargs["hidden_states"]
                 if i == 0:
+                    if activations is not None and isinstance(hidden, list):  # first batch: settle where they go
+                        rows = max(1, int(state.shape[0]))
+                        activations.resolve(state.numel() * state.element_size() * input_ids.shape[0] // rows)
+                        hidden = activations.store()
                     hidden.append(state.to(storage_device))
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 if len(args) > 1:
                     kw["__args__"] = tuple(args[1:])
-                per_block[i].append(move_to(kw, storage_device, memo))
+                per_block[i].append(_share_equal(move_to(kw, storage_device, memo), seen))
+    except BaseException:
+        if activations is not None and not isinstance(hidden, list):
+            hidden.close()
+        raise
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

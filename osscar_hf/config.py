@@ -20,7 +20,7 @@ import re
 import sys
 import tempfile
 from dataclasses import KW_ONLY, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -41,6 +41,8 @@ BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
 VERSION_KEYS = ("osscar_version", "transformers_version", "torch_version")
 
 _SOLVER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Accepted values of OsscarConfig.activation_storage (the same as osscar_hf.activations.STORAGE_MODES).
+ACTIVATION_STORAGE_MODES = ("auto", "memory", "disk")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -167,6 +169,27 @@ def _check_device(value: Any) -> str:
             f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of those, got {value!r}"
         )
     return text
+
+
+def _check_activation_storage(value: Any) -> str:
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in ACTIVATION_STORAGE_MODES:
+        raise OsscarConfigError(
+            f"activation_storage must be one of {list(ACTIVATION_STORAGE_MODES)}, got {value!r}"
+        )
+    return text
+
+
+def _check_activation_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise OsscarConfigError(
+            f"activation_dir must be None or a non-empty folder path (str or os.PathLike), got {value!r}"
+        )
+    return value
 
 
 def _dataset_to_json(value: Any, text_column: str) -> Any:
@@ -310,6 +333,14 @@ class OsscarConfig(QuantizationConfigMixin):
             ``None`` (the default) in a config given to the pruner.
         library_versions: set with ``block_shapes``: the versions of osscar_hf, transformers and torch that
             pruned the model (library name -> version string).
+        activation_storage: where the calibration activations carried from block to block are kept:
+            ``"memory"`` (host memory), ``"disk"`` (one file per batch, read back one batch at a time) or
+            ``"auto"`` (the default: disk when the loop's estimated footprint, windows x seq_len x hidden size x
+            element size per stream times the streams held at once, exceeds a fraction of the host's available
+            memory, see :data:`osscar_hf.activations.DISK_THRESHOLD_FRACTION`). Never changes the result.
+        activation_dir: folder in which the on-disk activations get a fresh sub-folder (created if needed),
+            removed at the end of the run, also on errors; ``None`` (the default): under
+            ``tempfile.gettempdir()``. An ``os.PathLike`` is stored as a str. Never changes the result.
 
     The two sparsities may be given positionally; every other field is keyword-only.
     """
@@ -336,7 +367,13 @@ class OsscarConfig(QuantizationConfigMixin):
     batch_size: int = 8
     block_shapes: list[dict[str, int]] | None = None
     library_versions: dict[str, str] | None = None
+    activation_storage: str = "auto"
+    activation_dir: str | None = None
     quant_method: str = field(default=QUANT_METHOD, init=False)
+
+    # Fields that never change a pruning's result (only where intermediate data is kept): left out of what a
+    # pruned model's config records and of the streaming resume fingerprint.
+    RESULT_NEUTRAL_FIELDS: ClassVar[tuple[str, ...]] = ("activation_storage", "activation_dir")
 
     def __post_init__(self) -> None:
         self.post_init()
@@ -379,6 +416,8 @@ class OsscarConfig(QuantizationConfigMixin):
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
         self.block_shapes = _check_block_shapes(self.block_shapes)
         self.library_versions = _check_library_versions(self.library_versions)
+        self.activation_storage = _check_activation_storage(self.activation_storage)
+        self.activation_dir = _check_activation_dir(self.activation_dir)
 
     # ----------------------------------------------------------------- helpers
     def resolved_device(self) -> torch.device:
@@ -408,9 +447,12 @@ class OsscarConfig(QuantizationConfigMixin):
         """The copy of this config stored in a pruned model's ``config.quantization_config``.
 
         It records ``block_shapes`` and the library versions, and replaces in-memory calibration data by a
-        short description (:func:`describe_dataset`) so that ``config.json`` stays small.
+        short description (:func:`describe_dataset`) so that ``config.json`` stays small. The
+        :attr:`RESULT_NEUTRAL_FIELDS` (where activations were kept: machine-specific, e.g. a temporary path) take
+        their defaults, so the same pruning gives the same ``config.json`` wherever it ran.
         """
-        data = {n: getattr(self, n) for n in self.field_names() if n != "quant_method"}
+        neutral = set(self.RESULT_NEUTRAL_FIELDS)
+        data = {n: getattr(self, n) for n in self.field_names() if n != "quant_method" and n not in neutral}
         data.update(
             dataset=describe_dataset(self.dataset, self.text_column),
             block_shapes=block_shapes,
@@ -429,11 +471,16 @@ class OsscarConfig(QuantizationConfigMixin):
 
         The dataset is written as given for ``None`` / str, as a list of str for texts (a
         ``datasets.Dataset`` becomes the list of its ``text_column``), and as a list of lists of int for
-        token ids (tensor or lists).
+        token ids (tensor or lists). The :attr:`RESULT_NEUTRAL_FIELDS` are written only when they differ from
+        their defaults, so a pruned model's config (where they are reset, see :meth:`for_model_config`) is the
+        one earlier osscar_hf versions wrote and read; :meth:`from_dict` gives missing ones their defaults.
         """
+        defaults = _NEUTRAL_DEFAULTS
         out: dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
+            if name in defaults and value == defaults[name]:
+                continue
             if name == "dataset":
                 value = _dataset_to_json(value, self.text_column)
             elif name in ("block_shapes", "library_versions") and value is not None:
@@ -584,3 +631,8 @@ class OsscarConfig(QuantizationConfigMixin):
         except json.JSONDecodeError as exc:
             raise OsscarConfigError(f"config file {path!r} is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(OsscarConfig) if f.name in OsscarConfig.RESULT_NEUTRAL_FIELDS
+}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .activations import ActivationSpace
 from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_calibration_windows
 from .capture import capture_block_inputs
@@ -107,6 +108,7 @@ class OsscarPruner:
             attention=attention, mlp=mlp, num_attention_groups=m, n_rep=n_rep, head_dim=head_dim,
             num_neurons=neurons, device=cfg.resolved_device(), storage_device=torch.device("cpu"),
             propagate=cfg.propagate, dense_targets=cfg.dense_targets,
+            activation_storage=cfg.activation_storage, activation_dir=cfg.activation_dir,
         )
 
     def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
@@ -166,14 +168,16 @@ class OsscarPruner:
             spec.name, len(get_submodule(model, spec.blocks)), settings.attention.num_keep,
             settings.num_attention_groups, settings.mlp.num_keep, settings.num_neurons, *windows.shape,
         )
+        space = ActivationSpace.for_settings(settings)
         try:
-            with torch.no_grad():
+            # The activations' folder (on disk) is removed when this block ends, also on errors.
+            with space, torch.no_grad():
                 captured = capture_block_inputs(
                     model, get_submodule(model, spec.blocks), windows, batch_size=self.config.batch_size,
-                    storage_device=settings.storage_device,
+                    storage_device=settings.storage_device, activations=space,
                 )
-            # prune_blocks takes the captured activations over and frees them block by block.
-            blocks = prune_blocks(model, spec, captured, settings, progress=progress)
+                # prune_blocks takes the captured activations over and frees them block by block.
+                blocks = prune_blocks(model, spec, captured, settings, progress=progress)
         except BaseException:
             if _any_block_pruned(model, spec, settings):
                 # Keep weights and config consistent, so what is left can still be inspected or saved.
@@ -190,14 +194,15 @@ class OsscarPruner:
             update_model_config(
                 model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
             )
-        self.report = self._build_report(model, windows, params_before, count_parameters(model), start, blocks)
+        self.report = self._build_report(model, windows, params_before, count_parameters(model), start, blocks,
+                                         activations=space.summary())
         if solved:
             attach_run(model, self.report, self.config)
         return model
 
     def _build_report(
         self, model: nn.Module, windows: torch.Tensor, params_before: int, params_after: int, start: float,
-        blocks: list[Any],
+        blocks: list[Any], activations: dict[str, Any] | None = None,
     ) -> PruneReport:
         return PruneReport(
             model_type=model.config.model_type,
@@ -208,6 +213,7 @@ class OsscarPruner:
             parameters_after=params_after,
             total_seconds=time.perf_counter() - start,
             blocks=blocks,
+            activations=activations,
         )
 
     def prune_checkpoint(
@@ -219,30 +225,50 @@ class OsscarPruner:
         overwrite: bool = False,
         progress: bool = True,
         resume: bool = True,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        endpoint: str | None = None,
+        delete_downloaded_shards: bool = False,
+        format: str = "auto",
     ) -> Path:
-        """Prune the safetensors checkpoint in the local folder ``model_path`` block by block, without ever
-        loading the whole model, and write the pruned checkpoint to ``output_dir``; return its path.
+        """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block,
+        without ever loading the whole model, and write the pruned checkpoint to ``output_dir``; return its path.
 
         The result is the checkpoint :meth:`prune` followed by :func:`osscar_hf.save_pruned` would give (the same
-        tensors; stock format when the stock config expresses the pruned shapes, else the osscar format), with
-        the tokenizer files and ``generation_config.json`` of the source folder and ``osscar_report.json``;
+        tensors, in the checkpoint ``format`` of :func:`~osscar_hf.save_pruned`: ``"auto"``, ``"stock"``, ``"osscar"``
+        or ``"remote_code"``; a format that cannot hold the pruned shapes is refused before any work), with
+        the tokenizer files and ``generation_config.json`` of the source and ``osscar_report.json``;
         ``self.report`` is set too. Host memory holds the calibration activations and one block at a time
         (plus the embeddings and head during the capture). ``tokenizer``: used for text calibration data and
-        saved with the checkpoint; by default the source folder's tokenizer. The source folder and a
-        non-empty ``output_dir`` (unless ``overwrite=True``) are refused (``SaveError``); a missing, truncated
-        or inconsistent shard raises :class:`osscar_hf.streaming.CheckpointError` naming the file.
+        saved with the checkpoint; by default the source's tokenizer. The source folder and a non-empty
+        ``output_dir`` (unless ``overwrite=True``) are refused (``SaveError``); a missing, truncated or
+        inconsistent shard raises :class:`osscar_hf.streaming.CheckpointError` naming the file.
+
+        A Hub id (``"namespace/name"``; ``revision``: branch, tag or commit, default ``main``; ``token``,
+        ``cache_dir`` and ``endpoint`` as for ``huggingface_hub.hf_hub_download``) is read through the
+        huggingface_hub cache: config, index and tokenizer files first, shard headers by HTTP range requests, and
+        each weight shard only when a block (or the embeddings and head) first needs it, all from the commit the
+        revision resolved to at the start. Files already in the cache are not downloaded again.
+        ``delete_downloaded_shards=True`` deletes each shard this run downloaded from the cache as soon as its
+        blocks are done (so the disk never holds the dense and pruned models whole); files that were in the cache
+        before are never deleted. An unknown, gated or unreachable repository, or one without safetensors
+        weights, raises ``CheckpointError`` saying what to do.
 
         The checkpoint is built in a hidden folder beside ``output_dir`` (``.NAME.osscar-partial``) and renamed
-        into place at the end; progress is recorded there after every block. When a run is interrupted, the
-        same call continues from the first unfinished block and writes the same checkpoint as an uninterrupted
-        run. A partial run with other settings, calibration data, device or source files raises
-        :class:`osscar_hf.streaming.ResumeError`; ``resume=False`` discards it and starts over. See
-        :mod:`osscar_hf.streaming`.
+        into place at the end; progress is recorded there after every block. While a run writes it holds the
+        lock ``.NAME.osscar-lock`` beside ``output_dir``: a second run into the same folder raises
+        :class:`osscar_hf.streaming.ConcurrentRunError` at once. When a run is interrupted, the same call
+        continues from the first unfinished block and writes the same checkpoint as an uninterrupted run. A
+        partial run with other settings, calibration data, device or source (changed files; for a Hub id, a
+        revision that now resolves to another commit) raises :class:`osscar_hf.streaming.ResumeError`;
+        ``resume=False`` discards it and starts over. See :mod:`osscar_hf.streaming`.
         """
         from .streaming import prune_checkpoint
 
         return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
-                                progress=progress, resume=resume)
+                                progress=progress, resume=resume, revision=revision, token=token, cache_dir=cache_dir,
+                                endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format)
 
 
 def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:

@@ -60,6 +60,10 @@ class PruneReport:
     parameters_after: int
     total_seconds: float
     blocks: list[BlockReport] = field(default_factory=list)
+    # Where the calibration activations were kept (ActivationSpace.summary()): "storage" ("memory" or "disk"),
+    # "requested" (the activation_storage setting), "stream_bytes" (one stream), and on disk "peak_disk_bytes"
+    # and "files_written". None where not recorded.
+    activations: dict[str, Any] | None = None
 
     @property
     def block_shapes(self) -> list[dict[str, int]]:

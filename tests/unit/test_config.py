@@ -172,6 +172,11 @@ BAD_VALUES = [
     ("block_shapes", [{"num_attention_heads": 2, "num_key_value_heads": 0, "ffn_dim": 8}],
      "both 0 for a block that lost every head"),
     ("library_versions", {"torch": 2}, "library_versions must be None or a dict of str to str"),
+    ("activation_storage", "ram", "activation_storage must be one of ['auto', 'memory', 'disk'], got 'ram'"),
+    ("activation_storage", None, "activation_storage must be one of ['auto', 'memory', 'disk'], got None"),
+    ("activation_storage", True, "got True"),
+    ("activation_dir", "", "activation_dir must be None or a non-empty folder path (str or os.PathLike), got ''"),
+    ("activation_dir", 3, "activation_dir must be None or a non-empty folder path"),
 ]
 
 
@@ -408,3 +413,56 @@ def test_block_shapes_are_copied_and_summarised_in_repr():
     cfg.to_dict()["block_shapes"][0]["ffn_dim"] = 98
     assert cfg.block_shapes == SHAPES
     assert "block_shapes=<2 blocks>" in repr(cfg)
+
+
+# --------------------------------------------------------------------------- where activations are kept
+def test_activation_fields_defaults_and_normalisation(tmp_path):
+    cfg = OsscarConfig()
+    assert (cfg.activation_storage, cfg.activation_dir) == ("auto", None)
+    cfg = OsscarConfig(activation_storage=" Disk ", activation_dir=tmp_path)
+    assert cfg.activation_storage == "disk" and cfg.activation_dir == str(tmp_path)
+    with pytest.raises(TypeError):
+        OsscarConfig(0.1, 0.1, "disk")  # keyword-only
+
+
+def test_result_neutral_fields():
+    assert OsscarConfig.RESULT_NEUTRAL_FIELDS == ("activation_storage", "activation_dir")
+    assert set(OsscarConfig.RESULT_NEUTRAL_FIELDS) <= set(OsscarConfig.field_names())
+    assert "RESULT_NEUTRAL_FIELDS" not in OsscarConfig.field_names()
+
+
+def test_activation_fields_serialise_only_when_set(tmp_path):
+    d = OsscarConfig(mlp_sparsity=0.5).to_dict()
+    assert "activation_storage" not in d and "activation_dir" not in d  # defaults: the dict earlier versions wrote
+    cfg = OsscarConfig(mlp_sparsity=0.5, activation_storage="disk", activation_dir=str(tmp_path / "act"))
+    d = cfg.to_dict()
+    assert d["activation_storage"] == "disk" and d["activation_dir"] == str(tmp_path / "act")
+    assert OsscarConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    cfg.to_json_file(tmp_path / "c.json")
+    assert OsscarConfig.from_json_file(tmp_path / "c.json") == cfg
+    assert OsscarConfig.from_dict({**d, "activation_storage": "memory"}).activation_storage == "memory"
+
+
+def test_activation_fields_take_part_in_equality():
+    assert OsscarConfig(activation_storage="auto") == OsscarConfig()
+    assert OsscarConfig(activation_storage="disk") != OsscarConfig(activation_storage="memory")
+    assert OsscarConfig(activation_dir="/a") != OsscarConfig(activation_dir="/b")
+
+
+def test_old_config_dict_without_activation_fields_loads():
+    old = {k: v for k, v in DEFAULTS.items()}  # as written before the fields existed
+    old.update(mlp_sparsity=0.5, osscar_version="0.0.1")
+    cfg = OsscarConfig.from_dict(old)
+    assert cfg.mlp_sparsity == 0.5 and cfg.activation_storage == "auto" and cfg.activation_dir is None
+
+
+def test_for_model_config_drops_machine_specific_activation_settings(tmp_path):
+    cfg = OsscarConfig(0.25, 0.5, activation_storage="disk", activation_dir=str(tmp_path))
+    stored = cfg.for_model_config(SHAPES)
+    assert (stored.activation_storage, stored.activation_dir) == ("auto", None)
+    d = stored.to_dict()
+    assert "activation_storage" not in d and "activation_dir" not in d and str(tmp_path) not in json.dumps(d)
+    plain = OsscarConfig(0.25, 0.5).for_model_config(SHAPES).to_dict()
+    assert {k: v for k, v in d.items() if k != "library_versions"} == {
+        k: v for k, v in plain.items() if k != "library_versions"}
+    assert cfg.activation_dir == str(tmp_path)  # the original is unchanged
