@@ -38,6 +38,7 @@ _LAZY = {
     "SaveError": "osscar_hf.io.save",
     "CheckpointError": "osscar_hf.streaming",
     "ResumeError": "osscar_hf.streaming",
+    "ConcurrentRunError": "osscar_hf.streaming",
 }
 
 __all__ = ["__version__", *_LAZY]

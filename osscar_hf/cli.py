@@ -1,6 +1,7 @@
 """The ``osscar-hf`` command line (also ``python -m osscar_hf``).
 
     osscar-hf prune MODEL --attention-sparsity F --mlp-sparsity F --dataset DATA --output DIR [--eval wikitext2]
+                    [--format auto|stock|osscar|remote-code]
     osscar-hf eval DIR_OR_ID --dataset wikitext2|PATH [--seq-len N --max-windows N --stride N]
     osscar-hf push DIR REPO [--private] [--token TOKEN]
     osscar-hf demo
@@ -38,6 +39,7 @@ REPORT_FILENAME = "osscar_report.json"
 EVAL_FILENAME = "osscar_eval.json"
 CARD_FILENAME = "README.md"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+FORMAT_CHOICES = ("auto", "stock", "osscar", "remote-code")
 
 
 class CommandError(Exception):
@@ -77,6 +79,15 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def checkpoint_format(text: str) -> str:
+    """argparse type: a checkpoint format of ``prune --format``, returned as ``save_pruned`` names it
+    (``remote-code`` -> ``remote_code``; ``remote_code`` is accepted too)."""
+    value = text.strip().lower().replace("_", "-")
+    if value not in FORMAT_CHOICES:
+        raise argparse.ArgumentTypeError(f"invalid format {text!r}: expected one of {', '.join(FORMAT_CHOICES)}")
+    return value.replace("-", "_")
 
 
 def device(text: str) -> str:
@@ -326,18 +337,39 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.add_argument("--token", default=None,
-                        help="with --push-to-hub: Hub token (default: $HF_TOKEN or the saved login)")
+                        help="Hub token for downloading MODEL with --stream and for --push-to-hub (default: $HF_TOKEN "
+                        "or the saved login)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.add_argument(
+        "--format", type=checkpoint_format, default="auto", metavar="{" + ",".join(FORMAT_CHOICES) + "}",
+        help="how the pruned checkpoint is saved: auto (default) writes a stock checkpoint when the stock config "
+        "expresses the pruned shapes, else the osscar format; stock (fails, after pruning, when it cannot express "
+        "them); osscar (config.json carries the shapes; loading needs `import osscar_hf`); remote-code (writes "
+        "configuration_osscar.py and modeling_osscar.py beside the weights: loads with "
+        "from_pretrained(..., trust_remote_code=True) without osscar_hf)",
+    )
     parser.add_argument("--stream", action="store_true",
-                        help="prune a local safetensors checkpoint block by block without loading the whole model; "
-                             "rerunning the same command after an interruption resumes it")
+                        help="prune a safetensors checkpoint block by block without loading the whole model (a local "
+                             "folder, or a Hub id downloaded shard by shard); rerunning the same command after an "
+                             "interruption resumes it")
+    parser.add_argument("--activation-storage", choices=("auto", "memory", "disk"), default="auto",
+                        help="where calibration activations are kept between blocks: memory, disk (files in a "
+                        "temporary folder, deleted at the end) or auto (disk when they would take more than half the "
+                        "available memory; default)")
+    parser.add_argument("--activation-dir", default=None, metavar="DIR",
+                        help="folder for the on-disk activations (default: the system's temporary folder)")
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="with --stream and a Hub id: branch, tag or commit to prune (default: main)")
+    parser.add_argument("--delete-downloaded-shards", action="store_true",
+                        help="with --stream and a Hub id: delete each shard this run downloaded from the Hub cache "
+                             "once its blocks are done (files cached before the run are kept)")
     parser.set_defaults(handler=run_prune_command)
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
     from osscar_hf.card import CardError, build_model_card
     from osscar_hf.config import OsscarConfig
-    from osscar_hf.io import save_pruned
+    from osscar_hf.io import resolve_format, save_pruned
     from osscar_hf.io.save import move_into_place
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
     from osscar_hf.pruner import OsscarPruner
@@ -350,7 +382,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
     config = OsscarConfig(
         attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=args.dataset,
         text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        device=args.device, batch_size=args.batch_size,
+        device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
+        activation_dir=args.activation_dir,
     )
     if args.stream:
         return _prune_streaming(args, config, output)
@@ -377,16 +410,17 @@ def run_prune_command(args: argparse.Namespace) -> int:
     base_model = args.base_model
     if base_model is None and not Path(args.model).expanduser().exists():
         base_model = args.model
+    checkpoint = resolve_format(model, args.format)
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
-        save_pruned(model, staged, tokenizer=tokenizer)
+        save_pruned(model, staged, tokenizer=tokenizer, format=checkpoint)
         report.to_json(staged / REPORT_FILENAME)
         if eval_record is not None:
             (staged / EVAL_FILENAME).write_text(json.dumps(eval_record, indent=2) + "\n", encoding="utf-8")
         try:
             card = build_model_card(report, base_model=base_model, config=config, eval_results=card_eval,
-                                    repo_id=args.push_to_hub)
+                                    repo_id=args.push_to_hub, checkpoint_format=checkpoint)
         except CardError as exc:  # never lose the pruned model over its card
             logger.warning("no model card written: %s", exc)
         else:
@@ -416,17 +450,18 @@ def _finish_prune(args: argparse.Namespace, report: Any, output: Path) -> int:
 
 
 def _prune_streaming(args: argparse.Namespace, config: Any, output: Path) -> int:
-    """``prune --stream``: OsscarPruner.prune_checkpoint on a local folder (resumes an interrupted run)."""
+    """``prune --stream``: OsscarPruner.prune_checkpoint on a local folder or a Hub id (resumes an interrupted
+    run)."""
     from osscar_hf.pruner import OsscarPruner
 
     if args.eval:
         raise CommandError("--eval needs the dense model in memory and cannot be combined with --stream; "
                            f"measure the output afterwards with: {PROG} eval {output} --dataset {args.eval}")
-    if not Path(args.model).expanduser().is_dir():
-        raise CommandError(f"--stream needs a local checkpoint folder, got {args.model!r}: download it first "
-                           "(huggingface_hub.snapshot_download or `hf download`)")
+    folder = Path(args.model).expanduser()
+    source = folder if folder.is_dir() else args.model  # a Hub id: downloaded shard by shard into the HF cache
     pruner = OsscarPruner(config)
-    pruner.prune_checkpoint(Path(args.model).expanduser(), output, overwrite=args.overwrite)
+    pruner.prune_checkpoint(source, output, overwrite=args.overwrite, token=args.token, revision=args.revision,
+                            delete_downloaded_shards=args.delete_downloaded_shards, format=args.format)
     return _finish_prune(args, pruner.report, output)
 
 
@@ -453,6 +488,9 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
                         help="windows per forward pass (default: 1)")
     _add_runtime_options(parser)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the modeling code shipped with the checkpoint (needed for a checkpoint saved with "
+                        "prune --format remote-code)")
     parser.set_defaults(handler=run_eval_command)
 
 
@@ -461,7 +499,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     check_model_source(args.model)
     texts = _load_eval_texts(args.dataset, args.text_column)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
+                                                trust_remote_code=args.trust_remote_code)
     result = _perplexity(model, tokenizer, texts, args, batch_size=args.batch_size, stride=args.stride)
     print(f"{args.model} on {args.dataset}: perplexity {_describe_ppl(result)}")
     if args.json is not None:

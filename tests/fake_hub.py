@@ -10,15 +10,20 @@ answers the endpoints that ``HfApi.create_repo``/``create_commit``/``upload_fold
     POST /api/validate-yaml                         parse a README's YAML front matter
     POST /api/models/{repo}/preupload/{rev}         every file is uploaded in the commit ("regular")
     POST /api/models/{repo}/commit/{rev}            NDJSON: header, base64 files, deletions
-    GET  /api/models/{repo}[/revision/{rev}]        repo info with siblings
+    GET  /api/models/{repo}[/revision/{rev}]        repo info with sha and siblings (``?blobs=true``: with
+                                                    their size and blobId, as ``model_info(files_metadata=True)``)
     GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing
-    HEAD/GET /{repo}/resolve/{rev}/{path}           file content, with X-Repo-Commit and ETag
+    HEAD/GET /{repo}/resolve/{rev}/{path}           file content, with X-Repo-Commit and ETag; a GET honours a
+                                                    ``Range: bytes=A-B`` header (206, as the Hub's CDN does)
 
 Errors look like the Hub's: 401 ``Invalid credentials in Authorization header`` for a bad token on a
 write, 403 for a namespace the token does not own, 404 with ``X-Error-Code`` ``RepoNotFound``,
-``RevisionNotFound`` or ``EntryNotFound``. LFS and Xet transfers are never offered, so no blob store is
-needed. Requests the server does not know are answered 404 and recorded in ``unhandled`` so a test can
-show what a new client version started calling.
+``RevisionNotFound`` or ``EntryNotFound``; the files of a gated repo (``add_repo(..., gated=True)``) answer
+401 (no token) or 403 (a user not in ``approved``) with ``X-Error-Code: GatedRepo``, while its repo info
+stays readable. LFS and Xet transfers are never offered, so no blob store is needed: every file is a
+regular git blob whose ETag is its git object id. Requests the server does not know are answered 404 and
+recorded in ``unhandled`` so a test can show what a new client version started calling; ``downloads``
+records every ``(repo, path)`` whose whole content a GET returned (ranged GETs are not counted).
 
     with FakeHub(tokens={"hf_alice": "alice"}) as hub:
         hub.url            # "http://127.0.0.1:PORT": give it to the client as HF_ENDPOINT
@@ -31,6 +36,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +62,8 @@ def git_blob_sha1(data: bytes) -> str:
 class _Repo:
     owner: str
     private: bool = False
+    gated: bool = False
+    approved: set[str] = field(default_factory=set)  # users granted access to a gated repo
     # commit sha -> {path: bytes}; ``branches`` maps names ("main") to commit shas.
     snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
@@ -80,7 +88,9 @@ class FakeHub:
         self.repos: dict[str, _Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
+        self.downloads: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._connections: set[Any] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -98,9 +108,18 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        """Stop serving and drop the open (keep-alive) connections, as a server that goes away does. The repos
+        are kept: ``start`` serves them again, on a new port."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            with self._lock:
+                connections, self._connections = list(self._connections), set()
+            for connection in connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._thread.join(timeout=5)
             self._server = self._thread = None
 
@@ -118,11 +137,16 @@ class FakeHub:
         return f"http://{host}:{port}"
 
     # ------------------------------------------------------------------ state helpers for tests
-    def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None, *, private: bool = False) -> None:
-        """Create ``repo_id`` (owned by its namespace) with an initial commit of ``files``."""
+    def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None, *, private: bool = False,
+                 gated: bool = False, approved: set[str] | None = None) -> str:
+        """Create ``repo_id`` (owned by its namespace; ``private``, ``gated`` and ``approved`` apply then) with
+        an initial commit of ``files``, or commit ``files`` as the new head of ``main`` when it exists; return
+        the commit sha."""
         with self._lock:
-            repo = self.repos.setdefault(repo_id, _Repo(owner=repo_id.split("/")[0], private=private))
-            self._commit(repo, dict(files or {}), "initial commit")
+            if repo_id not in self.repos:
+                self.repos[repo_id] = _Repo(owner=repo_id.split("/")[0], private=private, gated=gated,
+                                            approved=set(approved or ()))
+            return self._commit(self.repos[repo_id], dict(files or {}), "initial commit")
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         with self._lock:
@@ -164,6 +188,19 @@ class FakeHub:
         repo = self.repos.get(repo_id)
         if repo is None or (repo.private and user != repo.owner):
             raise _HTTPError(401 if user is None else 404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _downloadable(self, repo_id: str, headers: Any) -> _Repo:
+        """A repo whose files the caller may download (gated repos: the owner and approved users only)."""
+        repo = self._readable(repo_id, headers)
+        if repo.gated:
+            user = self._user(headers, required=False)
+            if user is None:
+                raise _HTTPError(401, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                                      "authenticated to access it. Please log in.", "GatedRepo")
+            if user != repo.owner and user not in repo.approved:
+                raise _HTTPError(403, f"Access to model {repo_id} is restricted and you are not in the authorized "
+                                      f"list. Visit {self.url}/{repo_id} to ask for access.", "GatedRepo")
         return repo
 
     def _writable(self, repo_id: str, headers: Any) -> _Repo:
@@ -282,16 +319,20 @@ class FakeHub:
         return 200, {}, {"commitUrl": f"{self.url}/{repo}/commit/{sha}", "commitOid": sha,
                          "pullRequestUrl": None, "success": True}
 
-    def _model_info(self, *, repo, headers, rev="main", **_):
+    def _model_info(self, *, repo, headers, query, rev="main", **_):
         repository = self._readable(repo, headers)
         sha = self._resolve_rev(repository, rev)
         files = repository.snapshots[sha]
+        blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
+        siblings = [{"rfilename": name, "size": len(files[name]), "blobId": git_blob_sha1(files[name])} if blobs
+                    else {"rfilename": name} for name in sorted(files)]
         return 200, {}, {
             "_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
-            "author": repository.owner, "sha": sha, "private": repository.private, "gated": False,
+            "author": repository.owner, "sha": sha, "private": repository.private,
+            "gated": "manual" if repository.gated else False,
             "disabled": False, "downloads": 0, "likes": 0, "tags": [], "library_name": "transformers",
             "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
-            "siblings": [{"rfilename": name} for name in sorted(files)],
+            "siblings": siblings,
         }
 
     def _tree(self, *, repo, rev, headers, query, path="", **_):
@@ -320,15 +361,31 @@ class FakeHub:
         return 200, {}, list(entries.values())
 
     def _resolve(self, *, repo, rev, path, headers, method, **_):
-        repository = self._readable(repo, headers)
+        repository = self._downloadable(repo, headers)
         sha = self._resolve_rev(repository, rev)
         files = repository.snapshots[sha]
         if path not in files:
             err = _HTTPError(404, "Entry not found", "EntryNotFound")
             raise err
         data = files[path]
-        extra = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Content-Type": "application/octet-stream"}
-        return 200, extra, data
+        extra = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Content-Type": "application/octet-stream",
+                 "Accept-Ranges": "bytes"}
+        wanted = headers.get("Range") if method == "GET" else None
+        if wanted is None:
+            if method == "GET":
+                self.downloads.append((repo, path))
+            return 200, extra, data
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
+        if match is None or not any(match.groups()):
+            raise _HTTPError(416, f"unsupported Range header {wanted!r}")
+        first, last = match.groups()
+        if first == "":  # the last N bytes
+            start, stop = max(len(data) - int(last), 0), len(data) - 1
+        else:
+            start, stop = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+        if start >= len(data) or start > stop:
+            return 416, {**extra, "Content-Range": f"bytes */{len(data)}"}, b""
+        return 206, {**extra, "Content-Range": f"bytes {start}-{stop}/{len(data)}"}, data[start:stop + 1]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -337,6 +394,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # keep the test output quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._lock:
+            self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._lock:
+            self.fake._connections.discard(self.connection)
+        super().finish()
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

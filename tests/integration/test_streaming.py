@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +25,22 @@ from osscar_hf.arch import get_spec
 from osscar_hf.errors import OsscarError, UnsupportedModelError
 from osscar_hf.io import SaveError
 from osscar_hf.pipeline import BlockStream
-from osscar_hf.streaming import INDEX_NAME, PROGRESS_NAME, REPORT_NAME, CheckpointError, ResumeError, partial_folder
+from osscar_hf.streaming import (
+    INDEX_NAME,
+    PROGRESS_NAME,
+    REPORT_NAME,
+    CheckpointError,
+    ConcurrentRunError,
+    LocalFiles,
+    ResumeError,
+    ShardReader,
+    lock_file,
+    partial_folder,
+)
+from osscar_hf.streaming.resume import _fingerprint
 from tests.conftest import VOCAB, make_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -206,8 +224,8 @@ def test_refusals(sharded, tmp_path, calibration_texts):
         _prune(calibration_texts, sharded, sharded, overwrite=True)
     with pytest.raises(SaveError, match="inside it"):
         _prune(calibration_texts, sharded, tmp_path, overwrite=True)
-    with pytest.raises(CheckpointError, match="download it first"):
-        _prune(calibration_texts, "facebook/opt-125m", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="neither a local checkpoint folder nor a Hub model id"):
+        _prune(calibration_texts, tmp_path / "no-such-folder", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(SaveError, match="not empty"):
@@ -278,6 +296,7 @@ def test_an_interrupted_run_resumes_with_identical_output(tmp_path, tokenizer, c
     partial = partial_folder(target.absolute())
     assert not target.exists() and (partial / PROGRESS_NAME).is_file()
     assert len(json.loads((partial / PROGRESS_NAME).read_text())["blocks"]) == 2
+    assert not lock_file(target.absolute()).exists()  # released and removed on the way out
 
     calls.clear()
     _interrupt_at(monkeypatch, -1, calls)
@@ -335,3 +354,88 @@ def test_a_failure_before_any_block_leaves_nothing(sharded, tmp_path, calibratio
     with pytest.raises(KeyboardInterrupt):
         _prune(calibration_texts, sharded, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["dense"]
+
+
+def test_settings_that_do_not_change_the_result_do_not_block_a_resume(sharded, calibration_texts, monkeypatch):
+    """``_fingerprint`` leaves out the config fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS``."""
+    monkeypatch.setattr(OsscarConfig, "RESULT_NEUTRAL_FIELDS", ("batch_size",), raising=False)
+    files, windows = LocalFiles(sharded), torch.zeros(2, 8, dtype=torch.long)
+    reader = ShardReader(files)
+
+    def fingerprint(**changes) -> dict:
+        pruner = OsscarPruner(OsscarConfig(**{**SMALL, "dataset": calibration_texts, **changes}))
+        return _fingerprint(files, reader, pruner, windows, torch.device("cpu"))
+
+    assert "batch_size" not in fingerprint()["config"]
+    assert fingerprint(batch_size=1) == fingerprint(batch_size=4)
+    assert fingerprint(mlp_sparsity=0.5) != fingerprint(mlp_sparsity=0.25)
+
+
+# --------------------------------------------------------------------------- one run per output folder
+# Runs in a second interpreter: streams SOURCE into TARGET with the tests' settings, says when block 1 is about to be
+# solved, and waits there (until it is killed).
+SECOND_RUN = r"""
+import sys
+from osscar_hf import OsscarConfig, OsscarPruner
+from osscar_hf.pipeline import BlockStream
+from tests.conftest import make_text
+
+source, target = sys.argv[1], sys.argv[2]
+real = BlockStream.prune
+
+def prune(self, index, block):
+    if index == 1:
+        print("solving block 1", flush=True)
+        sys.stdin.readline()
+    return real(self, index, block)
+
+BlockStream.prune = prune
+words = make_text().split()
+texts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
+config = OsscarConfig(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=texts, num_samples=8, seq_len=32, batch_size=4,
+                      device="cpu")
+OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+"""
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_run_does_not_block(
+        tmp_path, tokenizer, calibration_texts, monkeypatch):
+    source = _checkpoint(tmp_path / "dense", "llama-gqa", {"num_hidden_layers": 3}, {"max_shard_size": "20KB"},
+                         tokenizer)
+    target = (tmp_path / "out").absolute()
+    partial, lock = partial_folder(target), lock_file(target)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    other = subprocess.Popen([sys.executable, "-c", SECOND_RUN, str(source), str(target)], cwd=ROOT, env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or lines[-1] not in ("solving block 1\n", ""):
+            lines.append(other.stdout.readline())
+        assert lines[-1], other.stderr.read()[-3000:]  # the other run got to block 1
+        before = {p.name: p.read_bytes() for p in partial.iterdir()}
+        assert json.loads(lock.read_text())["pid"] == other.pid
+        calibrated: list[int] = []
+        real_windows = OsscarPruner.calibration_windows
+        monkeypatch.setattr(OsscarPruner, "calibration_windows",
+                            lambda self, *a: calibrated.append(1) or real_windows(self, *a))
+        with pytest.raises(ConcurrentRunError, match=rf"another prune_checkpoint run is writing to {target} \(pid "
+                                                     rf"{other.pid} on {socket.gethostname()}, started .*pruning "
+                                                     rf"{source}\).*{lock.name}.*wait for that run to finish"):
+            _prune(calibration_texts, source, target)
+        assert calibrated == []  # refused at once, before any work
+        assert {p.name: p.read_bytes() for p in partial.iterdir()} == before  # the other run's folder untouched
+        assert other.poll() is None
+    finally:
+        other.send_signal(signal.SIGKILL)  # as a crash: no clean-up runs
+        other.wait(timeout=30)
+        other.stdout.close()
+        other.stderr.close()
+    assert lock.exists()  # left behind by the killed run, and harmless: its lock died with it
+    calls: list[int] = []
+    _interrupt_at(monkeypatch, -1, calls)
+    assert _prune(calibration_texts, source, target) == target
+    assert calls == [1, 2]  # the killed run's block 0 is kept
+    assert not lock.exists() and not partial.exists()
+    reference = _prune(calibration_texts, source, tmp_path / "reference")
+    a, b = _tensors(reference), _tensors(target)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

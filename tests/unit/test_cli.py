@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from osscar_hf import cli
 from osscar_hf.demo import DemoResult, ModelMeasurements
@@ -161,7 +162,8 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("command, options", [
     ("prune", ["--attention-sparsity", "--mlp-sparsity", "--dataset", "--output", "--num-samples", "--seq-len",
-               "--seed", "--device", "--batch-size", "--dtype", "--push-to-hub", "--eval", "--overwrite"]),
+               "--seed", "--device", "--batch-size", "--dtype", "--push-to-hub", "--eval", "--overwrite",
+               "--format", "{auto,stock,osscar,remote-code}", "trust_remote_code=True"]),
     ("eval", ["--dataset", "--seq-len", "--max-windows", "--stride", "--batch-size", "--device", "--dtype"]),
     ("push", ["--private", "--token", "DIR", "REPO"]),
 ])
@@ -184,6 +186,8 @@ def test_top_level_help_lists_every_command(capsys) -> None:
     (["prune", "m", "--mlp-sparsity", "0.5", "--dataset", "d.txt", "--output", "o"], "--attention-sparsity"),
     (["prune", "m", "--attention-sparsity", "0.5", "--mlp-sparsity", "1.5", "--dataset", "d", "--output", "o"],
      "'1.5'"),
+    (["prune", "m", "--attention-sparsity", "0", "--mlp-sparsity", "0.5", "--dataset", "d", "--output", "o",
+      "--format", "gguf"], "invalid format 'gguf': expected one of auto, stock, osscar, remote-code"),
     (["eval", "m"], "--dataset"),
     (["eval", "m", "--dataset", "wikitext2", "--stride", "0"], "'0'"),
     (["eval", "m", "--dataset", "wikitext2", "--device", "tpu"], "'tpu'"),
@@ -227,6 +231,92 @@ def test_prune_writes_a_reloadable_model_folder(workdir, tmp_path, capsys, kind,
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_format_type_maps_remote_code_to_the_save_pruned_name() -> None:
+    assert [cli.checkpoint_format(v) for v in ("auto", "stock", "osscar", "remote-code", "Remote_Code")] == [
+        "auto", "stock", "osscar", "remote_code", "remote_code"]
+    assert cli.build_parser().parse_args(["prune", "m", "--attention-sparsity", "0", "--mlp-sparsity", "0",
+                                          "--dataset", "d", "--output", "o"]).format == "auto"
+
+
+def test_prune_format_remote_code_loads_with_trust_remote_code(workdir, tmp_path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from osscar_hf import OsscarConfig, OsscarPruner
+
+    out = tmp_path / "rc"
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out), "--format", "remote-code"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert {"configuration_osscar.py", "modeling_osscar.py", "model.safetensors", "tokenizer.json",
+            "osscar_report.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["model_type"] == "osscar_opt" and "quantization_config" not in config
+    assert config["osscar_block_shapes"] == [{"num_attention_heads": 2, "num_key_value_heads": 2, "ffn_dim": 24}] * 2
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "trust_remote_code=True" in card and "import osscar_hf" not in card and "| 0 | 2 / 4 | 24 / 48 |" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(reloaded).__name__ == "OsscarOPTForCausalLM"
+    settings = OsscarConfig(0.5, 0.5, dataset=str(workdir / "calib.txt"), num_samples=4, seq_len=32, batch_size=2,
+                            device="cpu")
+    expected = OsscarPruner(settings).prune(make_model("opt", seed=1), make_tokenizer(), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_format_stock_that_cannot_be_expressed_is_one_line(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "stock"
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out), "--format", "stock"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "cannot save a stock checkpoint" in line and "derives head_dim" in line
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_prune_stream_refuses_an_impossible_format_before_any_work(workdir, tmp_path, capsys, monkeypatch) -> None:
+    from osscar_hf.pipeline import BlockStream
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("a block was pruned before the format was checked")
+
+    monkeypatch.setattr(BlockStream, "prune", no_pruning)
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "o"), "--stream", "--format", "stock"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "cannot save a stock checkpoint" in line and "derives head_dim" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no partial folder, no lock file
+
+
+def test_prune_stream_remote_code_format_matches_in_memory(workdir, tmp_path, capsys) -> None:
+    calib = ["--dataset", str(workdir / "calib.txt"), "--format", "remote-code"]
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "mem")]) == 0
+    assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "streamed"),
+                 "--stream"]) == 0
+    for name in ("configuration_osscar.py", "modeling_osscar.py"):
+        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "mem" / name).read_text()
+    mem_cfg = json.loads((tmp_path / "mem" / "config.json").read_text())
+    streamed_cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert streamed_cfg["model_type"] == "osscar_opt" and "quantization_config" not in streamed_cfg
+    for key in ("auto_map", "architectures", "osscar_block_shapes", "osscar_layout", "ffn_dim", "num_attention_heads"):
+        assert streamed_cfg[key] == mem_cfg[key], key
+    assert "trust_remote_code=True" in (tmp_path / "streamed" / "README.md").read_text()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem", trust_remote_code=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", trust_remote_code=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    # eval runs the shipped modeling code only when asked to.
+    evaluate = ["eval", str(tmp_path / "streamed"), "--dataset", str(workdir / "eval.txt"), "--seq-len", "32",
+                "--device", "cpu"]
+    assert _run(evaluate) == 1
+    assert "trust_remote_code" in _one_error_line(capsys.readouterr().err)
+    assert _run([*evaluate, "--trust-remote-code", "--json", str(tmp_path / "ppl.json")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mem", trust_remote_code=True)
+    _, tokenizer = load_model_and_tokenizer(workdir / "src-opt", device="cpu")
+    expected = evaluate_perplexity(model, tokenizer, [(workdir / "eval.txt").read_text(encoding="utf-8")], seq_len=32)
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == pytest.approx(expected.perplexity,
+                                                                                          rel=1e-6)
 
 
 def test_prune_with_eval_records_dense_and_pruned_perplexity(workdir, tmp_path, capsys) -> None:
@@ -393,9 +483,15 @@ def test_missing_local_model_folder_fails_fast(tmp_path, capsys, command) -> Non
 def test_prune_stream_writes_the_same_model_as_in_memory(workdir, tmp_path, capsys) -> None:
     calib = ["--dataset", str(workdir / "calib.txt")]
     assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "mem")]) == 0
+    acts = tmp_path / "acts"
+    acts.mkdir()
     assert _run(["prune", str(workdir / "src-opt"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "streamed"),
-                 "--stream"]) == 0
+                 "--stream", "--activation-storage", "disk", "--activation-dir", str(acts)]) == 0
     assert f"wrote {tmp_path / 'streamed'}" in capsys.readouterr().out
+    assert list(acts.iterdir()) == []  # the on-disk activations were there, and are gone
+    activations = json.loads((tmp_path / "streamed" / "osscar_report.json").read_text())["activations"]
+    assert activations["storage"] == "disk" and activations["files_written"] > 0
+    assert str(acts) not in (tmp_path / "streamed" / "README.md").read_text()
     for name in ("config.json", "osscar_report.json", "README.md", "tokenizer.json"):
         assert (tmp_path / "streamed" / name).is_file(), name
     mem, _ = load_model_and_tokenizer(tmp_path / "mem", device="cpu")

@@ -1,0 +1,140 @@
+"""Resuming an interrupted streaming run: the fingerprint of everything the output depends on, and the
+progress record in the partial folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import OsscarError
+from ..io.save import CONFIG_NAME
+from .sources import INDEX_NAME, CheckpointError, HubFiles, LocalFiles, ShardReader
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..pruner import OsscarPruner
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_NAME = "osscar_progress.json"
+
+
+class ResumeError(OsscarError, ValueError):
+    """An interrupted streaming run left a partial folder, but with different settings or source."""
+
+
+def partial_folder(target: Path) -> Path:
+    """Where :func:`prune_checkpoint` builds the checkpoint for ``target`` (kept when a run is interrupted)."""
+    return target.parent / f".{target.name}.osscar-partial"
+
+
+def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: OsscarPruner, windows: torch.Tensor,
+                 device: torch.device) -> dict[str, Any]:
+    """Everything the output depends on: a partial run resumes only when all of it is unchanged.
+
+    The source: a local folder's real path and its files' sizes and mtimes, or a Hub repository's id, the commit
+    its revision resolved to and its files' sizes and blob ids (LFS sha256). The settings leave out the config
+    fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS`` (where activations are kept, say): they do not change
+    the result, so changing them does not block a resume.
+    """
+    import transformers
+
+    from .. import __version__
+    from ..config import describe_dataset
+
+    names = {CONFIG_NAME, *reader.weight_map.values()} | ({INDEX_NAME} if files.has(INDEX_NAME) else set())
+    cfg = pruner.config
+    neutral = set(getattr(type(cfg), "RESULT_NEUTRAL_FIELDS", ()))
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in neutral}
+    return json.loads(json.dumps({
+        **files.fingerprint(names),
+        "config": settings | {"dataset": describe_dataset(cfg.dataset, cfg.text_column)},
+        "calibration": {"shape": list(windows.shape),
+                        "sha256": hashlib.sha256(windows.contiguous().cpu().numpy().tobytes()).hexdigest()},
+        "device": str(device),
+        "versions": {"osscar_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }, default=str))
+
+
+def _read_progress(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / PROGRESS_NAME).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) and data.get("version") == 1 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]]) -> None:
+    """Record the finished blocks, atomically (a crash leaves the previous record or this one)."""
+    path = folder / PROGRESS_NAME
+    tmp = folder / f".{PROGRESS_NAME}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"version": 1, "fingerprint": fingerprint, "blocks": done}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
+    """The blocks an interrupted run in ``folder`` finished, when it can be continued; [] to start afresh."""
+    if not folder.exists():
+        return []
+    progress = _read_progress(folder)
+    if not resume or progress is None:
+        if progress is not None:
+            logger.warning("discarding the partial run in %s (resume=False)", folder)
+        shutil.rmtree(folder)
+        return []
+    if progress["fingerprint"] != fingerprint:
+        changes = _differences(progress["fingerprint"], fingerprint)
+        old, new = progress["fingerprint"].get("source"), fingerprint.get("source")
+        hint = ""
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("hub") == new.get("hub") and \
+                old.get("commit") != new.get("commit"):
+            hint = (f"; {new.get('hub')} has moved from commit {old.get('commit')} to {new.get('commit')} since the "
+                    f"interrupted run: pass revision={old.get('commit')!r} to finish it from the commit it started with")
+        raise ResumeError(
+            f"{folder} holds an interrupted run with other settings or another source ({'; '.join(changes[:6])}); "
+            "run again with the same settings to continue it, or pass resume=False to discard it and start over"
+            f"{hint}"
+        )
+    done: list[dict[str, Any]] = []
+    for entry in progress["blocks"]:
+        try:
+            shapes = ShardReader._shapes(folder / entry["shard"])
+        except CheckpointError as exc:
+            logger.warning("block %d of the partial run must be pruned again: %s", len(done), exc)
+            break
+        if sorted(shapes) != sorted(entry["tensors"]):
+            break
+        done.append(entry)
+    logger.info("resuming the interrupted run in %s after %d finished blocks", folder, len(done))
+    return done
+
+
+def _block_report(data: dict[str, Any]) -> Any:
+    from ..report import BlockReport, ConsumerReport
+
+    data = dict(data)
+    data["attention"] = ConsumerReport(**data["attention"])
+    data["mlp"] = ConsumerReport(**data["mlp"])
+    return BlockReport(**data)
+
+
