@@ -6,9 +6,10 @@
    without ever holding more than one block of it in memory.
 2. Prunes it with ``prune_checkpoint`` in a fresh child process and reads that process's peak RSS.
 3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
-   activations (block inputs and next inputs), the two Gram matrices, and the solver's working set for
-   the largest consumer (about 3 p^2 + p q values in the solver dtype: the swept system, the Cholesky
-   factor and the inverse), on top of the interpreter with torch and transformers imported.
+   activations (block inputs and next inputs) and the two Gram matrices (the bound), and the solver's
+   working set for the largest consumer beyond its Gram matrix (two p x q values in the solver dtype, plus
+   a p x p working copy of the Gram unless ``solve_layer`` is called with ``in_place=True``), on top of
+   the interpreter with torch and transformers imported.
 
 Prints a table and writes benchmarks/results/memory.md and memory.json. Random weights are fine here:
 memory and time do not depend on the values.
@@ -91,11 +92,10 @@ def _memory_status() -> tuple[int, int]:
 def child(args: argparse.Namespace) -> None:
     """Run in a fresh process: prune the checkpoint streaming and print measurements as JSON."""
     import torch
+    import transformers  # noqa: F401  (what the pruning needs anyway, so the baseline includes it)
 
     import osscar_hf  # noqa: F401
     from osscar_hf import OsscarConfig, OsscarPruner
-
-    import transformers  # noqa: F401  (what the pruning needs anyway, so the baseline includes it)
 
     baseline, _ = _memory_status()
     ids = torch.randint(2, args.vocab, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -110,6 +110,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "baseline_rss": baseline, "peak_rss": peak, "seconds": seconds,
         "block_seconds": [b.seconds for b in pruner.report.blocks],
+        "block_peak_rss": [b.peak_host_rss_bytes for b in pruner.report.blocks],
         "parameters_before": pruner.report.parameters_before, "parameters_after": pruner.report.parameters_after,
     }))
 
@@ -149,7 +150,8 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", "--checkpoint", str(source), "--output", str(output),
                *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k not in ("child", "checkpoint", "output", "workdir", "keep")]]
-    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                         check=False)
     if run.returncode != 0:
         sys.exit(f"the pruning process failed:\n{run.stderr[-4000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -159,16 +161,19 @@ def main() -> None:
     block = (4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h) * s
     activations = 2 * args.num_samples * args.seq_len * h * s  # this block's inputs and the next block's
     grams = (f * f + h * h) * 4
-    solver = (3 * f * f + f * h) * solver_bytes
+    # The solver's memory beyond the Gram matrix it is given (osscar_hf.solver.layer.solve_layer): two (p, q)
+    # tensors, plus a p x p working copy of the Gram unless the pipeline lets it work in place.
+    solver = (f * f + 2 * f * h) * solver_bytes
     bound = block + activations + grams
     peak_over_baseline = result["peak_rss"] - result["baseline_rss"]
+    block_peaks = [b for b in result.get("block_peak_rss", []) if b is not None]
     rows = [
         ("checkpoint size", size),
         ("largest block", block),
         ("calibration activations (inputs + next inputs)", activations),
         ("Gram matrices (fc2 + out_proj, fp32)", grams),
         ("bound: block + activations + Grams", bound),
-        (f"solver working set for fc2 (3p^2 + pq, {args.solver_dtype})", solver),
+        (f"solver working set for fc2 (copy of H + 2pq, {args.solver_dtype}; 2pq in place)", solver),
         ("bound + solver working set", bound + solver),
         ("interpreter with torch + transformers (RSS before pruning)", result["baseline_rss"]),
         ("peak RSS of the pruning process", result["peak_rss"]),
@@ -177,21 +182,24 @@ def main() -> None:
     lines = [
         "# Streaming pruning: peak host memory",
         "",
-        f"Random OPT checkpoint: {args.layers} layers, hidden {h}, FFN {f}, {args.heads} heads, vocab {args.vocab}, "
-        f"bfloat16, one shard per block. `prune_checkpoint` on the CPU, attention sparsity {args.attention_sparsity}, "
-        f"MLP sparsity {args.mlp_sparsity}, {args.num_samples} calibration windows of {args.seq_len} tokens, solver "
-        f"{args.solver_dtype}. Peak RSS is the pruning process's own `VmHWM` (Linux /proc). Machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPUs.",
+        (f"Random OPT checkpoint: {args.layers} layers, hidden {h}, FFN {f}, {args.heads} heads, vocab {args.vocab}, "
+         f"bfloat16, one shard per block. `prune_checkpoint` on the CPU, attention sparsity "
+         f"{args.attention_sparsity}, MLP sparsity {args.mlp_sparsity}, {args.num_samples} calibration windows of "
+         f"{args.seq_len} tokens, solver {args.solver_dtype}. Peak RSS is the pruning process's own `VmHWM` (Linux "
+         f"/proc). Machine: {platform.machine()}, {os.cpu_count()} CPUs."),
         "",
         "| quantity | GiB |",
         "|---|---:|",
         *[f"| {name} | {value / GIB:.2f} |" for name, value in rows],
         "",
-        f"Peak RSS above the interpreter / (bound + solver working set): "
-        f"{peak_over_baseline / (bound + solver):.2f}x; peak RSS / checkpoint size: {result['peak_rss'] / size:.2f}x.",
-        f"Pruning took {result['seconds']:.0f} s ({len(result['block_seconds'])} blocks, median "
-        f"{sorted(result['block_seconds'])[len(result['block_seconds']) // 2]:.1f} s per block); parameters "
-        f"{result['parameters_before']:,} -> {result['parameters_after']:,}.",
+        (f"Peak RSS above the interpreter / bound: {peak_over_baseline / bound:.2f}x; / (bound + solver working "
+         f"set): {peak_over_baseline / (bound + solver):.2f}x; peak RSS / checkpoint size: "
+         f"{result['peak_rss'] / size:.2f}x."),
+        (f"Pruning took {result['seconds']:.0f} s ({len(result['block_seconds'])} blocks, median "
+         f"{sorted(result['block_seconds'])[len(result['block_seconds']) // 2]:.1f} s per block); parameters "
+         f"{result['parameters_before']:,} -> {result['parameters_after']:,}."),
+        *([(f"Process peak RSS when block 0 was done: {block_peaks[0] / GIB:.2f} GiB; when the last block was "
+            f"done: {block_peaks[-1] / GIB:.2f} GiB.")] if block_peaks else []),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -91,6 +91,8 @@ def _block_device(block: nn.Module) -> torch.device:
 
 
 def _solve(stats: _GramStats, consumer: nn.Linear, settings: ProblemSettings) -> LayerSolution:
+    # The Gram is dropped right after (``stats.pop``), so the solver may use its storage as its p x p workspace
+    # (when it is already in the solver dtype): the largest consumer then needs no second p x p matrix.
     return solve_layer(
         stats.H,
         consumer.weight.detach().T,
@@ -102,6 +104,7 @@ def _solve(stats: _GramStats, consumer: nn.Linear, settings: ProblemSettings) ->
         swap_size=settings.swap_size,
         dtype=settings.dtype,
         cross_gram=stats.G,
+        in_place=True,
     )
 
 

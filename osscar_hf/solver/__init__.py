@@ -7,7 +7,9 @@
     solution = solve_layer(H, linear.weight.T, group_size=1, num_keep=p // 2, step=10, swap_size=10)
 
 See ALGORITHM.md for the math: stage A (greedy backward elimination, :mod:`.elimination`), stage B
-(local search by swaps, :mod:`.local_search`), both on the swept system of :mod:`.sweep`.
+(local search by swaps, :mod:`.local_search`), both on the swept system of :mod:`.sweep`. Memory: the solve
+works in one ``p x p`` buffer (:mod:`.packed`: the swept system in its lower triangle, H untouched in its
+upper one) plus ``O(p q)``; with ``in_place=True`` that buffer is H's own storage, lent for the call.
 """
 
 from __future__ import annotations

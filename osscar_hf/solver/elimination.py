@@ -12,14 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from osscar_hf.solver.sweep import apply_pivot, channels_of, prepare_pivot, removal_scores
+from osscar_hf.solver.sweep import (
+    SweptSystem,
+    apply_pivot,
+    channels_of,
+    prepare_pivot,
+    removal_scores,
+)
 
-__all__ = ["EliminationResult", "eliminate", "elimination_schedule", "initial_system", "remove_groups"]
+__all__ = ["EliminationResult", "eliminate", "elimination_schedule", "remove_groups"]
 
 
 @dataclass
 class EliminationResult:
-    """What stage A leaves behind (the swept system ``B`` itself is updated in place)."""
+    """What stage A leaves behind (the swept system itself is updated in place)."""
 
     kept: torch.Tensor  # (m,) bool mask of kept groups
     removal_order: torch.Tensor  # (m - s,) int64, in the order removed (cheapest first within a step)
@@ -41,44 +47,36 @@ def elimination_schedule(num_groups: int, num_keep: int, step: int) -> list[int]
     return [base + 1] * extra + [base] * (n - extra)
 
 
-def initial_system(Hinv: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """The swept system with every channel kept: ``[-Hb^{-1} | W]`` with W the unconstrained optimum."""
-    p, q = W.shape
-    B = torch.empty(p, p + q, dtype=Hinv.dtype, device=Hinv.device)
-    torch.neg(Hinv, out=B[:, :p])
-    B[:, p:] = W
-    return B
-
-
-def remove_groups(B: torch.Tensor, groups: torch.Tensor, group_size: int) -> float:
-    """Remove kept ``groups`` from the support of ``B`` (one block downdate); return the increase of f."""
+def remove_groups(system: SweptSystem, groups: torch.Tensor, group_size: int) -> float:
+    """Remove kept ``groups`` from the support (one block downdate of ``system``); return the increase of f."""
     channels = channels_of(groups, group_size)
-    sign = torch.full((channels.numel(),), -1.0, dtype=B.dtype, device=B.device)
-    pivot = prepare_pivot(B, channels, sign)
-    apply_pivot(B, pivot)
+    packed = system.packed
+    sign = torch.full((channels.numel(),), -1.0, dtype=packed.dtype, device=packed.device)
+    pivot = prepare_pivot(system, channels, sign)
+    apply_pivot(system, pivot)
     return pivot.delta
 
 
 def eliminate(
-    B: torch.Tensor, *, group_size: int, num_keep: int, step: int, objective_start: float
+    system: SweptSystem, *, group_size: int, num_keep: int, step: int, objective_start: float
 ) -> EliminationResult:
-    """Run stage A on the full swept system ``B`` (as built by :func:`initial_system`), in place."""
-    p = B.shape[0]
-    m = p // group_size
-    kept = torch.ones(m, dtype=torch.bool, device=B.device)
+    """Run stage A in place on the swept system with every channel kept, ``[-Hb^{-1} | W_dense]``."""
+    device = system.packed.device
+    m = system.packed.shape[0] // group_size
+    kept = torch.ones(m, dtype=torch.bool, device=device)
     removed: list[torch.Tensor] = []
     objective = objective_start
     curve = [objective]
     counts = [m]
     for size in elimination_schedule(m, num_keep, step):
-        scores = removal_scores(B, kept, group_size)
+        scores = removal_scores(system, kept, group_size)
         cheapest = torch.topk(scores, size, largest=False, sorted=True).indices
-        objective += remove_groups(B, cheapest, group_size)
+        objective += remove_groups(system, cheapest, group_size)
         kept[cheapest] = False
         removed.append(cheapest)
         curve.append(objective)
         counts.append(counts[-1] - size)
-    order = torch.cat(removed) if removed else torch.zeros(0, dtype=torch.int64, device=B.device)
+    order = torch.cat(removed) if removed else torch.zeros(0, dtype=torch.int64, device=device)
     return EliminationResult(
         kept=kept,
         removal_order=order,

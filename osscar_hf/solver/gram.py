@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from osscar_hf.solver.packed import empty_square
+
 __all__ = ["accumulate_cross_gram", "accumulate_gram", "new_gram"]
 
 
 def new_gram(p: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Return an empty (all-zero) ``(p, p)`` float32 Gram matrix on ``device``."""
+    """Return an empty (all-zero) ``(p, p)`` float32 Gram matrix on ``device``.
+
+    The matrix is row-major with a slightly padded row stride (:func:`~osscar_hf.solver.packed.
+    padded_row_stride`: a view of the first p columns of a ``(p, p + pad)`` tensor, pad <= 32), so it is not
+    ``contiguous()``: ``solve_layer(..., in_place=True)`` then works in this storage at full speed.
+    """
     if p < 1:
         raise ValueError(f"p must be a positive number of input channels, got {p}")
-    return torch.zeros(p, p, dtype=torch.float32, device=device)
+    return empty_square(p, torch.float32, device).zero_()
 
 
 def _flatten_rows(X: torch.Tensor, width: int, name: str, target: torch.Tensor) -> torch.Tensor:

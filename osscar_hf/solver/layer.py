@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from osscar_hf.solver.elimination import eliminate, initial_system
+from osscar_hf.solver.elimination import eliminate
 from osscar_hf.solver.local_search import local_search
+from osscar_hf.solver.packed import (
+    empty_square,
+    inner,
+    mirror_upper_,
+    panel_width,
+    quadratic_form,
+)
 from osscar_hf.solver.problem import (
     absolute_damping,
     check_finite,
     check_gram_diagonal,
-    damped_cholesky,
+    damped_inverse_,
     damped_targets,
     objective,
-    refit,
+    refit_in_place,
     relative_error,
     validate_arguments,
 )
-from osscar_hf.solver.sweep import channels_of
+from osscar_hf.solver.sweep import SweptSystem, channels_of
 
 __all__ = ["LayerSolution", "solve_layer"]
 
@@ -41,7 +49,7 @@ class LayerSolution:
     removal_order: torch.Tensor  # int64, groups in the order stage A removed them
     swaps_accepted: int
     damping_used: float  # the absolute lam finally used
-    seconds_stage_a: float  # damping, factorisation, inverse and elimination
+    seconds_stage_a: float  # checks, Gb, damping, the swept system (inverse) and elimination
     seconds_local_search: float
     objective_curve: torch.Tensor | None = None  # float64 (n_steps + 1,): f before and after each stage-A step
     curve_num_kept: torch.Tensor | None = None  # int64 (n_steps + 1,): kept groups at each curve point
@@ -67,11 +75,13 @@ def solve_layer(
     dtype: torch.dtype = torch.float64,
     cross_gram: torch.Tensor | None = None,
     halve_on_failure: bool = False,
+    in_place: bool = False,
 ) -> LayerSolution:
     """Keep ``num_keep`` of the ``m = p / group_size`` input groups of a linear layer and refit its weights.
 
     Args:
-        H: ``(p, p)`` Gram matrix of the layer's inputs (running mean ``X^T X / N``, float32).
+        H: ``(p, p)`` Gram matrix of the layer's inputs (running mean ``X^T X / N``, float32). It is taken to
+            be symmetric: only its upper triangle and diagonal are read.
         W_hat: ``(p, q)`` dense weight, input-major (``linear.weight.T``).
         group_size: channels per group (1 for neurons, ``head_dim`` or ``n_rep * head_dim`` for heads).
         num_keep: groups to keep, in ``[0, m]``.
@@ -83,6 +93,17 @@ def solve_layer(
         cross_gram: optional ``X_pruned^T X_dense / N`` for dense targets: ``Gb = (cross_gram + lam I) W_hat``.
         halve_on_failure: when a stage-B round does not improve, halve the swap size and retry instead of
             stopping.
+        in_place: use H's own storage as the solver's ``p x p`` workspace instead of a copy of H, which
+            saves ``p^2`` values of peak memory. Takes effect when H is row-major (``H.stride(1) == 1``, as
+            from :func:`new_gram`, or contiguous) and already in ``dtype``; otherwise a working copy is
+            made and H is not touched. H's lower triangle and diagonal are then overwritten during the call
+            and restored before it returns or raises: afterwards H is the symmetric matrix of its upper
+            triangle and diagonal (bit for bit the H passed in when that was exactly symmetric, which
+            ``X^T X`` from a matrix product need not be, by rounding). The solution does not depend on
+            ``in_place``. Do not read H from another thread during the call.
+
+    Memory: besides H (or its copy), ``O(p q)``: about two ``(p, q)`` tensors in ``dtype`` (three with
+    ``cross_gram``) plus ``O(p * max(256, p / 16))`` temporaries; no other ``p x p`` matrix is ever allocated.
 
     Raises:
         ValueError: an argument is out of range.
@@ -109,24 +130,95 @@ def solve_layer(
     if num_keep == m:
         return _keep_everything(m, H, W_hat, damping, dtype, cross_gram, started)
 
-    device = H.device
-    p = H.shape[0]
-    W0 = W_hat.to(device=device, dtype=dtype, copy=True)
-    W0[H.diagonal() == 0] = 0.0  # dead input channels
+    row_major = H.stride(1) == 1 and H.stride(0) >= H.shape[0]
+    borrowed = in_place and H.dtype == dtype and row_major
+    if borrowed:
+        packed = H
+    else:  # same layout as H when possible, so that in_place=True and False give identical results
+        packed = empty_square(H.shape[0], dtype, H.device, H.stride(0) if row_major else None)
+        packed.copy_(H)
+    diagonal = packed.diagonal().clone()
+    try:
+        return _solve(packed, diagonal, H, W_hat, group_size, num_keep, damping, step, local_search_iters,
+                      swap_size, cross_gram, halve_on_failure, started)
+    except BaseException:
+        if borrowed:
+            mirror_upper_(packed, diagonal)  # give the caller its H back
+        raise
 
-    damped = damped_cholesky(H, damping, dtype)
-    lam = damped.lam
-    Gb = None if cross_gram is None else damped_targets(cross_gram, W0, lam)
-    W_dense = W0 if Gb is None else torch.cholesky_solve(Gb, damped.factor)
-    B = initial_system(torch.cholesky_inverse(damped.factor), W_dense)
-    del damped
-    stage_a = eliminate(B, group_size=group_size, num_keep=num_keep, step=step, objective_start=0.0)
+
+def _dense_weight(W_hat: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """``W_hat`` as a contiguous ``(p, q)`` tensor in the solver's dtype and device, dead channels zeroed."""
+    W0 = torch.empty(W_hat.shape, dtype=diagonal.dtype, device=diagonal.device)
+    W0.copy_(W_hat)
+    W0[diagonal == 0] = 0.0  # dead input channels
+    return W0
+
+
+def _matmul_rows(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``A @ X`` in X's dtype, converting ``A`` one row panel at a time (no converted copy of A)."""
+    out = torch.empty(A.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
+    width = panel_width(A.shape[0])
+    for r0 in range(0, A.shape[0], width):
+        out[r0:r0 + width] = A[r0:r0 + width].to(device=X.device, dtype=X.dtype) @ X
+    return out
+
+
+def _damped_targets(source_W0: torch.Tensor, W0: torch.Tensor) -> Callable[[float], torch.Tensor]:
+    """``lam -> Gb = source @ W0 + lam W0`` (a new tensor), given ``source @ W0``."""
+    return lambda lam: torch.add(source_W0, W0, alpha=lam)
+
+
+def _solve(
+    packed: torch.Tensor,
+    diagonal: torch.Tensor,
+    H: torch.Tensor,
+    W_hat: torch.Tensor,
+    group_size: int,
+    num_keep: int,
+    damping: float,
+    step: int,
+    local_search_iters: int,
+    swap_size: int,
+    cross_gram: torch.Tensor | None,
+    halve_on_failure: bool,
+    started: float,
+) -> LayerSolution:
+    """:func:`solve_layer` on the workspace ``packed`` (holding H; H again on return) with ``diag H``; ``H``
+    is the caller's matrix (``packed`` itself when borrowed), read only before the workspace is modified.
+
+    Memory, in ``(p, q)`` tensors next to ``packed``: ``W0`` and ``H W0`` (then Gb) until the swept system is
+    built, the swept values and Gb during stages A and B, then ``Gb_S`` (solved in place into ``W_S``), the
+    output weight and ``D = W - W0`` for the errors.
+    """
+    device = packed.device
+    p = packed.shape[0]
+    m = p // group_size
+    W0 = _dense_weight(W_hat, diagonal)
+    mirror_upper_(packed, diagonal)  # from here on, only H's upper triangle counts
+
+    # Everything that needs all of H before its lower triangle becomes the swept system: Gb and the scalars.
+    if cross_gram is None:
+        HW0 = packed @ W0
+        denominator = inner(W0, HW0)  # tr(W0^T H W0), for the relative errors
+        lam, _ = damped_inverse_(packed, diagonal, H, damping)
+        Gb = HW0.add_(W0, alpha=lam)
+        del HW0
+        system = SweptSystem(packed, W0)  # [-Hb^{-1} | W_dense]: the unconstrained optimum is W0 itself
+        objective_dense = -0.5 * inner(Gb, W0)
+    else:
+        denominator = quadratic_form(packed, W0)
+        CW0 = _matmul_rows(cross_gram, W0)
+        lam, W_dense = damped_inverse_(packed, diagonal, H, damping, _damped_targets(CW0, W0))
+        Gb = CW0.add_(W0, alpha=lam)
+        del CW0
+        system = SweptSystem(packed, W_dense)
+        objective_dense = -0.5 * inner(Gb, W_dense)
+        del W_dense
+    del W0
+    stage_a = eliminate(system, group_size=group_size, num_keep=num_keep, step=step, objective_start=0.0)
     _synchronize(device)
     after_stage_a = time.perf_counter()
-
-    if Gb is None:
-        Gb = damped_targets(H, W0, lam)
-    objective_dense = float(-0.5 * (Gb * W_dense).sum())
     objective_stage_a = objective_dense + float(stage_a.objective_curve[-1])
 
     kept = stage_a.kept
@@ -134,7 +226,7 @@ def solve_layer(
     before_search = time.perf_counter()
     if local_search_iters > 0:
         search = local_search(
-            B,
+            system,
             kept,
             group_size=group_size,
             swap_size=swap_size,
@@ -145,20 +237,30 @@ def solve_layer(
         kept, swaps = search.kept, search.swaps_accepted
     _synchronize(device)
     seconds_local_search = time.perf_counter() - before_search
-    del B
+    del system
 
+    # Fresh ridge refit on the final support, factored in the workspace's lower triangle.
     kept_groups = torch.nonzero(kept).flatten()
     channels = channels_of(kept_groups, group_size)
-    H_rows = H.index_select(0, channels).to(dtype)
-    W_S, objective_final = refit(H_rows, channels, lam, Gb)
+    W_S = Gb.index_select(0, channels)
+    del Gb
+    objective_final = refit_in_place(packed, channels, diagonal, lam, W_S)
     if swaps == 0:
         objective_stage_a = objective_final  # same support: report one value, from the fresh refit
-    H_W_hat = Gb - lam * W0 if cross_gram is None else H.to(dtype) @ W0
-    error = relative_error(H, H_rows, channels, W_S, W0, H_W_hat)
-    error_masked = relative_error(H, H_rows, channels, W0.index_select(0, channels), W0, H_W_hat)
+    mirror_upper_(packed, diagonal)  # packed is H again (and the caller's H, restored, when borrowed)
 
-    weight = torch.zeros(p, W_hat.shape[1], dtype=dtype, device=device)
+    # Reconstruction errors with the undamped H, tr(D^T H D) / tr(W0^T H W0): the masked W0 has D = -W0 on
+    # the pruned rows and 0 elsewhere; the refit W has D = W - W0.
+    weight = torch.zeros(p, W_hat.shape[1], dtype=packed.dtype, device=device)
     weight.index_copy_(0, channels, W_S)
+    del W_S
+    W0 = _dense_weight(W_hat, diagonal)
+    pruned_channels = channels_of(torch.nonzero(~kept).flatten(), group_size)
+    error_masked = relative_error(quadratic_form(packed, W0, pruned_channels), denominator)
+    D = W0.neg_().add_(weight)
+    del W0
+    error = relative_error(quadratic_form(packed, D), denominator)
+    del D
     _synchronize(device)
     finished = time.perf_counter()
     logger.debug(

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from osscar_hf.errors import SolverError
+from osscar_hf.solver.packed import symmetric_rows
 from osscar_hf.solver.sweep import (
     NOT_PD_ADVICE,
+    SweptSystem,
     apply_pivot,
     channels_of,
     diagonal_blocks,
@@ -34,7 +36,7 @@ __all__ = ["LocalSearchResult", "gains_after_drop", "local_search"]
 
 @dataclass
 class LocalSearchResult:
-    """What stage B leaves behind (the swept system ``B`` is updated in place to the final support)."""
+    """What stage B leaves behind (the swept system is updated in place to the final support)."""
 
     kept: torch.Tensor  # (m,) bool mask of kept groups
     objective: float  # f on the final support (tracked exactly by pivot deltas)
@@ -43,53 +45,58 @@ class LocalSearchResult:
 
 
 def gains_after_drop(
-    B: torch.Tensor, kept: torch.Tensor, drop: torch.Tensor, group_size: int
+    system: SweptSystem, kept: torch.Tensor, drop: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact gains of adding each group alone to ``S \\ drop``, for every group not in ``S \\ drop``.
 
-    ``B`` is the swept system for the support ``kept`` (which contains ``drop``); it is not modified.
+    ``system`` is the swept system B for the support ``kept`` (which contains ``drop``); it is not modified.
     Returns ``(candidates, gains)``: the pruned groups followed by the dropped ones, and their gains
     ``1/2 tr(g_i^T C_i^{-1} g_i)`` with C_i and g_i taken w.r.t. ``S \\ drop``.
     """
-    p = B.shape[0]
     g = group_size
     k = drop.numel()
     pruned = torch.nonzero(~kept).flatten()
     drop_ch = channels_of(drop, g)
-    pruned_ch = channels_of(pruned, g)
 
-    drop_rows = B.index_select(0, drop_ch)  # (k g, p + q)
+    drop_rows = symmetric_rows(system.packed, drop_ch)  # B_D,: (k g, p)
+    drop_values = system.values.index_select(0, drop_ch)  # B_DV (k g, q)
     q_block = -drop_rows.index_select(1, drop_ch)  # [Hb_SS^{-1}]_DD, positive definite
     factor, info = torch.linalg.cholesky_ex(q_block)
     if int(info) != 0:
         raise SolverError(f"a block of the swept Gram matrix is not positive definite; {NOT_PD_ADVICE}")
     q_inverse = torch.cholesky_inverse(factor)  # = -B_DD^{-1}
-    solved_values = q_inverse @ drop_rows[:, p:]  # = -B_DD^{-1} B_DV
+    solved_values = q_inverse @ drop_values  # = -B_DD^{-1} B_DV
 
-    # Pruned groups: B'_ii = B_ii - B_iD B_DD^{-1} B_Di and B'_iV = B_iV - B_iD B_DD^{-1} B_DV.
-    cross = drop_rows.index_select(1, pruned_ch)  # B_DU, (k g, u g)
-    solved_cross = q_inverse @ cross  # -B_DD^{-1} B_DU
+    # Pruned groups: B'_ii = B_ii - B_iD B_DD^{-1} B_Di and B'_iV = B_iV - B_iD B_DD^{-1} B_DV, a slice of
+    # groups at a time (no temporary as large as the pruned rows of the values).
     u = pruned.numel()
-    correction = torch.einsum("dia,dib->iab", cross.view(k * g, u, g), solved_cross.view(k * g, u, g))
-    pruned_blocks = diagonal_blocks(B, g).index_select(0, pruned) + correction
-    pruned_values = group_values(B, g).index_select(0, pruned) + (cross.T @ solved_values).view(u, g, -1)
+    all_blocks = diagonal_blocks(system, g)
+    all_values = group_values(system, g)
+    per_slice = max(1, (1 << 20) // max(1, g * system.values.shape[1]))  # temporaries of about 1M values
+    gains = []
+    for i0 in range(0, u, per_slice):
+        groups = pruned[i0:i0 + per_slice]
+        n = groups.numel()
+        cross = drop_rows.index_select(1, channels_of(groups, g))  # B_D,slice (k g, n g)
+        solved_cross = q_inverse @ cross  # -B_DD^{-1} B_D,slice
+        correction = torch.einsum("dia,dib->iab", cross.view(k * g, n, g), solved_cross.view(k * g, n, g))
+        blocks = all_blocks.index_select(0, groups) + correction
+        values = all_values.index_select(0, groups) + (cross.T @ solved_values).view(n, g, -1)
+        gains.append(group_scores(blocks, values))
 
     # Dropped groups, after leaving S: B'_DD = -B_DD^{-1} (Schur block) and B'_DV = -B_DD^{-1} B_DV.
     dropped_blocks = q_inverse.view(k, g, k, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    dropped_values = solved_values.view(k, g, -1)
-
-    blocks = torch.cat([pruned_blocks, dropped_blocks])
-    values = torch.cat([pruned_values, dropped_values])
-    return torch.cat([pruned, drop]), group_scores(blocks, values)
+    gains.append(group_scores(dropped_blocks, solved_values.view(k, g, -1)))
+    return torch.cat([pruned, drop]), torch.cat(gains)
 
 
 def _swap_round(
-    B: torch.Tensor, kept: torch.Tensor, k: int, group_size: int
+    system: SweptSystem, kept: torch.Tensor, k: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Choose D and A for one round; return (channels of T = D xor A, signs, new kept mask) or None."""
-    scores = removal_scores(B, kept, group_size)
+    scores = removal_scores(system, kept, group_size)
     drop = torch.topk(scores, k, largest=False, sorted=True).indices
-    candidates, gains = gains_after_drop(B, kept, drop, group_size)
+    candidates, gains = gains_after_drop(system, kept, drop, group_size)
     add = candidates[torch.topk(gains, k, largest=True, sorted=True).indices]
 
     new_kept = kept.clone()
@@ -100,18 +107,19 @@ def _swap_round(
     if leaving.numel() == 0:
         return None
     g = group_size
+    packed = system.packed
     channels = torch.cat([channels_of(leaving, g), channels_of(entering, g)])
     sign = torch.cat(
         [
-            torch.full((leaving.numel() * g,), -1.0, dtype=B.dtype, device=B.device),
-            torch.full((entering.numel() * g,), 1.0, dtype=B.dtype, device=B.device),
+            torch.full((leaving.numel() * g,), -1.0, dtype=packed.dtype, device=packed.device),
+            torch.full((entering.numel() * g,), 1.0, dtype=packed.dtype, device=packed.device),
         ]
     )
     return channels, sign, new_kept
 
 
 def local_search(
-    B: torch.Tensor,
+    system: SweptSystem,
     kept: torch.Tensor,
     *,
     group_size: int,
@@ -120,7 +128,7 @@ def local_search(
     objective_start: float,
     halve_on_failure: bool = False,
 ) -> LocalSearchResult:
-    """Run stage B on the swept system ``B`` for the support ``kept`` (both updated in place).
+    """Run stage B on the swept system for the support ``kept`` (both updated in place).
 
     A round is accepted only if it lowers f by more than a few ulps of |f|, so that rounding can never
     make the search cycle between supports of equal objective.
@@ -129,7 +137,7 @@ def local_search(
     s = int(kept.sum())
     m = kept.numel()
     objective = objective_start
-    tolerance = 16.0 * torch.finfo(B.dtype).eps
+    tolerance = 16.0 * torch.finfo(system.packed.dtype).eps
     k = min(swap_size, s)
     accepted = 0
     rounds = 0
@@ -137,13 +145,13 @@ def local_search(
         return LocalSearchResult(kept=kept, objective=objective, swaps_accepted=0, rounds=0)
     while rounds < max_iters and k >= 1:
         rounds += 1
-        proposal = _swap_round(B, kept, k, group_size)
+        proposal = _swap_round(system, kept, k, group_size)
         improved = False
         if proposal is not None:
             channels, sign, new_kept = proposal
-            pivot = prepare_pivot(B, channels, sign)
+            pivot = prepare_pivot(system, channels, sign)
             if pivot.delta < -tolerance * abs(objective):
-                apply_pivot(B, pivot)
+                apply_pivot(system, pivot)
                 kept = new_kept
                 objective += pivot.delta
                 accepted += 1

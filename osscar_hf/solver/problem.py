@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from osscar_hf.errors import SolverError
+from osscar_hf.solver.packed import (
+    cholesky_lower_,
+    cholesky_solve_lower_,
+    fill_principal_lower_,
+    invert_cholesky_lower_,
+    mirror_upper_,
+    row_slices,
+)
 
 __all__ = [
     "DampedFactor",
@@ -21,9 +30,10 @@ __all__ = [
     "check_finite",
     "check_gram_diagonal",
     "damped_cholesky",
+    "damped_inverse_",
     "damped_targets",
     "objective",
-    "refit",
+    "refit_in_place",
     "relative_error",
     "validate_arguments",
 ]
@@ -85,20 +95,13 @@ def check_gram_diagonal(H: torch.Tensor) -> None:
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise SolverError at once if ``tensor`` holds a NaN or an infinity."""
-    if not bool(torch.isfinite(tensor).all()):
+    """Raise SolverError at once if ``tensor`` holds a NaN or an infinity (checked in slices along the first
+    dimension, so that no tensor-sized temporary is needed)."""
+    if not all(bool(torch.isfinite(chunk).all()) for chunk in row_slices(tensor)):
         raise SolverError(
             f"{name} contains NaN or infinite values; check the calibration data and the model's "
             "activations (fp16 overflow?) before pruning"
         )
-
-
-@dataclass
-class DampedFactor:
-    """Cholesky factor of ``Hb = H + lam I`` with the damping ``lam`` actually used."""
-
-    factor: torch.Tensor
-    lam: float
 
 
 def absolute_damping(H: torch.Tensor, damping: float) -> float:
@@ -107,10 +110,20 @@ def absolute_damping(H: torch.Tensor, damping: float) -> float:
     return damping * diag_mean if diag_mean > 0 else float(damping)
 
 
+@dataclass
+class DampedFactor:
+    """Cholesky factor of ``Hb = H + lam I`` with the damping ``lam`` actually used (:func:`damped_cholesky`)."""
+
+    factor: torch.Tensor
+    lam: float
+
+
 def damped_cholesky(H: torch.Tensor, damping: float, dtype: torch.dtype) -> DampedFactor:
     """Factor ``H + lam I`` in ``dtype`` with ``lam = damping * mean(diag H)`` (``damping`` if that mean is 0).
 
-    On failure ``lam`` is multiplied by 10, up to 3 times, with a warning each time; then SolverError.
+    On failure ``lam`` is multiplied by 10, up to 3 times, with a warning each time; then SolverError. An
+    out-of-place factorisation (a copy of H and a separate factor: ``2 p^2`` values), not used by
+    ``solve_layer`` any more (see :func:`damped_inverse_`); kept for callers that time or check it.
     """
     lam = absolute_damping(H, damping)
     Hb = H.to(dtype=dtype, copy=True)
@@ -141,6 +154,59 @@ def damped_cholesky(H: torch.Tensor, damping: float, dtype: torch.dtype) -> Damp
     )
 
 
+def damped_inverse_(
+    packed: torch.Tensor,
+    diagonal: torch.Tensor,
+    H: torch.Tensor,
+    damping: float,
+    right_hand_side: Callable[[float], torch.Tensor] | None = None,
+) -> tuple[float, torch.Tensor | None]:
+    """Replace H in ``packed``'s lower triangle by ``-Hb^{-1}`` (``Hb = H + lam I``), in place; return
+    ``(lam, Hb^{-1} right_hand_side(lam))`` (None without a right-hand side).
+
+    ``packed`` holds H (symmetric, both triangles) and ``diagonal`` is ``diag H`` in ``packed``'s dtype;
+    ``H`` is the caller's Gram matrix, read for its diagonal only (``packed`` itself when solving in
+    place), so that ``lam = damping * mean(diag H)`` (``damping`` if that mean is 0) is computed as from
+    the matrix passed in. Cholesky factorisation, solve, triangular inverse and ``L^{-T} L^{-1}``, all in
+    the lower triangle. When the Cholesky factorisation fails, H is restored from ``packed``'s untouched
+    upper triangle and ``lam`` is multiplied by 10, up to 3 times, with a warning each time; then
+    SolverError (``packed`` then holds H again).
+    """
+    lam = absolute_damping(H, damping)
+    scale = max(float(H.diagonal().abs().mean()), 1.0) if H.shape[0] else 1.0
+    p = packed.shape[0]
+    for attempt in range(MAX_DAMPING_RETRIES + 1):
+        packed.diagonal().add_(lam)
+        info = cholesky_lower_(packed)
+        if info == 0:
+            solution = None
+            if right_hand_side is not None:
+                solution = right_hand_side(lam)
+                cholesky_solve_lower_(packed, solution)
+            invert_cholesky_lower_(packed)
+            return lam, solution
+        mirror_upper_(packed, diagonal)
+        if attempt == MAX_DAMPING_RETRIES:
+            break
+        # From no damping at all, start the retries at a small multiple of the matrix's scale.
+        new_lam = lam * 10.0 if lam > 0 else 1e-8 * scale
+        logger.warning(
+            "Cholesky of the damped Gram matrix failed (p = %d, lam = %.3g, leading minor %d not positive); "
+            "retrying with lam = %.3g",
+            p,
+            lam,
+            info,
+            new_lam,
+        )
+        lam = new_lam
+    raise SolverError(
+        f"the damped Gram matrix H + lam*I (p = {p}) is not positive definite even with "
+        f"lam = {lam:.3g} after {MAX_DAMPING_RETRIES} retries with 10x more damping; raise `damping` "
+        f"(now {damping:g}, relative to mean(diag H)) or check the calibration data "
+        "(too few tokens, constant or duplicated input channels)"
+    )
+
+
 def damped_targets(source: torch.Tensor, W_hat: torch.Tensor, lam: float) -> torch.Tensor:
     """``Gb = (source + lam I) W_hat`` in W_hat's dtype; ``source`` is H, or the cross Gram for dense targets."""
     Gb = source.to(device=W_hat.device, dtype=W_hat.dtype) @ W_hat
@@ -153,47 +219,29 @@ def objective(W: torch.Tensor, H: torch.Tensor, lam: float, Gb: torch.Tensor) ->
     return float(0.5 * (W * HbW).sum() - (Gb * W).sum())
 
 
-def refit(
-    H_rows: torch.Tensor, channels: torch.Tensor, lam: float, Gb: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """Ridge refit on the support ``channels``: ``W_S = Hb_SS^{-1} Gb_S`` and ``f(S) = -1/2 tr(Gb_S^T W_S)``.
+def refit_in_place(
+    packed: torch.Tensor, channels: torch.Tensor, diagonal: torch.Tensor, lam: float, targets: torch.Tensor
+) -> float:
+    """Ridge refit on the support ``channels``: ``targets`` (``Gb_S``, ``(|S|, q)``) becomes ``W_S =
+    Hb_SS^{-1} Gb_S`` in place; returns ``f(S) = -1/2 tr(Gb_S^T W_S)``.
 
-    ``H_rows`` holds the rows ``H[channels, :]`` in the compute dtype (used again for the reconstruction
-    error, which is why the caller gathers them). Returns ``(W_S, f)`` with W_S of shape ``(|S|, q)``.
+    ``Hb_SS`` is gathered from H in ``packed``'s strict upper triangle (and ``diagonal = diag H``) into the
+    lower triangle of ``packed``'s leading ``|S| x |S|`` block and factored there: no ``|S| x |S|`` copy.
     """
     if channels.numel() == 0:
-        return Gb.new_zeros(0, Gb.shape[1]), 0.0
-    Hb_SS = H_rows.index_select(1, channels)
-    Hb_SS.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(Hb_SS)
-    if int(info) != 0:
+        return 0.0
+    principal = fill_principal_lower_(packed, channels, diagonal, lam)
+    if cholesky_lower_(principal) != 0:
         raise SolverError(
             f"the damped Gram matrix restricted to the {channels.numel()} kept channels is not positive "
             "definite; raise `damping` or solve in float64"
         )
-    Gb_S = Gb.index_select(0, channels)
-    W_S = torch.cholesky_solve(Gb_S, factor)
-    return W_S, float(-0.5 * (Gb_S * W_S).sum())
+    return -0.5 * cholesky_solve_lower_(principal, targets)
 
 
-def relative_error(
-    H: torch.Tensor,
-    H_rows: torch.Tensor,
-    channels: torch.Tensor,
-    W_S: torch.Tensor,
-    W_hat: torch.Tensor,
-    H_W_hat: torch.Tensor,
-) -> float:
-    """``||X(W - W_hat)||^2 / ||X W_hat||^2 = tr(D^T H D) / tr(W_hat^T H W_hat)`` with the undamped H.
-
-    ``W`` is zero off ``channels`` and equal to ``W_S`` on them; ``H_rows = H[channels, :]`` and
-    ``H_W_hat = H @ W_hat`` are passed in so that only one ``p x |S| x q`` product is needed here.
-    """
-    denominator = float((W_hat * H_W_hat).sum())
+def relative_error(numerator: float, denominator: float) -> float:
+    """``||X(W - W_hat)||^2 / ||X W_hat||^2`` from ``tr(D^T H D)`` and ``tr(W_hat^T H W_hat)`` (H undamped);
+    0 when the denominator is not positive, and never negative (rounding)."""
     if denominator <= 0.0:
         return 0.0
-    H_D = H_rows.T @ W_S - H_W_hat  # H[:, S] W_S - H W_hat (H is symmetric)
-    D = -W_hat.clone()
-    D.index_add_(0, channels, W_S)
-    numerator = float((D * H_D).sum())
     return max(numerator, 0.0) / denominator

@@ -1,5 +1,6 @@
 """Unit tests of the layer-wise solver (osscar_hf.solver): every identity of ALGORITHM.md checked against
-direct solves on small seeded problems, plus brute force over all supports of problems with <= 12 groups."""
+direct solves on small seeded problems, plus brute force over all supports of problems with <= 12 groups; the
+one-buffer kernels of osscar_hf.solver.packed against dense algebra, and solving in H's own storage."""
 
 from __future__ import annotations
 
@@ -13,10 +14,23 @@ import pytest
 import torch
 
 from osscar_hf.errors import SolverError
-from osscar_hf.solver import accumulate_cross_gram, accumulate_gram, new_gram, solve_layer
-from osscar_hf.solver.elimination import elimination_schedule, initial_system, remove_groups
+from osscar_hf.solver import (
+    accumulate_cross_gram,
+    accumulate_gram,
+    new_gram,
+    packed,
+    solve_layer,
+)
+from osscar_hf.solver.elimination import elimination_schedule, remove_groups
 from osscar_hf.solver.local_search import gains_after_drop
-from osscar_hf.solver.sweep import apply_pivot, channels_of, prepare_pivot, removal_scores
+from osscar_hf.solver.sweep import (
+    SweptSystem,
+    apply_pivot,
+    channels_of,
+    dense_system,
+    prepare_pivot,
+    removal_scores,
+)
 
 F64 = torch.float64
 SOLVER_DIR = Path(__file__).resolve().parents[2] / "osscar_hf" / "solver"
@@ -99,9 +113,15 @@ def brute_force_optimum(Hb: torch.Tensor, Gb: torch.Tensor, g: int, num_keep: in
     return float((-0.5 * (rhs * x).sum(dim=(1, 2))).min())
 
 
-def full_system(H: torch.Tensor, W: torch.Tensor, lam: float) -> torch.Tensor:
+def pack(B: torch.Tensor, H: torch.Tensor) -> SweptSystem:
+    """The solver's storage of a dense swept system B: its lower triangle under H's strict upper one."""
+    p = H.shape[0]
+    return SweptSystem(torch.triu(H, 1) + torch.tril(B[:, :p]), B[:, p:].clone())
+
+
+def full_system(H: torch.Tensor, W: torch.Tensor, lam: float) -> SweptSystem:
     Hb, _ = damped(H, W, lam)
-    return initial_system(torch.linalg.inv(Hb), W.clone())
+    return pack(torch.cat([-torch.linalg.inv(Hb), W], dim=1), H)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,17 +207,23 @@ def test_downdate_gives_the_fresh_inverse_and_the_refit(g: int) -> None:
     B = full_system(H, W, lam)
     support = set(range(m))
     f_before = refit_on(Hb, Gb, support, g)[1]
+    scratch = []
     for step in ([3], [0, 11, 5], [8, 1]):
         delta = remove_groups(B, torch.tensor(step), g)
+        scratch.append(B.scratch.data_ptr())  # one buffer for every pivot: no per-pivot block temporaries
         support -= set(step)
         W_ref, f_ref = refit_on(Hb, Gb, support, g)
         S = channels(support, g)
-        torch.testing.assert_close(-B[S[:, None], S], torch.linalg.inv(Hb[S][:, S]), rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(B[S, H.shape[0]:], W_ref[S], rtol=1e-9, atol=1e-11)
+        dense = dense_system(B)
+        torch.testing.assert_close(-dense[S[:, None], S], torch.linalg.inv(Hb[S][:, S]), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(dense[S, H.shape[0]:], W_ref[S], rtol=1e-9, atol=1e-11)
         assert delta == pytest.approx(f_ref - f_before, rel=1e-9)
         f_before = f_ref
     # The rows of removed channels hold the Schur complements and residuals that stage B needs.
-    torch.testing.assert_close(B, swept_reference(Hb, Gb, support, g), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense_system(B), swept_reference(Hb, Gb, support, g), rtol=1e-8, atol=1e-10)
+    # ... and the strict upper triangle of the buffer still holds H, bit for bit.
+    assert torch.equal(torch.triu(B.packed, 1), torch.triu(H, 1))
+    assert len(set(scratch)) == 1
 
 
 @pytest.mark.parametrize("g", [1, 3])
@@ -207,7 +233,7 @@ def test_gains_after_drop_are_exact(g: int) -> None:
     lam = 0.03
     Hb, Gb = damped(H, W, lam)
     support = {0, 2, 3, 5, 6, 9}
-    B = swept_reference(Hb, Gb, support, g)
+    B = pack(swept_reference(Hb, Gb, support, g), H)
     kept = torch.zeros(m, dtype=torch.bool)
     kept[sorted(support)] = True
     drop = torch.tensor([5, 2])
@@ -224,7 +250,7 @@ def test_a_mixed_swap_pivot_gives_the_system_of_the_new_support() -> None:
     H, W = make_problem(5, m * g, 5)
     Hb, Gb = damped(H, W, 0.01)
     support = {0, 1, 4, 6, 8}
-    B = swept_reference(Hb, Gb, support, g)
+    B = pack(swept_reference(Hb, Gb, support, g), H)
     leaving, entering = [1, 6], [2, 7]
     ch = torch.cat([channels(leaving, g), channels(entering, g)])
     sign = torch.tensor([-1.0] * 4 + [1.0] * 4, dtype=F64)
@@ -232,7 +258,8 @@ def test_a_mixed_swap_pivot_gives_the_system_of_the_new_support() -> None:
     new_support = (support - set(leaving)) | set(entering)
     assert pivot.delta == pytest.approx(refit_on(Hb, Gb, new_support, g)[1] - refit_on(Hb, Gb, support, g)[1], rel=1e-9)
     apply_pivot(B, pivot)
-    torch.testing.assert_close(B, swept_reference(Hb, Gb, new_support, g), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense_system(B), swept_reference(Hb, Gb, new_support, g), rtol=1e-8, atol=1e-10)
+    assert torch.equal(torch.triu(B.packed, 1), torch.triu(H, 1))
 
 
 def test_elimination_schedule_and_group_channels() -> None:
@@ -272,7 +299,7 @@ def test_solution_is_the_ridge_refit_on_its_support(g: int, step: int, swap_size
     assert sol.damping_used == pytest.approx(0.01 * float(Hd.diagonal().mean()), rel=1e-6)
     assert sol.kept_groups.dtype == torch.int64 and sol.kept_groups.tolist() == sorted(sol.kept_groups.tolist())
     assert len(sol.kept_groups) == 7
-    W_ref, f_ref = refit_on(Hb, Gb, sol.kept_groups.tolist(), g)
+    W_ref, _ = refit_on(Hb, Gb, sol.kept_groups.tolist(), g)
     torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
     pruned = channels(set(range(m)) - set(sol.kept_groups.tolist()), g)
     assert torch.count_nonzero(sol.weight[pruned]) == 0
@@ -552,3 +579,162 @@ def test_masked_and_refit_relative_errors_match_direct_computation(group_size):
     # With (almost) no damping the refit is the least-squares optimum on the support: never worse.
     assert sol.relative_error <= sol.relative_error_masked
     assert sol.relative_error < 0.9 * sol.relative_error_masked
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One p x p workspace: the packed kernels and solving in H's own storage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def symmetric_pair(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SPD H and an unrelated symmetric A, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * n + 3, n, generator=gen, dtype=F64)
+    H = X.T @ X / n + 0.1 * torch.eye(n, dtype=F64)
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    return 0.5 * (H + H.T), A + A.T
+
+
+@pytest.mark.parametrize("n", [7, 300, 1100])  # one partial panel; several panels; several batches of blocks
+def test_packed_kernels_match_dense_algebra_and_never_write_the_upper_triangle(n: int) -> None:
+    H, A = symmetric_pair(n, n)
+    upper = torch.triu(H, 1)
+    P = packed.empty_square(n, F64, "cpu")
+    assert P.stride() == (packed.padded_row_stride(n, F64), 1)
+    P.copy_(upper + torch.tril(A))
+    gen = torch.Generator().manual_seed(1)
+    R = torch.randn(4, n, generator=gen, dtype=F64)
+    M = torch.randn(4, 4, generator=gen, dtype=F64)
+    M = M + M.T
+    packed.lower_update_(P, R, M @ R, alpha=-1.0)
+    A = A - R.T @ M @ R
+    assert torch.equal(torch.triu(P, 1), upper)
+    torch.testing.assert_close(torch.tril(P), torch.tril(A), rtol=1e-12, atol=1e-12)
+    A = torch.tril(P) + torch.tril(P, -1).T  # the symmetric matrix stored, exactly
+
+    ch = torch.tensor(sorted({0, n // 3, n // 2, n - 1}))
+    torch.testing.assert_close(packed.symmetric_rows(P, ch), A[ch], rtol=0, atol=0)
+    rows = torch.randn(ch.numel(), n, generator=gen, dtype=F64)
+    block = torch.randn(ch.numel(), ch.numel(), generator=gen, dtype=F64)
+    rows[:, ch] = block + block.T
+    packed.write_symmetric_rows_(P, ch, rows)
+    A[ch] = rows
+    A[:, ch] = rows.T
+    assert torch.equal(torch.tril(P), torch.tril(A)) and torch.equal(torch.triu(P, 1), upper)
+    g = 7 if n % 7 == 0 else (3 if n % 3 == 0 else 2)
+    if n % g == 0:
+        expected = torch.stack([A[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(n // g)])
+        assert torch.equal(packed.lower_diagonal_blocks(P, g), expected)
+
+    diagonal = H.diagonal().clone()
+    S = torch.tensor(sorted(torch.randperm(n, generator=gen)[: max(1, 2 * n // 3)].tolist()))
+    Hb_SS = H[S][:, S] + 0.5 * torch.eye(S.numel(), dtype=F64)
+    principal = packed.fill_principal_lower_(P, S, diagonal, 0.5)
+    torch.testing.assert_close(torch.tril(principal), torch.tril(Hb_SS), rtol=0, atol=0)
+    assert packed.cholesky_lower_(principal, block=64) == 0
+    torch.testing.assert_close(torch.tril(principal), torch.linalg.cholesky(Hb_SS), rtol=1e-10, atol=1e-12)
+    rhs = torch.randn(S.numel(), 3, generator=gen, dtype=F64)
+    solved = rhs.clone()
+    squared = packed.cholesky_solve_lower_(principal, solved, block=64)
+    torch.testing.assert_close(solved, torch.linalg.solve(Hb_SS, rhs), rtol=1e-9, atol=1e-10)
+    assert squared == pytest.approx(float((rhs * solved).sum()), rel=1e-10)
+    packed.invert_cholesky_lower_(principal, block=64)
+    torch.testing.assert_close(torch.tril(principal), torch.tril(-torch.linalg.inv(Hb_SS)), rtol=1e-9, atol=1e-10)
+    assert torch.equal(torch.triu(P, 1), upper)
+
+    packed.mirror_upper_(P, diagonal)
+    assert torch.equal(P, H)
+    X = torch.randn(n, 3, generator=gen, dtype=F64)
+    assert packed.quadratic_form(P, X) == pytest.approx(float((X * (H @ X)).sum()), rel=1e-12)
+    assert packed.quadratic_form(P, X, S) == pytest.approx(float((X[S] * (H[S][:, S] @ X[S])).sum()), rel=1e-12)
+
+
+def test_a_cholesky_failure_reports_the_leading_minor_and_keeps_the_upper_triangle() -> None:
+    H, _ = symmetric_pair(300, 3)
+    H[200, 200] = -1.0
+    P = packed.empty_square(300, F64, "cpu")
+    P.copy_(H)
+    assert packed.cholesky_lower_(P, block=64) == 201  # as LAPACK's info: the order of the failing minor
+    assert torch.equal(torch.triu(P, 1), torch.triu(H, 1))
+
+
+def test_new_gram_is_row_major_with_a_padded_stride() -> None:
+    H = new_gram(10240)
+    assert H.shape == (10240, 10240) and H.stride() == (10256, 1) and not H.is_contiguous()
+    assert H.dtype == torch.float32 and torch.count_nonzero(H) == 0
+
+
+def _in_place_cases():
+    H, W = make_problem(30, 48, 6, correlation=0.3)
+    C = H + 0.05 * torch.randn(48, 48, generator=torch.Generator().manual_seed(1), dtype=F64)
+    yield H.float(), W, {"group_size": 1, "num_keep": 20, "step": 3, "swap_size": 3, "dtype": torch.float32}
+    yield H, W, {"group_size": 4, "num_keep": 5, "step": 2, "swap_size": 2}
+    yield H.float(), W.float(), {"group_size": 2, "num_keep": 9, "step": 2, "swap_size": 2, "dtype": torch.float32,
+                                 "cross_gram": C.float()}
+    H, W = make_problem(31, 320, 40, correlation=0.2)  # several panels in every kernel
+    yield H.float(), W, {"group_size": 1, "num_keep": 160, "step": 10, "swap_size": 10, "dtype": torch.float32}
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_in_place_gives_the_same_solution_and_gives_h_back(case: int) -> None:
+    H, W, kwargs = list(_in_place_cases())[case]
+    Hg = new_gram(H.shape[0]).to(H.dtype) if H.dtype == torch.float32 else H.clone()
+    Hg.copy_(torch.triu(H) + torch.triu(H, 1).T)  # exactly symmetric, in the pipeline's (padded) layout
+    original = Hg.clone()
+    pointer = Hg.data_ptr()
+    copied = solve_layer(Hg, W, in_place=False, **kwargs)
+    assert torch.equal(Hg, original)
+    inplace = solve_layer(Hg, W, in_place=True, **kwargs)
+    assert Hg.data_ptr() == pointer and torch.equal(Hg, original)  # worked in H's storage, gave it back
+    assert torch.equal(inplace.kept_groups, copied.kept_groups)
+    assert torch.equal(inplace.removal_order, copied.removal_order)
+    assert torch.equal(inplace.weight, copied.weight)
+    for field in ("objective", "objective_stage_a", "objective_dense", "relative_error", "relative_error_masked",
+                  "damping_used", "swaps_accepted"):
+        assert getattr(inplace, field) == getattr(copied, field), field
+
+
+def test_in_place_symmetrises_h_from_its_upper_triangle() -> None:
+    H, W = make_problem(32, 40, 5)
+    H32 = H.float()
+    H32 += 1e-6 * torch.randn(40, 40, generator=torch.Generator().manual_seed(2))  # not symmetric
+    upper = torch.triu(H32)
+    solve_layer(H32, W, group_size=1, num_keep=20, step=2, swap_size=2, dtype=torch.float32, in_place=True)
+    assert torch.equal(H32, upper + torch.triu(upper, 1).T)
+    # A float64 solve cannot use float32 storage: H is then not touched at all, asymmetry included.
+    H32 += 1e-6 * torch.randn(40, 40, generator=torch.Generator().manual_seed(3))
+    before = H32.clone()
+    solve_layer(H32, W, group_size=1, num_keep=20, step=2, swap_size=2, dtype=torch.float64, in_place=True)
+    assert torch.equal(H32, before)
+
+
+def test_in_place_gives_h_back_after_damping_retries_and_errors(caplog: pytest.LogCaptureFixture) -> None:
+    H = torch.eye(4)
+    H[0, 1] = H[1, 0] = 1.02  # the first damping fails, the first retry succeeds
+    before = H.clone()
+    with caplog.at_level(logging.WARNING, logger="osscar_hf.solver"):
+        retried = solve_layer(H, torch.randn(4, 3), group_size=1, num_keep=2, dtype=torch.float32, in_place=True)
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 1
+    assert retried.damping_used == pytest.approx(0.1 * float(before.diagonal().mean()))
+    assert torch.equal(H, before)
+    H = torch.tensor([[1.0, 20.0], [20.0, 1.0]])
+    before = H.clone()
+    with pytest.raises(SolverError, match="after 3 retries"):
+        solve_layer(H, torch.randn(2, 2), group_size=1, num_keep=1, dtype=torch.float32, in_place=True)
+    assert torch.equal(H, before)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_solver_allocates_no_p_by_p_matrix_besides_its_workspace(in_place: bool) -> None:
+    p, q = 640, 64
+    H, W = make_problem(33, p, q, correlation=0.1)
+    Hg = new_gram(p)
+    Hg.copy_(H.float())
+    W16 = W.to(torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        solve_layer(Hg, W16, group_size=1, num_keep=p // 2, step=10, swap_size=10, dtype=torch.float32,
+                    in_place=in_place)
+    sizes = sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
+    big = [size for size in sizes if size >= p * p * 4 // 4]
+    # The working copy of H is the only allocation of a quarter of p^2 values or more; in place, none.
+    assert len(big) == (0 if in_place else 1), big
