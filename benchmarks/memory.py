@@ -95,8 +95,17 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (what the pruning needs anyway, so the baseline includes it)
 
     import osscar_hf  # noqa: F401
-    from osscar_hf import OsscarConfig, OsscarPruner
+    from osscar_hf import OsscarConfig, OsscarPruner, pipeline
 
+    # Record (only) whether the pipeline lets the solver work in the Gram's storage: it sizes the working set.
+    in_place_calls: list[bool] = []
+    solve_layer = pipeline.solve_layer
+
+    def recording_solve_layer(*solve_args: object, **solve_kwargs: object) -> object:
+        in_place_calls.append(bool(solve_kwargs.get("in_place", False)))
+        return solve_layer(*solve_args, **solve_kwargs)
+
+    pipeline.solve_layer = recording_solve_layer
     baseline, _ = _memory_status()
     ids = torch.randint(2, args.vocab, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     config = OsscarConfig(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=ids,
@@ -112,6 +121,7 @@ def child(args: argparse.Namespace) -> None:
         "block_seconds": [b.seconds for b in pruner.report.blocks],
         "block_peak_rss": [b.peak_host_rss_bytes for b in pruner.report.blocks],
         "parameters_before": pruner.report.parameters_before, "parameters_after": pruner.report.parameters_after,
+        "solver_in_place": bool(in_place_calls) and all(in_place_calls),
     }))
 
 
@@ -163,7 +173,9 @@ def main() -> None:
     grams = (f * f + h * h) * 4
     # The solver's memory beyond the Gram matrix it is given (osscar_hf.solver.layer.solve_layer): two (p, q)
     # tensors, plus a p x p working copy of the Gram unless the pipeline lets it work in place.
-    solver = (f * f + 2 * f * h) * solver_bytes
+    in_place = result.get("solver_in_place", False)
+    solver = ((0 if in_place else f * f) + 2 * f * h) * solver_bytes
+    solver_label = "2pq, in the Gram's storage" if in_place else "a copy of the Gram + 2pq"
     bound = block + activations + grams
     peak_over_baseline = result["peak_rss"] - result["baseline_rss"]
     block_peaks = [b for b in result.get("block_peak_rss", []) if b is not None]
@@ -173,7 +185,7 @@ def main() -> None:
         ("calibration activations (inputs + next inputs)", activations),
         ("Gram matrices (fc2 + out_proj, fp32)", grams),
         ("bound: block + activations + Grams", bound),
-        (f"solver working set for fc2 (copy of H + 2pq, {args.solver_dtype}; 2pq in place)", solver),
+        (f"solver working set for fc2 beyond its Gram ({solver_label}, {args.solver_dtype})", solver),
         ("bound + solver working set", bound + solver),
         ("interpreter with torch + transformers (RSS before pruning)", result["baseline_rss"]),
         ("peak RSS of the pruning process", result["peak_rss"]),
