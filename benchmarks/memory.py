@@ -4,12 +4,15 @@
 
 1. Writes a random OPT checkpoint with OPT-2.7B shapes (bfloat16, one shard per block, about 5.3 GB)
    without ever holding more than one block of it in memory.
-2. Prunes it with ``prune_checkpoint`` in a fresh child process and reads that process's peak RSS.
+2. Prunes it with ``prune_checkpoint`` in fresh child processes and reads each one's peak RSS: once with
+   glibc's default allocator settings, once after ``osscar_hf.host_memory.map_large_allocations()`` (what
+   ``osscar-hf prune`` does for its process; ``--allocator`` picks one).
 3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
    activations (block inputs and next inputs) and the two Gram matrices (the bound), and the solver's
    working set for the largest consumer beyond its Gram matrix (two p x q values in the solver dtype, plus
    a p x p working copy of the Gram unless ``solve_layer`` is called with ``in_place=True``), on top of
-   the interpreter with torch and transformers imported.
+   the interpreter with torch, transformers and the OPT modeling code imported (measured in the child
+   before pruning: code, not data).
 
 Prints a table and writes benchmarks/results/memory.md and memory.json. Random weights are fine here:
 memory and time do not depend on the values.
@@ -92,10 +95,14 @@ def _memory_status() -> tuple[int, int]:
 def child(args: argparse.Namespace) -> None:
     """Run in a fresh process: prune the checkpoint streaming and print measurements as JSON."""
     import torch
-    import transformers  # noqa: F401  (what the pruning needs anyway, so the baseline includes it)
+    from transformers import OPTForCausalLM  # noqa: F401  (the model's code: the pruning imports it anyway)
 
     import osscar_hf  # noqa: F401
     from osscar_hf import OsscarConfig, OsscarPruner, pipeline
+    from osscar_hf.host_memory import map_large_allocations
+
+    if args.map_large_allocations and not map_large_allocations():
+        sys.exit("map_large_allocations() did not take effect (not glibc?)")
 
     # Record (only) whether the pipeline lets the solver work in the Gram's storage: it sizes the working set.
     in_place_calls: list[bool] = []
@@ -139,7 +146,10 @@ def main() -> None:
     parser.add_argument("--mlp-sparsity", type=float, default=0.25)
     parser.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "osscar-memory-benchmark")
+    parser.add_argument("--allocator", choices=["both", "default", "mapped"], default="both",
+                        help="glibc's default settings, map_large_allocations() (as the CLI), or both (default)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and output")
+    parser.add_argument("--map-large-allocations", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -157,14 +167,19 @@ def main() -> None:
         size = make_checkpoint(source, args)
         print(f"wrote a random OPT checkpoint of {size / GIB:.2f} GiB to {source} in "
               f"{time.perf_counter() - started:.0f} s")
-    command = [sys.executable, __file__, "--child", "--checkpoint", str(source), "--output", str(output),
-               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("child", "checkpoint", "output", "workdir", "keep")]]
-    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                         check=False)
-    if run.returncode != 0:
-        sys.exit(f"the pruning process failed:\n{run.stderr[-4000:]}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    base = [sys.executable, __file__, "--child", "--checkpoint", str(source), "--output", str(output),
+            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+              if k not in ("child", "checkpoint", "output", "workdir", "keep", "allocator", "map_large_allocations")]]
+    kinds = ["default", "mapped"] if args.allocator == "both" else [args.allocator]
+    results = {}
+    for kind in kinds:
+        command = [*base, "--map-large-allocations"] if kind == "mapped" else base
+        print(f"pruning with the {kind} allocator settings ...", flush=True)
+        run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                             check=False)
+        if run.returncode != 0:
+            sys.exit(f"the pruning process failed:\n{run.stderr[-4000:]}")
+        results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
 
     h, f, s = args.hidden, args.ffn, 2  # bfloat16 bytes
     solver_bytes = {"float32": 4, "float64": 8}[args.solver_dtype]
@@ -173,13 +188,11 @@ def main() -> None:
     grams = (f * f + h * h) * 4
     # The solver's memory beyond the Gram matrix it is given (osscar_hf.solver.layer.solve_layer): two (p, q)
     # tensors, plus a p x p working copy of the Gram unless the pipeline lets it work in place.
-    in_place = result.get("solver_in_place", False)
+    in_place = all(r.get("solver_in_place", False) for r in results.values())
     solver = ((0 if in_place else f * f) + 2 * f * h) * solver_bytes
     solver_label = "2pq, in the Gram's storage" if in_place else "a copy of the Gram + 2pq"
     bound = block + activations + grams
-    peak_over_baseline = result["peak_rss"] - result["baseline_rss"]
-    block_peaks = [b for b in result.get("block_peak_rss", []) if b is not None]
-    rows = [
+    sizes = [
         ("checkpoint size", size),
         ("largest block", block),
         ("calibration activations (inputs + next inputs)", activations),
@@ -187,10 +200,38 @@ def main() -> None:
         ("bound: block + activations + Grams", bound),
         (f"solver working set for fc2 beyond its Gram ({solver_label}, {args.solver_dtype})", solver),
         ("bound + solver working set", bound + solver),
-        ("interpreter with torch + transformers (RSS before pruning)", result["baseline_rss"]),
-        ("peak RSS of the pruning process", result["peak_rss"]),
-        ("peak RSS above the interpreter", peak_over_baseline),
     ]
+    labels = {"default": "glibc defaults", "mapped": "map_large_allocations() (as the CLI)"}
+    header = " | ".join(labels[k] for k in kinds)
+
+    def row(name: str, values: list[str]) -> str:
+        return f"| {name} | {' | '.join(values)} |"
+
+    def gib(key: str) -> list[str]:
+        return [f"{results[k][key] / GIB:.2f} GiB" for k in kinds]
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
+    above = {k: results[k]["peak_rss"] - results[k]["baseline_rss"] for k in kinds}
+    run_rows = [
+        row("interpreter with torch, transformers and the OPT code (RSS before pruning)", gib("baseline_rss")),
+        row("peak RSS of the pruning process", gib("peak_rss")),
+        row("peak RSS above the interpreter", [f"{above[k] / GIB:.2f} GiB" for k in kinds]),
+        row("**above the interpreter / bound**", [f"**{above[k] / bound:.2f}x**" for k in kinds]),
+        row("above the interpreter / (bound + solver working set)",
+            [f"{above[k] / (bound + solver):.2f}x" for k in kinds]),
+        row("peak RSS / bound", [f"{results[k]['peak_rss'] / bound:.2f}x" for k in kinds]),
+        row("peak RSS / checkpoint size", [f"{results[k]['peak_rss'] / size:.2f}x" for k in kinds]),
+        row("peak RSS when block 0 was done",
+            [f"{results[k]['block_peak_rss'][0] / GIB:.2f} GiB" for k in kinds]),
+        row("peak RSS when the last block was done",
+            [f"{results[k]['block_peak_rss'][-1] / GIB:.2f} GiB" for k in kinds]),
+        row("total time", [f"{results[k]['seconds']:.0f} s" for k in kinds]),
+        row("median time per block", [f"{median(results[k]['block_seconds']):.1f} s" for k in kinds]),
+    ]
+    first = results[kinds[0]]
     lines = [
         "# Streaming pruning: peak host memory",
         "",
@@ -198,27 +239,23 @@ def main() -> None:
          f"bfloat16, one shard per block. `prune_checkpoint` on the CPU, attention sparsity "
          f"{args.attention_sparsity}, MLP sparsity {args.mlp_sparsity}, {args.num_samples} calibration windows of "
          f"{args.seq_len} tokens, solver {args.solver_dtype}. Peak RSS is the pruning process's own `VmHWM` (Linux "
-         f"/proc). Machine: {platform.machine()}, {os.cpu_count()} CPUs."),
+         f"/proc). Machine: {platform.machine()}, {os.cpu_count()} CPUs. Parameters "
+         f"{first['parameters_before']:,} -> {first['parameters_after']:,}."),
         "",
         "| quantity | GiB |",
         "|---|---:|",
-        *[f"| {name} | {value / GIB:.2f} |" for name, value in rows],
+        *[f"| {name} | {value / GIB:.2f} |" for name, value in sizes],
         "",
-        (f"Peak RSS above the interpreter / bound: {peak_over_baseline / bound:.2f}x; / (bound + solver working "
-         f"set): {peak_over_baseline / (bound + solver):.2f}x; peak RSS / checkpoint size: "
-         f"{result['peak_rss'] / size:.2f}x."),
-        (f"Pruning took {result['seconds']:.0f} s ({len(result['block_seconds'])} blocks, median "
-         f"{sorted(result['block_seconds'])[len(result['block_seconds']) // 2]:.1f} s per block); parameters "
-         f"{result['parameters_before']:,} -> {result['parameters_after']:,}."),
-        *([(f"Process peak RSS when block 0 was done: {block_peaks[0] / GIB:.2f} GiB; when the last block was "
-            f"done: {block_peaks[-1] / GIB:.2f} GiB.")] if block_peaks else []),
+        f"| one pruning process each | {header} |",
+        "|---|" + "---:|" * len(kinds),
+        *run_rows,
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.md").write_text(text)
     (RESULTS / "memory.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                     "sizes": dict(rows), **result}, indent=1) + "\n")
+                                                     "sizes": dict(sizes), "runs": results}, indent=1) + "\n")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -369,6 +369,7 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
 def run_prune_command(args: argparse.Namespace) -> int:
     from osscar_hf.card import CardError, build_model_card
     from osscar_hf.config import OsscarConfig
+    from osscar_hf.host_memory import map_large_allocations
     from osscar_hf.io import resolve_format, save_pruned
     from osscar_hf.io.save import move_into_place
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
@@ -385,6 +386,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
         activation_dir=args.activation_dir,
     )
+    # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
+    map_large_allocations()
     if args.stream:
         return _prune_streaming(args, config, output)
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .activations import ActivationSpace, ActivationStore
 from .arch.spec import ArchSpec, get_submodule
 from .capture import CapturedInputs, call_block, move_to
-from .report import BlockReport, ConsumerReport, peak_host_rss_bytes
+from .host_memory import peak_host_rss_bytes, release_freed_memory
+from .report import BlockReport, ConsumerReport
 from .solver import LayerSolution, accumulate_cross_gram, accumulate_gram, new_gram, solve_layer
 from .surgery import group_channels, prune_attention, prune_mlp
 
@@ -239,6 +240,7 @@ def _prune_block(
     # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
     dense_outputs, next_dense = _accumulate(block, consumers, stats, states, kwargs, dense_states, device, storage,
                                             space, keep_outputs=not settings.propagate)
+    release_freed_memory()  # the forward's freed temporaries, before the solver's peak
     with _closed_on_error(dense_outputs, next_dense):
         solutions: dict[str, tuple[LayerSolution | None, float]] = {"attention": (None, 0.0), "mlp": (None, 0.0)}
         for name, module, problem in (("attention", o_proj, settings.attention), ("mlp", down, settings.mlp)):

@@ -4,12 +4,10 @@ and released (see :mod:`osscar_hf.streaming`)."""
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_spec, get_submodule
 from ..errors import OsscarError, UnsupportedModelError
+from ..host_memory import release_freed_memory
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
@@ -65,15 +64,6 @@ def _materialise(block: nn.Module, reader: ShardReader, keys: list[str], block_p
     tensors = reader.read(keys)
     _load(block, {k[len(block_prefix):]: v for k, v in tensors.items()}, block_prefix.rstrip("."),
           reader.files(keys), strict=True)
-
-
-def _release_memory() -> None:
-    """Give freed host memory back to the system (glibc keeps freed arenas mapped otherwise)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            pass
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, files: list[str], strict: bool) -> None:
@@ -332,7 +322,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             weight_map.update(dict.fromkeys(others, name))
             del state, others
             _to_meta_outside(model, prefix)
-            _release_memory()
+            release_freed_memory()
             finished_phase(-1)
 
             stream = BlockStream(spec, captured, settings)  # closed in the finally below
@@ -358,7 +348,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                         stream.replay(i, block, pruned=True)
                         block.to("meta")
                     stream.finish_replay()
-                    _release_memory()
+                    release_freed_memory()
                     weight_map.update(dict.fromkeys(entry["tensors"], entry["shard"]))
                     total_size += entry["bytes"]
                     reports.append(report)
@@ -377,7 +367,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                     _write_progress(tmp, fingerprint, done)
                     del out
                     block.to("meta")
-                    _release_memory()
+                    release_freed_memory()
                     reports.append(report)
                     finished_phase(i)
                     announce_block(bar, report)

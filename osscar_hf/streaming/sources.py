@@ -458,7 +458,8 @@ class ShardReader:
         return {self.weight_map[name] for name in names}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, opening each shard once (a Hub shard is downloaded when first read)."""
+        """The tensors ``names``, opening each shard once (a Hub shard is downloaded when first read), as tensors
+        with their own memory (no view of a memory-mapped file survives the call)."""
         from safetensors import safe_open
 
         by_shard: dict[str, list[str]] = {}
@@ -470,7 +471,10 @@ class ShardReader:
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in keys:
-                        tensors[key] = handle.get_tensor(key)
+                        # A copy in ordinary memory: the tensor safetensors returns lives in the file's memory
+                        # map, and any reference to it that outlives this block (even to a 5 KB bias) would keep
+                        # the pages of the whole shard resident.
+                        tensors[key] = handle.get_tensor(key).clone()
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"cannot read {keys[0]!r} from the safetensors file {path}: {exc}") from None
         return tensors

@@ -356,6 +356,20 @@ def test_a_failure_before_any_block_leaves_nothing(sharded, tmp_path, calibratio
     assert sorted(os.listdir(tmp_path)) == ["dense"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_read_tensors_do_not_keep_the_shard_mapped(sharded):
+    """A tensor read from a shard has its own memory: a stray reference to any of them (even a small bias) must not
+    keep the pages of the whole shard file resident."""
+    reader = ShardReader(LocalFiles(sharded))
+    names = sorted(reader.weight_map)[:6]
+    tensors = reader.read(names)
+    mapped = Path("/proc/self/maps").read_text()
+    for shard in reader.shards(names):
+        assert str((sharded / shard).resolve()) not in mapped
+    with safe_open(str(sharded / reader.weight_map[names[0]]), framework="pt") as handle:
+        assert torch.equal(tensors[names[0]], handle.get_tensor(names[0]))
+
+
 def test_settings_that_do_not_change_the_result_do_not_block_a_resume(sharded, calibration_texts, monkeypatch):
     """``_fingerprint`` leaves out the config fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS``."""
     monkeypatch.setattr(OsscarConfig, "RESULT_NEUTRAL_FIELDS", ("batch_size",), raising=False)

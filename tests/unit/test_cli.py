@@ -133,6 +133,15 @@ PRUNE_OPTIONS = ["--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--num-
                  "--batch-size", "2", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def mmap_threshold_calls(monkeypatch) -> list[int]:
+    """``prune`` sets glibc's mmap threshold for its process; here that process is pytest's, so record the call
+    instead of changing the allocator under the rest of the suite."""
+    calls: list[int] = []
+    monkeypatch.setattr("osscar_hf.host_memory.map_large_allocations", lambda *a: calls.append(1) or True)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A dense tiny model folder (``src``), a calibration text and an evaluation text."""
@@ -498,6 +507,14 @@ def test_prune_stream_writes_the_same_model_as_in_memory(workdir, tmp_path, caps
     streamed, _ = load_model_and_tokenizer(tmp_path / "streamed", device="cpu")
     a, b = mem.state_dict(), streamed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_maps_large_allocations_for_its_process(workdir, tmp_path, mmap_threshold_calls) -> None:
+    base = [*PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt")]
+    assert _run(["prune", str(workdir / "src-opt"), *base, "--output", str(tmp_path / "a"), "--stream"]) == 0
+    assert mmap_threshold_calls == [1]
+    assert _run(["prune", str(workdir / "src-opt"), *base, "--output", str(tmp_path / "b")]) == 0
+    assert mmap_threshold_calls == [1, 1]
 
 
 def test_prune_stream_refuses_eval(workdir, tmp_path, capsys) -> None:

@@ -1,0 +1,67 @@
+"""The process's host memory: its peak resident size, and handing freed memory back to the system."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+
+def peak_host_rss_bytes() -> int | None:
+    """The process's peak resident set size so far, or ``None`` where it is unavailable.
+
+    On Linux ``VmHWM`` from /proc: it belongs to this process's own address space, whereas ``getrusage``'s
+    ``ru_maxrss`` (used elsewhere) survives ``exec`` and can report the peak of the parent that started it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):  # pragma: no cover - no procfs
+            pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
+
+
+def release_freed_memory() -> None:
+    """Give host memory that was freed back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    glibc serves tensors below its mmap threshold (which grows to 32 MiB as big tensors are freed) from the
+    heap, and keeps the pages of freed chunks resident until they are trimmed: a block's forward leaves
+    hundreds of MiB of them, which would otherwise sit under the solver's peak.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+
+
+# glibc's mallopt parameter for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own memory map, returned to the system
+    when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``); ``True`` when it took effect.
+
+    By default glibc raises that threshold up to 32 MiB as big blocks are freed, so a block's activations and the
+    solver's panels end up in the heap, where freed pages stay resident: about 0.1 GiB more peak memory for OPT-2.7B
+    shapes (``benchmarks/memory.py``). The setting is process-wide and lasts until the process ends, so the
+    library never sets it on its own: the command line does, for its own process. From Python, set the same with
+    the environment variable ``MALLOC_MMAP_THRESHOLD_=1048576`` before starting the interpreter, or call this.
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False

@@ -1,0 +1,106 @@
+"""Host memory helpers: glibc's mmap threshold and trimming freed heap pages (Linux/glibc only, in subprocesses:
+both settings are process-wide)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from osscar_hf.host_memory import map_large_allocations
+
+
+def _glibc() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        return False
+
+
+needs_glibc = pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+
+# Where a fresh 4 MiB tensor lives, after a freed 20 MiB one has (by default) raised glibc's mmap threshold.
+WHERE = """
+import torch
+from pathlib import Path
+from osscar_hf.host_memory import map_large_allocations
+{setup}
+big = torch.ones(20 << 18)  # 20 MiB, memory-mapped (above the initial 128 KiB threshold), then freed
+del big
+t = torch.ones(1 << 20)  # 4 MiB
+ptr = t.data_ptr()
+for line in Path("/proc/self/maps").read_text().splitlines():
+    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+    if start <= ptr < end:
+        print("heap" if line.rstrip().endswith("[heap]") else "own map")
+"""
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@needs_glibc
+def test_large_tensors_get_their_own_memory_map():
+    assert _run(WHERE.format(setup="")) == "heap"  # glibc's default: the threshold followed the freed 20 MiB
+    assert _run(WHERE.format(setup="assert map_large_allocations()")) == "own map"
+
+
+@needs_glibc
+def test_freed_heap_pages_are_given_back():
+    code = textwrap.dedent("""
+        import torch
+        from pathlib import Path
+        from osscar_hf.host_memory import release_freed_memory
+
+        def anon():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+
+        big = torch.ones(20 << 18)
+        del big  # the mmap threshold is now 20 MiB: the tensors below come from the heap
+        kept = [torch.ones(1 << 18) for _ in range(64)]  # 64 x 1 MiB
+        pin = torch.ones(1 << 18)  # above them: glibc's automatic trim of the top cannot help
+        del kept
+        before = anon()
+        release_freed_memory()
+        print((before - anon()) >> 20)
+    """)
+    assert int(_run(code)) >= 48  # MiB given back of the 64 freed
+
+
+def test_bad_threshold_is_refused():
+    with pytest.raises(ValueError, match="positive number of bytes, got 0"):
+        map_large_allocations(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_rss_is_this_process_own_high_water_mark():
+    code = textwrap.dedent("""
+        import torch
+        from osscar_hf.host_memory import peak_host_rss_bytes
+        before = peak_host_rss_bytes()
+        x = torch.ones(50 << 20)  # 200 MiB, touched
+        del x
+        print(before >> 20, peak_host_rss_bytes() >> 20)
+    """)
+    before, after = map(int, _run(code).split())
+    assert 190 <= after - before <= 260
+    # A child process starts from its own peak, not its parent's (getrusage's ru_maxrss would be inherited).
+    parent = textwrap.dedent(f"""
+        import subprocess, sys, torch
+        from osscar_hf.host_memory import peak_host_rss_bytes
+        x = torch.ones(100 << 20)  # 400 MiB in the parent
+        child = subprocess.run([sys.executable, "-c", "from osscar_hf.host_memory import peak_host_rss_bytes; "
+                                "print(peak_host_rss_bytes() >> 20)"], capture_output=True, text=True, check=True)
+        print(peak_host_rss_bytes() >> 20, child.stdout.strip())
+    """)
+    parent_peak, child_peak = map(int, _run(parent).split())
+    assert parent_peak - child_peak >= 300
