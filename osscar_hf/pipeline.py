@@ -240,11 +240,11 @@ def _prune_block(
     # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
     dense_outputs, next_dense = _accumulate(block, consumers, stats, states, kwargs, dense_states, device, storage,
                                             space, keep_outputs=not settings.propagate)
-    release_freed_memory()  # the forward's freed temporaries, before the solver's peak
     with _closed_on_error(dense_outputs, next_dense):
         solutions: dict[str, tuple[LayerSolution | None, float]] = {"attention": (None, 0.0), "mlp": (None, 0.0)}
         for name, module, problem in (("attention", o_proj, settings.attention), ("mlp", down, settings.mlp)):
             if name in stats:
+                release_freed_memory()  # freed temporaries of the forward or of the last solve: not under its peak
                 t = time.perf_counter()
                 solutions[name] = (_solve(stats.pop(name), module, problem), time.perf_counter() - t)
         del stats
