@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_spec, get_submodule
 from ..errors import OsscarError, UnsupportedModelError
-from ..host_memory import release_freed_memory
+from ..host_memory import heap_fragmentation_hint, release_freed_memory
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
@@ -188,6 +188,9 @@ def prune_checkpoint(
     See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
     """
     start = time.perf_counter()
+    hint = heap_fragmentation_hint()
+    if hint is not None:
+        logger.info(hint)
     files = open_source(model_path, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
                         delete_downloaded_shards=delete_downloaded_shards, progress=progress)
     target = Path(output_dir).expanduser().absolute()

@@ -4,6 +4,7 @@ both settings are process-wide)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,14 +43,18 @@ for line in Path("/proc/self/maps").read_text().splitlines():
 
 
 def _run(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # glibc's defaults
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return done.stdout.strip()
 
 
 @needs_glibc
 def test_large_tensors_get_their_own_memory_map():
     assert _run(WHERE.format(setup="")) == "heap"  # glibc's default: the threshold followed the freed 20 MiB
-    assert _run(WHERE.format(setup="assert map_large_allocations()")) == "own map"
+    setup = ("from osscar_hf.host_memory import heap_fragmentation_hint\n"
+             "assert heap_fragmentation_hint() is not None\n"
+             "assert map_large_allocations() and heap_fragmentation_hint() is None")
+    assert _run(WHERE.format(setup=setup)) == "own map"
 
 
 @needs_glibc
@@ -104,3 +109,17 @@ def test_peak_rss_is_this_process_own_high_water_mark():
     """)
     parent_peak, child_peak = map(int, _run(parent).split())
     assert parent_peak - child_peak >= 300
+
+
+@needs_glibc
+def test_the_hint_goes_once_large_allocations_are_mapped(monkeypatch):
+    from osscar_hf import host_memory
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(host_memory, "_mapped", False)
+    assert "map_large_allocations()" in host_memory.heap_fragmentation_hint()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert host_memory.heap_fragmentation_hint() is None
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(host_memory, "_mapped", True)  # as after a map_large_allocations() that took effect
+    assert host_memory.heap_fragmentation_hint() is None
