@@ -10,8 +10,9 @@ import sys
 def peak_host_rss_bytes() -> int | None:
     """The process's peak resident set size so far, or ``None`` where it is unavailable.
 
-    On Linux ``VmHWM`` from /proc: it belongs to this process's own address space, whereas ``getrusage``'s
-    ``ru_maxrss`` (used elsewhere) survives ``exec`` and can report the peak of the parent that started it.
+    On Linux ``VmHWM`` from /proc, which belongs to this process's own address space; ``getrusage``'s
+    ``ru_maxrss`` (the fallback elsewhere) survives ``exec`` and can report the peak of the parent that started
+    the process.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -33,8 +34,8 @@ def release_freed_memory() -> None:
     """Give host memory that was freed back to the system (glibc ``malloc_trim``; nothing elsewhere).
 
     glibc serves tensors below its mmap threshold (which grows to 32 MiB as big tensors are freed) from the
-    heap, and keeps the pages of freed chunks resident until they are trimmed: a block's forward leaves
-    hundreds of MiB of them, which would otherwise sit under the solver's peak.
+    heap, and keeps the pages of freed chunks resident until they are trimmed: a block's forward or a solve
+    leaves tens to hundreds of MiB of them, which would otherwise sit under the next solve's peak.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -54,11 +55,12 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Serve every allocation of ``threshold`` bytes or more with its own memory map, returned to the system
     when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``); ``True`` when it took effect.
 
-    By default glibc raises that threshold up to 32 MiB as big blocks are freed, so a block's activations and the
-    solver's panels end up in the heap, where freed pages stay resident: about 0.1 GiB more peak memory for OPT-2.7B
-    shapes (``benchmarks/memory.py``). The setting is process-wide and lasts until the process ends, so the
-    library never sets it on its own: the command line does, for its own process. From Python, set the same with
-    the environment variable ``MALLOC_MMAP_THRESHOLD_=1048576`` before starting the interpreter, or call this.
+    By default glibc raises that threshold up to 32 MiB as big blocks are freed, so a block's activations and
+    the solver's panels end up in the heap, where freed pages stay resident and fragment: 0.2 GiB more peak
+    memory at OPT-2.7B shapes (``benchmarks/memory.py``: 1.46 against 1.23 GiB). The setting is process-wide
+    and lasts until the process ends, so the library never sets it on its own: the command line does, for its
+    own process. From Python, call this before pruning, or start the interpreter with the environment variable
+    ``MALLOC_MMAP_THRESHOLD_=1048576``.
     """
     if threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
