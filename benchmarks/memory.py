@@ -5,8 +5,9 @@
 1. Writes a random OPT checkpoint with OPT-2.7B shapes (bfloat16, one shard per block, about 5.3 GB)
    without ever holding more than one block of it in memory.
 2. Prunes it with ``prune_checkpoint`` in fresh child processes and reads each one's peak RSS: once with
-   glibc's default allocator settings, once after ``osscar_hf.host_memory.map_large_allocations()`` (what
-   ``osscar-hf prune`` does for its process; ``--allocator`` picks one).
+   ``map_large_allocations=False`` (glibc's default allocator settings) and once with the default
+   ``map_large_allocations=True`` (every allocation of 1 MiB or more in its own memory map during the run;
+   ``--allocator`` picks one).
 3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
    activations (block inputs and next inputs) and the two Gram matrices (the bound), and the solver's
    working set for the largest consumer beyond its Gram matrix (two p x q values in the solver dtype, plus
@@ -99,10 +100,11 @@ def child(args: argparse.Namespace) -> None:
 
     import osscar_hf  # noqa: F401
     from osscar_hf import OsscarConfig, OsscarPruner, pipeline
-    from osscar_hf.host_memory import map_large_allocations
+    from osscar_hf.host_memory import heap_fragmentation_hint
 
-    if args.map_large_allocations and not map_large_allocations():
-        sys.exit("map_large_allocations() did not take effect (not glibc?)")
+    if args.map_large_allocations and heap_fragmentation_hint() is None:
+        sys.exit("prune_checkpoint(map_large_allocations=True) would not change the allocator here (not glibc, or "
+                 "MALLOC_MMAP_THRESHOLD_ is set)")
 
     # Record (only) whether the pipeline lets the solver work in the Gram's storage: it sizes the working set.
     in_place_calls: list[bool] = []
@@ -120,7 +122,8 @@ def child(args: argparse.Namespace) -> None:
                           device="cpu", batch_size=args.batch_size)
     pruner = OsscarPruner(config)
     start = time.perf_counter()
-    pruner.prune_checkpoint(args.checkpoint, args.output, overwrite=True, progress=False)
+    pruner.prune_checkpoint(args.checkpoint, args.output, overwrite=True, progress=False,
+                            map_large_allocations=args.map_large_allocations)
     seconds = time.perf_counter() - start
     _, peak = _memory_status()
     print(json.dumps({
@@ -147,7 +150,7 @@ def main() -> None:
     parser.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "osscar-memory-benchmark")
     parser.add_argument("--allocator", choices=["both", "default", "mapped"], default="both",
-                        help="glibc's default settings, map_large_allocations() (as the CLI), or both (default)")
+                        help="prune_checkpoint(map_large_allocations=False) (glibc's defaults), =True, or both")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and output")
     parser.add_argument("--map-large-allocations", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +204,8 @@ def main() -> None:
         (f"solver working set for fc2 beyond its Gram ({solver_label}, {args.solver_dtype})", solver),
         ("bound + solver working set", bound + solver),
     ]
-    labels = {"default": "glibc defaults", "mapped": "map_large_allocations() (as the CLI)"}
+    labels = {"default": "map_large_allocations=False (glibc defaults)",
+              "mapped": "map_large_allocations=True (default)"}
     header = " | ".join(labels[k] for k in kinds)
 
     def row(name: str, values: list[str]) -> str:

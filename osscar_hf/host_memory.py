@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def peak_host_rss_bytes() -> int | None:
@@ -47,39 +50,72 @@ def release_freed_memory() -> None:
 # glibc's mallopt parameter for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
+GLIBC_THRESHOLD_CEILING = 32 << 20  # the most glibc's own (dynamic) threshold rises to, on 64-bit
 _ENV_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 _mapped = False  # map_large_allocations() took effect in this process
 
 
+@functools.cache
+def _glibc() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:  # pragma: no cover - not glibc
+        return False
+
+
+def _set_threshold(threshold: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+
+
 def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Serve every allocation of ``threshold`` bytes or more with its own memory map, returned to the system
-    when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``); ``True`` when it took effect.
+    when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``), from now until the process ends; ``True`` when it took
+    effect.
 
     By default glibc raises that threshold up to 32 MiB as big blocks are freed, so a block's activations and
     the solver's panels end up in the heap, where freed pages stay resident and fragment: 0.2 GiB more peak
-    memory at OPT-2.7B shapes (``benchmarks/memory.py``: 1.46 against 1.23 GiB). The setting is process-wide
-    and lasts until the process ends, so the library never sets it on its own: the command line does, for its
-    own process. From Python, call this before pruning, or start the interpreter with the environment variable
-    ``MALLOC_MMAP_THRESHOLD_=1048576``.
+    memory at OPT-2.7B shapes (``benchmarks/memory.py``: 1.46 against 1.23 GiB). ``prune_checkpoint`` sets
+    this for its own duration (:func:`mapped_large_allocations`); the command line sets it for its process.
+    Starting the interpreter with ``MALLOC_MMAP_THRESHOLD_=1048576`` does the same.
     """
+    global _mapped
     if threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not _glibc():
         return False
-    global _mapped
-    try:
-        done = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
+    done = _set_threshold(threshold)
     _mapped = _mapped or done
     return done
+
+
+@contextmanager
+def mapped_large_allocations() -> Iterator[bool]:
+    """:func:`map_large_allocations` for the body of a ``with`` block; yields whether it took effect.
+
+    glibc cannot go back to its dynamic threshold, so on exit the threshold is fixed at 32 MiB, the value the
+    dynamic one climbs to (and stays at) once a program has freed a few tensors of that size. Nothing is
+    changed where a threshold was already fixed (``MALLOC_MMAP_THRESHOLD_``, or :func:`map_large_allocations`
+    called before) or outside glibc.
+    """
+    global _mapped
+    if heap_fragmentation_hint() is None or not map_large_allocations():
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _set_threshold(GLIBC_THRESHOLD_CEILING)
+        _mapped = False
 
 
 def heap_fragmentation_hint() -> str | None:
     """A one-line hint to call :func:`map_large_allocations` where it would lower the peak (Linux, and neither it
     nor glibc's ``MALLOC_MMAP_THRESHOLD_`` has set a fixed threshold); ``None`` otherwise."""
-    if not sys.platform.startswith("linux") or _mapped or _ENV_THRESHOLD in os.environ:
+    if not sys.platform.startswith("linux") or not _glibc() or _mapped or _ENV_THRESHOLD in os.environ:
         return None
-    return ("glibc's default malloc settings keep freed heap pages resident, about 0.2 GiB of peak memory for "
-            "OPT-2.7B shapes; call osscar_hf.host_memory.map_large_allocations() first (as osscar-hf prune does) or "
-            f"set {_ENV_THRESHOLD}={MMAP_THRESHOLD_BYTES} to avoid that")
+    return ("glibc's default malloc settings keep freed heap pages resident, about 0.2 GiB of peak memory at "
+            "OPT-2.7B shapes; map_large_allocations=True (the default of prune_checkpoint), "
+            f"osscar_hf.host_memory.map_large_allocations() or {_ENV_THRESHOLD}={MMAP_THRESHOLD_BYTES} avoid that")

@@ -231,6 +231,7 @@ class OsscarPruner:
         endpoint: str | None = None,
         delete_downloaded_shards: bool = False,
         format: str = "auto",
+        map_large_allocations: bool = True,
     ) -> Path:
         """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block,
         without ever loading the whole model, and write the pruned checkpoint to ``output_dir``; return its path.
@@ -263,12 +264,20 @@ class OsscarPruner:
         partial run with other settings, calibration data, device or source (changed files; for a Hub id, a
         revision that now resolves to another commit) raises :class:`osscar_hf.streaming.ResumeError`;
         ``resume=False`` discards it and starts over. See :mod:`osscar_hf.streaming`.
+
+        ``map_large_allocations`` (Linux with glibc): for the duration of the call, every allocation of 1 MiB or
+        more gets its own memory map, so that freed tensors do not stay resident in a fragmented heap (0.2 GiB
+        of peak memory at OPT-2.7B shapes, see ``benchmarks/memory.py``). glibc cannot restore its adaptive
+        threshold afterwards, so it is then fixed at 32 MiB, the value it adapts to in practice; a threshold
+        fixed before (``MALLOC_MMAP_THRESHOLD_``, :func:`osscar_hf.host_memory.map_large_allocations`) is left
+        alone. ``False`` leaves the allocator untouched.
         """
         from .streaming import prune_checkpoint
 
         return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                                 progress=progress, resume=resume, revision=revision, token=token, cache_dir=cache_dir,
-                                endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format)
+                                endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format,
+                                map_large_allocations=map_large_allocations)
 
 
 def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_spec, get_submodule
 from ..errors import OsscarError, UnsupportedModelError
-from ..host_memory import heap_fragmentation_hint, release_freed_memory
+from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, release_freed_memory
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
@@ -181,12 +181,20 @@ def prune_checkpoint(
     endpoint: str | None = None,
     delete_downloaded_shards: bool = False,
     format: str = "auto",
+    map_large_allocations: bool = True,
 ) -> Path:
     """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block into
     ``output_dir`` in the checkpoint ``format`` of :func:`osscar_hf.save_pruned`; return its path.
 
     See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
     """
+    if map_large_allocations:
+        with mapped_large_allocations():
+            return prune_checkpoint(pruner, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
+                                    progress=progress, resume=resume, revision=revision, token=token,
+                                    cache_dir=cache_dir, endpoint=endpoint,
+                                    delete_downloaded_shards=delete_downloaded_shards, format=format,
+                                    map_large_allocations=False)
     start = time.perf_counter()
     hint = heap_fragmentation_hint()
     if hint is not None:

@@ -370,6 +370,34 @@ def test_read_tensors_do_not_keep_the_shard_mapped(sharded):
         assert torch.equal(tensors[names[0]], handle.get_tensor(names[0]))
 
 
+def test_large_allocations_are_mapped_for_the_run_unless_declined(sharded, tmp_path, calibration_texts, monkeypatch,
+                                                                    caplog):
+    import contextlib
+
+    from osscar_hf.streaming import run
+
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield True
+
+    monkeypatch.setattr(run, "mapped_large_allocations", recording)
+    monkeypatch.setattr(run, "heap_fragmentation_hint", lambda: "HINT: map large allocations")
+    _prune(calibration_texts, sharded, tmp_path / "a")
+    assert entered == [True]
+    with caplog.at_level("INFO", logger="osscar_hf.streaming.run"):
+        _prune(calibration_texts, sharded, tmp_path / "b", map_large_allocations=False)
+    assert entered == [True]  # not entered again
+    assert "HINT: map large allocations" in caplog.text
+    a, b = _shards(tmp_path / "a"), _shards(tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b]
+    for x, y in zip(a, b):
+        with safe_open(str(x), framework="pt") as fx, safe_open(str(y), framework="pt") as fy:
+            assert all(torch.equal(fx.get_tensor(k), fy.get_tensor(k)) for k in fx.keys())
+
+
 def test_settings_that_do_not_change_the_result_do_not_block_a_resume(sharded, calibration_texts, monkeypatch):
     """``_fingerprint`` leaves out the config fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS``."""
     monkeypatch.setattr(OsscarConfig, "RESULT_NEUTRAL_FIELDS", ("batch_size",), raising=False)

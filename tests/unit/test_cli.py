@@ -137,8 +137,17 @@ PRUNE_OPTIONS = ["--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--num-
 def mmap_threshold_calls(monkeypatch) -> list[int]:
     """``prune`` sets glibc's mmap threshold for its process; here that process is pytest's, so record the call
     instead of changing the allocator under the rest of the suite."""
+    from osscar_hf import host_memory
+
     calls: list[int] = []
-    monkeypatch.setattr("osscar_hf.host_memory.map_large_allocations", lambda *a: calls.append(1) or True)
+
+    def record(*args: object) -> bool:
+        calls.append(1)
+        host_memory._mapped = True  # as after a call that took effect (restored by monkeypatch below)
+        return True
+
+    monkeypatch.setattr(host_memory, "_mapped", host_memory._mapped)
+    monkeypatch.setattr(host_memory, "map_large_allocations", record)
     return calls
 
 

@@ -123,3 +123,35 @@ def test_the_hint_goes_once_large_allocations_are_mapped(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setattr(host_memory, "_mapped", True)  # as after a map_large_allocations() that took effect
     assert host_memory.heap_fragmentation_hint() is None
+
+
+@needs_glibc
+def test_mapped_for_a_with_block_then_glibc_ceiling():
+    code = textwrap.dedent("""
+        import torch
+        from pathlib import Path
+        from osscar_hf.host_memory import mapped_large_allocations
+
+        def where():
+            t = torch.ones(1 << 20)  # 4 MiB
+            for line in Path("/proc/self/maps").read_text().splitlines():
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if start <= t.data_ptr() < end:
+                    return "heap" if line.rstrip().endswith("[heap]") else "map"
+
+        first = where()  # glibc's initial threshold is 128 KiB: its own map
+        with mapped_large_allocations() as on:
+            inside = where()
+        print(first, on, inside, where())  # after: fixed at 32 MiB, so from the heap
+    """)
+    assert _run(code).split() == ["map", "True", "map", "heap"]
+
+
+@needs_glibc
+def test_a_threshold_fixed_before_is_left_alone(monkeypatch):
+    from osscar_hf import host_memory
+
+    monkeypatch.setattr(host_memory, "_mapped", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    with host_memory.mapped_large_allocations() as on:
+        assert on is False
