@@ -76,8 +76,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     effect.
 
     By default glibc raises that threshold up to 32 MiB as big blocks are freed, so a block's activations and
-    the solver's panels end up in the heap, where freed pages stay resident and fragment: 0.2 GiB more peak
-    memory at OPT-2.7B shapes (``benchmarks/memory.py``: 1.46 against 1.23 GiB). ``prune_checkpoint`` sets
+    the solver's panels end up in the heap, where freed pages stay resident and fragment: about 0.2 GiB more
+    peak memory at OPT-2.7B shapes (``benchmarks/memory.py``). ``prune_checkpoint`` sets
     this for its own duration (:func:`mapped_large_allocations`); the command line sets it for its process.
     Starting the interpreter with ``MALLOC_MMAP_THRESHOLD_=1048576`` does the same.
     """
@@ -95,8 +95,9 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 def mapped_large_allocations() -> Iterator[bool]:
     """:func:`map_large_allocations` for the body of a ``with`` block; yields whether it took effect.
 
-    glibc cannot go back to its dynamic threshold, so on exit the threshold is fixed at 32 MiB, the value the
-    dynamic one climbs to (and stays at) once a program has freed a few tensors of that size. Nothing is
+    glibc cannot go back to its dynamic threshold, so on exit the threshold is fixed at 32 MiB, the most the
+    dynamic one climbs to (it rises to the size of each memory-mapped block freed, up to 32 MiB, which a torch
+    program reaches as soon as it frees a tensor of that size). Nothing is
     changed where a threshold was already fixed (``MALLOC_MMAP_THRESHOLD_``, or :func:`map_large_allocations`
     called before) or outside glibc.
     """

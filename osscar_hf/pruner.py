@@ -268,7 +268,7 @@ class OsscarPruner:
         ``map_large_allocations`` (Linux with glibc): for the duration of the call, every allocation of 1 MiB or
         more gets its own memory map, so that freed tensors do not stay resident in a fragmented heap (0.2 GiB
         of peak memory at OPT-2.7B shapes, see ``benchmarks/memory.py``). glibc cannot restore its adaptive
-        threshold afterwards, so it is then fixed at 32 MiB, the value it adapts to in practice; a threshold
+        threshold afterwards, so it is then fixed at 32 MiB, the most that one adapts to; a threshold
         fixed before (``MALLOC_MMAP_THRESHOLD_``, :func:`osscar_hf.host_memory.map_large_allocations`) is left
         alone. ``False`` leaves the allocator untouched.
         """
