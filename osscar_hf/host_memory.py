@@ -40,11 +40,21 @@ def release_freed_memory() -> None:
     heap, and keeps the pages of freed chunks resident until they are trimmed: a block's forward or a solve
     leaves tens to hundreds of MiB of them, which would otherwise sit under the next solve's peak.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded once; ``None`` elsewhere (other systems, or a Linux with another C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 # glibc's mallopt parameter for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
@@ -55,19 +65,9 @@ _ENV_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 _mapped = False  # map_large_allocations() took effect in this process
 
 
-@functools.cache
-def _glibc() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:  # pragma: no cover - not glibc
-        return False
-
-
 def _set_threshold(threshold: int) -> bool:
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -84,8 +84,6 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     global _mapped
     if threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
-    if not sys.platform.startswith("linux") or not _glibc():
-        return False
     done = _set_threshold(threshold)
     _mapped = _mapped or done
     return done
@@ -115,7 +113,7 @@ def mapped_large_allocations() -> Iterator[bool]:
 def heap_fragmentation_hint() -> str | None:
     """A one-line hint to call :func:`map_large_allocations` where it would lower the peak (Linux, and neither it
     nor glibc's ``MALLOC_MMAP_THRESHOLD_`` has set a fixed threshold); ``None`` otherwise."""
-    if not sys.platform.startswith("linux") or not _glibc() or _mapped or _ENV_THRESHOLD in os.environ:
+    if _glibc() is None or _mapped or _ENV_THRESHOLD in os.environ:
         return None
     return ("glibc's default malloc settings keep freed heap pages resident, about 0.2 GiB of peak memory at "
             "OPT-2.7B shapes; map_large_allocations=True (the default of prune_checkpoint), "

@@ -3,6 +3,7 @@ and released (see :mod:`osscar_hf.streaming`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -188,26 +189,20 @@ def prune_checkpoint(
 
     See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
     """
-    if map_large_allocations:
-        with mapped_large_allocations():
-            return prune_checkpoint(pruner, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
-                                    progress=progress, resume=resume, revision=revision, token=token,
-                                    cache_dir=cache_dir, endpoint=endpoint,
-                                    delete_downloaded_shards=delete_downloaded_shards, format=format,
-                                    map_large_allocations=False)
     start = time.perf_counter()
-    hint = heap_fragmentation_hint()
-    if hint is not None:
-        logger.info(hint)
-    files = open_source(model_path, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
-                        delete_downloaded_shards=delete_downloaded_shards, progress=progress)
-    target = Path(output_dir).expanduser().absolute()
-    folder = files.folder if isinstance(files, LocalFiles) else None
-    _check_target(folder, target, overwrite)
-    with run_lock(target, str(folder) if folder is not None else files.repo_id):
-        _check_target(folder, target, overwrite)  # again: a run that held the lock may have just written it
-        return _prune_locked(pruner, files, target, tokenizer=tokenizer, progress=progress, resume=resume,
-                             start=start, checkpoint_format=format)
+    with mapped_large_allocations() if map_large_allocations else contextlib.nullcontext(False) as mapped:
+        hint = None if mapped else heap_fragmentation_hint()
+        if hint is not None:
+            logger.info(hint)
+        files = open_source(model_path, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                            delete_downloaded_shards=delete_downloaded_shards, progress=progress)
+        target = Path(output_dir).expanduser().absolute()
+        folder = files.folder if isinstance(files, LocalFiles) else None
+        _check_target(folder, target, overwrite)
+        with run_lock(target, str(folder) if folder is not None else files.repo_id):
+            _check_target(folder, target, overwrite)  # again: a run that held the lock may have just written it
+            return _prune_locked(pruner, files, target, tokenizer=tokenizer, progress=progress, resume=resume,
+                                 start=start, checkpoint_format=format)
 
 
 def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,

@@ -3,7 +3,6 @@ both settings are process-wide)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -11,19 +10,9 @@ import textwrap
 
 import pytest
 
-from osscar_hf.host_memory import map_large_allocations
+from osscar_hf.host_memory import _glibc, map_large_allocations
 
-
-def _glibc() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        return False
-
-
-needs_glibc = pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+needs_glibc = pytest.mark.skipif(_glibc() is None, reason="glibc's malloc only")
 
 # Where a fresh 4 MiB tensor lives, after a freed 20 MiB one has (by default) raised glibc's mmap threshold.
 WHERE = """
