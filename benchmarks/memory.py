@@ -2,6 +2,11 @@
 
     python benchmarks/memory.py [--layers 32 --hidden 2560 --ffn 10240 --heads 32] [--workdir DIR]
 
+On a GPU, ``--device cuda`` also records each block's peak device memory and time, e.g. at OPT-30B shapes
+(a few blocks are enough for per-block figures):
+
+    python benchmarks/memory.py --device cuda --allocator mapped --layers 4 --hidden 7168 --ffn 28672 --heads 56
+
 1. Writes a random OPT checkpoint with OPT-2.7B shapes (bfloat16, one shard per block, about 5.3 GB)
    without ever holding more than one block of it in memory.
 2. Prunes it with ``prune_checkpoint`` in fresh child processes and reads each one's peak RSS: once with
@@ -15,8 +20,9 @@
    the interpreter with torch, transformers and the OPT modeling code imported (measured in the child
    before pruning: code, not data).
 
-Prints a table and writes benchmarks/results/memory.md and memory.json. Random weights are fine here:
-memory and time do not depend on the values.
+Prints a table and writes benchmarks/results/memory.md and memory.json (memory_cuda.md/.json with
+``--device cuda``, so the CPU record stays; ``--results-name`` picks another name). Random weights are fine here: memory and time do not depend on
+the values.
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(2, args.vocab, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     config = OsscarConfig(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=ids,
                           num_samples=args.num_samples, seq_len=args.seq_len, solver_dtype=args.solver_dtype,
-                          device="cpu", batch_size=args.batch_size)
+                          device=args.device, batch_size=args.batch_size)
     pruner = OsscarPruner(config)
     start = time.perf_counter()
     pruner.prune_checkpoint(args.checkpoint, args.output, overwrite=True, progress=False,
@@ -130,6 +136,10 @@ def child(args: argparse.Namespace) -> None:
         "baseline_rss": baseline, "peak_rss": peak, "seconds": seconds,
         "block_seconds": [b.seconds for b in pruner.report.blocks],
         "block_peak_rss": [b.peak_host_rss_bytes for b in pruner.report.blocks],
+        "block_peak_device": [b.peak_device_memory_bytes for b in pruner.report.blocks],
+        "device": str(config.resolved_device()),
+        "device_name": (torch.cuda.get_device_name(config.resolved_device())
+                        if config.resolved_device().type == "cuda" else platform.processor() or platform.machine()),
         "parameters_before": pruner.report.parameters_before, "parameters_after": pruner.report.parameters_after,
         "solver_in_place": bool(in_place_calls) and all(in_place_calls),
     }))
@@ -148,10 +158,16 @@ def main() -> None:
     parser.add_argument("--attention-sparsity", type=float, default=0.25)
     parser.add_argument("--mlp-sparsity", type=float, default=0.25)
     parser.add_argument("--solver-dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--device", default="cpu",
+                        help="compute device for the blocks: cpu (default), cuda or cuda:N (the activations stay "
+                             "in host memory)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "osscar-memory-benchmark")
     parser.add_argument("--allocator", choices=["both", "default", "mapped"], default="both",
                         help="prune_checkpoint(map_large_allocations=False) (glibc's defaults), =True, or both")
-    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and output")
+    parser.add_argument("--results-name", default=None,
+                        help="write benchmarks/results/NAME.md and NAME.json (default: memory, or memory_cuda on a GPU)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the generated checkpoint (WORKDIR/dense, reused by later runs) and the output")
     parser.add_argument("--map-large-allocations", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -161,9 +177,23 @@ def main() -> None:
         child(args)
         return
 
+    from osscar_hf import OsscarConfig
+    from osscar_hf.errors import OsscarConfigError
+
+    try:  # a bad or absent device fails here, before any work
+        on_gpu = OsscarConfig(device=args.device).resolved_device().type == "cuda"
+    except OsscarConfigError as error:
+        sys.exit(str(error))
     source, output = args.workdir / "dense", args.workdir / "pruned"
     started = time.perf_counter()
-    if (source / "model.safetensors.index.json").exists():
+    created = not (source / "model.safetensors.index.json").exists()
+    if not created:
+        wanted = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "ffn_dim": args.ffn,
+                  "num_attention_heads": args.heads, "vocab_size": args.vocab}
+        found = json.loads((source / "config.json").read_text())
+        if any(found.get(k) != v for k, v in wanted.items()):
+            sys.exit(f"{source} holds a checkpoint of other shapes ({ {k: found.get(k) for k in wanted} }, asked for "
+                     f"{wanted}); pass another --workdir, or delete that folder")
         size = json.loads((source / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         print(f"reusing the checkpoint in {source} ({size / GIB:.2f} GiB)")
     else:
@@ -172,7 +202,8 @@ def main() -> None:
               f"{time.perf_counter() - started:.0f} s")
     base = [sys.executable, __file__, "--child", "--checkpoint", str(source), "--output", str(output),
             *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-              if k not in ("child", "checkpoint", "output", "workdir", "keep", "allocator", "map_large_allocations")]]
+              if k not in ("child", "checkpoint", "output", "workdir", "keep", "allocator", "map_large_allocations",
+                           "results_name")]]
     kinds = ["default", "mapped"] if args.allocator == "both" else [args.allocator]
     results = {}
     for kind in kinds:
@@ -184,6 +215,22 @@ def main() -> None:
             sys.exit(f"the pruning process failed:\n{run.stderr[-4000:]}")
         results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
 
+    text, sizes = report(args, results, size, on_gpu)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.results_name or ("memory_cuda" if on_gpu else "memory")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                      "sizes": sizes, "runs": results}, indent=1) + "\n")
+    if not args.keep:
+        shutil.rmtree(output, ignore_errors=True)
+        if created:  # a checkpoint found there is left where it was
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, results: dict[str, dict], size: int, on_gpu: bool) -> tuple[str, dict[str, int]]:
+    """The Markdown tables for one benchmark run, and the sizes they compare against, by name."""
+    kinds = list(results)
     h, f, s = args.hidden, args.ffn, 2  # bfloat16 bytes
     solver_bytes = {"float32": 4, "float64": 8}[args.solver_dtype]
     block = (4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h) * s
@@ -195,6 +242,9 @@ def main() -> None:
     solver = ((0 if in_place else f * f) + 2 * f * h) * solver_bytes
     solver_label = "2pq, in the Gram's storage" if in_place else "a copy of the Gram + 2pq"
     bound = block + activations + grams
+    # On a GPU only the block, its Grams, one batch of activations (in and out) and the solver are there at once.
+    batch = 2 * min(args.batch_size, args.num_samples) * args.seq_len * h * s
+    device_bound = block + grams + batch
     sizes = [
         ("checkpoint size", size),
         ("largest block", block),
@@ -235,15 +285,30 @@ def main() -> None:
         row("total time", [f"{results[k]['seconds']:.0f} s" for k in kinds]),
         row("median time per block", [f"{median(results[k]['block_seconds']):.1f} s" for k in kinds]),
     ]
+    if on_gpu:
+        sizes += [("one batch of activations on the device (in + out)", batch),
+                  ("device bound: block + Grams + one batch", device_bound)]
+        run_rows += [
+            row("peak device memory, median over blocks",
+                [f"{median(results[k]['block_peak_device']) / GIB:.2f} GiB" for k in kinds]),
+            row("peak device memory, largest block", [f"{max(results[k]['block_peak_device']) / GIB:.2f} GiB"
+                                                      for k in kinds]),
+            row("largest / device bound", [f"{max(results[k]['block_peak_device']) / device_bound:.2f}x"
+                                           for k in kinds]),
+            row("largest / (device bound + solver working set)",
+                [f"{max(results[k]['block_peak_device']) / (device_bound + solver):.2f}x" for k in kinds]),
+        ]
     first = results[kinds[0]]
     lines = [
-        "# Streaming pruning: peak host memory",
+        "# Streaming pruning: peak host and device memory" if on_gpu else "# Streaming pruning: peak host memory",
         "",
         (f"Random OPT checkpoint: {args.layers} layers, hidden {h}, FFN {f}, {args.heads} heads, vocab {args.vocab}, "
-         f"bfloat16, one shard per block. `prune_checkpoint` on the CPU, attention sparsity "
+         f"bfloat16, one shard per block. `prune_checkpoint` on {first['device']} ({first['device_name']}), "
+         f"activations in host memory, attention sparsity "
          f"{args.attention_sparsity}, MLP sparsity {args.mlp_sparsity}, {args.num_samples} calibration windows of "
          f"{args.seq_len} tokens, solver {args.solver_dtype}. Peak RSS is the pruning process's own `VmHWM` (Linux "
-         f"/proc). Machine: {platform.machine()}, {os.cpu_count()} CPUs. Parameters "
+         f"/proc){'; peak device memory is `torch.cuda.max_memory_allocated` over each block' if on_gpu else ''}. "
+         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs. Parameters "
          f"{first['parameters_before']:,} -> {first['parameters_after']:,}."),
         "",
         "| quantity | GiB |",
@@ -254,14 +319,7 @@ def main() -> None:
         "|---|" + "---:|" * len(kinds),
         *run_rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.md").write_text(text)
-    (RESULTS / "memory.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                     "sizes": dict(sizes), "runs": results}, indent=1) + "\n")
-    if not args.keep:
-        shutil.rmtree(args.workdir, ignore_errors=True)
+    return "\n".join(lines) + "\n", dict(sizes)
 
 
 if __name__ == "__main__":
