@@ -199,11 +199,11 @@ def _add_eval_protocol_options(parser: argparse.ArgumentParser, prefix: str = ""
                         metavar="N", help="score only the first N windows (default: all)")
 
 
-def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+def _add_runtime_options(parser: argparse.ArgumentParser, dtype_help: str | None = None) -> None:
     parser.add_argument("--device", type=device, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                        help="dtype the model is loaded in; auto keeps the checkpoint's (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help=dtype_help or "dtype the model is loaded in; auto keeps the checkpoint's (default: float32)")
 
 
 def _load_eval_texts(dataset: str, text_column: str) -> list[str]:
@@ -327,7 +327,8 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling seed (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="calibration windows per block forward (default: 8)")
-    _add_runtime_options(parser)
+    _add_runtime_options(parser, dtype_help="dtype of the weights: the model is loaded in it, or with --stream its "
+                         "tensors are read in it; auto keeps the checkpoint's (default: float32, and auto with --stream)")
     parser.add_argument("--eval", default=None, metavar="DATA",
                         help="also measure dense and pruned perplexity on wikitext2 (the test split) or a text "
                         f"file, with the same protocol; results go to {EVAL_FILENAME} and the model card")
@@ -360,6 +361,9 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
                         help="folder for the on-disk activations (default: the system's temporary folder)")
     parser.add_argument("--revision", default=None, metavar="REV",
                         help="with --stream and a Hub id: branch, tag or commit to prune (default: main)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="with --stream: discard an interrupted run into --output and start over (by default "
+                             "rerunning the same command continues it)")
     parser.add_argument("--delete-downloaded-shards", action="store_true",
                         help="with --stream and a Hub id: delete each shard this run downloaded from the Hub cache "
                              "once its blocks are done (files cached before the run are kept)")
@@ -371,7 +375,7 @@ def run_prune_command(args: argparse.Namespace) -> int:
     from osscar_hf.config import OsscarConfig
     from osscar_hf.host_memory import map_large_allocations
     from osscar_hf.io import resolve_format, save_pruned
-    from osscar_hf.io.save import move_into_place
+    from osscar_hf.io.save import OutputConflictError, move_into_place
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
     from osscar_hf.pruner import OsscarPruner
 
@@ -393,7 +397,7 @@ def run_prune_command(args: argparse.Namespace) -> int:
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
     resolve_device(args.device)
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device="cpu")
     eval_record: dict[str, Any] | None = None
     card_eval: dict[str, Any] | None = None
     if eval_texts is not None:
@@ -429,7 +433,12 @@ def run_prune_command(args: argparse.Namespace) -> int:
         else:
             card.save(staged / CARD_FILENAME)
         _chmod_like_mkdir(staged)
-        move_into_place(staged, output)
+        try:
+            move_into_place(staged, output, overwrite=args.overwrite)
+        except OutputConflictError as exc:  # keep the pruned model: it took the whole run to make
+            kept = staged.with_name(f"{output.name}.osscar-pruned-{staged.name.rsplit('-', 1)[-1]}")
+            staged.rename(kept)
+            raise OutputConflictError(f"{exc}; the pruned checkpoint is in {str(kept)!r}") from None
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
@@ -464,7 +473,8 @@ def _prune_streaming(args: argparse.Namespace, config: Any, output: Path) -> int
     source = folder if folder.is_dir() else args.model  # a Hub id: downloaded shard by shard into the HF cache
     pruner = OsscarPruner(config)
     pruner.prune_checkpoint(source, output, overwrite=args.overwrite, token=args.token, revision=args.revision,
-                            delete_downloaded_shards=args.delete_downloaded_shards, format=args.format)
+                            delete_downloaded_shards=args.delete_downloaded_shards, format=args.format,
+                            resume=args.resume, dtype=args.dtype, base_model=args.base_model)
     return _finish_prune(args, pruner.report, output)
 
 
@@ -502,7 +512,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     check_model_source(args.model)
     texts = _load_eval_texts(args.dataset, args.text_column)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device=args.device,
                                                 trust_remote_code=args.trust_remote_code)
     result = _perplexity(model, tokenizer, texts, args, batch_size=args.batch_size, stride=args.stride)
     print(f"{args.model} on {args.dataset}: perplexity {_describe_ppl(result)}")

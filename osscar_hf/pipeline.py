@@ -402,12 +402,20 @@ def announce_block(bar: Any, report: BlockReport) -> None:
     for key, consumer in (("attn_err", report.attention), ("mlp_err", report.mlp)):
         if consumer.solved:
             postfix[key] = f"{consumer.relative_error_masked:.2e}->{consumer.relative_error:.2e}"
+    memory = []
+    if report.peak_host_rss_bytes is not None:
+        postfix["rss"] = f"{report.peak_host_rss_bytes / 2**30:.2f}G"
+        memory.append(f"peak RSS {postfix['rss']}iB")
+    if report.peak_device_memory_bytes is not None:
+        postfix["dev"] = f"{report.peak_device_memory_bytes / 2**30:.2f}G"
+        memory.append(f"peak device memory {postfix['dev']}iB")
     bar.set_postfix(postfix)
     bar.update(1)
     logger.info(
-        "block %d: attention %d/%d kept (rel. err masked->refit %s), mlp %d/%d kept (rel. err %s), %.2fs",
+        "block %d: attention %d/%d kept (rel. err masked->refit %s), mlp %d/%d kept (rel. err %s), %.2fs%s",
         report.index, report.attention.kept, report.attention.structures, postfix.get("attn_err", "-"),
         report.mlp.kept, report.mlp.structures, postfix.get("mlp_err", "-"), report.seconds,
+        "".join(f", {m}" for m in memory),
     )
 
 

@@ -232,6 +232,8 @@ class OsscarPruner:
         delete_downloaded_shards: bool = False,
         format: str = "auto",
         map_large_allocations: bool = True,
+        dtype: str | torch.dtype | None = None,
+        base_model: str | None = None,
     ) -> Path:
         """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block,
         without ever loading the whole model, and write the pruned checkpoint to ``output_dir``; return its path.
@@ -271,13 +273,20 @@ class OsscarPruner:
         threshold afterwards, so it is then fixed at 32 MiB, the most that one adapts to; a threshold
         fixed before (``MALLOC_MMAP_THRESHOLD_``, :func:`osscar_hf.host_memory.map_large_allocations`) is left
         alone. ``False`` leaves the allocator untouched.
+
+        ``dtype``: the weights are read and written in their checkpoint's dtype (``None`` or ``"auto"``, the
+        default), or cast on reading to ``"float32"``, ``"bfloat16"`` or ``"float16"`` (as
+        ``from_pretrained(..., dtype=)`` would load them for :meth:`prune`); ``config.json`` records it.
+        ``base_model``: the Hub id the model card names as the base model (default: ``model_path`` when it is a
+        Hub id, none for a local folder).
         """
         from .streaming import prune_checkpoint
 
         return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                                 progress=progress, resume=resume, revision=revision, token=token, cache_dir=cache_dir,
                                 endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format,
-                                map_large_allocations=map_large_allocations)
+                                map_large_allocations=map_large_allocations, dtype=dtype,
+                                base_model=base_model)
 
 
 def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:

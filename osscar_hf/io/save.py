@@ -11,6 +11,7 @@ keeps transformers' semantics but refuses the folder the dense model was loaded 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ CONFIG_NAME = "config.json"
 
 class SaveError(OsscarError, ValueError):
     """A pruned model cannot be saved where or how it was asked to be."""
+
+
+class OutputConflictError(SaveError):
+    """The output folder was created or filled by someone else while the checkpoint was being written."""
 
 
 # --------------------------------------------------------------------------- the record on a pruned model
@@ -288,17 +293,32 @@ def check_output_folder(target: Path, overwrite: bool) -> None:
     if target.exists():
         if not target.is_dir():
             raise SaveError(f"{str(target)!r} exists and is not a folder")
-        entries = sorted(p.name for p in target.iterdir())
-        if entries and not overwrite:
+        if not overwrite and any(target.iterdir()):
             raise SaveError(
-                f"refusing to save into {str(target)!r}: the folder is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
+                f"refusing to save into {str(target)!r}: the folder is not empty ({_describe_entries(target)}); "
+                "pass overwrite=True to replace it"
             )
 
 
-def move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``, replacing a previous ``target`` as a whole; if that
-    fails, the previous folder is put back."""
+def move_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``target``.
+
+    With ``overwrite`` a previous ``target`` is replaced as a whole (and put back if that fails). Without it,
+    ``target`` must still be missing or an empty folder: the single ``rename`` fails on anything else, so a
+    file that appeared there while the checkpoint was being written is never replaced
+    (:class:`OutputConflictError`, with ``tmp`` left as it is).
+    """
+    if not overwrite:
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise OutputConflictError(
+                f"refusing to replace {str(target)!r}: it was created or filled while the checkpoint was being "
+                f"written ({_describe_entries(target)}); move it away (or pass overwrite=True) and try again"
+            ) from None
+        return
     old: Path | None = None
     try:
         if target.exists():
@@ -312,6 +332,13 @@ def move_into_place(tmp: Path, target: Path) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _describe_entries(target: Path) -> str:
+    if not target.is_dir():
+        return "a file"
+    entries = sorted(p.name for p in target.iterdir())
+    return f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}"
 
 
 def save_pruned(
@@ -363,7 +390,7 @@ def save_pruned(
         if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
             raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
         _fsync_tree(tmp)
-        move_into_place(tmp, target)
+        move_into_place(tmp, target, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

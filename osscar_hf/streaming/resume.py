@@ -58,6 +58,7 @@ def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: Ossc
         "calibration": {"shape": list(windows.shape),
                         "sha256": hashlib.sha256(windows.contiguous().cpu().numpy().tobytes()).hexdigest()},
         "device": str(device),
+        "dtype": None if reader.dtype is None else str(reader.dtype).removeprefix("torch."),  # None: as stored
         "versions": {"osscar_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }, default=str))
 
@@ -112,7 +113,8 @@ def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool) ->
                     f"interrupted run: pass revision={old.get('commit')!r} to finish it from the commit it started with")
         raise ResumeError(
             f"{folder} holds an interrupted run with other settings or another source ({'; '.join(changes[:6])}); "
-            "run again with the same settings to continue it, or pass resume=False to discard it and start over"
+            "run again with the same settings to continue it, or pass resume=False (osscar-hf prune --stream "
+            "--no-resume) to discard it and start over"
             f"{hint}"
         )
     done: list[dict[str, Any]] = []

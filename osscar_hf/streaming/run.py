@@ -88,6 +88,18 @@ def _to_meta_outside(model: nn.Module, prefix: str) -> None:
         module._parameters[attr] = moved[id(param)]
 
 
+def _weights_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype=`` of prune_checkpoint: None (or "auto") keeps the checkpoint's; else a floating-point dtype."""
+    from ..metrics import resolve_dtype
+
+    resolved = resolve_dtype(dtype)
+    if resolved == "auto":
+        return None
+    if not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (float32, bfloat16, float16) or 'auto', got {dtype!r}")
+    return resolved
+
+
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -183,6 +195,8 @@ def prune_checkpoint(
     delete_downloaded_shards: bool = False,
     format: str = "auto",
     map_large_allocations: bool = True,
+    dtype: str | torch.dtype | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block into
     ``output_dir`` in the checkpoint ``format`` of :func:`osscar_hf.save_pruned`; return its path.
@@ -190,6 +204,7 @@ def prune_checkpoint(
     See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
     """
     start = time.perf_counter()
+    cast = _weights_dtype(dtype)
     with mapped_large_allocations() if map_large_allocations else contextlib.nullcontext(False) as mapped:
         hint = None if mapped else heap_fragmentation_hint()
         if hint is not None:
@@ -202,11 +217,13 @@ def prune_checkpoint(
         with run_lock(target, str(folder) if folder is not None else files.repo_id):
             _check_target(folder, target, overwrite)  # again: a run that held the lock may have just written it
             return _prune_locked(pruner, files, target, tokenizer=tokenizer, progress=progress, resume=resume,
-                                 start=start, checkpoint_format=format)
+                                 start=start, checkpoint_format=format, overwrite=overwrite, dtype=cast,
+                                 base_model=base_model)
 
 
 def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
-                  progress: bool, resume: bool, start: float, checkpoint_format: str) -> Path:
+                  progress: bool, resume: bool, start: float, checkpoint_format: str, overwrite: bool,
+                  dtype: torch.dtype | None, base_model: str | None) -> Path:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,8 +237,8 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
     if not files.has(CONFIG_NAME):
         raise CheckpointError(f"{files.describe()} has no {CONFIG_NAME}")
     config = AutoConfig.from_pretrained(files.config_folder())
-    if isinstance(files, HubFiles):
-        config._name_or_path = files.repo_id  # the card's base_model
+    if base_model is not None or isinstance(files, HubFiles):
+        config._name_or_path = base_model or files.repo_id  # the card's base_model
     try:
         if osscar_quantization_config(config) is not None:
             raise UnsupportedModelError(
@@ -231,7 +248,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             raise
         raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
     spec = get_spec(config)
-    reader = ShardReader(files)
+    reader = ShardReader(files, dtype=dtype)
     user_tokenizer = tokenizer
     if tokenizer is None and any(files.has(name) for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
@@ -316,7 +333,10 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             state = model.state_dict()
             seen: set[int] = set()
             others: dict[str, torch.Tensor] = {}
-            for key in other_keys:
+            # A tied head comes last, so the embedding is the copy kept (as save_pretrained keeps it).
+            head = model.get_output_embeddings()
+            head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if head is not None else set()
+            for key in sorted(other_keys, key=lambda k: k in head_keys):
                 tensor = state[key]
                 ptr = tensor.untyped_storage().data_ptr()
                 if ptr in seen:  # tied to a weight already written
@@ -333,7 +353,9 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
 
             stream = BlockStream(spec, captured, settings)  # closed in the finally below
             reports = []
-            bar = tqdm(total=num_blocks, desc="OSSCAR pruning (streaming)", unit="block", disable=not progress)
+            # Blocks finished by an interrupted run count from the start, so the rate and ETA are this run's.
+            bar = tqdm(total=num_blocks, initial=len(done), desc="OSSCAR pruning (streaming)", unit="block",
+                       disable=not progress)
             try:
                 # Blocks an interrupted run finished: their next inputs are recomputed (one forward per block, the
                 # dense block from the source and/or the pruned one from its shard), nothing is solved again.
@@ -359,7 +381,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                     total_size += entry["bytes"]
                     reports.append(report)
                     finished_phase(i)
-                    bar.update(1)
+                    bar.set_postfix_str(f"recomputed the outputs of finished block {i}")
                 for i in range(len(done), num_blocks):
                     block, block_prefix = blocks[i], f"{prefix}{i}."
                     _materialise(block, reader, block_keys[i], block_prefix)
@@ -389,6 +411,8 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             update_model_config(model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim,
                                 osscar_config=pruner.config)
         model.config.architectures = [type(model).__name__]
+        if dtype is not None:
+            model.config.dtype = dtype
         model.config.save_pretrained(tmp)
         fmt = resolve_format(model, checkpoint_format)
         _rewrite_config(tmp, model, fmt)
@@ -402,10 +426,12 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         pruner.report.to_json(tmp / REPORT_NAME)
         if solved:
             _write_card(model, pruner, tmp, fmt)
-        (tmp / PROGRESS_NAME).unlink()
-        (tmp / HubFiles.RECORD_NAME).unlink(missing_ok=True)
         _fsync_tree(tmp)
-        move_into_place(tmp, target)
+        # The progress record goes only once the folder is in place: until then a failure (a full disk, a
+        # folder that appeared at the target, Ctrl-C) leaves a partial run that a rerun finishes.
+        move_into_place(tmp, target, overwrite=overwrite)
+        (target / PROGRESS_NAME).unlink()
+        (target / HubFiles.RECORD_NAME).unlink(missing_ok=True)
     except BaseException:
         if any(tmp.glob("model-*.safetensors")) and (tmp / PROGRESS_NAME).is_file():
             logger.error("pruning stopped after %d of %d blocks; the finished blocks are kept in %s: run "

@@ -394,14 +394,16 @@ class ShardReader:
     """The tensors of a safetensors checkpoint (sharded with an index, or a single file), read by name.
 
     ``files`` says where the files are: a local folder (a path, or :class:`LocalFiles`) or a Hub repository
-    (:class:`HubFiles`, which downloads a shard when it is first read).
+    (:class:`HubFiles`, which downloads a shard when it is first read). With ``dtype``, floating-point tensors
+    are read in that dtype (as ``from_pretrained(..., dtype=)`` loads them); by default in the file's own.
     """
 
     def __init__(self, files: LocalFiles | HubFiles | str | os.PathLike,
-                 weight_map: dict[str, str] | None = None) -> None:
+                 weight_map: dict[str, str] | None = None, *, dtype: torch.dtype | None = None) -> None:
         if isinstance(files, (str, os.PathLike)):
             files = LocalFiles(Path(files))
         self.source = files
+        self.dtype = dtype
         if weight_map is not None:
             self.weight_map = dict(weight_map)
         elif files.has(INDEX_NAME):
@@ -474,7 +476,9 @@ class ShardReader:
                         # A copy in ordinary memory: the tensor safetensors returns lives in the file's memory
                         # map, and any reference to it that outlives this block (even to a 5 KB bias) would keep
                         # the pages of the whole shard resident.
-                        tensors[key] = handle.get_tensor(key).clone()
+                        tensor = handle.get_tensor(key)
+                        cast = self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype
+                        tensors[key] = tensor.to(self.dtype) if cast else tensor.clone()
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"cannot read {keys[0]!r} from the safetensors file {path}: {exc}") from None
         return tensors

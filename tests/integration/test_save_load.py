@@ -495,3 +495,31 @@ def test_an_interrupted_save_leaves_nothing_that_looks_like_a_checkpoint(stock_p
     with pytest.raises(KeyboardInterrupt):
         save_pruned(model, previous, tokenizer=_InterruptingTokenizer(), overwrite=True)
     assert _digest(previous) == before and [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_move_into_place_replaces_only_what_it_was_asked_to(tmp_path):
+    from osscar_hf.io.save import OutputConflictError, move_into_place
+
+    def staged(name: str) -> Path:
+        folder = tmp_path / f".{name}.staged"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("new", encoding="utf-8")
+        return folder
+
+    move_into_place(staged("missing"), tmp_path / "missing", overwrite=False)  # nothing there yet
+    (tmp_path / "empty").mkdir()
+    move_into_place(staged("empty"), tmp_path / "empty", overwrite=False)      # an empty folder: nothing to lose
+    for name in ("missing", "empty"):
+        assert (tmp_path / name / "model.safetensors").read_text(encoding="utf-8") == "new"
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep", encoding="utf-8")
+    (tmp_path / "file").write_text("keep", encoding="utf-8")
+    for name in ("busy", "file"):
+        tmp = staged(name)
+        with pytest.raises(OutputConflictError, match=rf"refusing to replace .*{name}"):
+            move_into_place(tmp, tmp_path / name, overwrite=False)
+        assert (tmp / "model.safetensors").is_file()  # the caller decides what becomes of it
+    assert (tmp_path / "busy" / "mine.txt").read_text(encoding="utf-8") == "keep"
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "keep"
+    move_into_place(tmp_path / ".busy.staged", tmp_path / "busy", overwrite=True)  # asked to: replaced whole
+    assert sorted(os.listdir(tmp_path / "busy")) == ["model.safetensors"]

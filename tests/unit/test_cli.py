@@ -386,6 +386,70 @@ def test_prune_overwrite_replaces_the_output(workdir, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
 
 
+def test_prune_keeps_its_result_when_the_output_is_filled_during_the_run(workdir, tmp_path, capsys,
+                                                                           monkeypatch) -> None:
+    from osscar_hf.io import save
+
+    out = tmp_path / "out"
+    real = save.move_into_place
+
+    def someone_writes_there_first(tmp: Path, dest: Path, *, overwrite: bool) -> None:
+        if dest == out:  # (save_pruned's own move into the staging folder goes through too)
+            dest.mkdir()
+            (dest / "mine.txt").write_text("keep me", encoding="utf-8")
+        real(tmp, dest, overwrite=overwrite)
+
+    monkeypatch.setattr(save, "move_into_place", someone_writes_there_first)
+    code = _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(out)])
+    assert code == 1
+    line = _one_error_line(capsys.readouterr().err)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.osscar-pruned-")]
+    assert len(kept) == 1 and f"the pruned checkpoint is in '{kept[0]}'" in line and "mine.txt" in line
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert (kept[0] / "model.safetensors").is_file() and (kept[0] / "osscar_report.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"resume": True, "dtype": None, "base_model": None}),
+    (["--no-resume", "--dtype", "bfloat16", "--base-model", "me/dense"],
+     {"resume": False, "dtype": "bfloat16", "base_model": "me/dense"}),
+])
+def test_prune_stream_passes_resume_dtype_and_base_model(workdir, tmp_path, monkeypatch, extra, expected) -> None:
+    from osscar_hf.errors import OsscarError
+    from osscar_hf.pruner import OsscarPruner
+
+    seen: dict = {}
+
+    def prune_checkpoint(self, source, output, **kwargs):
+        seen.update(kwargs)
+        raise OsscarError("stopped by the test")
+
+    monkeypatch.setattr(OsscarPruner, "prune_checkpoint", prune_checkpoint)
+    assert _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "out"), "--stream", *extra]) == 1
+    assert {k: seen[k] for k in expected} == expected
+
+
+def test_prune_and_eval_load_float32_unless_told(workdir, tmp_path, monkeypatch) -> None:
+    from osscar_hf import metrics
+
+    dtypes: list = []
+
+    def load(model, **kwargs):
+        dtypes.append(kwargs["dtype"])
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(metrics, "load_model_and_tokenizer", load)
+    calib = ["--dataset", str(workdir / "calib.txt")]
+    assert _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "a")]) == 1
+    assert _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, *calib, "--output", str(tmp_path / "b"),
+                 "--dtype", "auto"]) == 1
+    assert _run(["eval", str(workdir / "src"), "--dataset", str(workdir / "eval.txt"), "--device", "cpu"]) == 1
+    assert dtypes == ["float32", "auto", "float32"]
+
+
 @pytest.mark.parametrize("target", ["same", "same-spelled-differently", "parent"])
 def test_prune_refuses_to_write_over_the_source(workdir, capsys, target) -> None:
     src = workdir / "src"
