@@ -263,7 +263,8 @@ class OsscarPruner:
         lock ``.NAME.osscar-lock`` beside ``output_dir``: a second run into the same folder raises
         :class:`osscar_hf.streaming.ConcurrentRunError` at once. When a run is interrupted, the same call
         continues from the first unfinished block and writes the same checkpoint as an uninterrupted run. A
-        partial run with other settings, calibration data, device or source (changed files; for a Hub id, a
+        partial run with other settings, calibration data, dtype, device (for a GPU, also another GPU model, which
+        may round differently) or source (changed files; for a Hub id, a
         revision that now resolves to another commit) raises :class:`osscar_hf.streaming.ResumeError`;
         ``resume=False`` discards it and starts over. See :mod:`osscar_hf.streaming`.
 

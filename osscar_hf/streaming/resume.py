@@ -57,7 +57,8 @@ def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: Ossc
         "config": settings | {"dataset": describe_dataset(cfg.dataset, cfg.text_column)},
         "calibration": {"shape": list(windows.shape),
                         "sha256": hashlib.sha256(windows.contiguous().cpu().numpy().tobytes()).hexdigest()},
-        "device": str(device),
+        # Another GPU model may round differently, so the output would not be the uninterrupted run's.
+        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
         "dtype": None if reader.dtype is None else str(reader.dtype).removeprefix("torch."),  # None: as stored
         "versions": {"osscar_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }, default=str))

@@ -246,3 +246,46 @@ def test_progress_starts_after_the_finished_blocks_and_shows_memory(source, tmp_
         assert block1["rss"] == f"{peak / 2**30:.2f}G"
         assert "block 1: attention" in caplog.text and f"peak RSS {block1['rss']}iB" in caplog.text
     assert pruner.report.blocks[1].peak_device_memory_bytes is None
+
+
+# --------------------------------------------------------------------------- CUDA
+def test_the_gpu_model_is_part_of_what_a_resume_must_match(source, calibration_texts, monkeypatch):
+    """Another GPU model may round differently: a partial run from one is not continued on another."""
+    from osscar_hf.streaming import LocalFiles, ShardReader
+    from osscar_hf.streaming.resume import _fingerprint
+
+    files, windows = LocalFiles(source), torch.zeros(2, 8, dtype=torch.long)
+    reader, pruner = ShardReader(files), OsscarPruner(_config(calibration_texts, (0.5, 0.5)))
+    names = iter(["GPU model A", "GPU model A", "GPU model B"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    a, same, b = (_fingerprint(files, reader, pruner, windows, torch.device("cuda:0")) for _ in range(3))
+    assert a == same and a["device"] == "cuda:0 (GPU model A)" and b["device"] == "cuda:0 (GPU model B)"
+    assert _fingerprint(files, reader, pruner, windows, torch.device("cpu"))["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_on_cuda_releases_each_block_and_resumes_identically(tmp_path, tokenizer, calibration_texts,
+                                                                        monkeypatch):
+    """The blocks are solved on the GPU, the activations stay on the host, nothing stays on the device, and a resumed
+    run gives the uninterrupted run's tensors."""
+    source = _checkpoint(tmp_path / "dense", "llama-gqa", {"num_hidden_layers": 3}, {"max_shard_size": "20KB"},
+                         tokenizer)
+    config = _config(calibration_texts, (0.5, 0.5))
+    config.device = "cuda"
+    before = torch.cuda.memory_allocated()
+    pruner = OsscarPruner(config)
+    reference = pruner.prune_checkpoint(source, tmp_path / "reference", progress=False)
+    assert torch.cuda.memory_allocated() == before
+    assert all(b.peak_device_memory_bytes and b.peak_device_memory_bytes > 0 for b in pruner.report.blocks)
+    loaded = AutoModelForCausalLM.from_pretrained(reference)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    target = tmp_path / "out"
+    _interrupt_at(monkeypatch, 2, [])
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    assert torch.cuda.memory_allocated() == before
+    calls: list[int] = []
+    _interrupt_at(monkeypatch, -1, calls)
+    OsscarPruner(config).prune_checkpoint(source, target, progress=False)
+    assert calls == [2]
+    _same_tensors(reference, target)
