@@ -319,6 +319,9 @@ class BlockStream:
                     block, self.spec, settings, self.states, self.dense_states, self.kwargs[index], self.space
                 )
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            attention = _consumer_report(settings.num_attention_groups, attn_solution, attn_seconds)
+            mlp = _consumer_report(settings.num_neurons, mlp_solution, mlp_seconds)
+            del attn_solution, mlp_solution  # their tensors live on the device: gone before the cache is emptied
         finally:
             block.to(home)
             if device.type == "cuda":
@@ -326,8 +329,8 @@ class BlockStream:
         self._advance(states, next_dense)
         return BlockReport(
             index=index,
-            attention=_consumer_report(settings.num_attention_groups, attn_solution, attn_seconds),
-            mlp=_consumer_report(settings.num_neurons, mlp_solution, mlp_seconds),
+            attention=attention,
+            mlp=mlp,
             seconds=time.perf_counter() - start,
             peak_device_memory_bytes=peak,
             peak_host_rss_bytes=peak_host_rss_bytes(),
