@@ -16,7 +16,8 @@ On a GPU, ``--device cuda`` also records each block's peak device memory and tim
 3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
    activations (block inputs and next inputs) and the two Gram matrices (the bound), and the solver's
    working set for the largest consumer beyond its Gram matrix (two p x q values in the solver dtype, plus
-   a p x p working copy of the Gram unless ``solve_layer`` is called with ``in_place=True``), on top of
+   a p x p working copy of the Gram unless ``solve_layer`` is called with ``in_place=True`` and the solver
+   dtype is the Gram's float32), on top of
    the interpreter with torch, transformers and the OPT modeling code imported (measured in the child
    before pruning: code, not data).
 
@@ -238,9 +239,10 @@ def report(args: argparse.Namespace, results: dict[str, dict], size: int, on_gpu
     grams = (f * f + h * h) * 4
     # The solver's memory beyond the Gram matrix it is given (osscar_hf.solver.layer.solve_layer): two (p, q)
     # tensors, plus a p x p working copy of the Gram unless the pipeline lets it work in place.
-    in_place = all(r.get("solver_in_place", False) for r in results.values())
+    # The Grams are float32, so only a float32 solve can work in the Gram's own storage (solve_layer's borrowed).
+    in_place = all(r.get("solver_in_place", False) for r in results.values()) and args.solver_dtype == "float32"
     solver = ((0 if in_place else f * f) + 2 * f * h) * solver_bytes
-    solver_label = "2pq, in the Gram's storage" if in_place else "a copy of the Gram + 2pq"
+    solver_label = "2pq, in the Gram's storage" if in_place else f"a {args.solver_dtype} copy of the Gram + 2pq"
     bound = block + activations + grams
     # On a GPU only the block, its Grams, one batch of activations (in and out) and the solver are there at once.
     batch = 2 * min(args.batch_size, args.num_samples) * args.seq_len * h * s
