@@ -243,9 +243,8 @@ class OsscarPruner:
         or ``"remote_code"``; a format that cannot hold the pruned shapes is refused before any work), with
         the tokenizer files and ``generation_config.json`` of the source and ``osscar_report.json``;
         ``self.report`` is set too. Host memory holds the calibration activations and one block at a time
-        (plus the embeddings during the capture; an untied LM head is read only to be written).
-        ``tokenizer``: used for text calibration data and saved with the checkpoint; by default the source's
-        tokenizer. The source folder and a non-empty
+        (plus the embeddings and head during the capture). ``tokenizer``: used for text calibration data and
+        saved with the checkpoint; by default the source's tokenizer. The source folder and a non-empty
         ``output_dir`` (unless ``overwrite=True``) are refused (``SaveError``); a missing, truncated or
         inconsistent shard raises :class:`osscar_hf.streaming.CheckpointError` naming the file.
 

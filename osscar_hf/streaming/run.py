@@ -291,16 +291,10 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
 
     settings = pruner._settings(model, spec)
     _check_format(model, spec, settings, pruner, checkpoint_format)
-    # Non-block weights: load, tie, check that nothing outside the blocks is still on meta. An untied LM head is
-    # not needed for the calibration capture (which stops at the last block): it is read only to be written.
-    head = model.get_output_embeddings()
-    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if head is not None else set()
-    early = [k for k in other_keys if k not in head_keys]
-    _load(model, reader.read(early), "the embeddings and head", reader.files(early), strict=False)
+    # Non-block weights: load, tie, check that nothing outside the blocks is still on meta.
+    _load(model, reader.read(other_keys), "the embeddings and head", reader.files(other_keys), strict=False)
     model.tie_weights()
-    deferred = [k for k in other_keys if k in head_keys and model.get_parameter(k).device.type == "meta"]
-    missing = sorted(n for n, p in model.named_parameters()
-                     if p.device.type == "meta" and not n.startswith(prefix) and n not in deferred)
+    missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(prefix))
     if missing:
         raise CheckpointError(f"the checkpoint in {files.describe()} has no weights for {missing[:5]}")
 
@@ -336,10 +330,12 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             total_size = 0
             shards = num_blocks + 1
             # The non-block weights, as in the source (a tied head is not written twice), then back to meta.
-            state = {**model.state_dict(), **(reader.read(deferred) if deferred else {})}
+            state = model.state_dict()
             seen: set[int] = set()
             others: dict[str, torch.Tensor] = {}
             # A tied head comes last, so the embedding is the copy kept (as save_pretrained keeps it).
+            head = model.get_output_embeddings()
+            head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if head is not None else set()
             for key in sorted(other_keys, key=lambda k: k in head_keys):
                 tensor = state[key]
                 ptr = tensor.untyped_storage().data_ptr()
