@@ -380,6 +380,13 @@ def run_prune_command(args: argparse.Namespace) -> int:
     from osscar_hf.pruner import OsscarPruner
 
     # Everything that can be checked cheaply is checked before the model is loaded.
+    if not args.stream:
+        stream_only = [name for name, used in (("--revision", args.revision is not None),
+                                               ("--delete-downloaded-shards", args.delete_downloaded_shards),
+                                               ("--no-resume", not args.resume)) if used]
+        if stream_only:
+            raise CommandError(f"{', '.join(stream_only)} only apply with --stream (pruning a checkpoint block by "
+                               "block); add --stream, or leave them out")
     check_model_source(args.model)
     output = check_output_dir(args.output, args.model, overwrite=args.overwrite)
     if args.push_to_hub:
@@ -438,7 +445,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
         except OutputConflictError as exc:  # keep the pruned model: it took the whole run to make
             kept = staged.with_name(f"{output.name}.osscar-pruned-{staged.name.rsplit('-', 1)[-1]}")
             staged.rename(kept)
-            raise OutputConflictError(f"{exc}; the pruned checkpoint is in {str(kept)!r}") from None
+            raise OutputConflictError(f"{exc}; the pruned checkpoint is in {str(kept)!r}: move --output away and "
+                                      "rename that folder to it (nothing needs pruning again)") from None
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

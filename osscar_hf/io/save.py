@@ -288,6 +288,13 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def output_path(folder: str | os.PathLike) -> Path:
+    """The absolute path to write an output folder at; a symbolic link there stands for the folder it points to
+    (so the temporary folder is made beside that one, on its file system)."""
+    path = Path(folder).expanduser().absolute()
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_output_folder(target: Path, overwrite: bool) -> None:
     """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``."""
     if target.exists():
@@ -304,19 +311,25 @@ def move_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
     """Rename the finished folder ``tmp`` to ``target``.
 
     With ``overwrite`` a previous ``target`` is replaced as a whole (and put back if that fails). Without it,
-    ``target`` must still be missing or an empty folder: the single ``rename`` fails on anything else, so a
-    file that appeared there while the checkpoint was being written is never replaced
-    (:class:`OutputConflictError`, with ``tmp`` left as it is).
+    ``target`` must still be missing or an empty folder: an empty folder is removed (``rmdir`` fails on a
+    folder that is not empty) and ``tmp`` renamed in its place (``rename`` fails on a folder that is not
+    empty, or on Windows on anything there), so a file that appeared there while the checkpoint was being
+    written is never replaced (:class:`OutputConflictError`, with ``tmp`` left as it is). A symbolic link at
+    ``target`` is the folder it points to.
     """
+    target = Path(os.path.realpath(target))
     if not overwrite:
+        conflicts = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
         try:
-            os.replace(tmp, target)
+            if target.is_dir() and not any(target.iterdir()):
+                os.rmdir(target)
+            os.rename(tmp, target)
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            if exc.errno not in conflicts and not isinstance(exc, FileExistsError):
                 raise
             raise OutputConflictError(
                 f"refusing to replace {str(target)!r}: it was created or filled while the checkpoint was being "
-                f"written ({_describe_entries(target)}); move it away (or pass overwrite=True) and try again"
+                f"written ({_describe_entries(target)})"
             ) from None
         return
     old: Path | None = None
@@ -336,7 +349,7 @@ def move_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
 
 def _describe_entries(target: Path) -> str:
     if not target.is_dir():
-        return "a file"
+        return "a file" if target.exists() else "something that is gone again"
     entries = sorted(p.name for p in target.iterdir())
     return f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}"
 
@@ -372,7 +385,7 @@ def save_pruned(
     """
     if "push_to_hub" in save_kwargs:
         raise SaveError("save_pruned does not push: save, then upload the folder (see osscar_hf.hub)")
-    target = Path(save_directory).absolute()
+    target = output_path(save_directory)
     check_not_dense_source(model, target)
     fmt = resolve_format(model, format)
     check_output_folder(target, overwrite)
@@ -390,7 +403,10 @@ def save_pruned(
         if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
             raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
         _fsync_tree(tmp)
-        move_into_place(tmp, target, overwrite=overwrite)
+        try:
+            move_into_place(tmp, target, overwrite=overwrite)
+        except OutputConflictError as exc:
+            raise OutputConflictError(f"{exc}; move it away (or pass overwrite=True) and save again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,11 +24,13 @@ from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, rel
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
+    OutputConflictError,
     SaveError,
     _fsync_tree,
     _rewrite_config,
     check_output_folder,
     move_into_place,
+    output_path,
     resolve_format,
 )
 from ..io.shapes import osscar_quantization_config
@@ -95,8 +97,8 @@ def _weights_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     resolved = resolve_dtype(dtype)
     if resolved == "auto":
         return None
-    if not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype (float32, bfloat16, float16) or 'auto', got {dtype!r}")
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or 'auto' (the checkpoint's), got {dtype!r}")
     return resolved
 
 
@@ -211,7 +213,7 @@ def prune_checkpoint(
             logger.info(hint)
         files = open_source(model_path, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
                             delete_downloaded_shards=delete_downloaded_shards, progress=progress)
-        target = Path(output_dir).expanduser().absolute()
+        target = output_path(output_dir)
         folder = files.folder if isinstance(files, LocalFiles) else None
         _check_target(folder, target, overwrite)
         with run_lock(target, str(folder) if folder is not None else files.repo_id):
@@ -321,11 +323,15 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
     # Where the calibration activations live (memory, or files in a temporary folder removed at the end, also on
     # errors): block-0 inputs go there as they are captured.
     space = ActivationSpace.for_settings(settings)
+    # Every block finished (the run stopped while writing the checkpoint): no block's inputs are needed any more.
+    finished = len(done) == num_blocks
     try:
         with space:
-            with torch.no_grad():
-                captured = capture_block_inputs(model, blocks, windows, batch_size=pruner.config.batch_size,
-                                                storage_device=settings.storage_device, activations=space)
+            captured = None
+            if not finished:
+                with torch.no_grad():
+                    captured = capture_block_inputs(model, blocks, windows, batch_size=pruner.config.batch_size,
+                                                    storage_device=settings.storage_device, activations=space)
             weight_map: dict[str, str] = {}
             total_size = 0
             shards = num_blocks + 1
@@ -351,18 +357,19 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             release_freed_memory()
             finished_phase(-1)
 
-            stream = BlockStream(spec, captured, settings)  # closed in the finally below
+            stream = BlockStream(spec, captured, settings) if captured is not None else None  # closed below
             reports = []
-            # Blocks finished by an interrupted run count from the start, so the rate and ETA are this run's.
-            bar = tqdm(total=num_blocks, initial=len(done), desc="OSSCAR pruning (streaming)", unit="block",
-                       disable=not progress)
+            # Recomputing the outputs of the blocks an interrupted run finished has a bar of its own; the pruning bar
+            # starts after it, at their count, so that its rate and ETA are those of the blocks still to prune.
+            bar = tqdm(total=len(done), desc="OSSCAR resuming (outputs of finished blocks)", unit="block",
+                       disable=not progress or not done)
             try:
                 # Blocks an interrupted run finished: their next inputs are recomputed (one forward per block, the
                 # dense block from the source and/or the pruned one from its shard), nothing is solved again.
                 for i, entry in enumerate(done):
                     block, block_prefix = blocks[i], f"{prefix}{i}."
                     report = _block_report(entry["report"])
-                    if not settings.propagate or settings.dense_targets:
+                    if stream is not None and (not settings.propagate or settings.dense_targets):
                         _materialise(block, reader, block_keys[i], block_prefix)
                         stream.replay(i, block, pruned=False)
                         block.to("meta")
@@ -370,18 +377,22 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                              "num_attention_heads": report.attention.kept * settings.n_rep}
                     with torch.device("cpu"):
                         resize_block(block, spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
-                    if settings.propagate:
-                        pruned = ShardReader(tmp, {k: entry["shard"] for k in entry["tensors"]})
-                        _materialise(block, pruned, entry["tensors"], block_prefix)
-                        stream.replay(i, block, pruned=True)
-                        block.to("meta")
-                    stream.finish_replay()
+                    if stream is not None:  # (else only the block's new shape is needed, for config.json)
+                        if settings.propagate:
+                            pruned = ShardReader(tmp, {k: entry["shard"] for k in entry["tensors"]})
+                            _materialise(block, pruned, entry["tensors"], block_prefix)
+                            stream.replay(i, block, pruned=True)
+                            block.to("meta")
+                        stream.finish_replay()
                     release_freed_memory()
                     weight_map.update(dict.fromkeys(entry["tensors"], entry["shard"]))
                     total_size += entry["bytes"]
                     reports.append(report)
                     finished_phase(i)
-                    bar.set_postfix_str(f"recomputed the outputs of finished block {i}")
+                    bar.update(1)
+                bar.close()
+                bar = tqdm(total=num_blocks, initial=len(done), desc="OSSCAR pruning (streaming)", unit="block",
+                           disable=not progress)
                 for i in range(len(done), num_blocks):
                     block, block_prefix = blocks[i], f"{prefix}{i}."
                     _materialise(block, reader, block_keys[i], block_prefix)
@@ -401,7 +412,8 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                     announce_block(bar, report)
             finally:
                 bar.close()
-                stream.close()  # its activation stores: files are deleted at once
+                if stream is not None:
+                    stream.close()  # its activation stores: files are deleted at once
             del captured
 
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -429,7 +441,13 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         _fsync_tree(tmp)
         # The progress record goes only once the folder is in place: until then a failure (a full disk, a
         # folder that appeared at the target, Ctrl-C) leaves a partial run that a rerun finishes.
-        move_into_place(tmp, target, overwrite=overwrite)
+        try:
+            move_into_place(tmp, target, overwrite=overwrite)
+        except OutputConflictError as exc:
+            raise OutputConflictError(
+                f"{exc}; every block is finished and kept in {str(tmp)!r}: move that folder away (or pass "
+                "overwrite=True) and run again with the same settings to write the checkpoint without solving any "
+                "block again") from None
         (target / PROGRESS_NAME).unlink()
         (target / HubFiles.RECORD_NAME).unlink(missing_ok=True)
     except BaseException:

@@ -523,3 +523,10 @@ def test_move_into_place_replaces_only_what_it_was_asked_to(tmp_path):
     assert (tmp_path / "file").read_text(encoding="utf-8") == "keep"
     move_into_place(tmp_path / ".busy.staged", tmp_path / "busy", overwrite=True)  # asked to: replaced whole
     assert sorted(os.listdir(tmp_path / "busy")) == ["model.safetensors"]
+    # A symbolic link is the folder it points to: an empty one is filled, a busy one refused, the link kept.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    move_into_place(staged("link"), tmp_path / "link", overwrite=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+    with pytest.raises(OutputConflictError, match=r"refusing to replace .*real.*model\.safetensors"):
+        move_into_place(staged("link2"), tmp_path / "link", overwrite=False)

@@ -51,11 +51,20 @@ def _same_tensors(a: Path, b: Path) -> None:
 
 
 def _finishes_without_solving(monkeypatch, config, source: Path, target: Path, reference: Path) -> None:
-    """The same call again: no block is solved, and the output is the uninterrupted run's."""
+    """The same call again: no block is solved, and as every block is finished no calibration input is computed
+    either; the output is the uninterrupted run's."""
+    from osscar_hf import capture as capture_module
+    from osscar_hf.pipeline import BlockStream
+
     calls: list[int] = []
     _interrupt_at(monkeypatch, -1, calls)
-    OsscarPruner(config).prune_checkpoint(source, target, progress=False)
-    assert calls == []
+    forwards: list[str] = []
+    monkeypatch.setattr(capture_module, "capture_block_inputs", lambda *a, **k: forwards.append("capture"))
+    monkeypatch.setattr(BlockStream, "replay", lambda *a, **k: forwards.append("replay"))
+    pruner = OsscarPruner(config)
+    pruner.prune_checkpoint(source, target, progress=False)
+    assert calls == [] and forwards == []
+    assert pruner.report.parameters_after < pruner.report.parameters_before and len(pruner.report.blocks) == 2
     assert not partial_folder(target.absolute()).exists() and not (target / PROGRESS_NAME).exists()
     _same_tensors(reference, target)
     assert (target / "config.json").read_text() == (reference / "config.json").read_text()
@@ -151,7 +160,8 @@ def test_dtype_is_part_of_what_a_resume_must_match(bf16_source, tmp_path, calibr
 
 
 @pytest.mark.parametrize("dtype, message", [("int8", r"float32.*got 'int8'"),
-                                            (torch.int8, r"floating-point.*got torch\.int8")])
+                                            (torch.int8, r"float32, bfloat16, float16 or 'auto'.*got torch\.int8"),
+                                            (torch.float64, r"float32, bfloat16, float16 or 'auto'.*got torch\.float64")])
 def test_a_bad_dtype_is_refused_before_any_work(source, tmp_path, calibration_texts, dtype, message):
     with pytest.raises(ValueError, match=message):
         OsscarPruner(_config(calibration_texts, (0.5, 0.5))).prune_checkpoint(source, tmp_path / "out", dtype=dtype)
@@ -235,17 +245,17 @@ def test_progress_starts_after_the_finished_blocks_and_shows_memory(source, tmp_
     with caplog.at_level("INFO", logger="osscar_hf.pipeline"):
         pruner = OsscarPruner(config)
         pruner.prune_checkpoint(source, target, progress=False)
-    first, resumed = _Bar.made
-    assert (first.initial, first.n) == (0, 1)
+    first_replay, first, replay, resumed = _Bar.made
+    assert (first_replay.total, first_replay.n) == (0, 0) and (first.initial, first.n) == (0, 1)
+    assert (replay.total, replay.n) == (1, 1)  # block 0's outputs, recomputed
     assert (resumed.total, resumed.initial, resumed.n) == (2, 1, 2)  # block 0 is not counted as this run's work
-    assert resumed.shown[0] == "recomputed the outputs of finished block 0"
-    block1 = resumed.shown[1]
-    assert set(block1) >= {"s", "attn_err", "mlp_err"} and "dev" not in block1  # no device memory on the CPU
+    block1 = resumed.shown[0]
+    assert set(block1) >= {"s", "attn_err", "mlp_err"}
     peak = pruner.report.blocks[1].peak_host_rss_bytes
     if peak is not None:  # Linux (VmHWM) and getrusage platforms
         assert block1["rss"] == f"{peak / 2**30:.2f}G"
         assert "block 1: attention" in caplog.text and f"peak RSS {block1['rss']}iB" in caplog.text
-    assert pruner.report.blocks[1].peak_device_memory_bytes is None
+    assert pruner.report.blocks[1].peak_device_memory_bytes is None and "dev" not in block1  # CPU: no device peak
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -289,3 +299,13 @@ def test_streaming_on_cuda_releases_each_block_and_resumes_identically(tmp_path,
     OsscarPruner(config).prune_checkpoint(source, target, progress=False)
     assert calls == [2]
     _same_tensors(reference, target)
+
+
+def test_a_symbolic_link_at_the_output_is_written_through(source, tmp_path, calibration_texts):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    out = OsscarPruner(_config(calibration_texts, (0.5, 0.5))).prune_checkpoint(source, tmp_path / "link",
+                                                                                progress=False)
+    assert out == (tmp_path / "real").absolute()
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / INDEX_NAME).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "link", "real"]

@@ -432,6 +432,17 @@ def test_prune_stream_passes_resume_dtype_and_base_model(workdir, tmp_path, monk
     assert {k: seen[k] for k in expected} == expected
 
 
+@pytest.mark.parametrize("extra", [["--no-resume"], ["--revision", "main", "--delete-downloaded-shards"]])
+def test_stream_only_options_need_stream(workdir, tmp_path, capsys, extra) -> None:
+    assert _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "out"), *extra]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    named = [a for a in extra if a.startswith("--")]
+    assert line == f"osscar-hf: error: {', '.join(named)} only apply with --stream (pruning a checkpoint block by " \
+                   "block); add --stream, or leave them out"
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_and_eval_load_float32_unless_told(workdir, tmp_path, monkeypatch) -> None:
     from osscar_hf import metrics
 
