@@ -15,9 +15,8 @@ On a GPU, ``--device cuda`` also records each block's peak device memory and tim
    ``--allocator`` picks one).
 3. Compares the peak with the memory the algorithm needs at once: the largest block, the calibration
    activations (block inputs and next inputs) and the two Gram matrices (the bound), and the solver's
-   working set for the largest consumer beyond its Gram matrix (two p x q values in the solver dtype, plus
-   a p x p working copy of the Gram unless ``solve_layer`` is called with ``in_place=True`` and the solver
-   dtype is the Gram's float32), on top of
+   working set for the largest consumer beyond its float32 Gram matrix (two p x q values in the solver dtype,
+   plus for a float64 solve the Gram's conversion to float64, 4 more bytes per value), on top of
    the interpreter with torch, transformers and the OPT modeling code imported (measured in the child
    before pruning: code, not data).
 
@@ -239,10 +238,16 @@ def report(args: argparse.Namespace, results: dict[str, dict], size: int, on_gpu
     grams = (f * f + h * h) * 4
     # The solver's memory beyond the Gram matrix it is given (osscar_hf.solver.layer.solve_layer): two (p, q)
     # tensors, plus a p x p working copy of the Gram unless the pipeline lets it work in place.
-    # The Grams are float32, so only a float32 solve can work in the Gram's own storage (solve_layer's borrowed).
-    in_place = all(r.get("solver_in_place", False) for r in results.values()) and args.solver_dtype == "float32"
-    solver = ((0 if in_place else f * f) + 2 * f * h) * solver_bytes
-    solver_label = "2pq, in the Gram's storage" if in_place else f"a {args.solver_dtype} copy of the Gram + 2pq"
+    # The Grams are float32: a float32 solve works in the Gram's own storage; for a float64 one the pipeline
+    # converts the Gram first (p x p values of 8 bytes instead of 4 from then on), unless in_place is off.
+    in_place = all(r.get("solver_in_place", False) for r in results.values())
+    solver = (f * f * (solver_bytes - 4) if in_place else f * f * solver_bytes) + 2 * f * h * solver_bytes
+    if not in_place:
+        solver_label = f"a {args.solver_dtype} copy of the Gram + 2pq"
+    elif args.solver_dtype == "float32":
+        solver_label = "2pq, in the Gram's storage"
+    else:
+        solver_label = f"the Gram converted to {args.solver_dtype} (+4 bytes per value) + 2pq"
     bound = block + activations + grams
     # On a GPU only the block, its Grams, one batch of activations (in and out) and the solver are there at once.
     batch = 2 * min(args.batch_size, args.num_samples) * args.seq_len * h * s

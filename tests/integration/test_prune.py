@@ -283,3 +283,35 @@ def test_an_error_mid_loop_leaves_weights_and_config_consistent(monkeypatch, tok
     ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("solver_dtype", ["float64", "float32"])
+def test_the_solver_works_in_the_grams_own_storage(monkeypatch, tokenizer, calibration_texts, solver_dtype):
+    """The Grams are accumulated in float32. The solve borrows the Gram as its p x p workspace: a float64 solve gets
+    it converted, with the float32 one already released, so the p x p values are held once, not twice."""
+    import weakref
+
+    from osscar_hf import pipeline
+
+    grams: list[weakref.ref] = []
+    real_new_gram, real_solve = pipeline.new_gram, pipeline.solve_layer
+
+    def new_gram(p, device="cpu"):
+        H = real_new_gram(p, device)
+        grams.append(weakref.ref(H))
+        return H
+
+    seen: list[tuple] = []
+
+    def solve_layer(H, W_hat, **kwargs):
+        live_float32 = [r() for r in grams if r() is not None and r().dtype == torch.float32 and r().shape == H.shape]
+        borrowed_layout = H.stride(1) == 1 and H.stride(0) >= H.shape[0]
+        seen.append((H.dtype, borrowed_layout, kwargs["in_place"], any(t is not H for t in live_float32)))
+        return real_solve(H, W_hat, **kwargs)
+
+    monkeypatch.setattr(pipeline, "new_gram", new_gram)
+    monkeypatch.setattr(pipeline, "solve_layer", solve_layer)
+    model = make_model("llama-gqa")
+    _prune(model, tokenizer, calibration_texts, solver_dtype=solver_dtype)
+    assert grams and len(seen) == 2 * model.config.num_hidden_layers
+    assert set(seen) == {(getattr(torch, solver_dtype), True, True, False)}
