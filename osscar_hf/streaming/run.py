@@ -445,7 +445,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
             move_into_place(tmp, target, overwrite=overwrite)
         except OutputConflictError as exc:
             raise OutputConflictError(
-                f"{exc}; every block is finished and kept in {str(tmp)!r}: move that folder away (or pass "
+                f"{exc}; every block is finished and kept in {str(tmp)!r}: move {str(target)!r} away (or pass "
                 "overwrite=True) and run again with the same settings to write the checkpoint without solving any "
                 "block again") from None
         (target / PROGRESS_NAME).unlink()

@@ -84,7 +84,8 @@ def test_a_folder_that_appears_at_the_output_during_the_run_is_not_replaced(sour
         real(tmp, dest, overwrite=overwrite)
 
     monkeypatch.setattr(run, "move_into_place", someone_writes_there_first)
-    with pytest.raises(OutputConflictError, match=r"refusing to replace .*out.*mine\.txt.*overwrite=True"):
+    with pytest.raises(OutputConflictError, match=r"refusing to replace .*out.*mine\.txt.*kept in .*\.out\.osscar-"
+                                                  r"partial.*move .*out' away \(or pass overwrite=True\)"):
         OsscarPruner(config).prune_checkpoint(source, target, progress=False)
     assert os.listdir(target) == ["mine.txt"] and (target / "mine.txt").read_text() == "keep me"
     partial = partial_folder(target.absolute())
