@@ -25,7 +25,7 @@ from .capture import CapturedInputs, call_block, move_to
 from .host_memory import peak_host_rss_bytes, release_freed_memory
 from .report import BlockReport, ConsumerReport
 from .solver import LayerSolution, accumulate_cross_gram, accumulate_gram, new_gram, solve_layer
-from .solver.packed import empty_square
+from .solver.packed import square_copy
 from .surgery import group_channels, prune_attention, prune_mlp
 
 logger = logging.getLogger(__name__)
@@ -98,11 +98,7 @@ def _solve(stats: _GramStats, consumer: nn.Linear, settings: ProblemSettings) ->
     # solve), the solver would work in a converted copy while the float32 Gram stayed alive: convert it here, in
     # the layout the solver's copy would have, and drop the float32 one before the solve.
     if stats.H.dtype != settings.dtype:
-        H = stats.H
-        converted = empty_square(H.shape[0], settings.dtype, H.device, H.stride(0))
-        converted.copy_(H)
-        del H
-        stats.H = converted
+        stats.H = square_copy(stats.H, settings.dtype)
     return solve_layer(
         stats.H,
         consumer.weight.detach().T,

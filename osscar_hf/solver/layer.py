@@ -12,11 +12,12 @@ import torch
 from osscar_hf.solver.elimination import eliminate
 from osscar_hf.solver.local_search import local_search
 from osscar_hf.solver.packed import (
-    empty_square,
     inner,
+    is_row_major,
     mirror_upper_,
     panel_width,
     quadratic_form,
+    square_copy,
 )
 from osscar_hf.solver.problem import (
     absolute_damping,
@@ -130,13 +131,9 @@ def solve_layer(
     if num_keep == m:
         return _keep_everything(m, H, W_hat, damping, dtype, cross_gram, started)
 
-    row_major = H.stride(1) == 1 and H.stride(0) >= H.shape[0]
-    borrowed = in_place and H.dtype == dtype and row_major
-    if borrowed:
-        packed = H
-    else:  # same layout as H when possible, so that in_place=True and False give identical results
-        packed = empty_square(H.shape[0], dtype, H.device, H.stride(0) if row_major else None)
-        packed.copy_(H)
+    borrowed = in_place and H.dtype == dtype and is_row_major(H)
+    # A copy keeps H's layout when possible, so that in_place=True and False give identical results.
+    packed = H if borrowed else square_copy(H, dtype)
     diagonal = packed.diagonal().clone()
     try:
         return _solve(packed, diagonal, H, W_hat, group_size, num_keep, damping, step, local_search_iters,

@@ -66,6 +66,19 @@ def empty_square(n: int, dtype: torch.dtype, device: torch.device | str, row_str
     return torch.empty(n, stride, dtype=dtype, device=device)[:, :n]
 
 
+def is_row_major(H: torch.Tensor) -> bool:
+    """Whether the square matrix ``H`` is stored row by row (unit column stride, rows at least ``n`` apart)."""
+    return H.stride(1) == 1 and H.stride(0) >= H.shape[0]
+
+
+def square_copy(H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of the square matrix ``H`` in ``dtype``, with H's row stride when H is row-major (so that work in
+    the copy runs exactly as it would in H's own storage), else :func:`padded_row_stride`."""
+    out = empty_square(H.shape[0], dtype, H.device, H.stride(0) if is_row_major(H) else None)
+    out.copy_(H)
+    return out
+
+
 def panel_width(n: int) -> int:
     """Columns per panel of a triangular kernel: about n / PANELS, at least ``SMALL_BLOCK`` (few Python steps,
     wide ``addmm_`` panels)."""
