@@ -21,8 +21,8 @@ On a GPU, ``--device cuda`` also records each block's peak device memory and tim
    before pruning: code, not data).
 
 Prints a table and writes benchmarks/results/memory.md and memory.json (memory_cuda.md/.json with
-``--device cuda``, so the CPU record stays; ``--results-name`` picks another name). Random weights are fine here: memory and time do not depend on
-the values.
+``--device cuda``, so the CPU record stays; ``--results-name`` picks another name). Random weights are fine
+here: memory and time do not depend on the values.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def child(args: argparse.Namespace) -> None:
     config = OsscarConfig(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=ids,
                           num_samples=args.num_samples, seq_len=args.seq_len, solver_dtype=args.solver_dtype,
                           device=args.device, batch_size=args.batch_size)
+    device = config.resolved_device()
     pruner = OsscarPruner(config)
     start = time.perf_counter()
     pruner.prune_checkpoint(args.checkpoint, args.output, overwrite=True, progress=False,
@@ -137,9 +138,9 @@ def child(args: argparse.Namespace) -> None:
         "block_seconds": [b.seconds for b in pruner.report.blocks],
         "block_peak_rss": [b.peak_host_rss_bytes for b in pruner.report.blocks],
         "block_peak_device": [b.peak_device_memory_bytes for b in pruner.report.blocks],
-        "device": str(config.resolved_device()),
-        "device_name": (torch.cuda.get_device_name(config.resolved_device())
-                        if config.resolved_device().type == "cuda" else platform.processor() or platform.machine()),
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "parameters_before": pruner.report.parameters_before, "parameters_after": pruner.report.parameters_after,
         "solver_in_place": bool(in_place_calls) and all(in_place_calls),
     }))
