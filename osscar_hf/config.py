@@ -37,6 +37,10 @@ __all__ = ["OsscarConfig", "describe_dataset", "keep_count", "library_versions"]
 QUANT_METHOD = "osscar"
 # The keys of one entry of ``OsscarConfig.block_shapes`` (one decoder block's structure counts).
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
+# The keys of one entry of ``OsscarConfig.block_sizes`` (kept attention structures and neurons of one block).
+BLOCK_SIZE_KEYS = ("attention", "mlp")
+SPARSITY_TARGETS = ("params", "flops")
+ALLOCATIONS = ("auto", "global", "uniform")
 # Keys written by ``to_json_file`` next to the fields; accepted (and ignored) by ``from_dict``.
 VERSION_KEYS = ("osscar_version", "transformers_version", "torch_version")
 
@@ -69,6 +73,38 @@ def _check_fraction(name: str, value: Any) -> float:
     ):
         raise OsscarConfigError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def _check_unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise OsscarConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise OsscarConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_block_sizes(value: Any) -> list[dict[str, int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise OsscarConfigError(
+            f"block_sizes must be None or a non-empty list with one dict per decoder block, got {_summarise(value)}")
+    sizes = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != set(BLOCK_SIZE_KEYS):
+            raise OsscarConfigError(
+                f"block_sizes[{i}] must be a dict with exactly the keys {list(BLOCK_SIZE_KEYS)} (kept attention "
+                f"structures and kept neurons), got {_summarise(entry)}")
+        for key in BLOCK_SIZE_KEYS:
+            count = entry[key]
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise OsscarConfigError(f"block_sizes[{i}][{key!r}] must be an int >= 0, got {count!r}")
+        sizes.append({key: int(entry[key]) for key in BLOCK_SIZE_KEYS})
+    return sizes
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -301,6 +337,25 @@ class OsscarConfig(QuantizationConfigMixin):
             in every block, in [0, 1). The count removed is ``round(n * attention_sparsity)`` (see
             :func:`keep_count`).
         mlp_sparsity: fraction of FFN neurons removed in every block, in [0, 1).
+        sparsity: instead of the two per-block fractions, the fraction in [0, 1) of the decoder blocks' total
+            parameters (or multiply-adds, see ``sparsity_target``) to remove, leaving osscar_hf to choose every
+            block's attention and MLP sizes (see ``allocation``). Embeddings and the LM head are not counted and
+            never pruned. Excludes ``attention_sparsity``/``mlp_sparsity`` and ``block_sizes``.
+        sparsity_target: what ``sparsity`` counts: ``"params"`` (the default) or ``"flops"`` (multiply-adds per
+            token at ``seq_len``, the attention scores included: they shrink with the heads).
+        allocation: how ``sparsity`` is spent: ``"global"`` (sizes chosen per block and part from damage
+            measured on held-out calibration windows; methods with an allocation of their own, FLAP's, use it),
+            ``"uniform"`` (every block loses the same fraction of its attention structures and the same number of
+            neurons), or ``"auto"`` (the default: ``"global"`` for methods that have one, else ``"uniform"``).
+        block_sizes: the caller's own allocation: one dict ``{"attention": kept structures, "mlp": kept neurons}``
+            per decoder block. Excludes the sparsities.
+        round_to: kept neuron counts are multiples of this (or the full width), for fast matmuls and for runtimes
+            that need it; budgets are met as closely as the rounding allows. Default 1.
+        min_part_keep: a global allocation keeps at least this fraction (rounded up) of each part's structures in
+            every block, in [0, 1]; 0 lets a block lose its whole attention or MLP when the budget says so.
+        min_block_keep: a global allocation keeps at least this fraction of every block's cost, in [0, 1].
+        method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
+            ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
             to a ``.txt`` / ``.jsonl`` / ``.parquet`` file, a list of texts, token ids (a 2-D integer tensor
             or a list of lists of int, used as windows directly) or a ``datasets.Dataset``. See
@@ -348,6 +403,14 @@ class OsscarConfig(QuantizationConfigMixin):
     attention_sparsity: float = 0.0
     mlp_sparsity: float = 0.0
     _: KW_ONLY
+    sparsity: float | None = None
+    sparsity_target: str = "params"
+    allocation: str = "auto"
+    block_sizes: list[dict[str, int]] | None = None
+    round_to: int = 1
+    min_part_keep: float = 0.05
+    min_block_keep: float = 0.2
+    method: str = "osscar"
     dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
     text_column: str = "text"
     num_samples: int = 128
@@ -374,6 +437,12 @@ class OsscarConfig(QuantizationConfigMixin):
     # Fields that never change a pruning's result (only where intermediate data is kept): left out of what a
     # pruned model's config records and of the streaming resume fingerprint.
     RESULT_NEUTRAL_FIELDS: ClassVar[tuple[str, ...]] = ("activation_storage", "activation_dir")
+    # Fields added after the first release: written by to_dict only when they differ from their defaults, so a
+    # model pruned with the paper's settings records the config that earlier osscar_hf versions wrote and read.
+    OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
+        "method",
+    )
 
     def __post_init__(self) -> None:
         self.post_init()
@@ -384,6 +453,7 @@ class OsscarConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.attention_sparsity = _check_fraction("attention_sparsity", self.attention_sparsity)
         self.mlp_sparsity = _check_fraction("mlp_sparsity", self.mlp_sparsity)
+        self._check_budget_fields()
         if not isinstance(self.text_column, str) or not self.text_column:
             raise OsscarConfigError(f"text_column must be a non-empty str, got {self.text_column!r}")
         self.dataset = _check_dataset(self.dataset, self.text_column)
@@ -411,6 +481,7 @@ class OsscarConfig(QuantizationConfigMixin):
                 "dense_targets=True requires propagate=True (got propagate=False): dense targets are only "
                 "meaningful when pruned outputs are fed to the next block"
             )
+        self._check_method()
         self.solver_dtype = _check_solver_dtype(self.solver_dtype)
         self.device = _check_device(self.device)
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
@@ -418,6 +489,54 @@ class OsscarConfig(QuantizationConfigMixin):
         self.library_versions = _check_library_versions(self.library_versions)
         self.activation_storage = _check_activation_storage(self.activation_storage)
         self.activation_dir = _check_activation_dir(self.activation_dir)
+
+    def _check_budget_fields(self) -> None:
+        if self.sparsity is not None:
+            self.sparsity = _check_fraction("sparsity", self.sparsity)
+        self.sparsity_target = _check_choice("sparsity_target", self.sparsity_target, SPARSITY_TARGETS)
+        self.allocation = _check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.block_sizes = _check_block_sizes(self.block_sizes)
+        self.round_to = _check_int("round_to", self.round_to, 1)
+        self.min_part_keep = _check_unit_interval("min_part_keep", self.min_part_keep)
+        self.min_block_keep = _check_unit_interval("min_block_keep", self.min_block_keep)
+        uniform = [n for n in ("attention_sparsity", "mlp_sparsity") if getattr(self, n)]
+        for name, given in (("sparsity", self.sparsity is not None), ("block_sizes", self.block_sizes is not None)):
+            if given and uniform:
+                raise OsscarConfigError(
+                    f"{name} and {' / '.join(uniform)} exclude each other: give either the per-block fractions "
+                    f"(attention_sparsity, mlp_sparsity) or {name}")
+        if self.sparsity is not None and self.block_sizes is not None:
+            raise OsscarConfigError("sparsity and block_sizes exclude each other: give a global sparsity for "
+                                    "osscar_hf to allocate, or your own block_sizes")
+        if self.sparsity is None and self.allocation != "auto":
+            raise OsscarConfigError(
+                f"allocation={self.allocation!r} needs a global sparsity (OsscarConfig(sparsity=...)); the per-block "
+                "fractions and block_sizes fix every block's sizes themselves")
+
+    def _check_method(self) -> None:
+        from osscar_hf.methods import get_method
+
+        if not isinstance(self.method, str):
+            raise OsscarConfigError(f"method must be a str, got {self.method!r}")
+        method = get_method(self.method)
+        if self.dense_targets and not method.refits:
+            raise OsscarConfigError(
+                f"dense_targets=True re-fits the kept weights to the dense model's outputs, but method "
+                f"{self.method!r} does not refit; use it with a refitting method (osscar, obs_greedy)")
+        if self.allocation == "global" and self.sparsity is not None and method.allocation is None:
+            raise OsscarConfigError(
+                f"method {self.method!r} has no global allocation; use allocation='uniform' (or 'auto'), or a method "
+                "that has one (osscar, obs_greedy, flap)")
+
+    def resolved_allocation(self) -> str:
+        """The allocation a global ``sparsity`` uses: ``"uniform"``, or the name of the method's own allocation
+        (``"osscar"``, ``"flap"``) for ``"global"`` (and for ``"auto"`` when the method has one)."""
+        from osscar_hf.methods import get_method
+
+        own = get_method(self.method).allocation
+        if self.allocation == "uniform" or own is None:
+            return "uniform"
+        return own
 
     # ----------------------------------------------------------------- helpers
     def resolved_device(self) -> torch.device:
@@ -471,11 +590,12 @@ class OsscarConfig(QuantizationConfigMixin):
 
         The dataset is written as given for ``None`` / str, as a list of str for texts (a
         ``datasets.Dataset`` becomes the list of its ``text_column``), and as a list of lists of int for
-        token ids (tensor or lists). The :attr:`RESULT_NEUTRAL_FIELDS` are written only when they differ from
-        their defaults, so a pruned model's config (where they are reset, see :meth:`for_model_config`) is the
-        one earlier osscar_hf versions wrote and read; :meth:`from_dict` gives missing ones their defaults.
+        token ids (tensor or lists). The :attr:`RESULT_NEUTRAL_FIELDS` and :attr:`OPTIONAL_FIELDS` are written only
+        when they differ from their defaults, so a pruned model's config (where the former are reset, see
+        :meth:`for_model_config`) is, for the paper's settings, the one earlier osscar_hf versions wrote and read;
+        :meth:`from_dict` gives missing ones their defaults.
         """
-        defaults = _NEUTRAL_DEFAULTS
+        defaults = _OMITTED_DEFAULTS
         out: dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
@@ -483,7 +603,7 @@ class OsscarConfig(QuantizationConfigMixin):
                 continue
             if name == "dataset":
                 value = _dataset_to_json(value, self.text_column)
-            elif name in ("block_shapes", "library_versions") and value is not None:
+            elif name in ("block_shapes", "block_sizes", "library_versions") and value is not None:
                 value = json.loads(json.dumps(value))  # a copy the caller may change freely
             out[name] = value
         return out
@@ -505,6 +625,8 @@ class OsscarConfig(QuantizationConfigMixin):
             if name == "quant_method":
                 continue
             value = getattr(self, name)
+            if name in self.OPTIONAL_FIELDS and value == _OMITTED_DEFAULTS[name]:
+                continue
             if name == "dataset":
                 text = self._describe_dataset()
             elif name == "block_shapes" and value is not None:
@@ -633,6 +755,7 @@ class OsscarConfig(QuantizationConfigMixin):
         return cls.from_dict(data)
 
 
-_NEUTRAL_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in fields(OsscarConfig) if f.name in OsscarConfig.RESULT_NEUTRAL_FIELDS
+_OMITTED_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(OsscarConfig)
+    if f.name in OsscarConfig.RESULT_NEUTRAL_FIELDS + OsscarConfig.OPTIONAL_FIELDS
 }

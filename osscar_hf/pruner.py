@@ -14,63 +14,26 @@ import torch.nn as nn
 from .activations import ActivationSpace
 from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_calibration_windows
-from .capture import capture_block_inputs
-from .config import OsscarConfig, describe_dataset, keep_count
+from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
-from .evaluation import count_parameters
-from .io.save import attach_run, mark_pruned, pruning_record
-from .io.shapes import stock_config_expresses
-from .pipeline import LoopSettings, ProblemSettings, prune_blocks
+from .io.save import attach_run, pruning_record
+from .pipeline import (
+    InMemoryBlocks,
+    PruneRun,
+    calibration_seq_len,
+    capture,
+    finish_run,
+    plan_sizes,
+    prune_blocks,
+    start_run,
+    update_model_config,
+)
 from .report import PruneReport
 from .surgery import block_shape
 
+__all__ = ["OsscarPruner", "update_model_config"]
+
 logger = logging.getLogger(__name__)
-
-
-def model_context_length(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def update_model_config(
-    model: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int, osscar_config: OsscarConfig | None = None
-) -> list[dict[str, int]]:
-    """Write the pruned shapes into ``model.config``; return every block's shape.
-
-    When all blocks share one shape, the stock fields are updated where the architecture's config can
-    express it (FFN width always; head counts only for configs with an explicit ``head_dim`` and a head
-    count that divides ``hidden_size``, as transformers' validation requires). If the stock config then
-    describes every block, the model is a plain smaller model and its config gets nothing else (plain
-    ``save_pretrained`` writes a checkpoint vanilla transformers loads). Otherwise
-    ``config.quantization_config`` becomes ``osscar_config.for_model_config(shapes)``: the pruning settings,
-    the per-block shapes and the library versions, which the osscar quantizer reads on load.
-
-    Either way the model keeps that record (see :func:`osscar_hf.io.pruning_record`), and its
-    ``save_pretrained`` refuses the folder the dense model was loaded from.
-    """
-    config = model.config
-    blocks = get_submodule(model, spec.blocks)
-    shapes = [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in blocks]
-    if all(shape == shapes[0] for shape in shapes):
-        shape = shapes[0]
-        setattr(config, spec.config_ffn, shape["ffn_dim"])
-        heads = shape["num_attention_heads"]
-        if spec.config_has_head_dim and heads > 0 and config.hidden_size % heads == 0:
-            config.head_dim = head_dim
-            setattr(config, spec.config_heads, heads)
-            if spec.config_kv_heads is not None:
-                setattr(config, spec.config_kv_heads, shape["num_key_value_heads"])
-    record = (osscar_config if osscar_config is not None else OsscarConfig()).for_model_config(shapes)
-    if stock_config_expresses(config, shapes, spec):
-        if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config
-    else:
-        config.quantization_config = record
-    mark_pruned(model, record)
-    return shapes
 
 
 class OsscarPruner:
@@ -89,27 +52,6 @@ class OsscarPruner:
             raise OsscarConfigError(f"OsscarPruner needs an OsscarConfig, got {type(config).__name__}")
         self.config = config
         self.report: PruneReport | None = None
-
-    def _settings(self, model: nn.Module, spec: ArchSpec) -> LoopSettings:
-        cfg = self.config
-        m, n_rep, head_dim = spec.group_geometry(model.config)
-        neurons = spec.ffn_dim(model.config)
-        dtype = cfg.torch_solver_dtype()
-        iters = cfg.local_search_iters if cfg.local_search else 0
-        attention = ProblemSettings(
-            num_keep=keep_count(m, cfg.attention_sparsity), group_size=n_rep * head_dim, step=cfg.attention_step,
-            swap_size=cfg.attention_swap_size, local_search_iters=iters, damping=cfg.damping, dtype=dtype,
-        )
-        mlp = ProblemSettings(
-            num_keep=keep_count(neurons, cfg.mlp_sparsity), group_size=1, step=cfg.mlp_step,
-            swap_size=cfg.mlp_swap_size, local_search_iters=iters, damping=cfg.damping, dtype=dtype,
-        )
-        return LoopSettings(
-            attention=attention, mlp=mlp, num_attention_groups=m, n_rep=n_rep, head_dim=head_dim,
-            num_neurons=neurons, device=cfg.resolved_device(), storage_device=torch.device("cpu"),
-            propagate=cfg.propagate, dense_targets=cfg.dense_targets,
-            activation_storage=cfg.activation_storage, activation_dir=cfg.activation_dir,
-        )
 
     def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         try:
@@ -137,8 +79,7 @@ class OsscarPruner:
                 "OsscarConfig.dataset is required: pass a list of strings, a path to a .txt/.jsonl/.parquet "
                 "file, a datasets.Dataset, token ids, or one of 'c4', 'wikitext2', 'ptb'"
             )
-        context = model_context_length(model.config)
-        seq_len = min(cfg.seq_len, context) if context else cfg.seq_len
+        seq_len = calibration_seq_len(cfg, model.config)
         if seq_len < cfg.seq_len:
             logger.info("seq_len %d capped at the model context %d", cfg.seq_len, seq_len)
         windows = build_calibration_windows(
@@ -155,66 +96,35 @@ class OsscarPruner:
 
     def prune(self, model: nn.Module, tokenizer: Any = None, *, progress: bool = True) -> nn.Module:
         """Prune ``model`` in place and return it; ``self.report`` records what was done."""
-        start = time.perf_counter()
         spec = get_spec(model)
         self._check_model(model, spec)
-        settings = self._settings(model, spec)
-        windows = self.calibration_windows(model, tokenizer)
-        params_before = count_parameters(model)
+        run = start_run(self.config, model, spec, lambda: self.calibration_windows(model, tokenizer))
         was_training = model.training
         model.eval()
-        logger.info(
-            "OSSCAR: %s, %d blocks; keeping %d/%d attention groups and %d/%d neurons per block; %d windows of %d tokens",
-            spec.name, len(get_submodule(model, spec.blocks)), settings.attention.num_keep,
-            settings.num_attention_groups, settings.mlp.num_keep, settings.num_neurons, *windows.shape,
-        )
-        space = ActivationSpace.for_settings(settings)
+        source = InMemoryBlocks()
+        space = ActivationSpace.for_settings(run.settings)
         try:
             # The activations' folder (on disk) is removed when this block ends, also on errors.
             with space, torch.no_grad():
-                captured = capture_block_inputs(
-                    model, get_submodule(model, spec.blocks), windows, batch_size=self.config.batch_size,
-                    storage_device=settings.storage_device, activations=space,
-                )
+                captured = capture(run, space)
+                plan_sizes(run, source, captured, progress=progress)
                 # prune_blocks takes the captured activations over and frees them block by block.
-                blocks = prune_blocks(model, spec, captured, settings, progress=progress)
+                reports = prune_blocks(run, source, captured, progress=progress)
         except BaseException:
-            if _any_block_pruned(model, spec, settings):
+            if _any_block_pruned(run):
                 # Keep weights and config consistent, so what is left can still be inspected or saved.
-                update_model_config(
-                    model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
-                )
+                settings = run.settings
+                update_model_config(model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim,
+                                    osscar_config=self.config)
                 logger.error("pruning stopped by an error after some blocks were pruned: the model is partially "
                              "pruned, and its config describes its blocks as they are now")
             raise
         finally:
             model.train(was_training)
-        solved = any(b.attention.solved or b.mlp.solved for b in blocks)
-        if solved:
-            update_model_config(
-                model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=self.config
-            )
-        self.report = self._build_report(model, windows, params_before, count_parameters(model), start, blocks,
-                                         activations=space.summary())
-        if solved:
+        self.report = finish_run(run, reports, activations=space.summary())
+        if any(b.attention.solved or b.mlp.solved for b in reports):
             attach_run(model, self.report, self.config)
         return model
-
-    def _build_report(
-        self, model: nn.Module, windows: torch.Tensor, params_before: int, params_after: int, start: float,
-        blocks: list[Any], activations: dict[str, Any] | None = None,
-    ) -> PruneReport:
-        return PruneReport(
-            model_type=model.config.model_type,
-            config=self.config.to_dict() | {"dataset": describe_dataset(self.config.dataset, self.config.text_column)},
-            calibration={"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                         "tokens": int(windows.numel())},
-            parameters_before=params_before,
-            parameters_after=params_after,
-            total_seconds=time.perf_counter() - start,
-            blocks=blocks,
-            activations=activations,
-        )
 
     def prune_checkpoint(
         self,
@@ -290,8 +200,9 @@ class OsscarPruner:
                                 base_model=base_model)
 
 
-def _any_block_pruned(model: nn.Module, spec: ArchSpec, settings: LoopSettings) -> bool:
+def _any_block_pruned(run: PruneRun) -> bool:
+    settings = run.settings
     dense = {"num_key_value_heads": settings.num_attention_groups,
              "num_attention_heads": settings.num_attention_groups * settings.n_rep, "ffn_dim": settings.num_neurons}
-    return any(block_shape(block, spec, n_rep=settings.n_rep, head_dim=settings.head_dim) != dense
-               for block in get_submodule(model, spec.blocks))
+    return any(block_shape(block, run.spec, n_rep=settings.n_rep, head_dim=settings.head_dim) != dense
+               for block in run.blocks)

@@ -53,6 +53,10 @@ class PruneReport:
     # "requested" (the activation_storage setting), "stream_bytes" (one stream), and on disk "peak_disk_bytes"
     # and "files_written". None where not recorded.
     activations: dict[str, Any] | None = None
+    # How the sizes were chosen and what they cost (see osscar_hf.pipeline.orchestrate.budget_summary): "method",
+    # "allocation", the decoder blocks' parameters and multiply-adds per token before/after ("block_params_before",
+    # ...), with a global budget its "sparsity" and "sparsity_target", and "plan_seconds". None where not recorded.
+    budget: dict[str, Any] | None = None
 
     @property
     def block_shapes(self) -> list[dict[str, int]]:

@@ -46,17 +46,54 @@ def slice_linear_outputs(linear: nn.Linear, idx: torch.Tensor) -> None:
     linear.out_features = int(idx.numel())
 
 
-def slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-    """Keep input columns ``idx``; with ``weight`` (out x len(idx)), use it instead of the sliced columns."""
+def slice_linear_inputs(
+    linear: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> None:
+    """Keep input columns ``idx``; with ``weight`` (out x len(idx)), use it instead of the sliced columns; with
+    ``bias`` (out), replace the bias (the linear must have one: see :func:`add_part_biases`)."""
     idx = _check_indices(idx, linear.in_features, f"input columns of {linear}").to(linear.weight.device)
     if weight is not None and tuple(weight.shape) != (linear.out_features, idx.numel()):
         raise SurgeryError(
             f"replacement weight has shape {tuple(weight.shape)}, expected {(linear.out_features, idx.numel())}"
         )
+    _check_bias(linear, bias)
     with torch.no_grad():
         new = linear.weight.index_select(1, idx) if weight is None else weight.to(linear.weight)
         linear.weight = nn.Parameter(new.contiguous(), linear.weight.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(linear.bias).contiguous(), linear.bias.requires_grad)
     linear.in_features = int(idx.numel())
+
+
+def _check_bias(linear: nn.Linear, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        return
+    if linear.bias is None:
+        raise SurgeryError(f"{linear} has no bias to replace; add one first (add_part_biases)")
+    if tuple(bias.shape) != (linear.out_features,):
+        raise SurgeryError(f"replacement bias has shape {tuple(bias.shape)}, expected {(linear.out_features,)}")
+
+
+def part_linears(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Linear]]:
+    """The linears of a block's attention (projections) and MLP (producers and consumer)."""
+    attention = get_submodule(block, spec.attention)
+    return {
+        "attention": [get_submodule(attention, n) for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj)],
+        "mlp": [get_submodule(block, path) for path in (*spec.mlp_producers, spec.mlp_consumer)],
+    }
+
+
+def add_part_biases(block: nn.Module, spec: ArchSpec) -> None:
+    """Give every linear of each part whose consumer has no bias a zero bias (the layout of a stock model whose
+    config switches the part's biases on: ``spec.bias_switches``). Outputs do not change."""
+    for linears in part_linears(block, spec).values():
+        if linears[-1].bias is not None:
+            continue
+        for linear in linears:
+            if linear.bias is None:
+                weight = linear.weight
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
+                                           weight.requires_grad)
 
 
 class EmptyAttention(nn.Module):
@@ -107,12 +144,13 @@ def prune_attention(
     head_dim: int,
     num_groups: int,
     o_weight: torch.Tensor | None = None,
+    o_bias: torch.Tensor | None = None,
 ) -> None:
     """Keep the KV groups ``kept_groups`` of ``block``'s attention.
 
     ``o_weight`` (hidden x kept channels) replaces the output projection's kept columns (the refit);
-    ``None`` keeps the original columns. With no group kept, the attention becomes an
-    :class:`EmptyAttention`.
+    ``None`` keeps the original columns. ``o_bias`` replaces the output projection's bias. With no group kept, the
+    attention becomes an :class:`EmptyAttention`.
     """
     kept_groups = _check_indices(kept_groups, num_groups, "kept attention groups")
     attention = get_submodule(block, spec.attention)
@@ -131,10 +169,11 @@ def prune_attention(
             f"{spec.o_proj} refit weight has shape {tuple(o_weight.shape)}, "
             f"expected {(linears[spec.o_proj].out_features, q_idx.numel())}"
         )
+    _check_bias(linears[spec.o_proj], o_bias)
     slice_linear_outputs(linears[spec.q_proj], q_idx)
     slice_linear_outputs(linears[spec.k_proj], kv_idx)
     slice_linear_outputs(linears[spec.v_proj], kv_idx)
-    slice_linear_inputs(linears[spec.o_proj], q_idx, o_weight)
+    slice_linear_inputs(linears[spec.o_proj], q_idx, o_weight, o_bias)
     if kept_groups.numel() == 0:
         empty = EmptyAttention(linears, spec.o_proj, getattr(attention, "layer_idx", None))
         set_submodule(block, spec.attention, empty)
@@ -147,8 +186,10 @@ def prune_mlp(
     kept_neurons: torch.Tensor,
     *,
     consumer_weight: torch.Tensor | None = None,
+    consumer_bias: torch.Tensor | None = None,
 ) -> None:
-    """Keep the FFN neurons ``kept_neurons``: producer rows and consumer columns (refit if given)."""
+    """Keep the FFN neurons ``kept_neurons``: producer rows and consumer columns (refit if given; the consumer's
+    bias replaced by ``consumer_bias`` if given)."""
     consumer = get_submodule(block, spec.mlp_consumer)
     kept_neurons = _check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
     producers = [get_submodule(block, path) for path in spec.mlp_producers]
@@ -161,9 +202,10 @@ def prune_mlp(
             f"{spec.mlp_consumer} refit weight has shape {tuple(consumer_weight.shape)}, "
             f"expected {(consumer.out_features, kept_neurons.numel())}"
         )
+    _check_bias(consumer, consumer_bias)
     for producer in producers:
         slice_linear_outputs(producer, kept_neurons)
-    slice_linear_inputs(consumer, kept_neurons, consumer_weight)
+    slice_linear_inputs(consumer, kept_neurons, consumer_weight, consumer_bias)
     _set_count_attrs(block, spec, {"ffn": int(kept_neurons.numel())})
 
 

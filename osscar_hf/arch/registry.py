@@ -36,6 +36,7 @@ LLAMA_FAMILY = ArchSpec(
     mlp_producers=("mlp.gate_proj", "mlp.up_proj"),
     mlp_consumer="mlp.down_proj",
     module_count_attrs={"mlp.intermediate_size": "ffn"},
+    bias_switches={"attention": "attention_bias", "mlp": "mlp_bias"},
 )
 
 _REGISTRY: dict[str, ArchSpec] = {}

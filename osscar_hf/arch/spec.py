@@ -49,6 +49,10 @@ class ArchSpec:
     # Whether a uniform head count can be written to the stock config. Needs an explicit ``head_dim`` field;
     # OPT derives head_dim from hidden_size // heads, so a removed head cannot be expressed there.
     config_has_head_dim: bool = True
+    # Config fields that switch on the biases of every linear of a block part, {"attention": field, "mlp": field}:
+    # what a method that gives the consumers an output bias (FLAP's compensation) sets. A part whose consumer
+    # already has a bias needs none; a family without the field cannot take such a method.
+    bias_switches: dict[str, str] = field(default_factory=dict)
 
     # -- shapes read from a config --------------------------------------------------------------------
     def num_heads(self, config: Any) -> int:

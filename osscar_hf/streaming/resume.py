@@ -72,12 +72,17 @@ def _read_progress(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]]) -> None:
-    """Record the finished blocks, atomically (a crash leaves the previous record or this one)."""
+def _write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]],
+                    plan: list[dict[str, int]] | None = None) -> None:
+    """Record the planned sizes (of a measured plan) and the finished blocks, atomically (a crash leaves the
+    previous record or this one)."""
     path = folder / PROGRESS_NAME
     tmp = folder / f".{PROGRESS_NAME}.tmp"
+    record: dict[str, Any] = {"version": 1, "fingerprint": fingerprint, "blocks": done}
+    if plan is not None:
+        record["plan"] = plan
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"version": 1, "fingerprint": fingerprint, "blocks": done}, handle, indent=1)
+        json.dump(record, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -94,16 +99,18 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
-    """The blocks an interrupted run in ``folder`` finished, when it can be continued; [] to start afresh."""
+def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, int]] | None]:
+    """The blocks an interrupted run in ``folder`` finished and the sizes it planned (a measured plan), when it can
+    be continued; ``([], None)`` to start afresh."""
     if not folder.exists():
-        return []
+        return [], None
     progress = _read_progress(folder)
     if not resume or progress is None:
         if progress is not None:
             logger.warning("discarding the partial run in %s (resume=False)", folder)
         shutil.rmtree(folder)
-        return []
+        return [], None
     if progress["fingerprint"] != fingerprint:
         changes = _differences(progress["fingerprint"], fingerprint)
         old, new = progress["fingerprint"].get("source"), fingerprint.get("source")
@@ -129,7 +136,7 @@ def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool) ->
             break
         done.append(entry)
     logger.info("resuming the interrupted run in %s after %d finished blocks", folder, len(done))
-    return done
+    return done, progress.get("plan")
 
 
 def _block_report(data: dict[str, Any]) -> Any:

@@ -1,5 +1,5 @@
-"""The streaming prune itself: skeleton on meta, non-block weights, then each block read, pruned, written
-and released (see :mod:`osscar_hf.streaming`)."""
+"""The streaming prune: the one orchestration of :mod:`osscar_hf.pipeline` with blocks read from the shards
+(:class:`ShardBlocks`), a skeleton on meta, and the output written shard by shard (see :mod:`osscar_hf.streaming`)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from ..arch import get_spec, get_submodule
+from ..activations import ActivationSpace
+from ..arch import ArchSpec, get_spec, get_submodule
+from ..budgets import BlockSize
 from ..errors import OsscarError, UnsupportedModelError
+from ..evaluation import count_parameters
 from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, release_freed_memory
 from ..io.save import (
     CONFIG_NAME,
@@ -28,22 +30,28 @@ from ..io.save import (
     SaveError,
     _fsync_tree,
     _rewrite_config,
+    attach_run,
     check_output_folder,
     move_into_place,
     output_path,
     resolve_format,
+    write_model_card,
 )
-from ..io.shapes import osscar_quantization_config
-from ..surgery import resize_block
+from ..io.shapes import apply_block_shapes, osscar_quantization_config
+from ..pipeline import (
+    BlockStream,
+    PruneRun,
+    capture,
+    finish_run,
+    plan_sizes,
+    prune_blocks,
+    start_run,
+    update_model_config,
+)
+from ..report import BlockReport
+from ..surgery import add_part_biases, resize_block
 from .lock import run_lock
-from .resume import (
-    PROGRESS_NAME,
-    _block_report,
-    _fingerprint,
-    _finished_blocks,
-    _write_progress,
-    partial_folder,
-)
+from .resume import PROGRESS_NAME, _block_report, _fingerprint, _finished_blocks, _write_progress, partial_folder
 from .sources import (
     GENERATION_CONFIG_NAME,
     INDEX_NAME,
@@ -63,18 +71,18 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "osscar_report.json"
 
 
-def _materialise(block: nn.Module, reader: ShardReader, keys: list[str], block_prefix: str) -> None:
-    tensors = reader.read(keys)
-    _load(block, {k[len(block_prefix):]: v for k, v in tensors.items()}, block_prefix.rstrip("."),
-          reader.files(keys), strict=True)
-
-
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, files: list[str], strict: bool) -> None:
     try:
         module.load_state_dict(tensors, strict=strict, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"the weights of {what} in {', '.join(files)} do not fit the model built from "
                               f"config.json: {exc}") from None
+
+
+def _materialise(block: nn.Module, reader: ShardReader, keys: list[str], block_prefix: str) -> None:
+    tensors = reader.read(keys)
+    _load(block, {k[len(block_prefix):]: v for k, v in tensors.items()}, block_prefix.rstrip("."),
+          reader.files(keys), strict=True)
 
 
 def _to_meta_outside(model: nn.Module, prefix: str) -> None:
@@ -120,37 +128,35 @@ def _check_target(source: Path | None, target: Path, overwrite: bool) -> None:
     check_output_folder(target, overwrite)
 
 
-def _write_card(model: nn.Module, pruner: OsscarPruner, folder: Path, checkpoint_format: str) -> None:
-    """The osscar model card (README.md), as a model pruned in memory and saved would have it."""
-    from ..io.save import attach_run, write_model_card
-
-    attach_run(model, pruner.report, pruner.config)
-    write_model_card(model, folder, checkpoint_format)
-
-
-def _check_format(model: nn.Module, spec: Any, settings: Any, pruner: OsscarPruner, checkpoint_format: str) -> None:
+def _check_format(run: PruneRun, checkpoint_format: str) -> None:
     """Refuse, before any work, a ``checkpoint_format`` the pruned checkpoint could not be saved in.
 
-    Every block keeps the same counts, so the pruned shapes are known now: a meta copy of the skeleton resized to
-    them (costs nothing) goes through the same config update and format check as the finished model will.
+    When the config fixes every block's sizes, the pruned shapes are known now: a meta copy of the skeleton resized
+    to them (costs nothing) goes through the same config update and format check as the finished model will. A
+    global allocation chooses per-block sizes, which the stock format cannot hold.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from ..io.shapes import apply_block_shapes
-    from ..pruner import update_model_config
 
     if checkpoint_format not in FORMATS:
         raise SaveError(f"format must be one of {list(FORMATS)}, got {checkpoint_format!r}")
     if checkpoint_format == "auto":
         return
+    settings = run.settings
+    if not settings.sizes:
+        if checkpoint_format == "stock":
+            raise SaveError("format='stock' cannot hold the per-block sizes a global allocation chooses; use "
+                            "format='auto', 'osscar' or 'remote_code'")
+        return
     with init_empty_weights():
-        probe = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
-    kept = settings.attention.num_keep
-    shape = {"num_key_value_heads": kept, "num_attention_heads": kept * settings.n_rep,
-             "ffn_dim": settings.mlp.num_keep}
-    apply_block_shapes(probe, [dict(shape) for _ in get_submodule(probe, spec.blocks)], spec)
-    update_model_config(probe, spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=pruner.config)
+        probe = AutoModelForCausalLM.from_config(copy.deepcopy(run.model.config))
+    shapes = [{"num_key_value_heads": s.attention, "num_attention_heads": s.attention * settings.n_rep,
+               "ffn_dim": s.mlp} for s in settings.sizes]
+    apply_block_shapes(probe, shapes, run.spec)
+    if settings.method.adds_bias:
+        for block in get_submodule(probe, run.spec.blocks):
+            add_part_biases(block, run.spec)
+    update_model_config(probe, run.spec, n_rep=settings.n_rep, head_dim=settings.head_dim, osscar_config=run.config)
     resolve_format(probe, checkpoint_format)
 
 
@@ -168,7 +174,6 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-# --------------------------------------------------------------------------- the streaming prune
 def _last_uses(reader: ShardReader, other_keys: list[str], block_keys: list[list[str]]) -> dict[int, list[str]]:
     """Which source files the run needs for the last time in each phase (-1: the non-block weights, i: block i)."""
     last: dict[str, int] = {shard: -1 for shard in reader.shards(other_keys)}
@@ -181,6 +186,86 @@ def _last_uses(reader: ShardReader, other_keys: list[str], block_keys: list[list
     return out
 
 
+# --------------------------------------------------------------------------- the blocks, from shards to shards
+@dataclass
+class ShardBlocks:
+    """The :class:`~osscar_hf.pipeline.BlockSource` of a streamed run: each block is read from the source shards
+    just before it is used and released (moved to meta) after; a pruned block is written to its own output shard in
+    the partial folder ``tmp`` and recorded in the progress file."""
+
+    reader: ShardReader
+    files: LocalFiles | HubFiles
+    block_keys: list[list[str]]
+    prefix: str
+    tmp: Path
+    fingerprint: dict[str, Any]
+    num_shards: int
+    last_uses: dict[int, list[str]]
+    done: list[dict[str, Any]] = field(default_factory=list)
+    plan: list[dict[str, int]] | None = None
+    weight_map: dict[str, str] = field(default_factory=dict)
+    total_size: int = 0
+
+    def load(self, index: int, block: nn.Module) -> None:
+        _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.")
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to("meta")
+        release_freed_memory()
+
+    def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
+        block_prefix = f"{self.prefix}{index}."
+        name = _shard_name(index + 2, self.num_shards)
+        out = {block_prefix + k: v for k, v in block.state_dict().items()}
+        size = _save_shard(out, self.tmp / name)
+        self._add(out, name, size)
+        self.done.append({"report": asdict(report), "shard": name, "tensors": sorted(out), "bytes": size})
+        self.save_progress()
+        del out
+        self.release(index, block)
+        self.finished_phase(index)
+
+    def _add(self, tensors: Any, shard: str, size: int) -> None:
+        self.weight_map.update(dict.fromkeys(tensors, shard))
+        self.total_size += size
+
+    def save_progress(self) -> None:
+        _write_progress(self.tmp, self.fingerprint, self.done, self.plan)
+
+    def finished_phase(self, phase: int) -> None:
+        """Source files needed for the last time by ``phase`` (-1: the non-block weights) may go."""
+        for shard in self.last_uses.get(phase, []):
+            self.files.done_with(shard)
+
+    def replay(self, run: PruneRun, index: int, block: nn.Module, stream: BlockStream | None) -> None:
+        """Block ``index`` was finished by an interrupted run: give it its pruned shape, and move ``stream`` (None
+        when no block's inputs are needed any more) past it by one forward of the dense block from the source
+        and/or the pruned one from its shard, exactly as the loop computed them; nothing is solved again."""
+        settings, entry = run.settings, self.done[index]
+        report = _block_report(entry["report"])
+        if stream is not None and (not settings.propagate or settings.dense_targets):
+            self.load(index, block)
+            stream.replay(index, block, pruned=False)
+            block.to("meta")
+        shape = {"num_key_value_heads": report.attention.kept, "ffn_dim": report.mlp.kept,
+                 "num_attention_heads": report.attention.kept * settings.n_rep}
+        with torch.device("cpu"):
+            resize_block(block, run.spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
+            if settings.method.adds_bias:
+                add_part_biases(block, run.spec)
+        if stream is not None:  # (else only the block's new shape is needed, for config.json)
+            if settings.propagate:
+                pruned = ShardReader(self.tmp, {k: entry["shard"] for k in entry["tensors"]})
+                _materialise(block, pruned, entry["tensors"], f"{self.prefix}{index}.")
+                stream.replay(index, block, pruned=True)
+                block.to("meta")
+            stream.finish_replay()
+        release_freed_memory()
+        self._add(entry["tensors"], entry["shard"], entry["bytes"])
+        self.finished_phase(index)
+
+
+# --------------------------------------------------------------------------- the entry point
 def prune_checkpoint(
     pruner: OsscarPruner,
     model_path: str | os.PathLike,
@@ -205,7 +290,7 @@ def prune_checkpoint(
 
     See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
     cast = _weights_dtype(dtype)
     with mapped_large_allocations() if map_large_allocations else contextlib.nullcontext(False) as mapped:
         hint = None if mapped else heap_fragmentation_hint()
@@ -219,21 +304,12 @@ def prune_checkpoint(
         with run_lock(target, str(folder) if folder is not None else files.repo_id):
             _check_target(folder, target, overwrite)  # again: a run that held the lock may have just written it
             return _prune_locked(pruner, files, target, tokenizer=tokenizer, progress=progress, resume=resume,
-                                 start=start, checkpoint_format=format, overwrite=overwrite, dtype=cast,
-                                 base_model=base_model)
+                                 checkpoint_format=format, overwrite=overwrite, dtype=cast, base_model=base_model,
+                                 started=started)
 
 
-def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
-                  progress: bool, resume: bool, start: float, checkpoint_format: str, overwrite: bool,
-                  dtype: torch.dtype | None, base_model: str | None) -> Path:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..activations import ActivationSpace
-    from ..capture import capture_block_inputs
-    from ..evaluation import count_parameters
-    from ..pipeline import BlockStream, announce_block
-    from ..pruner import update_model_config
+def _open_config(files: LocalFiles | HubFiles, base_model: str | None) -> Any:
+    from transformers import AutoConfig
 
     files.connect()
     if not files.has(CONFIG_NAME):
@@ -249,25 +325,28 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         if isinstance(exc, UnsupportedModelError):
             raise
         raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
-    spec = get_spec(config)
-    reader = ShardReader(files, dtype=dtype)
-    user_tokenizer = tokenizer
-    if tokenizer is None and any(files.has(name) for name in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
+    return config
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(files.config_folder())
-        except Exception as exc:  # noqa: BLE001 - token-id calibration data needs no tokenizer
-            logger.warning("could not load the tokenizer of %s (%s); calibrating without one", files.describe(), exc)
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
+def _source_tokenizer(files: LocalFiles | HubFiles) -> Any:
+    if not any(files.has(name) for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(files.config_folder())
+    except Exception as exc:  # noqa: BLE001 - token-id calibration data needs no tokenizer
+        logger.warning("could not load the tokenizer of %s (%s); calibrating without one", files.describe(), exc)
+        return None
+
+
+def _split_keys(model: nn.Module, spec: ArchSpec, reader: ShardReader, files: LocalFiles | HubFiles
+                ) -> tuple[list[list[str]], list[str]]:
+    """The checkpoint's tensor names per block and outside the blocks, checked against the skeleton's shapes."""
     blocks = get_submodule(model, spec.blocks)
-    num_blocks = len(blocks)
     prefix = f"{spec.blocks}."
     expected = model.state_dict()
-    block_keys: list[list[str]] = [[] for _ in range(num_blocks)]
+    block_keys: list[list[str]] = [[] for _ in blocks]
     other_keys: list[str] = []
     for key in reader.weight_map:
         if key not in expected:
@@ -280,8 +359,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
                 "belong together?"
             )
         if key.startswith(prefix):
-            index = int(key[len(prefix):].split(".", 1)[0])
-            block_keys[index].append(key)
+            block_keys[int(key[len(prefix):].split(".", 1)[0])].append(key)
         else:
             other_keys.append(key)
     for i, keys in enumerate(block_keys):
@@ -289,171 +367,76 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         if names - set(keys):
             raise CheckpointError(
                 f"the checkpoint in {files.describe()} has no weights for {sorted(names - set(keys))[:5]} (block {i})")
-    last_uses = _last_uses(reader, other_keys, block_keys)
+    return block_keys, other_keys
 
-    settings = pruner._settings(model, spec)
-    _check_format(model, spec, settings, pruner, checkpoint_format)
+
+def _write_non_block_weights(model: nn.Module, other_keys: list[str], source: ShardBlocks) -> None:
+    """The non-block weights to the first output shard, as in the source (a tied head is not written twice)."""
+    state = model.state_dict()
+    seen: set[int] = set()
+    others: dict[str, torch.Tensor] = {}
+    # A tied head comes last, so the embedding is the copy kept (as save_pretrained keeps it).
+    head = model.get_output_embeddings()
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if head is not None else set()
+    for key in sorted(other_keys, key=lambda k: k in head_keys):
+        tensor = state[key]
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:  # tied to a weight already written
+            continue
+        seen.add(ptr)
+        others[key] = tensor
+    name = _shard_name(1, source.num_shards)
+    source._add(others, name, _save_shard(others, source.tmp / name))
+
+
+def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
+                  progress: bool, resume: bool, checkpoint_format: str, overwrite: bool,
+                  dtype: torch.dtype | None, base_model: str | None, started: float) -> Path:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = _open_config(files, base_model)
+    spec = get_spec(config)
+    reader = ShardReader(files, dtype=dtype)
+    user_tokenizer = tokenizer
+    tokenizer = tokenizer if tokenizer is not None else _source_tokenizer(files)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    block_keys, other_keys = _split_keys(model, spec, reader, files)
+    run = start_run(pruner.config, model, spec, lambda: pruner.calibration_windows(model, tokenizer))
+    run.started = started
+    _check_format(run, checkpoint_format)
     # Non-block weights: load, tie, check that nothing outside the blocks is still on meta.
+    prefix = f"{spec.blocks}."
     _load(model, reader.read(other_keys), "the embeddings and head", reader.files(other_keys), strict=False)
     model.tie_weights()
     missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(prefix))
     if missing:
         raise CheckpointError(f"the checkpoint in {files.describe()} has no weights for {missing[:5]}")
+    run.params_before = count_parameters(model)  # now that a tied head is tied: counted once
 
-    windows = pruner.calibration_windows(model, tokenizer)
-    params_before = count_parameters(model)
-    logger.info(
-        "OSSCAR (streaming %s): %s, %d blocks; keeping %d/%d attention groups and %d/%d neurons per block; "
-        "%d windows of %d tokens", files.describe(), spec.name, num_blocks, settings.attention.num_keep,
-        settings.num_attention_groups, settings.mlp.num_keep, settings.num_neurons, *windows.shape,
-    )
-
-    fingerprint = _fingerprint(files, reader, pruner, windows, settings.device)
+    fingerprint = _fingerprint(files, reader, pruner, run.windows, run.settings.device)
     tmp = partial_folder(target)
     earlier_downloads = files.read_record(tmp) if resume else []
-    done = _finished_blocks(tmp, fingerprint, resume)
+    done, plan = _finished_blocks(tmp, fingerprint, resume)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(exist_ok=True)
     files.keep_record(tmp, earlier_downloads)
-
-    def finished_phase(phase: int) -> None:
-        for shard in last_uses.get(phase, []):
-            files.done_with(shard)
-
-    # Where the calibration activations live (memory, or files in a temporary folder removed at the end, also on
-    # errors): block-0 inputs go there as they are captured.
-    space = ActivationSpace.for_settings(settings)
-    # Every block finished (the run stopped while writing the checkpoint): no block's inputs are needed any more.
-    finished = len(done) == num_blocks
+    source = ShardBlocks(reader=reader, files=files, block_keys=block_keys, prefix=prefix, tmp=tmp,
+                         fingerprint=fingerprint, num_shards=len(block_keys) + 1,
+                         last_uses=_last_uses(reader, other_keys, block_keys), done=done, plan=plan)
+    if plan is not None and not run.settings.sizes:
+        run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in plan])
     try:
-        with space:
-            captured = None
-            if not finished:
-                with torch.no_grad():
-                    captured = capture_block_inputs(model, blocks, windows, batch_size=pruner.config.batch_size,
-                                                    storage_device=settings.storage_device, activations=space)
-            weight_map: dict[str, str] = {}
-            total_size = 0
-            shards = num_blocks + 1
-            # The non-block weights, as in the source (a tied head is not written twice), then back to meta.
-            state = model.state_dict()
-            seen: set[int] = set()
-            others: dict[str, torch.Tensor] = {}
-            # A tied head comes last, so the embedding is the copy kept (as save_pretrained keeps it).
-            head = model.get_output_embeddings()
-            head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if head is not None else set()
-            for key in sorted(other_keys, key=lambda k: k in head_keys):
-                tensor = state[key]
-                ptr = tensor.untyped_storage().data_ptr()
-                if ptr in seen:  # tied to a weight already written
-                    continue
-                seen.add(ptr)
-                others[key] = tensor
-            name = _shard_name(1, shards)
-            total_size += _save_shard(others, tmp / name)
-            weight_map.update(dict.fromkeys(others, name))
-            del state, others
-            _to_meta_outside(model, prefix)
-            release_freed_memory()
-            finished_phase(-1)
-
-            stream = BlockStream(spec, captured, settings) if captured is not None else None  # closed below
-            reports = []
-            # Recomputing the outputs of the blocks an interrupted run finished has a bar of its own; the pruning bar
-            # starts after it, at their count, so that its rate and ETA are those of the blocks still to prune.
-            bar = tqdm(total=len(done), desc="OSSCAR resuming (outputs of finished blocks)", unit="block",
-                       disable=not progress or not done)
-            try:
-                # Blocks an interrupted run finished: their next inputs are recomputed (one forward per block, the
-                # dense block from the source and/or the pruned one from its shard), nothing is solved again.
-                for i, entry in enumerate(done):
-                    block, block_prefix = blocks[i], f"{prefix}{i}."
-                    report = _block_report(entry["report"])
-                    if stream is not None and (not settings.propagate or settings.dense_targets):
-                        _materialise(block, reader, block_keys[i], block_prefix)
-                        stream.replay(i, block, pruned=False)
-                        block.to("meta")
-                    shape = {"num_key_value_heads": report.attention.kept, "ffn_dim": report.mlp.kept,
-                             "num_attention_heads": report.attention.kept * settings.n_rep}
-                    with torch.device("cpu"):
-                        resize_block(block, spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
-                    if stream is not None:  # (else only the block's new shape is needed, for config.json)
-                        if settings.propagate:
-                            pruned = ShardReader(tmp, {k: entry["shard"] for k in entry["tensors"]})
-                            _materialise(block, pruned, entry["tensors"], block_prefix)
-                            stream.replay(i, block, pruned=True)
-                            block.to("meta")
-                        stream.finish_replay()
-                    release_freed_memory()
-                    weight_map.update(dict.fromkeys(entry["tensors"], entry["shard"]))
-                    total_size += entry["bytes"]
-                    reports.append(report)
-                    finished_phase(i)
-                    bar.update(1)
-                bar.close()
-                bar = tqdm(total=num_blocks, initial=len(done), desc="OSSCAR pruning (streaming)", unit="block",
-                           disable=not progress)
-                for i in range(len(done), num_blocks):
-                    block, block_prefix = blocks[i], f"{prefix}{i}."
-                    _materialise(block, reader, block_keys[i], block_prefix)
-                    report = stream.prune(i, block)
-                    name = _shard_name(i + 2, shards)
-                    out = {block_prefix + k: v for k, v in block.state_dict().items()}
-                    size = _save_shard(out, tmp / name)
-                    weight_map.update(dict.fromkeys(out, name))
-                    total_size += size
-                    done.append({"report": asdict(report), "shard": name, "tensors": sorted(out), "bytes": size})
-                    _write_progress(tmp, fingerprint, done)
-                    del out
-                    block.to("meta")
-                    release_freed_memory()
-                    reports.append(report)
-                    finished_phase(i)
-                    announce_block(bar, report)
-            finally:
-                bar.close()
-                if stream is not None:
-                    stream.close()  # its activation stores: files are deleted at once
-            del captured
-
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        solved = any(b.attention.solved or b.mlp.solved for b in reports)
-        if solved:
-            update_model_config(model, spec, n_rep=settings.n_rep, head_dim=settings.head_dim,
-                                osscar_config=pruner.config)
-        model.config.architectures = [type(model).__name__]
-        if dtype is not None:
-            model.config.dtype = dtype
-        model.config.save_pretrained(tmp)
-        fmt = resolve_format(model, checkpoint_format)
-        _rewrite_config(tmp, model, fmt)
-        for name in (GENERATION_CONFIG_NAME, *TOKENIZER_FILES):
-            if files.has(name):
-                shutil.copy2(files.path(name), tmp / name)
-        if user_tokenizer is not None:
-            user_tokenizer.save_pretrained(tmp)
-        pruner.report = pruner._build_report(model, windows, params_before, count_parameters(model), start, reports,
-                                             activations=space.summary())
-        pruner.report.to_json(tmp / REPORT_NAME)
-        if solved:
-            _write_card(model, pruner, tmp, fmt)
-        _fsync_tree(tmp)
-        # The progress record goes only once the folder is in place: until then a failure (a full disk, a
-        # folder that appeared at the target, Ctrl-C) leaves a partial run that a rerun finishes.
-        try:
-            move_into_place(tmp, target, overwrite=overwrite)
-        except OutputConflictError as exc:
-            raise OutputConflictError(
-                f"{exc}; every block is finished and kept in {str(tmp)!r}: move {str(target)!r} away (or pass "
-                "overwrite=True) and run again with the same settings to write the checkpoint without solving any "
-                "block again") from None
-        (target / PROGRESS_NAME).unlink()
-        (target / HubFiles.RECORD_NAME).unlink(missing_ok=True)
+        reports, activations = _stream_blocks(run, source, other_keys, progress)
+        _write_checkpoint(pruner, run, source, reports, activations, target, overwrite=overwrite,
+                          checkpoint_format=checkpoint_format, user_tokenizer=user_tokenizer)
     except BaseException:
         if any(tmp.glob("model-*.safetensors")) and (tmp / PROGRESS_NAME).is_file():
             logger.error("pruning stopped after %d of %d blocks; the finished blocks are kept in %s: run "
-                         "prune_checkpoint again with the same settings to continue", len(done), num_blocks, tmp)
+                         "prune_checkpoint again with the same settings to continue", len(source.done),
+                         len(block_keys), tmp)
         elif files.pending_deletions():
             logger.error("pruning stopped before the first block was finished; %s keeps the list of the files this "
                          "run downloaded, to delete them when a rerun is done with them", tmp)
@@ -462,3 +445,74 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         raise
     logger.info("wrote the pruned checkpoint to %s", target)
     return target
+
+
+def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], progress: bool
+                   ) -> tuple[list[BlockReport], dict[str, Any]]:
+    """Capture, plan, prune (or replay) every block; return the block reports and where the activations were kept.
+    The activations live in a space (memory, or files in a temporary folder) removed at the end, also on errors."""
+    space = ActivationSpace.for_settings(run.settings)
+    # Every block finished (the run stopped while writing the checkpoint): no block's inputs are needed any more.
+    finished = len(source.done) == len(source.block_keys)
+    with space:
+        captured = None
+        if not finished:
+            with torch.no_grad():
+                captured = capture(run, space)
+        _write_non_block_weights(run.model, other_keys, source)
+        _to_meta_outside(run.model, source.prefix)
+        release_freed_memory()
+        source.finished_phase(-1)
+        if captured is None:  # only the finished blocks' shapes are needed, for config.json
+            for index, block in enumerate(run.blocks):
+                source.replay(run, index, block, None)
+            return [_block_report(entry["report"]) for entry in source.done], space.summary()
+        measured = not run.settings.sizes
+        plan_sizes(run, source, captured, progress=progress)
+        if measured:  # a resumed run reuses this plan instead of measuring again
+            source.plan = [size.to_dict() for size in run.settings.sizes]
+            source.save_progress()
+        with torch.no_grad():
+            reports = prune_blocks(run, source, captured, progress=progress,
+                                   finished=[_block_report(entry["report"]) for entry in source.done],
+                                   replay=lambda i, block, stream: source.replay(run, i, block, stream),
+                                   description="OSSCAR pruning (streaming)")
+    return reports, space.summary()
+
+
+def _write_checkpoint(pruner: OsscarPruner, run: PruneRun, source: ShardBlocks, reports: list[BlockReport],
+                      activations: dict[str, Any], target: Path, *, overwrite: bool, checkpoint_format: str,
+                      user_tokenizer: Any) -> None:
+    """Index, config, tokenizer and generation files, report and card into the partial folder, then move it into
+    place."""
+    tmp, files, model = source.tmp, source.files, run.model
+    index = {"metadata": {"total_size": source.total_size}, "weight_map": dict(sorted(source.weight_map.items()))}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    pruner.report = report = finish_run(run, reports, activations=activations)
+    model.config.architectures = [type(model).__name__]
+    if source.reader.dtype is not None:
+        model.config.dtype = source.reader.dtype
+    model.config.save_pretrained(tmp)
+    fmt = resolve_format(model, checkpoint_format)
+    _rewrite_config(tmp, model, fmt)
+    for name in (GENERATION_CONFIG_NAME, *TOKENIZER_FILES):
+        if files.has(name):
+            shutil.copy2(files.path(name), tmp / name)
+    if user_tokenizer is not None:
+        user_tokenizer.save_pretrained(tmp)
+    report.to_json(tmp / REPORT_NAME)
+    if any(b.attention.solved or b.mlp.solved for b in reports):
+        attach_run(model, report, pruner.config)
+        write_model_card(model, tmp, fmt)
+    _fsync_tree(tmp)
+    # The progress record goes only once the folder is in place: until then a failure (a full disk, a
+    # folder that appeared at the target, Ctrl-C) leaves a partial run that a rerun finishes.
+    try:
+        move_into_place(tmp, target, overwrite=overwrite)
+    except OutputConflictError as exc:
+        raise OutputConflictError(
+            f"{exc}; every block is finished and kept in {str(tmp)!r}: move {str(target)!r} away (or pass "
+            "overwrite=True) and run again with the same settings to write the checkpoint without solving any "
+            "block again") from None
+    (target / PROGRESS_NAME).unlink()
+    (target / HubFiles.RECORD_NAME).unlink(missing_ok=True)

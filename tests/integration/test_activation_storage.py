@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from osscar_hf import OsscarConfig, OsscarPruner, pipeline
+from osscar_hf import OsscarConfig, OsscarPruner
+from osscar_hf.methods import osscar as osscar_method
 from osscar_hf import activations as act
 from osscar_hf.errors import SolverError
 from osscar_hf.pipeline import BlockStream
@@ -106,7 +107,7 @@ def test_activation_dir_is_used_and_emptied(tmp_path, tokenizer, calibration_tex
 
 @pytest.mark.parametrize("fail_at", [1, 3])  # block 0's attention solve; block 1's attention solve
 def test_folder_is_removed_when_pruning_fails(fail_at, tokenizer, calibration_texts, temp_dir, monkeypatch):
-    real_solve, calls = pipeline.solve_layer, []
+    real_solve, calls = osscar_method.solve_layer, []
 
     def failing_solve(*args, **kwargs):
         calls.append(1)
@@ -114,7 +115,7 @@ def test_folder_is_removed_when_pruning_fails(fail_at, tokenizer, calibration_te
             raise SolverError("injected failure")
         return real_solve(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "solve_layer", failing_solve)
+    monkeypatch.setattr(osscar_method, "solve_layer", failing_solve)
     with pytest.raises(SolverError, match="injected"):
         OsscarPruner(_config(calibration_texts, activation_storage="disk", dense_targets=True)).prune(
             make_model("opt"), tokenizer, progress=False)

@@ -260,11 +260,11 @@ def test_cuda_pruning_matches_cpu(tokenizer, calibration_texts):
 
 
 def test_an_error_mid_loop_leaves_weights_and_config_consistent(monkeypatch, tokenizer, calibration_texts):
-    import osscar_hf.pipeline as pipeline
+    import osscar_hf.methods.osscar as osscar_method
     from osscar_hf.errors import SolverError
     from osscar_hf.io.save import pruning_record
 
-    real_solve, calls = pipeline.solve_layer, []
+    real_solve, calls = osscar_method.solve_layer, []
 
     def failing_solve(*args, **kwargs):
         calls.append(1)
@@ -272,7 +272,7 @@ def test_an_error_mid_loop_leaves_weights_and_config_consistent(monkeypatch, tok
             raise SolverError("injected failure")
         return real_solve(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "solve_layer", failing_solve)
+    monkeypatch.setattr(osscar_method, "solve_layer", failing_solve)
     model = make_model("opt")
     with pytest.raises(SolverError, match="injected"):
         _prune(model, tokenizer, calibration_texts)
@@ -291,10 +291,11 @@ def test_the_solver_works_in_the_grams_own_storage(monkeypatch, tokenizer, calib
     it converted, with the float32 one already released, so the p x p values are held once, not twice."""
     import weakref
 
-    from osscar_hf import pipeline
+    import osscar_hf.methods.osscar as osscar_method
+    import osscar_hf.pipeline.statistics as statistics
 
     grams: list[weakref.ref] = []
-    real_new_gram, real_solve = pipeline.new_gram, pipeline.solve_layer
+    real_new_gram, real_solve = statistics.new_gram, osscar_method.solve_layer
 
     def new_gram(p, device="cpu"):
         H = real_new_gram(p, device)
@@ -309,8 +310,8 @@ def test_the_solver_works_in_the_grams_own_storage(monkeypatch, tokenizer, calib
         seen.append((H.dtype, borrowed_layout, kwargs["in_place"], any(t is not H for t in live_float32)))
         return real_solve(H, W_hat, **kwargs)
 
-    monkeypatch.setattr(pipeline, "new_gram", new_gram)
-    monkeypatch.setattr(pipeline, "solve_layer", solve_layer)
+    monkeypatch.setattr(statistics, "new_gram", new_gram)
+    monkeypatch.setattr(osscar_method, "solve_layer", solve_layer)
     model = make_model("llama-gqa")
     _prune(model, tokenizer, calibration_texts, solver_dtype=solver_dtype)
     assert grams and len(seen) == 2 * model.config.num_hidden_layers

@@ -29,6 +29,7 @@ from osscar_hf.streaming import (
     partial_folder,
     run,
 )
+from osscar_hf.pipeline import orchestrate
 from tests.conftest import make_model
 from tests.integration.test_streaming import (
     _checkpoint,
@@ -237,7 +238,7 @@ def test_progress_starts_after_the_finished_blocks_and_shows_memory(source, tmp_
                                                                    caplog):
     config = _config(calibration_texts, (0.5, 0.5))
     target = tmp_path / "out"
-    monkeypatch.setattr(run, "tqdm", _Bar)
+    monkeypatch.setattr(orchestrate, "tqdm", _Bar)
     _Bar.made.clear()
     _interrupt_at(monkeypatch, 1, [])
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,26 @@
+"""Budgets: how many structures every decoder block keeps.
+
+- :mod:`.geometry`: what one structure of each part costs (parameters, multiply-adds per token);
+- :mod:`.plan`: sizes from the config (uniform fractions, explicit sizes, a uniform or global ``sparsity``);
+- :mod:`.allocate`: spending a global budget on measured damage curves;
+- :mod:`.measure`: measuring those curves on held-out calibration windows.
+"""
+
+from .allocate import PartCurve, allocate
+from .geometry import BlockGeometry, block_geometries
+from .plan import (
+    allowed_sizes,
+    check_budget,
+    explicit_sizes,
+    global_sizes,
+    part_floor,
+    plan_fixed_sizes,
+    round_neurons,
+    uses_global_allocation,
+)
+from .sizes import BlockSize
+
+__all__ = [
+    "BlockGeometry", "BlockSize", "PartCurve", "allocate", "allowed_sizes", "block_geometries", "check_budget",
+    "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons", "uses_global_allocation",
+]

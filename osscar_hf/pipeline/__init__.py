@@ -1,0 +1,27 @@
+"""The one pruning pipeline: settings, the per-block step and the orchestration that serves in-memory and
+streamed pruning alike (see :mod:`.orchestrate`)."""
+
+from .block import PARTS, BlockStream, announce_block, block_consumers, block_device
+from .model_config import switch_on_part_biases, update_model_config
+from .orchestrate import (
+    BlockSource,
+    InMemoryBlocks,
+    PruneRun,
+    build_report,
+    calibration_seq_len,
+    capture,
+    check_sizes,
+    finish_run,
+    plan_sizes,
+    prune_blocks,
+    start_run,
+)
+from .settings import LoopSettings, loop_settings
+from .statistics import InputStatistics, input_hooks
+
+__all__ = [
+    "PARTS", "BlockSource", "BlockStream", "InMemoryBlocks", "InputStatistics", "LoopSettings", "PruneRun",
+    "announce_block", "block_consumers", "block_device", "build_report", "calibration_seq_len", "capture", "check_sizes",
+    "finish_run", "input_hooks", "loop_settings", "plan_sizes", "prune_blocks", "start_run", "switch_on_part_biases",
+    "update_model_config",
+]

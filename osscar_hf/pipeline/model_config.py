@@ -1,0 +1,65 @@
+"""Writing a pruned model's shapes (and the switches of biases a method added) into its config."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..arch import ArchSpec, get_submodule
+from ..config import OsscarConfig
+from ..io.save import mark_pruned
+from ..io.shapes import stock_config_expresses
+from ..surgery import block_shape, part_linears
+
+__all__ = ["switch_on_part_biases", "update_model_config"]
+
+
+def switch_on_part_biases(model: nn.Module, spec: ArchSpec) -> None:
+    """Set the config switches (``spec.bias_switches``) of every part whose linears all have biases now, so that
+    a stock model built from the config has them too."""
+    blocks = list(get_submodule(model, spec.blocks))
+    if not blocks:
+        return
+    for part, linears in part_linears(blocks[0], spec).items():
+        switch = spec.bias_switches.get(part)
+        if switch is not None and all(linear.bias is not None for linear in linears):
+            setattr(model.config, switch, True)
+
+
+def update_model_config(
+    model: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int, osscar_config: OsscarConfig | None = None
+) -> list[dict[str, int]]:
+    """Write the pruned shapes into ``model.config``; return every block's shape.
+
+    When all blocks share one shape, the stock fields are updated where the architecture's config can
+    express it (FFN width always; head counts only for configs with an explicit ``head_dim`` and a head
+    count that divides ``hidden_size``, as transformers' validation requires). If the stock config then
+    describes every block, the model is a plain smaller model and its config gets nothing else (plain
+    ``save_pretrained`` writes a checkpoint vanilla transformers loads). Otherwise
+    ``config.quantization_config`` becomes ``osscar_config.for_model_config(shapes)``: the pruning settings,
+    the per-block shapes and the library versions, which the osscar quantizer reads on load. Biases a method
+    added to every linear of a part (FLAP's compensation) switch the part's biases on in the config.
+
+    Either way the model keeps that record (see :func:`osscar_hf.io.pruning_record`), and its
+    ``save_pretrained`` refuses the folder the dense model was loaded from.
+    """
+    config = model.config
+    switch_on_part_biases(model, spec)
+    blocks = get_submodule(model, spec.blocks)
+    shapes = [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in blocks]
+    if all(shape == shapes[0] for shape in shapes):
+        shape = shapes[0]
+        setattr(config, spec.config_ffn, shape["ffn_dim"])
+        heads = shape["num_attention_heads"]
+        if spec.config_has_head_dim and heads > 0 and config.hidden_size % heads == 0:
+            config.head_dim = head_dim
+            setattr(config, spec.config_heads, heads)
+            if spec.config_kv_heads is not None:
+                setattr(config, spec.config_kv_heads, shape["num_key_value_heads"])
+    record = (osscar_config if osscar_config is not None else OsscarConfig()).for_model_config(shapes)
+    if stock_config_expresses(config, shapes, spec):
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+    else:
+        config.quantization_config = record
+    mark_pruned(model, record)
+    return shapes

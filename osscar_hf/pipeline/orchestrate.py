@@ -1,0 +1,287 @@
+"""The one orchestration of a pruning run, for a model in memory (``OsscarPruner.prune``) and for a checkpoint
+streamed from its shards (``OsscarPruner.prune_checkpoint``).
+
+A run is: checks and settings from the config and the model's shapes (:func:`start_run`, before any weight or
+data is read where the caller can arrange it); the calibration windows; the capture of block 0's inputs; the
+plan of every block's kept sizes (:func:`plan_sizes`: fixed by the config, or measured by a dense pass over the
+blocks for a global allocation); the pruning pass over the blocks (:func:`prune_blocks`); the config update and
+the report (:func:`finish_run`).
+
+Where the blocks' weights live is the one thing that differs, and it is behind :class:`BlockSource`: in memory the
+blocks are simply there; when streaming, :mod:`osscar_hf.streaming` reads each block from the shards before it is
+used and writes (and releases) it after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, get_submodule
+from ..budgets import BlockGeometry, BlockSize, block_geometries, check_budget, plan_fixed_sizes
+from ..activations import ActivationSpace
+from .. import capture as capture_module
+from ..capture import CapturedInputs
+from ..config import OsscarConfig, describe_dataset
+from ..errors import OsscarConfigError, UnsupportedModelError
+from ..evaluation import count_parameters
+from ..report import BlockReport, PruneReport
+from ..surgery import part_linears
+from .block import BlockStream, announce_block
+from .model_config import update_model_config
+from .settings import LoopSettings, loop_settings
+
+__all__ = [
+    "BlockSource", "InMemoryBlocks", "PruneRun", "capture", "finish_run", "plan_sizes", "prune_blocks", "start_run",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BlockSource(Protocol):
+    """Where the orchestration finds each block's weights and where a pruned block goes."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give ``block`` (block ``index`` of the model) its dense weights, if it does not hold them."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """A read-only pass over ``block`` is done: drop what :meth:`load` brought in."""
+
+    def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
+        """``block`` has been pruned (``report``): keep it, and drop what :meth:`load` brought in."""
+
+
+class InMemoryBlocks:
+    """The blocks of a model held in memory: nothing to load, release or store."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
+        pass
+
+
+@dataclass
+class PruneRun:
+    """One pruning run: its config, the model (or its skeleton), settings, the blocks' costs and the data."""
+
+    config: OsscarConfig
+    model: nn.Module
+    spec: ArchSpec
+    settings: LoopSettings
+    geometries: list[BlockGeometry]
+    windows: torch.Tensor | None
+    params_before: int
+    started: float = field(default_factory=time.perf_counter)
+    plan_seconds: float = 0.0
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_submodule(self.model, self.spec.blocks)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether anything in the run reads calibration data (a method with statistics, or a measured plan)."""
+        return bool(self.settings.method.statistics) or not self.settings.sizes
+
+
+def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse a method the architecture cannot hold (an output bias where the config cannot switch one on)."""
+    method_name = config.method
+    from ..methods import get_method
+
+    if not get_method(method_name).adds_bias:
+        return
+    blocks = get_submodule(model, spec.blocks)
+    for part, linears in part_linears(blocks[0], spec).items():
+        if linears[-1].bias is None and not hasattr(model.config, spec.bias_switches.get(part, "")):
+            raise UnsupportedModelError(
+                f"method {method_name!r} gives the {part} output projection a bias, but model_type "
+                f"{model.config.model_type!r} has no config field that switches such biases on (llama's "
+                f"attention_bias/mlp_bias; opt has the biases already); use another method")
+
+
+def _context_length(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def calibration_seq_len(config: OsscarConfig, model_config: Any) -> int:
+    """``config.seq_len`` capped at the model's context length."""
+    context = _context_length(model_config)
+    return min(config.seq_len, context) if context else config.seq_len
+
+
+def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
+              windows: Callable[[], torch.Tensor]) -> PruneRun:
+    """Check the config against the model's shapes, resolve the settings and the fixed sizes, then build the
+    calibration windows (``windows()``) if anything needs them. ``model`` may be a meta skeleton; no weight is
+    read here. Raises before any data is read when the budget is impossible or the method does not fit."""
+    check_method_fits(config, model, spec)
+    settings = loop_settings(config, model.config, spec)
+    geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
+                                  with_biases=settings.method.adds_bias)
+    check_budget(config, geometries)
+    fixed = plan_fixed_sizes(config, geometries)
+    if fixed is not None:
+        settings = settings.with_sizes(fixed)
+    run = PruneRun(config=config, model=model, spec=spec, settings=settings, geometries=geometries, windows=None,
+                   params_before=count_parameters(model))
+    if run.needs_calibration:
+        run.windows = windows()
+    else:
+        logger.info("method %r needs no calibration data: none is read", config.method)
+    return run
+
+
+def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
+    """Block 0's inputs for the calibration windows, into ``space`` (nothing when the run reads no data)."""
+    if run.windows is None:
+        return CapturedInputs(hidden=[], kwargs=[[] for _ in run.blocks])
+    return capture_module.capture_block_inputs(run.model, run.blocks, run.windows, batch_size=run.config.batch_size,
+                                storage_device=run.settings.storage_device, activations=space)
+
+
+def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True) -> None:
+    """Settle every block's kept sizes (``run.settings.sizes``): fixed by the config already, or measured by a
+    pass over the blocks for a global allocation (see :mod:`.measure`)."""
+    if not run.settings.sizes:
+        from .measure import measured_sizes
+
+        started = time.perf_counter()
+        sizes = measured_sizes(run, source, captured, progress=progress)
+        check_sizes(sizes, run.settings)
+        run.settings = run.settings.with_sizes(sizes)
+        run.plan_seconds = time.perf_counter() - started
+    announce_plan(run)
+
+
+def announce_plan(run: PruneRun) -> None:
+    settings = run.settings
+    sizes = settings.sizes
+    shapes = ", ".join(f"{s.attention}/{s.mlp}" for s in sizes[:8]) + (" ..." if len(sizes) > 8 else "")
+    data = "" if run.windows is None else f"; {run.windows.shape[0]} windows of {run.windows.shape[1]} tokens"
+    logger.info("%s (%s): %d blocks of %d attention structures and %d neurons; kept per block (attention/mlp): "
+                "%s%s", run.config.method, run.spec.name, len(sizes), settings.num_attention_groups,
+                settings.num_neurons, shapes, data)
+
+
+def prune_blocks(
+    run: PruneRun,
+    source: BlockSource,
+    captured: CapturedInputs,
+    *,
+    progress: bool = True,
+    finished: list[BlockReport] | None = None,
+    replay: Callable[[int, nn.Module, BlockStream], None] | None = None,
+    description: str = "OSSCAR pruning",
+) -> list[BlockReport]:
+    """Prune every block to ``run.settings.sizes`` in turn (ALGORITHM.md section 5); return the block reports.
+
+    ``finished``: reports of blocks an interrupted run already pruned; their inputs are replayed by
+    ``replay(index, block, stream)`` (which moves the stream past the block) instead of solving them again. Takes
+    ownership of ``captured.hidden`` and releases every stream at the end, also on errors (see
+    :class:`BlockStream`); every block goes back to its own device, also when an error stops the loop.
+    """
+    blocks = run.blocks
+    done = list(finished or [])
+    reports: list[BlockReport] = []
+    with BlockStream(run.spec, captured, run.settings) as stream:
+        bar = tqdm(total=len(done), desc=f"{description}: resuming (outputs of finished blocks)", unit="block",
+                   disable=not progress or not done)
+        try:
+            for index, report in enumerate(done):
+                if replay is not None:
+                    replay(index, blocks[index], stream)
+                reports.append(report)
+                bar.update(1)
+            bar.close()
+            # The pruning bar starts at the finished blocks' count, so its rate and ETA are those of the blocks left.
+            bar = tqdm(total=len(blocks), initial=len(done), desc=description, unit="block", disable=not progress)
+            for index in range(len(done), len(blocks)):
+                block = blocks[index]
+                source.load(index, block)
+                report = stream.prune(index, block)
+                source.store(index, block, report)
+                reports.append(report)
+                announce_block(bar, report)
+        finally:
+            bar.close()
+    return reports
+
+
+def finish_run(run: PruneRun, reports: list[BlockReport], activations: dict[str, Any] | None = None) -> PruneReport:
+    """Write the pruned shapes into the model's config (when anything was pruned) and build the report."""
+    settings = run.settings
+    if any(b.attention.solved or b.mlp.solved for b in reports):
+        update_model_config(run.model, run.spec, n_rep=settings.n_rep, head_dim=settings.head_dim,
+                            osscar_config=run.config)
+    return build_report(run, reports, count_parameters(run.model), activations)
+
+
+def build_report(run: PruneRun, reports: list[BlockReport], params_after: int,
+                 activations: dict[str, Any] | None = None) -> PruneReport:
+    config, windows = run.config, run.windows
+    calibration = ({"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                    "tokens": int(windows.numel())} if windows is not None else {"num_samples": 0, "seq_len": 0,
+                                                                                  "tokens": 0})
+    return PruneReport(
+        model_type=run.model.config.model_type,
+        config=config.to_dict() | {"dataset": describe_dataset(config.dataset, config.text_column)},
+        calibration=calibration,
+        parameters_before=run.params_before,
+        parameters_after=params_after,
+        total_seconds=time.perf_counter() - run.started,
+        blocks=reports,
+        activations=activations,
+        budget=budget_summary(run, reports),
+    )
+
+
+def budget_summary(run: PruneRun, reports: list[BlockReport]) -> dict[str, Any]:
+    """What the plan asked for and what the blocks got: the method, how sizes were chosen, the decoder blocks'
+    parameters and multiply-adds per token before and after."""
+    config, geometries = run.config, run.geometries
+    kept = [(r.attention.kept, r.mlp.kept) for r in reports]
+    dense = [(g.attention_structures, g.mlp_structures) for g in geometries]
+    summary: dict[str, Any] = {"method": config.method, "allocation": _allocation_name(config)}
+    for target in ("params", "flops"):
+        before = sum(g.cost(target, *d) for g, d in zip(geometries, dense))
+        after = sum(g.cost(target, *k) for g, k in zip(geometries, kept))
+        summary[f"block_{target}_before"] = before
+        summary[f"block_{target}_after"] = after
+        summary[f"block_{target}_removed"] = 1.0 - after / before if before else 0.0
+    if config.sparsity is not None:
+        summary.update(sparsity=config.sparsity, sparsity_target=config.sparsity_target)
+    summary["plan_seconds"] = run.plan_seconds
+    return summary
+
+
+def _allocation_name(config: OsscarConfig) -> str:
+    if config.block_sizes is not None:
+        return "explicit"
+    if config.sparsity is None:
+        return "uniform fractions"
+    return config.resolved_allocation()
+
+
+def check_sizes(sizes: list[BlockSize], settings: LoopSettings) -> None:
+    """Refuse sizes outside a block's structure counts (a plan bug or a bad explicit list)."""
+    for i, size in enumerate(sizes):
+        if not (0 <= size.attention <= settings.num_attention_groups and 0 <= size.mlp <= settings.num_neurons):
+            raise OsscarConfigError(f"block {i}: kept sizes {size.to_dict()} outside the block's "
+                                    f"{settings.num_attention_groups} attention structures and "
+                                    f"{settings.num_neurons} neurons")

@@ -1,0 +1,73 @@
+"""The block loop's settings: the method, every block's kept sizes, the geometry and where things run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..arch import ArchSpec
+from ..budgets.sizes import BlockSize
+from ..methods import PruningMethod, SolveSettings, get_method
+
+__all__ = ["LoopSettings", "loop_settings"]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything the block loop needs, resolved from an :class:`~osscar_hf.config.OsscarConfig` and the model.
+
+    ``sizes`` holds one :class:`BlockSize` per decoder block (empty until the budget is planned, see
+    :mod:`osscar_hf.budgets`).
+    """
+
+    method: PruningMethod
+    attention: SolveSettings
+    mlp: SolveSettings
+    num_attention_groups: int
+    n_rep: int
+    head_dim: int
+    num_neurons: int
+    device: torch.device
+    storage_device: torch.device
+    propagate: bool
+    dense_targets: bool
+    activation_storage: str = "memory"     # "auto", "memory" or "disk" (see osscar_hf.activations)
+    activation_dir: str | None = None      # parent folder of the on-disk activations (None: the temp folder)
+    sizes: tuple[BlockSize, ...] = ()
+
+    @property
+    def attention_group_size(self) -> int:
+        """Input channels of the attention output projection per structure."""
+        return self.n_rep * self.head_dim
+
+    @property
+    def dense_size(self) -> BlockSize:
+        return BlockSize(self.num_attention_groups, self.num_neurons)
+
+    def size(self, index: int) -> BlockSize:
+        """The kept sizes of block ``index``."""
+        if not self.sizes:
+            raise RuntimeError("the block sizes are not planned yet")
+        return self.sizes[index]
+
+    def with_sizes(self, sizes: list[BlockSize] | tuple[BlockSize, ...]) -> LoopSettings:
+        return replace(self, sizes=tuple(sizes))
+
+
+def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSettings:
+    """The :class:`LoopSettings` of ``config`` (an OsscarConfig) for a model of ``model_config`` (sizes not set)."""
+    m, n_rep, head_dim = spec.group_geometry(model_config)
+    dtype = config.torch_solver_dtype()
+    iters = config.local_search_iters if config.local_search else 0
+    attention = SolveSettings(step=config.attention_step, swap_size=config.attention_swap_size,
+                              local_search_iters=iters, damping=config.damping, dtype=dtype)
+    mlp = SolveSettings(step=config.mlp_step, swap_size=config.mlp_swap_size, local_search_iters=iters,
+                        damping=config.damping, dtype=dtype)
+    return LoopSettings(
+        method=get_method(config.method), attention=attention, mlp=mlp, num_attention_groups=m, n_rep=n_rep,
+        head_dim=head_dim, num_neurons=spec.ffn_dim(model_config), device=config.resolved_device(),
+        storage_device=torch.device("cpu"), propagate=config.propagate, dense_targets=config.dense_targets,
+        activation_storage=config.activation_storage, activation_dir=config.activation_dir,
+    )
