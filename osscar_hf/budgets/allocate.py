@@ -4,8 +4,9 @@ summed damage is smallest.
 Each (block, part) brings a damage curve: damage at each allowed kept size (0 when dense, non-decreasing as
 structures are removed). Removals are taken greedily by damage per unit of cost along each curve's lower convex
 hull (the Lagrangian solution of the knapsack, exact when the curves are convex), one structure (or ``round_to``
-neurons) at a time, until the removed cost reaches the target; neurons are then given back where that costs
-least, so the result lands within one neuron (or rounding unit) of the target.
+neurons) at a time, until the removed cost reaches the target; a step that would overshoot the target is left for
+single steps that still fit, so the result lands within one step of the smallest kind (a neuron, or ``round_to``
+of them) of the target.
 """
 
 from __future__ import annotations
@@ -44,61 +45,62 @@ def _best_segment(curve: PartCurve, at: int) -> tuple[float, int] | None:
 
 def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, float] | None = None
              ) -> dict[tuple[int, str], int]:
-    """Kept size of every (block, part), removing at least ``remove`` cost in total and as little damage as the
-    greedy hull walk finds. ``block_floors``: per block, the most cost its parts may lose together."""
-    position = {id(c): 0 for c in curves}
+    """Kept size of every (block, part), removing at least ``remove`` cost in total (and less than one more step of
+    the cheapest kind) with as little damage as the greedy hull walk finds. ``block_floors``: per block, the most
+    cost its parts may lose together. Raises ``ValueError`` when the curves cannot remove ``remove``."""
+    position = [0] * len(curves)
     lost = {c.block: 0.0 for c in curves}
     floors = block_floors or {}
+
+    def step_cost(i: int) -> float | None:
+        """Cost of curve i's next single step, or None at its end or its block's floor."""
+        curve, at = curves[i], position[i]
+        if at + 1 >= len(curve.sizes):
+            return None
+        cost = (curve.sizes[at] - curve.sizes[at + 1]) * curve.unit
+        floor = floors.get(curve.block)
+        return None if floor is not None and lost[curve.block] + cost > floor + 1e-9 else cost
+
+    def take(i: int, cost: float) -> None:
+        position[i] += 1
+        lost[curves[i].block] += cost
+
+    # Phase 1: hull segments by damage per unit of cost, as long as a step does not overshoot the target.
     heap: list[tuple[float, int, int]] = []
-    by_id = {id(c): c for c in curves}
-    order = {id(c): i for i, c in enumerate(curves)}  # ties: the first curve, for reproducible results
-
-    def push(curve: PartCurve) -> None:
-        segment = _best_segment(curve, position[id(curve)])
+    for i, curve in enumerate(curves):
+        segment = _best_segment(curve, 0)
         if segment is not None:
-            heapq.heappush(heap, (segment[0], order[id(curve)], segment[1]))
-
-    for curve in curves:
-        push(curve)
+            heapq.heappush(heap, (segment[0], i, segment[1]))
     removed = 0.0
-    while removed < remove and heap:
-        _, index, end = heapq.heappop(heap)
-        curve = curves[index]
-        blocked = False
-        # Walk the segment one allowed size at a time: stop at the target or at the block's floor.
-        for j in range(position[id(curve)] + 1, end + 1):
-            step = (curve.sizes[j - 1] - curve.sizes[j]) * curve.unit
-            floor = floors.get(curve.block)
-            if floor is not None and lost[curve.block] + step > floor + 1e-9:
-                blocked = True
+    while heap:
+        _, i, end = heapq.heappop(heap)
+        stopped = False
+        while position[i] < end:
+            cost = step_cost(i)
+            if cost is None or removed + cost > remove:
+                stopped = True
                 break
-            position[id(curve)] = j
-            lost[curve.block] += step
-            removed += step
-            if removed >= remove:
-                break
-        if not blocked:
-            push(curve)
-    _give_back(curves, position, removed - remove)
-    return {(c.block, c.part): c.sizes[position[id(c)]] for c in by_id.values()}
+            take(i, cost)
+            removed += cost
+        if not stopped:
+            segment = _best_segment(curves[i], position[i])
+            if segment is not None:
+                heapq.heappush(heap, (segment[0], i, segment[1]))
+    # Phase 2: single steps that still fit, by damage per unit; then the smallest step that reaches the target.
+    while removed < remove:
+        options = [(i, cost) for i in range(len(curves)) if (cost := step_cost(i)) is not None]
+        if not options:
+            raise ValueError(f"the allowed sizes can remove at most {removed:.6g} of the {remove:.6g} asked for")
+        fitting = [(i, cost) for i, cost in options if removed + cost <= remove]
+        if fitting:
+            i, cost = min(fitting, key=lambda o: (_step_slope(curves[o[0]], position[o[0]]), o[0]))
+        else:
+            i, cost = min(options, key=lambda o: (o[1], _step_slope(curves[o[0]], position[o[0]]), o[0]))
+        take(i, cost)
+        removed += cost
+    return {(c.block, c.part): c.sizes[position[i]] for i, c in enumerate(curves)}
 
 
-def _give_back(curves: list[PartCurve], position: dict[int, int], excess: float) -> None:
-    """Undo removals (the most damaging per unit of cost first) while the excess over the target allows a whole one."""
-    while excess > 0:
-        best = None
-        for curve in curves:
-            at = position[id(curve)]
-            if at == 0:
-                continue
-            step = (curve.sizes[at - 1] - curve.sizes[at]) * curve.unit
-            if step > excess + 1e-9:
-                continue
-            saving = (curve.damage[at] - curve.damage[at - 1]) / step
-            if best is None or saving > best[0]:
-                best = (saving, curve, step)
-        if best is None:
-            return
-        _, curve, step = best
-        position[id(curve)] -= 1
-        excess -= step
+def _step_slope(curve: PartCurve, at: int) -> float:
+    removed = (curve.sizes[at] - curve.sizes[at + 1]) * curve.unit
+    return (curve.damage[at + 1] - curve.damage[at]) / removed

@@ -36,12 +36,12 @@ def uses_global_allocation(config: Any) -> bool:
 
 
 def round_neurons(kept: int, full: int, round_to: int) -> int:
-    """``kept`` rounded to the nearest multiple of ``round_to`` (halves up), never above ``full``; ``full`` itself
-    is always allowed."""
+    """``kept`` rounded to the nearest allowed count: a multiple of ``round_to`` (halves up) or ``full`` itself, never
+    above ``full``."""
     if round_to <= 1 or kept >= full:
         return min(kept, full)
     rounded = int(math.floor(kept / round_to + 0.5)) * round_to
-    return full if rounded >= full else rounded
+    return full if rounded >= full or full - kept < abs(kept - rounded) else rounded
 
 
 def part_floor(structures: int, fraction: float, round_to: int = 1) -> int:

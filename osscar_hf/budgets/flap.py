@@ -1,0 +1,49 @@
+"""FLAP's own global allocation (An et al., AAAI 2024, "adaptive structure search"): the fluctuation scores of
+every layer are standardised within the layer (zero mean, unit standard deviation over its input channels), each
+structure gets the mean standardised score of its channels, and all structures of all blocks and both parts are
+ranked together; the highest are kept, each costing its parameters (or multiply-adds), until the kept cost reaches
+the target."""
+
+from __future__ import annotations
+
+import torch
+
+from .geometry import BlockGeometry
+from .sizes import BlockSize
+
+__all__ = ["flap_sizes", "standardised_structure_scores"]
+
+
+def standardised_structure_scores(channel_scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per structure: the mean of its channels' scores after standardising them over the layer."""
+    scores = channel_scores.double()
+    std = scores.std() if scores.numel() > 1 else scores.new_tensor(0.0)
+    standard = (scores - scores.mean()) / std if float(std) > 0 else torch.zeros_like(scores)
+    return standard.reshape(-1, group_size).mean(1)
+
+
+def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[BlockGeometry], *, sparsity: float,
+               target: str, floors: list[tuple[int, int]]) -> list[BlockSize]:
+    """Kept sizes from FLAP's global ranking. ``scores[(block, part)]``: standardised structure scores;
+    ``floors[block]``: the fewest (attention, mlp) structures a block keeps."""
+    total = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
+    fixed = sum(g.cost(target, 0, 0) for g in geometries)
+    budget = (1.0 - sparsity) * total - fixed
+    entries: list[tuple[float, int, int, str, float]] = []  # (-score, block, order, part, cost)
+    kept = {}
+    for block, geometry in enumerate(geometries):
+        units = geometry.unit_costs(target)
+        for part, floor in zip(("attention", "mlp"), floors[block]):
+            part_scores = scores[(block, part)]
+            order = torch.sort(part_scores, descending=True, stable=True).indices.tolist()
+            kept[(block, part)] = floor
+            budget -= floor * units[part]  # the floor is kept whatever its score
+            for rank in range(floor, len(order)):
+                entries.append((-float(part_scores[order[rank]]), block, rank, part, units[part]))
+    entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+    for _, block, _, part, cost in entries:
+        if cost > budget + 1e-9:
+            continue
+        budget -= cost
+        kept[(block, part)] += 1
+    return [BlockSize(kept[(b, "attention")], kept[(b, "mlp")]) for b in range(len(geometries))]

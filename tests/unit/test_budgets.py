@@ -1,0 +1,184 @@
+"""Budgets: the blocks' costs, uniform and explicit plans, rounding, floors and the global allocator."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from osscar_hf.arch import get_spec
+from osscar_hf.budgets import (
+    BlockSize,
+    PartCurve,
+    allocate,
+    allowed_sizes,
+    block_geometries,
+    check_budget,
+    part_floor,
+    plan_fixed_sizes,
+    round_neurons,
+)
+from osscar_hf.budgets.flap import flap_sizes, standardised_structure_scores
+from osscar_hf.config import OsscarConfig
+from osscar_hf.errors import OsscarConfigError
+from osscar_hf.pipeline import PARTS, block_consumers
+from osscar_hf.surgery import prune_attention, prune_mlp
+from tests.conftest import make_model
+
+
+def _block_params(model) -> int:
+    spec = get_spec(model)
+    return sum(p.numel() for p in model.get_submodule(spec.blocks).parameters())
+
+
+# --------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("kind", ["opt", "llama-gqa", "qwen2"])
+def test_geometry_counts_every_parameter_a_structure_takes_with_it(kind):
+    """Removing structures removes exactly the geometry's per-structure parameters."""
+    import torch
+
+    model = make_model(kind)
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    (g0, *_), total = block_geometries(model, spec, seq_len=64), _block_params(model)
+    assert sum(g.params(g.attention_structures, g.mlp_structures) for g in block_geometries(model, spec, seq_len=64)) \
+        == total
+    block = model.get_submodule(spec.blocks)[0]
+    prune_attention(block, spec, torch.tensor([0]), n_rep=n_rep, head_dim=head_dim, num_groups=m)
+    prune_mlp(block, spec, torch.arange(10))
+    assert _block_params(model) == total - (m - 1) * g0.attention_params - (g0.mlp_structures - 10) * g0.mlp_params
+
+
+def test_geometry_flops_include_the_attention_scores_of_the_context():
+    model = make_model("llama-gqa")
+    spec = get_spec(model)
+    short, long = block_geometries(model, spec, seq_len=15)[0], block_geometries(model, spec, seq_len=63)[0]
+    # 2 query heads of head_dim 8 per KV group: scores and values cost 2 * 16 * context per token.
+    assert long.attention_flops - short.attention_flops == 2 * 16 * (32 - 8)
+    assert long.mlp_flops == short.mlp_flops == 3 * 32
+    assert short.flops(0, 0) == 0
+
+
+def test_geometry_with_biases_counts_the_biases_a_method_adds():
+    model = make_model("llama-gqa")
+    spec = get_spec(model)
+    plain, biased = block_geometries(model, spec, seq_len=8)[0], block_geometries(model, spec, seq_len=8,
+                                                                                 with_biases=True)[0]
+    assert biased.mlp_params == plain.mlp_params + 2  # gate and up rows' biases
+    assert biased.attention_params == plain.attention_params + 2 * 8 + 2 * 8  # q rows (2 heads) + k and v rows
+    assert biased.fixed_params == plain.fixed_params + 32 + 32  # o_proj and down_proj biases
+
+
+# --------------------------------------------------------------------------- rounding and floors
+def test_round_neurons():
+    assert [round_neurons(k, 100, 8) for k in (0, 3, 4, 12, 96, 99, 100)] == [0, 0, 8, 16, 96, 100, 100]
+    assert round_neurons(37, 48, 1) == 37
+
+
+def test_part_floor_and_allowed_sizes():
+    assert part_floor(3, 0.05) == 1 and part_floor(3, 0.0) == 0 and part_floor(48, 0.1, 8) == 8
+    assert allowed_sizes(5, 2) == [5, 4, 3, 2]
+    assert allowed_sizes(20, 0, 8) == [20, 16, 8, 0]
+
+
+# --------------------------------------------------------------------------- fixed plans
+def test_uniform_fractions_give_every_block_the_paper_sizes():
+    model = make_model("llama-gqa")
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    sizes = plan_fixed_sizes(OsscarConfig(0.5, 0.25), geometries)
+    assert sizes == [BlockSize(1, 36)] * 2
+    assert plan_fixed_sizes(OsscarConfig(0.5, 0.25, round_to=8), geometries) == [BlockSize(1, 40)] * 2
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5])
+def test_uniform_budget_meets_the_target_within_one_neuron_per_block(sparsity, target):
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    sizes = plan_fixed_sizes(OsscarConfig(sparsity=sparsity, allocation="uniform", sparsity_target=target),
+                             geometries)
+    assert len(set(sizes)) == 1
+    dense = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
+    kept = sum(g.cost(target, s.attention, s.mlp) for g, s in zip(geometries, sizes))
+    assert abs(kept - (1 - sparsity) * dense) <= sum(g.unit_costs(target)["mlp"] for g in geometries) / 2 + 1e-6
+
+
+def test_explicit_sizes_are_used_as_given_and_checked():
+    model = make_model("llama-gqa")
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    given = [{"attention": 2, "mlp": 48}, {"attention": 0, "mlp": 5}]
+    assert plan_fixed_sizes(OsscarConfig(block_sizes=given), geometries) == [BlockSize(2, 48), BlockSize(0, 5)]
+    with pytest.raises(OsscarConfigError, match="block_sizes has 1 entries but the model has 2 decoder blocks"):
+        plan_fixed_sizes(OsscarConfig(block_sizes=given[:1]), geometries)
+    with pytest.raises(OsscarConfigError, match=r"block_sizes\[1\]\['attention'\] = 3 but block 1 has only 2"):
+        plan_fixed_sizes(OsscarConfig(block_sizes=[given[0], {"attention": 3, "mlp": 5}]), geometries)
+    with pytest.raises(OsscarConfigError, match=r"block_sizes\[1\]\['mlp'\] = 5 is not a multiple of round_to=8"):
+        plan_fixed_sizes(OsscarConfig(block_sizes=given, round_to=8), geometries)
+
+
+def test_a_budget_the_floors_forbid_is_refused():
+    model = make_model("llama-gqa")
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    with pytest.raises(OsscarConfigError, match=r"sparsity=0\.9 asks to remove .* allow at most .* lower the floors"):
+        check_budget(OsscarConfig(sparsity=0.9, min_block_keep=0.5), geometries)
+    check_budget(OsscarConfig(sparsity=0.9, min_block_keep=0.0, min_part_keep=0.0), geometries)
+
+
+# --------------------------------------------------------------------------- the allocator
+def _brute_force(curves, remove):
+    best = None
+    for choice in itertools.product(*[range(len(c.sizes)) for c in curves]):
+        removed = sum((c.sizes[0] - c.sizes[i]) * c.unit for c, i in zip(curves, choice))
+        if removed < remove:
+            continue
+        damage = sum(c.damage[i] for c, i in zip(curves, choice))
+        if best is None or (damage, removed) < best[:2]:
+            best = (damage, removed, choice)
+    return best
+
+
+def test_allocate_matches_brute_force_on_convex_curves():
+    curves = [
+        PartCurve(0, "attention", [3, 2, 1, 0], [0.0, 1.0, 3.0, 9.0], 10.0),
+        PartCurve(0, "mlp", [6, 5, 4, 3, 2, 1, 0], [0.0, 0.1, 0.3, 0.6, 1.0, 2.0, 4.0], 2.0),
+        PartCurve(1, "attention", [3, 2, 1, 0], [0.0, 0.2, 0.5, 5.0], 10.0),
+        PartCurve(1, "mlp", [6, 5, 4, 3, 2, 1, 0], [0.0, 0.5, 1.1, 1.8, 2.6, 3.5, 4.5], 2.0),
+    ]
+    for remove in (4.0, 10.0, 24.0, 30.0, 41.0):
+        kept = allocate(curves, remove)
+        removed = sum((c.sizes[0] - kept[(c.block, c.part)]) * c.unit for c in curves)
+        damage = sum(c.damage[c.sizes.index(kept[(c.block, c.part)])] for c in curves)
+        best_damage, _, _ = _brute_force(curves, remove)
+        assert removed >= remove and removed - remove < 2.0  # within one neuron (unit 2) of the target
+        assert damage <= best_damage + 1.0 + 1e-9  # the greedy hull walk, off by at most the last step's damage
+
+
+def test_allocate_spends_on_the_cheapest_part_and_respects_block_floors():
+    cheap = PartCurve(0, "mlp", [4, 3, 2, 1, 0], [0.0, 0.01, 0.02, 0.03, 0.04], 1.0)
+    dear = PartCurve(1, "mlp", [4, 3, 2, 1, 0], [0.0, 1.0, 2.0, 3.0, 4.0], 1.0)
+    assert allocate([cheap, dear], 3.0) == {(0, "mlp"): 1, (1, "mlp"): 4}
+    assert allocate([cheap, dear], 3.0, block_floors={0: 2.0}) == {(0, "mlp"): 2, (1, "mlp"): 3}
+
+
+# --------------------------------------------------------------------------- FLAP's allocation
+def test_flap_standardises_within_a_layer_and_ranks_globally():
+    import torch
+
+    scores = standardised_structure_scores(torch.tensor([1.0, 2.0, 3.0, 10.0]), 2)
+    assert scores.shape == (2,) and float(scores.sum()) == pytest.approx(0.0, abs=1e-12) and scores[1] > scores[0]
+    model = make_model("llama-gqa")
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    ranked = {(b, p): torch.linspace(-1, 1, g.attention_structures if p == "attention" else g.mlp_structures)
+              .flip(0) + (1.0 if b == 0 else 0.0) for b, g in enumerate(geometries) for p in PARTS}
+    sizes = flap_sizes(ranked, geometries, sparsity=0.4, target="params", floors=[(0, 0), (0, 0)])
+    kept = sum(g.params(s.attention, s.mlp) for g, s in zip(geometries, sizes))
+    dense = sum(g.params(g.attention_structures, g.mlp_structures) for g in geometries)
+    assert kept <= 0.6 * dense and 0.6 * dense - kept < geometries[0].mlp_params  # within one neuron
+    assert sizes[0].mlp > sizes[1].mlp  # block 0 scores higher everywhere: it keeps more
+
+
+def test_block_consumers_are_the_two_output_projections():
+    model = make_model("opt")
+    block = model.get_submodule(get_spec(model).blocks)[0]
+    consumers = block_consumers(block, get_spec(model))
+    assert consumers["attention"] is block.self_attn.out_proj and consumers["mlp"] is block.fc2
