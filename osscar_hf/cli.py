@@ -1,6 +1,7 @@
 """The ``osscar-hf`` command line (also ``python -m osscar_hf``).
 
-    osscar-hf prune MODEL --attention-sparsity F --mlp-sparsity F --dataset DATA --output DIR [--eval wikitext2]
+    osscar-hf prune MODEL (--sparsity F | --attention-sparsity F --mlp-sparsity F | --block-sizes JSON)
+                    --dataset DATA --output DIR [--method NAME] [--eval wikitext2]
                     [--format auto|stock|osscar|remote-code]
     osscar-hf eval DIR_OR_ID --dataset wikitext2|PATH [--seq-len N --max-windows N --stride N]
     osscar-hf push DIR REPO [--private] [--token TOKEN]
@@ -60,6 +61,23 @@ def sparsity(text: str) -> float:
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"invalid sparsity {text!r}: must be in [0, 1)")
     return value
+
+
+def unit_fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number in [0, 1]")
+    return value
+
+
+def method_choices() -> list[str]:
+    from osscar_hf.methods import method_names
+
+    return method_names()
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -310,12 +328,37 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="the dense model: a local folder or a Hub model id")
-    parser.add_argument("--attention-sparsity", type=sparsity, required=True, metavar="F",
-                        help="fraction of attention heads / KV groups removed per block, in [0, 1)")
-    parser.add_argument("--mlp-sparsity", type=sparsity, required=True, metavar="F",
-                        help="fraction of FFN neurons removed per block, in [0, 1)")
-    parser.add_argument("--dataset", required=True, metavar="DATASET",
-                        help="calibration data: a .txt/.jsonl/.parquet file, or c4, wikitext2, ptb (from the Hub)")
+    sizes = parser.add_argument_group(
+        "how much to remove (one of: --sparsity; --attention-sparsity with --mlp-sparsity; --block-sizes)")
+    sizes.add_argument("--sparsity", type=sparsity, default=None, metavar="F",
+                       help="fraction of the decoder blocks' parameters (or --sparsity-target flops) to remove in "
+                       "total; osscar_hf chooses every block's sizes (see --allocation)")
+    sizes.add_argument("--attention-sparsity", type=sparsity, default=None, metavar="F",
+                       help="fraction of attention heads / KV groups removed in every block, in [0, 1)")
+    sizes.add_argument("--mlp-sparsity", type=sparsity, default=None, metavar="F",
+                       help="fraction of FFN neurons removed in every block, in [0, 1)")
+    sizes.add_argument("--block-sizes", type=Path, default=None, metavar="JSON",
+                       help='a JSON file with your own allocation: [{"attention": kept, "mlp": kept}, ...], one '
+                       "entry per decoder block")
+    sizes.add_argument("--sparsity-target", choices=("params", "flops"), default="params",
+                       help="what --sparsity counts: parameters (default) or multiply-adds per token at --seq-len")
+    sizes.add_argument("--allocation", choices=("auto", "global", "uniform"), default="auto",
+                       help="how --sparsity is spent: global (per-block sizes from damage measured on held-out "
+                       "calibration windows), uniform (the same fraction in every block), auto (default: global for "
+                       "methods that have an allocation, else uniform)")
+    sizes.add_argument("--round-to", type=positive_int, default=1, metavar="N",
+                       help="kept neuron counts are multiples of N (or the full width), e.g. 64 or 128 for GPUs")
+    sizes.add_argument("--min-part-keep", type=unit_fraction, default=None, metavar="F",
+                       help="with a global allocation: fraction of each block's attention structures and neurons "
+                       "always kept (0 lets a block lose its whole attention or MLP)")
+    sizes.add_argument("--min-block-keep", type=unit_fraction, default=None, metavar="F",
+                       help="with a global allocation: fraction of every block's parameters always kept")
+    parser.add_argument("--method", choices=method_choices(), default="osscar",
+                        help="how structures are chosen: osscar (default), obs_greedy, magnitude, wanda_sp, flap "
+                        "(see the docs: every method runs in the same pipeline)")
+    parser.add_argument("--dataset", default=None, metavar="DATASET",
+                        help="calibration data: a .txt/.jsonl/.parquet file, or c4, wikitext2, ptb (from the Hub); "
+                        "needed by every method but magnitude")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR",
                         help="folder to write the pruned model to (must be empty or absent unless --overwrite)")
     parser.add_argument("--text-column", default="text", metavar="NAME",
@@ -367,7 +410,48 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--delete-downloaded-shards", action="store_true",
                         help="with --stream and a Hub id: delete each shard this run downloaded from the Hub cache "
                              "once its blocks are done (files cached before the run are kept)")
-    parser.set_defaults(handler=run_prune_command)
+    parser.set_defaults(handler=run_prune_command, validate=lambda args: _check_prune_arguments(parser, args))
+
+
+def _check_prune_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say alone: exactly one way of giving the sizes, and calibration data when needed."""
+    uniform = (args.attention_sparsity, args.mlp_sparsity)
+    given = [name for name, used in (("--sparsity", args.sparsity is not None),
+                                     ("--attention-sparsity/--mlp-sparsity", any(v is not None for v in uniform)),
+                                     ("--block-sizes", args.block_sizes is not None)) if used]
+    if len(given) != 1:
+        parser.error("give exactly one of --sparsity, --attention-sparsity with --mlp-sparsity, or --block-sizes"
+                     + (f" (got {' and '.join(given)})" if given else ""))
+    if given[0].startswith("--attention") and None in uniform:
+        parser.error(f"{'--attention-sparsity' if uniform[0] is None else '--mlp-sparsity'} is required with "
+                     f"{'--mlp-sparsity' if uniform[0] is None else '--attention-sparsity'}")
+    if args.sparsity is None and args.allocation != "auto":
+        parser.error("--allocation applies to --sparsity")
+    if args.dataset is None and args.method != "magnitude":
+        parser.error(f"--dataset is required: method {args.method} calibrates on data")
+
+
+def _read_block_sizes(path: Path) -> list[dict[str, int]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read --block-sizes {str(path)!r}: {exc}") from None
+    return data
+
+
+def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The OsscarConfig fields of the size options that were given."""
+    options: dict[str, Any] = {"method": args.method, "round_to": args.round_to}
+    if args.sparsity is not None:
+        options.update(sparsity=args.sparsity, sparsity_target=args.sparsity_target, allocation=args.allocation)
+        for name in ("min_part_keep", "min_block_keep"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
+    elif args.block_sizes is not None:
+        options["block_sizes"] = _read_block_sizes(args.block_sizes)
+    else:
+        options.update(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity)
+    return options
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
@@ -392,10 +476,9 @@ def run_prune_command(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         _check_repo_id(args.push_to_hub)
     config = OsscarConfig(
-        attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=args.dataset,
-        text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
-        activation_dir=args.activation_dir,
+        dataset=args.dataset, text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len,
+        seed=args.seed, device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
+        activation_dir=args.activation_dir, **_budget_options(args),
     )
     # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
     map_large_allocations()
@@ -599,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits with 2 on bad arguments)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "validate", None) is not None:
+        args.validate(args)  # exits 2, as argparse does, naming the options
     handler: Handler = args.handler
     try:
         with _package_logging(args.log_level):

@@ -34,7 +34,7 @@ def partial_folder(target: Path) -> Path:
     return target.parent / f".{target.name}.osscar-partial"
 
 
-def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: OsscarPruner, windows: torch.Tensor,
+def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: OsscarPruner, windows: torch.Tensor | None,
                  device: torch.device) -> dict[str, Any]:
     """Everything the output depends on: a partial run resumes only when all of it is unchanged.
 
@@ -55,8 +55,8 @@ def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: Ossc
     return json.loads(json.dumps({
         **files.fingerprint(names),
         "config": settings | {"dataset": describe_dataset(cfg.dataset, cfg.text_column)},
-        "calibration": {"shape": list(windows.shape),
-                        "sha256": hashlib.sha256(windows.contiguous().cpu().numpy().tobytes()).hexdigest()},
+        "calibration": None if windows is None else {
+            "shape": list(windows.shape), "sha256": hashlib.sha256(windows.contiguous().cpu().numpy().tobytes()).hexdigest()},
         # Another GPU model may round differently, so the output would not be the uninterrupted run's.
         "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
         "dtype": None if reader.dtype is None else str(reader.dtype).removeprefix("torch."),  # None: as stored

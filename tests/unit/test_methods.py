@@ -1,0 +1,126 @@
+"""Pruning methods: the registry, and each method's selection against its definition on small problems."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from osscar_hf.errors import OsscarConfigError
+from osscar_hf.methods import (
+    LayerProblem,
+    LayerStatistics,
+    PruningMethod,
+    Selection,
+    SolveSettings,
+    get_method,
+    method_names,
+    register_method,
+)
+from osscar_hf.solver import accumulate_gram, new_gram
+
+SOLVE = SolveSettings(step=1, swap_size=1, local_search_iters=5, damping=1e-3, dtype=torch.float64)
+
+
+def _problem(group_size: int = 1, num_keep: int = 3, p: int = 6, q: int = 4, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, p, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, p, dtype=torch.float64)
+    X = X + torch.linspace(-1, 1, p, dtype=torch.float64)  # non-zero means
+    W = torch.randn(q, p, generator=g, dtype=torch.float64)
+    H = new_gram(p)
+    accumulate_gram(H, 0, X.float())
+    stats = LayerStatistics(gram=H, mean=X.mean(0), mean_square=X.pow(2).mean(0), tokens=200)
+    return X, W, LayerProblem(weight=W, bias=None, group_size=group_size, num_keep=num_keep, statistics=stats,
+                              solve=SOLVE)
+
+
+def test_registry_lists_every_method_and_refuses_unknown_ones():
+    assert method_names()[:5] == ["osscar", "obs_greedy", "magnitude", "wanda_sp", "flap"]
+    with pytest.raises(OsscarConfigError, match=r"method must be one of \['osscar', .*'flap'.*got 'nope'"):
+        get_method("nope")
+
+
+def test_a_new_method_is_one_class():
+    class KeepFirst(PruningMethod):
+        name = "keep_first_for_test"
+        description = "keeps the first structures"
+
+        def select(self, problem: LayerProblem) -> Selection:
+            return Selection(torch.arange(problem.num_keep))
+
+    register_method(KeepFirst)
+    try:
+        assert isinstance(get_method("keep_first_for_test"), KeepFirst)
+        with pytest.raises(ValueError, match="already registered"):
+            register_method(type("Other", (KeepFirst,), {}))
+    finally:
+        from osscar_hf import methods
+
+        methods._METHODS.pop("keep_first_for_test")
+
+
+def _best_by(scores: torch.Tensor, k: int) -> set[int]:
+    return {int(i) for i in torch.topk(scores, k).indices}
+
+
+def test_magnitude_keeps_the_largest_consumer_columns():
+    _, W, problem = _problem(group_size=2)
+    kept = get_method("magnitude").select(problem)
+    norms = W.pow(2).sum(0).reshape(3, 2).sum(1)
+    assert set(kept.kept_groups.tolist()) == _best_by(norms, 3) and kept.weight is None and kept.bias is None
+
+
+def test_wanda_sp_weighs_columns_by_the_input_norm():
+    X, W, problem = _problem()
+    kept = get_method("wanda_sp").select(problem)
+    scores = (W.abs() * X.pow(2).mean(0).sqrt()).sum(0)
+    assert set(kept.kept_groups.tolist()) == _best_by(scores, 3) and kept.weight is None
+
+
+def test_flap_keeps_high_fluctuation_and_compensates_the_mean():
+    X, W, problem = _problem()
+    problem.bias = torch.full((W.shape[0],), 0.5, dtype=torch.float64)
+    chosen = get_method("flap").select(problem)
+    fluctuation = X.var(0, unbiased=False) * W.pow(2).sum(0)
+    kept = chosen.kept_groups.tolist()
+    assert set(kept) == _best_by(fluctuation, 3) and chosen.weight is None
+    pruned = [i for i in range(6) if i not in kept]
+    # The output keeps its mean: bias + W_pruned E[x_pruned] is what the pruned channels gave on average.
+    compensated = X[:, kept] @ W[:, kept].T + chosen.bias
+    torch.testing.assert_close(compensated.mean(0), (X @ W.T + 0.5).mean(0))
+    torch.testing.assert_close(chosen.bias, 0.5 + W[:, pruned] @ X[:, pruned].mean(0))
+
+
+def _refit_error(X: torch.Tensor, W: torch.Tensor, kept: list[int]) -> float:
+    Xs = X[:, kept]
+    Ws = torch.linalg.lstsq(Xs, X @ W.T).solution
+    return float((Xs @ Ws - X @ W.T).pow(2).sum())
+
+
+@pytest.mark.parametrize("name", ["osscar", "obs_greedy"])
+def test_gram_methods_refit_and_find_the_best_support_on_a_small_problem(name):
+    X, W, problem = _problem(num_keep=3)
+    chosen = get_method(name).select(problem)
+    kept = chosen.kept_groups.tolist()
+    errors = {c: _refit_error(X.float().double(), W, list(c)) for c in itertools.combinations(range(6), 3)}
+    assert _refit_error(X.float().double(), W, kept) <= min(errors.values()) * 1.05
+    assert chosen.weight.shape == (4, 3)
+    assert chosen.report["objective"] <= chosen.report["objective_stage_a"] + 1e-9
+
+
+def test_obs_greedy_is_step_one_without_local_search(monkeypatch):
+    import osscar_hf.methods.osscar as module
+
+    seen = {}
+    real = module.solve_layer
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "solve_layer", spy)
+    get_method("obs_greedy").select(_problem()[2])
+    assert (seen["step"], seen["local_search_iters"]) == (1, 0)
+    get_method("osscar").select(_problem()[2])
+    assert (seen["step"], seen["local_search_iters"]) == (SOLVE.step, SOLVE.local_search_iters)
