@@ -33,6 +33,7 @@ from . import __version__
 from .config import OsscarConfig
 from .errors import OsscarError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
+from .methods import get_method
 from .report import PruneReport
 
 __all__ = ["CHECKPOINT_FORMATS", "TAGS", "CardError", "build_model_card", "template_path"]
@@ -128,7 +129,8 @@ def build_model_card(
 
     repo_name = repo_id.split("/")[-1] if repo_id else None
     base_name = base_model.split("/")[-1] if base_model else None
-    name = model_name or repo_name or (f"{base_name} pruned with OSSCAR" if base_name else "OSSCAR-pruned model")
+    label = "OSSCAR" if config.method == "osscar" else f"osscar_hf ({config.method})"
+    name = model_name or repo_name or (f"{base_name} pruned with {label}" if base_name else f"model pruned with {label}")
     evaluation, eval_entries = _evaluation(eval_results)
 
     dataset_field = config.dataset
@@ -149,6 +151,9 @@ def build_model_card(
     mlp_total = sum(b.mlp.structures for b in report.blocks)
     mlp_kept = sum(b.mlp.kept for b in report.blocks)
     removed = report.parameters_before - report.parameters_after
+    budget = report.budget or {}
+    before = int(budget.get("block_params_before", 0))
+    after = int(budget.get("block_params_after", 0))
     calibration = report.calibration
     kwargs = dict(
         model_name=name,
@@ -164,8 +169,12 @@ def build_model_card(
         parameters_before=f"{report.parameters_before:,}",
         parameters_after=f"{report.parameters_after:,}",
         parameters_removed=f"{removed / report.parameters_before:.1%}" if report.parameters_before else "0%",
-        attention_sparsity=_number(config.attention_sparsity),
-        mlp_sparsity=_number(config.mlp_sparsity),
+        method=config.method,
+        method_description=get_method(config.method).description,
+        sizes_description=_describe_sizes(config, report),
+        block_params_before=f"{before:,}" if before else None,
+        block_params_after=f"{after:,}",
+        block_params_removed=f"{1 - after / before:.1%}" if before else None,
         attention_total=f"{att_total:,}",
         attention_kept=f"{att_kept:,}",
         mlp_total=f"{mlp_total:,}",
@@ -199,7 +208,7 @@ def build_model_card(
 
 # --------------------------------------------------------------------------- helpers
 def _check_consistent(report: PruneReport, config: OsscarConfig) -> None:
-    for key in ("attention_sparsity", "mlp_sparsity", "seed"):
+    for key in ("attention_sparsity", "mlp_sparsity", "sparsity", "method", "seed"):
         if key in report.config and report.config[key] != getattr(config, key):
             raise CardError(
                 f"config.{key} = {getattr(config, key)!r} but the report was made with {report.config[key]!r}: "
@@ -209,6 +218,22 @@ def _check_consistent(report: PruneReport, config: OsscarConfig) -> None:
 
 def _number(value: float) -> str:
     return f"{value:g}"
+
+
+def _describe_sizes(config: OsscarConfig, report: PruneReport) -> str:
+    """How every block's sizes were chosen, in words."""
+    if config.block_sizes is not None:
+        return "every block's kept sizes were given explicitly (see the per-block table)"
+    if config.sparsity is None:
+        return (f"uniform, {_number(config.attention_sparsity)} of the attention {'structures'} and "
+                f"{_number(config.mlp_sparsity)} of the FFN neurons removed in every block")
+    what = "parameters" if config.sparsity_target == "params" else "multiply-adds per token"
+    allocation = (report.budget or {}).get("allocation", config.resolved_allocation())
+    how = {"uniform": "the same fraction in every block",
+           "osscar": "chosen per block and between attention and MLP from damage measured on held-out calibration "
+                     "windows",
+           "flap": "chosen by FLAP's global ranking of standardised fluctuation scores"}.get(allocation, allocation)
+    return f"a global budget, {_number(config.sparsity)} of the decoder blocks' {what} removed, {how}"
 
 
 def _hub_datasets(dataset: Any) -> list[str] | None:
