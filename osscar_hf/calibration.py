@@ -37,7 +37,9 @@ from osscar_hf.errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "load_calibration_tokens"]
+__all__ = [
+    "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "load_calibration_tokens",
+]
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -109,14 +111,37 @@ def build_calibration_windows(
 
     Raises ``CalibrationDataError`` for data that cannot be loaded or is too small.
     """
+    windows, _ = build_window_sets(dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                   held_out=0, text_column=text_column)
+    return windows
+
+
+def build_window_sets(
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    held_out: int,
+    text_column: str = "text",
+) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+    """The calibration windows of :func:`build_calibration_windows` (the same ones) and ``held_out`` more windows of
+    the same data that overlap none of them (None when ``held_out`` is 0): text windows drawn with the same
+    generator after the calibration ones, or rows of pre-tokenized data that calibration did not use.
+
+    Raises ``CalibrationDataError`` when the data is too small for the held-out windows too.
+    """
     num_samples = _check_int("num_samples", num_samples, 1)
     seq_len = _check_int("seq_len", seq_len, 1)
     seed = _check_int("seed", seed, 0)
+    held_out = _check_int("held_out", held_out, 0)
     generator = torch.Generator().manual_seed(seed)
 
     rows = _as_token_rows(dataset)
     if rows is not None:
-        return _windows_from_rows(rows, num_samples=num_samples, seq_len=seq_len, generator=generator)
+        return _windows_from_rows(rows, num_samples=num_samples, seq_len=seq_len, generator=generator,
+                                  held_out=held_out)
 
     texts = _load_texts(dataset, text_column)
     stream = _tokenize(texts, tokenizer)
@@ -136,7 +161,24 @@ def build_calibration_windows(
         n_tokens,
         seed,
     )
-    return windows
+    if not held_out:
+        return windows, None
+    taken = [int(s) for s in starts]
+    chosen: list[int] = []
+    for _ in range(200 * held_out):
+        start = int(torch.randint(0, n_tokens - seq_len + 1, (1,), generator=generator))
+        if all(start + seq_len <= other or start >= other + seq_len for other in taken):
+            chosen.append(start)
+            taken.append(start)
+            if len(chosen) == held_out:
+                break
+    else:
+        raise CalibrationDataError(
+            f"the calibration text ({n_tokens} tokens) is too small for {held_out} held-out windows of {seq_len} "
+            f"tokens that overlap none of the {num_samples} calibration windows: give more text, or fewer "
+            "allocation_samples or num_samples"
+        )
+    return windows, stream[torch.tensor(chosen)[:, None] + offsets[None, :]]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -178,25 +220,36 @@ def _as_token_rows(dataset: Any) -> list[torch.Tensor] | None:
 
 
 def _windows_from_rows(
-    rows: list[torch.Tensor], *, num_samples: int, seq_len: int, generator: torch.Generator
-) -> torch.Tensor:
+    rows: list[torch.Tensor], *, num_samples: int, seq_len: int, generator: torch.Generator, held_out: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     for i, row in enumerate(rows):
         if row.numel() < seq_len:
             raise CalibrationDataError(
                 f"pre-tokenized row {i} has {row.numel()} tokens but seq_len={seq_len}; every row needs at "
                 "least seq_len tokens (longer rows are cut), so use a smaller seq_len or longer rows"
             )
+    order = list(range(len(rows)))
     if len(rows) > num_samples:
-        chosen = torch.randperm(len(rows), generator=generator)[:num_samples].sort().values.tolist()
-        rows = [rows[i] for i in chosen]
-    elif len(rows) < num_samples:
-        logger.warning(
-            "only %d pre-tokenized rows were given for num_samples=%d: using all %d rows",
-            len(rows),
-            num_samples,
-            len(rows),
-        )
-    return torch.stack([row[:seq_len] for row in rows]).to(torch.long)
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        chosen = sorted(order[:num_samples])
+    else:
+        chosen = order
+        if len(rows) < num_samples:
+            logger.warning(
+                "only %d pre-tokenized rows were given for num_samples=%d: using all %d rows",
+                len(rows),
+                num_samples,
+                len(rows),
+            )
+    windows = torch.stack([rows[i][:seq_len] for i in chosen]).to(torch.long)
+    if not held_out:
+        return windows, None
+    rest = sorted(order[num_samples:num_samples + held_out])
+    if len(rest) < held_out:
+        raise CalibrationDataError(
+            f"{len(rows)} pre-tokenized rows leave {len(rest)} for {held_out} held-out windows after the "
+            f"{len(chosen)} calibration rows: give more rows, or fewer allocation_samples or num_samples")
+    return windows, torch.stack([rows[i][:seq_len] for i in rest]).to(torch.long)
 
 
 def _load_texts(dataset: Any, text_column: str) -> list[str]:

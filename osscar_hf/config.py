@@ -354,6 +354,8 @@ class OsscarConfig(QuantizationConfigMixin):
         min_part_keep: a global allocation keeps at least this fraction (rounded up) of each part's structures in
             every block, in [0, 1]; 0 lets a block lose its whole attention or MLP when the budget says so.
         min_block_keep: a global allocation keeps at least this fraction of every block's cost, in [0, 1].
+        allocation_samples: windows of ``seq_len`` tokens of the calibration data, overlapping none of the
+            calibration windows, on which OSSCAR's global allocation measures damage (>= 1; default 8).
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
@@ -410,6 +412,7 @@ class OsscarConfig(QuantizationConfigMixin):
     round_to: int = 1
     min_part_keep: float = 0.05
     min_block_keep: float = 0.2
+    allocation_samples: int = 8
     method: str = "osscar"
     dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
     text_column: str = "text"
@@ -441,7 +444,7 @@ class OsscarConfig(QuantizationConfigMixin):
     # model pruned with the paper's settings records the config that earlier osscar_hf versions wrote and read.
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
-        "method",
+        "allocation_samples", "method",
     )
 
     def __post_init__(self) -> None:
@@ -499,6 +502,7 @@ class OsscarConfig(QuantizationConfigMixin):
         self.round_to = _check_int("round_to", self.round_to, 1)
         self.min_part_keep = _check_unit_interval("min_part_keep", self.min_part_keep)
         self.min_block_keep = _check_unit_interval("min_block_keep", self.min_block_keep)
+        self.allocation_samples = _check_int("allocation_samples", self.allocation_samples, 1)
         uniform = [n for n in ("attention_sparsity", "mlp_sparsity") if getattr(self, n)]
         for name, given in (("sparsity", self.sparsity is not None), ("block_sizes", self.block_sizes is not None)):
             if given and uniform:

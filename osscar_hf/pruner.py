@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .activations import ActivationSpace
 from .arch import ArchSpec, get_spec, get_submodule
-from .calibration import build_calibration_windows
+from .calibration import build_window_sets
 from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .io.save import attach_run, pruning_record
@@ -73,6 +73,12 @@ class OsscarPruner:
 
     def calibration_windows(self, model: nn.Module, tokenizer: Any = None) -> torch.Tensor:
         """The (num_samples x seq_len) token windows this pruner calibrates on."""
+        return self.calibration_window_sets(model, tokenizer)[0]
+
+    def calibration_window_sets(self, model: nn.Module, tokenizer: Any = None, *, held_out: int = 0
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The calibration windows and ``held_out`` more windows of the same data that overlap none of them (None
+        when ``held_out`` is 0), on which a global allocation measures damage."""
         cfg = self.config
         if cfg.dataset is None:
             raise CalibrationDataError(
@@ -82,23 +88,25 @@ class OsscarPruner:
         seq_len = calibration_seq_len(cfg, model.config)
         if seq_len < cfg.seq_len:
             logger.info("seq_len %d capped at the model context %d", cfg.seq_len, seq_len)
-        windows = build_calibration_windows(
+        windows, held = build_window_sets(
             cfg.dataset, tokenizer, num_samples=cfg.num_samples, seq_len=seq_len, seed=cfg.seed,
-            text_column=cfg.text_column,
+            held_out=held_out, text_column=cfg.text_column,
         )
         vocab = model.get_input_embeddings().num_embeddings
-        if int(windows.max()) >= vocab or int(windows.min()) < 0:
-            raise CalibrationDataError(
-                f"calibration token ids span [{int(windows.min())}, {int(windows.max())}] but the model's "
-                f"vocabulary has {vocab} entries: is the tokenizer the model's own?"
-            )
-        return windows
+        for ids in (windows, held):
+            if ids is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+                raise CalibrationDataError(
+                    f"calibration token ids span [{int(ids.min())}, {int(ids.max())}] but the model's "
+                    f"vocabulary has {vocab} entries: is the tokenizer the model's own?"
+                )
+        return windows, held
 
     def prune(self, model: nn.Module, tokenizer: Any = None, *, progress: bool = True) -> nn.Module:
         """Prune ``model`` in place and return it; ``self.report`` records what was done."""
         spec = get_spec(model)
         self._check_model(model, spec)
-        run = start_run(self.config, model, spec, lambda: self.calibration_windows(model, tokenizer))
+        run = start_run(self.config, model, spec,
+                        lambda held_out: self.calibration_window_sets(model, tokenizer, held_out=held_out))
         was_training = model.training
         model.eval()
         source = InMemoryBlocks()

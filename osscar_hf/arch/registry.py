@@ -22,6 +22,7 @@ OPT = ArchSpec(
     config_kv_heads=None,
     config_ffn="ffn_dim",
     config_has_head_dim=False,
+    final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
 )
 
 LLAMA_FAMILY = ArchSpec(
@@ -37,6 +38,7 @@ LLAMA_FAMILY = ArchSpec(
     mlp_consumer="mlp.down_proj",
     module_count_attrs={"mlp.intermediate_size": "ffn"},
     bias_switches={"attention": "attention_bias", "mlp": "mlp_bias"},
+    final_modules=("model.norm", "lm_head"),
 )
 
 _REGISTRY: dict[str, ArchSpec] = {}

@@ -53,6 +53,9 @@ class ArchSpec:
     # what a method that gives the consumers an output bias (FLAP's compensation) sets. A part whose consumer
     # already has a bias needs none; a family without the field cannot take such a method.
     bias_switches: dict[str, str] = field(default_factory=dict)
+    # Modules from the *ForCausalLM model that turn the last block's output into logits, in order (final norm,
+    # projections, LM head); a path whose module is absent or None in a given model is skipped.
+    final_modules: tuple[str, ...] = ("lm_head",)
 
     # -- shapes read from a config --------------------------------------------------------------------
     def num_heads(self, config: Any) -> int:

@@ -16,11 +16,13 @@ from .plan import (
     part_floor,
     plan_fixed_sizes,
     round_neurons,
+    uniform_budget_sizes,
     uses_global_allocation,
 )
 from .sizes import BlockSize
 
 __all__ = [
     "BlockGeometry", "BlockSize", "PartCurve", "allocate", "allowed_sizes", "block_geometries", "check_budget",
-    "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons", "uses_global_allocation",
+    "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons", "uniform_budget_sizes",
+    "uses_global_allocation",
 ]

@@ -26,7 +26,7 @@ from .sizes import BlockSize
 
 __all__ = [
     "allowed_sizes", "check_budget", "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons",
-    "uses_global_allocation",
+    "uniform_budget_sizes", "uses_global_allocation",
 ]
 
 
@@ -89,7 +89,7 @@ def _uniform_fractions(config: Any, geometries: list[BlockGeometry]) -> list[Blo
     return sizes
 
 
-def _uniform_budget(config: Any, geometries: list[BlockGeometry]) -> list[BlockSize]:
+def uniform_budget_sizes(config: Any, geometries: list[BlockGeometry]) -> list[BlockSize]:
     """Same attention fraction everywhere, and the one neuron count (per block) that best meets the target."""
     target = config.sparsity_target
     dense = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
@@ -112,7 +112,7 @@ def plan_fixed_sizes(config: Any, geometries: list[BlockGeometry]) -> list[Block
     if config.sparsity is None:
         return _uniform_fractions(config, geometries)
     if not uses_global_allocation(config):
-        return _uniform_budget(config, geometries)
+        return uniform_budget_sizes(config, geometries)
     return None
 
 

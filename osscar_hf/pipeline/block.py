@@ -27,7 +27,7 @@ from ..surgery import add_part_biases, prune_attention, prune_mlp
 from .settings import LoopSettings
 from .statistics import InputStatistics, input_hooks
 
-__all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device"]
+__all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "propagate_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _accumulate(
     return outputs, next_dense
 
 
-def _propagate(
+def propagate_block(
     block: nn.Module, states: ActivationStore, kwargs: list[dict[str, Any]], device: torch.device,
     storage: torch.device, space: ActivationSpace,
 ) -> ActivationStore:
@@ -184,7 +184,7 @@ def _prune_block(
             chosen = selections["mlp"][0]
             prune_mlp(block, spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
         if settings.propagate:
-            next_states = _propagate(block, states, kwargs, device, storage, space)
+            next_states = propagate_block(block, states, kwargs, device, storage, space)
         else:
             assert dense_outputs is not None
             next_states = dense_outputs
@@ -287,12 +287,12 @@ class BlockStream:
             block.to(device)
             with torch.no_grad():
                 if pruned == settings.propagate:  # the pruned stream's next inputs come from this block
-                    new = _propagate(block, self.states, kwargs, device, storage, self.space)
+                    new = propagate_block(block, self.states, kwargs, device, storage, self.space)
                     if self._next_states is not None:
                         self._next_states.close()
                     self._next_states = new
                 if not pruned and self.dense_states is not None:
-                    new = _propagate(block, self.dense_states, kwargs, device, storage, self.space)
+                    new = propagate_block(block, self.dense_states, kwargs, device, storage, self.space)
                     if self._next_dense is not None:
                         self._next_dense.close()
                     self._next_dense = new

@@ -123,6 +123,13 @@ def _rounded(run: PruneRun, sizes: list[BlockSize]) -> list[BlockSize]:
             for s, g in zip(sizes, run.geometries)]
 
 
+def _osscar(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:
+    from .sensitivity import sensitivity_sizes
+
+    return sensitivity_sizes(run, source, captured, progress=progress)
+
+
 _ALLOCATIONS: dict[str, Callable[[PruneRun, BlockSource, CapturedInputs, bool], list[BlockSize]]] = {
     "flap": _flap,
+    "osscar": _osscar,
 }

@@ -14,6 +14,7 @@ used and writes (and releases) it after.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from .model_config import update_model_config
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
-    "BlockSource", "InMemoryBlocks", "PruneRun", "capture", "finish_run", "plan_sizes", "prune_blocks", "start_run",
+    "BlockSource", "InMemoryBlocks", "PruneRun", "capture", "finish_run", "measures_on_held_out", "plan_sizes",
+    "prune_blocks", "scratch_copy", "start_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,31 @@ class BlockSource(Protocol):
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
         """``block`` has been pruned (``report``): keep it, and drop what :meth:`load` brought in."""
 
+    def keep_scratch(self, index: int, module: nn.Module) -> None:
+        """Keep ``module``, a pruned copy of block ``index`` made while planning, until :meth:`scratch` asks."""
+
+    def scratch(self, index: int) -> nn.Module:
+        """The copy :meth:`keep_scratch` kept, with its weights (released again by :meth:`drop_scratch`)."""
+
+    def drop_scratch(self, index: int, module: nn.Module) -> None:
+        """The planning pass is done with the copy of block ``index``: free it."""
+
+
+def scratch_copy(source: BlockSource, index: int, block: nn.Module) -> nn.Module:
+    """A copy of block ``index`` with its dense weights, which the caller may prune; the block itself is left as it
+    was (in memory: untouched; streamed: released again)."""
+    source.load(index, block)
+    try:
+        return copy.deepcopy(block)
+    finally:
+        source.release(index, block)
+
 
 class InMemoryBlocks:
-    """The blocks of a model held in memory: nothing to load, release or store."""
+    """The blocks of a model held in memory: nothing to load, release or store; scratch copies stay in memory."""
+
+    def __init__(self) -> None:
+        self._scratch: dict[int, nn.Module] = {}
 
     def load(self, index: int, block: nn.Module) -> None:
         pass
@@ -69,6 +93,15 @@ class InMemoryBlocks:
 
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
         pass
+
+    def keep_scratch(self, index: int, module: nn.Module) -> None:
+        self._scratch[index] = module
+
+    def scratch(self, index: int) -> nn.Module:
+        return self._scratch[index]
+
+    def drop_scratch(self, index: int, module: nn.Module) -> None:
+        self._scratch.pop(index, None)
 
 
 @dataclass
@@ -82,6 +115,8 @@ class PruneRun:
     geometries: list[BlockGeometry]
     windows: torch.Tensor | None
     params_before: int
+    held_out: torch.Tensor | None = None  # windows a measured plan measures on (none of them is a calibration one)
+    held_out_inputs: CapturedInputs | None = None  # block 0's inputs for them (see capture)
     started: float = field(default_factory=time.perf_counter)
     plan_seconds: float = 0.0
 
@@ -126,10 +161,11 @@ def calibration_seq_len(config: OsscarConfig, model_config: Any) -> int:
 
 
 def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
-              windows: Callable[[], torch.Tensor]) -> PruneRun:
+              windows: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]) -> PruneRun:
     """Check the config against the model's shapes, resolve the settings and the fixed sizes, then build the
-    calibration windows (``windows()``) if anything needs them. ``model`` may be a meta skeleton; no weight is
-    read here. Raises before any data is read when the budget is impossible or the method does not fit."""
+    calibration windows (``windows(held_out)``: the calibration windows, and ``held_out`` more for a plan that
+    measures on held-out data) if anything needs them. ``model`` may be a meta skeleton; no weight is read here.
+    Raises before any data is read when the budget is impossible or the method does not fit."""
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
@@ -141,18 +177,28 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     run = PruneRun(config=config, model=model, spec=spec, settings=settings, geometries=geometries, windows=None,
                    params_before=count_parameters(model))
     if run.needs_calibration:
-        run.windows = windows()
+        held_out = config.allocation_samples if measures_on_held_out(config) else 0
+        run.windows, run.held_out = windows(held_out)
     else:
         logger.info("method %r needs no calibration data: none is read", config.method)
     return run
 
 
+def measures_on_held_out(config: OsscarConfig) -> bool:
+    """Whether the plan measures damage on held-out windows (OSSCAR's global allocation)."""
+    return config.sparsity is not None and config.resolved_allocation() == "osscar"
+
+
 def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
-    """Block 0's inputs for the calibration windows, into ``space`` (nothing when the run reads no data)."""
+    """Block 0's inputs for the calibration windows, into ``space`` (nothing when the run reads no data); those
+    of the held-out windows go to ``run.held_out_inputs``."""
     if run.windows is None:
         return CapturedInputs(hidden=[], kwargs=[[] for _ in run.blocks])
-    return capture_module.capture_block_inputs(run.model, run.blocks, run.windows, batch_size=run.config.batch_size,
-                                storage_device=run.settings.storage_device, activations=space)
+    options = dict(batch_size=run.config.batch_size, storage_device=run.settings.storage_device, activations=space)
+    captured = capture_module.capture_block_inputs(run.model, run.blocks, run.windows, **options)
+    if run.held_out is not None:  # after the calibration windows, which settle where the space keeps them
+        run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, run.held_out, **options)
+    return captured
 
 
 def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True) -> None:

@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "osscar_report.json"
+SCRATCH_FOLDER = "planning"  # inside the partial folder: the planning pass's pruned copies of the blocks
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, files: list[str], strict: bool) -> None:
@@ -205,6 +206,7 @@ class ShardBlocks:
     plan: list[dict[str, int]] | None = None
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
+    scratch_modules: dict[int, nn.Module] = field(default_factory=dict)
 
     def load(self, index: int, block: nn.Module) -> None:
         _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.")
@@ -236,6 +238,29 @@ class ShardBlocks:
         """Source files needed for the last time by ``phase`` (-1: the non-block weights) may go."""
         for shard in self.last_uses.get(phase, []):
             self.files.done_with(shard)
+
+    def keep_scratch(self, index: int, module: nn.Module) -> None:
+        """A planning copy of block ``index`` goes to its own file in the partial folder; its structure stays, on
+        meta."""
+        folder = self.tmp / SCRATCH_FOLDER
+        folder.mkdir(exist_ok=True)
+        _save_shard(dict(module.state_dict()), folder / f"block-{index:05d}.safetensors")
+        module.to("meta")
+        self.scratch_modules[index] = module
+        release_freed_memory()
+
+    def scratch(self, index: int) -> nn.Module:
+        from safetensors.torch import load_file
+
+        module = self.scratch_modules[index]
+        module.load_state_dict(load_file(self.tmp / SCRATCH_FOLDER / f"block-{index:05d}.safetensors"), assign=True)
+        return module
+
+    def drop_scratch(self, index: int, module: nn.Module) -> None:
+        module.to("meta")
+        self.scratch_modules.pop(index, None)
+        (self.tmp / SCRATCH_FOLDER / f"block-{index:05d}.safetensors").unlink(missing_ok=True)
+        release_freed_memory()
 
     def replay(self, run: PruneRun, index: int, block: nn.Module, stream: BlockStream | None) -> None:
         """Block ``index`` was finished by an interrupted run: give it its pruned shape, and move ``stream`` (None
@@ -404,7 +429,8 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     block_keys, other_keys = _split_keys(model, spec, reader, files)
-    run = start_run(pruner.config, model, spec, lambda: pruner.calibration_windows(model, tokenizer))
+    run = start_run(pruner.config, model, spec,
+                    lambda held_out: pruner.calibration_window_sets(model, tokenizer, held_out=held_out))
     run.started = started
     _check_format(run, checkpoint_format)
     # Non-block weights: load, tie, check that nothing outside the blocks is still on meta.
@@ -460,6 +486,15 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
             with torch.no_grad():
                 captured = capture(run, space)
         _write_non_block_weights(run.model, other_keys, source)
+        if captured is not None:
+            # A measured plan runs the LM head (the non-block weights stay until it is made).
+            measured = not run.settings.sizes
+            with torch.no_grad():
+                plan_sizes(run, source, captured, progress=progress)
+            shutil.rmtree(source.tmp / SCRATCH_FOLDER, ignore_errors=True)
+            if measured:  # a resumed run reuses this plan instead of measuring again
+                source.plan = [size.to_dict() for size in run.settings.sizes]
+                source.save_progress()
         _to_meta_outside(run.model, source.prefix)
         release_freed_memory()
         source.finished_phase(-1)
@@ -467,11 +502,6 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
             for index, block in enumerate(run.blocks):
                 source.replay(run, index, block, None)
             return [_block_report(entry["report"]) for entry in source.done], space.summary()
-        measured = not run.settings.sizes
-        plan_sizes(run, source, captured, progress=progress)
-        if measured:  # a resumed run reuses this plan instead of measuring again
-            source.plan = [size.to_dict() for size in run.settings.sizes]
-            source.save_progress()
         with torch.no_grad():
             reports = prune_blocks(run, source, captured, progress=progress,
                                    finished=[_block_report(entry["report"]) for entry in source.done],

@@ -135,3 +135,62 @@ def test_stock_format_is_refused_for_a_global_allocation_before_any_work(tmp_pat
     with pytest.raises(SaveError, match="format='stock' cannot hold the per-block sizes a global allocation"):
         OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "out", format="stock", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- OSSCAR's global allocation
+def _redundant(kind: str, block: int, layers: int = 4):
+    """A model whose block ``block`` has its MLP output scaled near zero: that MLP barely matters."""
+    model = make_model(kind, num_hidden_layers=layers)
+    spec = get_spec(model)
+    with torch.no_grad():
+        model.get_submodule(spec.blocks)[block].get_submodule(spec.mlp_consumer).weight.mul_(1e-3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "opt"])
+def test_a_redundant_block_is_pruned_hardest(kind, tokenizer, calibration_texts):
+    model = _redundant(kind, block=2)
+    _, pruner = _prune(model, tokenizer, calibration_texts, sparsity=0.3, min_part_keep=0.0, min_block_keep=0.0,
+                       num_samples=16, allocation_samples=4)
+    mlp = [b.mlp.kept for b in pruner.report.blocks]
+    assert mlp[2] == min(mlp) and mlp[2] < sorted(mlp)[1]  # strictly the hardest
+    assert pruner.report.budget["allocation"] == "osscar"
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+def test_osscar_global_meets_the_budget_within_one_neuron(target, tokenizer, calibration_texts):
+    dense = make_model("llama-gqa", num_hidden_layers=4)
+    model, pruner = _prune(copy.deepcopy(dense), tokenizer, calibration_texts, sparsity=0.45, sparsity_target=target,
+                           allocation_samples=4)
+    geometry = block_geometries(dense, get_spec(dense), seq_len=32)[0]
+    kept, total = _kept_cost(dense, pruner.report, target), _block_cost(dense, target)
+    assert 0 <= (1 - 0.45) * total - kept < geometry.unit_costs(target)["mlp"] + 1e-6
+    assert len({(b.attention.kept, b.mlp.kept) for b in pruner.report.blocks}) > 1  # sizes chosen per block
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_osscar_global_honours_round_to_and_the_floors(tokenizer, calibration_texts):
+    _, pruner = _prune(make_model("llama-gqa", num_hidden_layers=4), tokenizer, calibration_texts, sparsity=0.5,
+                       round_to=8, min_part_keep=0.25, allocation_samples=4)
+    for b in pruner.report.blocks:
+        assert b.mlp.kept % 8 == 0 or b.mlp.kept == 48
+        assert b.mlp.kept >= 16 and b.attention.kept >= 1  # 25% of 48 neurons rounded up to 8s; of 2 KV groups
+
+
+def test_osscar_global_streams_to_what_memory_gives(tmp_path, tokenizer, calibration_texts):
+    dense = _redundant("llama-gqa", block=1, layers=3)
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    config = OsscarConfig(sparsity=0.4, dataset=calibration_texts, allocation_samples=4, **SMALL)
+    memory_pruner = OsscarPruner(config)
+    memory = memory_pruner.prune(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), tokenizer,
+                                 progress=False)
+    streaming_pruner = OsscarPruner(config)
+    folder = streaming_pruner.prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    assert [(b.attention.kept, b.mlp.kept) for b in streaming_pruner.report.blocks] == [
+        (b.attention.kept, b.mlp.kept) for b in memory_pruner.report.blocks]
+    streamed = AutoModelForCausalLM.from_pretrained(folder)
+    sa, sb = memory.state_dict(), streamed.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not (folder / "planning").exists()

@@ -1,0 +1,254 @@
+"""OSSCAR's global allocation: damage curves in units of the loss of the pruned model.
+
+Local reconstruction errors on dense inputs do not say how much damage reaches the model's output (see
+``docs/budgets.md``: allocations from them are worse than uniform). This planning pass measures the damage of each
+consumer's error where it matters, in the model that pruning produces:
+
+1. **A first, uniform prune** (stage A only) of scratch copies of the blocks, to the target size with the same
+   fraction in every block, carrying the calibration windows and the held-out windows (``allocation_samples``
+   windows of the calibration data that overlap none of the calibration windows) through the pruned blocks.
+2. **A backward sweep** on the held-out windows through that pruned model, block by block from the LM head down:
+   the labels are sampled from the pruned model's own next-token distribution (so the gradient's second moment is
+   its Fisher information), and for every consumer the sweep records the gradient ``g`` of the loss at its output
+   and, from the *dense* block run on the same (pruned-stream) inputs, the consumer's inputs ``x``.
+3. **Damage curves**: for each consumer, stage A from all structures down to the floor on the objective weighted by
+   the output-gradient second moment ``G = E[g g^T]`` and the token-weighted Gram ``E[w x x^T]`` (``w``: the token's
+   gradient energy, normalised to mean 1, so tokens the loss does not feel, such as those carrying massive
+   activations, weigh little): ``1/2 E[(g^T D^T x)^2]``, the loss increase, to second order, that the consumer's
+   error ``D`` causes in the pruned model.
+4. The budget is spent on those curves (:func:`osscar_hf.budgets.global_sizes`).
+
+The pass works on copies (in memory) or re-reads the blocks (streamed), so the pruning pass that follows starts
+from the dense blocks and the captured block-0 inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..activations import ActivationStore
+from ..arch import get_submodule
+from ..budgets import BlockSize, allowed_sizes, global_sizes, part_floor, uniform_budget_sizes
+from ..capture import CapturedInputs, call_block, move_to
+from ..solver.curves import damage_curve, interpolate_curve
+from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
+from .orchestrate import BlockSource, PruneRun, scratch_copy
+
+__all__ = ["sensitivity_sizes"]
+
+logger = logging.getLogger(__name__)
+
+CURVE_POINTS = 128  # stage-A steps of a damage curve at most (the MLP step is neurons / CURVE_POINTS)
+HEAD_CHUNK = 512    # positions per LM-head evaluation in the backward sweep (bounds the logits' memory)
+
+
+def sensitivity_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True
+                      ) -> list[BlockSize]:
+    """Every block's kept sizes from damage measured in the uniformly pruned model (see the module docstring)."""
+    if run.held_out_inputs is None or not isinstance(run.held_out_inputs.hidden, ActivationStore):
+        raise RuntimeError("OSSCAR's allocation needs the held-out windows captured (see orchestrate.capture)")
+    held_inputs = _first_prune(run, source, captured, progress)
+    try:
+        damage = _backward_sweep(run, source, held_inputs, progress)
+    finally:
+        for store in held_inputs:
+            store.close()
+    return global_sizes(run.config, run.geometries, damage)
+
+
+def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool
+                 ) -> list[ActivationStore]:
+    """Prune scratch copies uniformly to the target (stage A only); return every block's held-out inputs (the last
+    entry: the last block's held-out outputs)."""
+    settings = run.settings
+    uniform = uniform_budget_sizes(run.config, run.geometries)
+    first = replace(settings, sizes=tuple(uniform), dense_targets=False, propagate=True,
+                    attention=replace(settings.attention, local_search_iters=0),
+                    mlp=replace(settings.mlp, local_search_iters=0))
+    probe = run.held_out_inputs
+    held = probe.hidden.copy()
+    stores = [held]
+    bar = tqdm(total=len(run.blocks), desc="planning: uniform prune", unit="block", disable=not progress)
+    try:
+        with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(), captured.kwargs), first) as stream:
+            for index, block in enumerate(run.blocks):
+                module = scratch_copy(source, index, block)
+                stream.prune(index, module)
+                home = block_device(module)
+                with torch.no_grad():
+                    held = propagate_block(module.to(settings.device), held, probe.kwargs[index], settings.device,
+                                           settings.storage_device, held.space)
+                stores.append(held)
+                source.keep_scratch(index, module.to(home))
+                bar.update(1)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    finally:
+        bar.close()
+    return stores
+
+
+def _final_modules(run: PruneRun) -> list[nn.Module]:
+    modules = []
+    for path in run.spec.final_modules:
+        try:
+            module = get_submodule(run.model, path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Module):
+            modules.append(module)
+    return modules
+
+
+def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tensor]:
+    """The gradient of the summed next-token loss at the last block's output, per held-out batch; labels drawn from
+    the pruned model's own distribution (seeded)."""
+    device, storage = run.settings.device, run.settings.storage_device
+    modules = _final_modules(run)
+    homes = [block_device(m) for m in modules]
+    generator = torch.Generator().manual_seed(run.config.seed)
+    grads = []
+    try:
+        for module in modules:
+            module.to(device)
+        for hidden in outputs:
+            grad = torch.zeros_like(hidden, device=storage)
+            for start in range(0, hidden.shape[1], HEAD_CHUNK):
+                x = hidden[:, start:start + HEAD_CHUNK].to(device).detach().requires_grad_()
+                with torch.enable_grad():
+                    logits = x
+                    for module in modules:
+                        logits = module(logits)
+                    logits = logits.float().reshape(-1, logits.shape[-1])
+                    with torch.no_grad():
+                        labels = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).flatten()
+                    loss = F.cross_entropy(logits, labels.to(device), reduction="sum")
+                    (chunk,) = torch.autograd.grad(loss, x)
+                grad[:, start:start + HEAD_CHUNK] = chunk.to(storage)
+            grads.append(grad)
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+    return grads
+
+
+class _Moments:
+    """Token-weighted Gram of a consumer's inputs and second moment of its output gradients."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.weight = 0.0
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        g = g.reshape(-1, g.shape[-1]).double()
+        w = g.pow(2).sum(1)
+        gram, output = (x * w[:, None]).T @ x, g.T @ g
+        self.gram = gram if self.gram is None else self.gram.add_(gram)
+        self.output = output if self.output is None else self.output.add_(output)
+        self.weight += float(w.sum())
+        self.tokens += x.shape[0]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token-weighted Gram with weights of mean 1, E[g g^T]), both per token."""
+        mean_weight = self.weight / self.tokens if self.tokens else 1.0
+        scale = self.tokens * mean_weight if mean_weight > 0 else max(self.tokens, 1)
+        return (self.gram / scale).float(), self.output / max(self.tokens, 1)
+
+
+def _block_sensitivity(run: PruneRun, index: int, pruned: nn.Module, dense: nn.Module, inputs: ActivationStore,
+                       grads: list[torch.Tensor]) -> tuple[dict[str, _Moments], list[torch.Tensor]]:
+    """One step of the backward sweep: the consumers' moments, and the gradients at the block's inputs."""
+    device, storage = run.settings.device, run.settings.storage_device
+    kwargs = run.held_out_inputs.kwargs[index]
+    moments = {part: _Moments() for part in PARTS}
+    new_grads = []
+    pruned_consumers, dense_consumers = block_consumers(pruned, run.spec), block_consumers(dense, run.spec)
+    for b, state in enumerate(inputs):
+        kw = move_to(kwargs[b], device)
+        x = state.to(device).detach().requires_grad_()
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [module.register_forward_hook(lambda _m, _a, out, part=part: outputs.__setitem__(part, out))
+                 for part, module in pruned_consumers.items()]
+        try:
+            with torch.enable_grad():
+                y = call_block(pruned, x, kw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        parts = [p for p in PARTS if p in outputs and outputs[p].requires_grad]
+        with torch.enable_grad():
+            gradients = torch.autograd.grad(y, [x, *(outputs[p] for p in parts)], grad_outputs=grads[b].to(device),
+                                            allow_unused=True)
+        new_grads.append(gradients[0].to(storage))
+        inputs_seen: dict[str, torch.Tensor] = {}
+        hooks = [module.register_forward_pre_hook(lambda _m, a, part=part: inputs_seen.__setitem__(part, a[0]))
+                 for part, module in dense_consumers.items()]
+        try:
+            with torch.no_grad():
+                call_block(dense, x.detach(), kw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for part, g in zip(parts, gradients[1:]):
+            if g is not None:
+                moments[part].add(inputs_seen[part], g)
+    return moments, new_grads
+
+
+def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Moments]
+            ) -> dict[tuple[int, str], dict[int, float]]:
+    config, settings = run.config, run.settings
+    geometry = run.geometries[index]
+    out = {}
+    consumers = block_consumers(dense, run.spec)
+    for part, full, group, round_to in (("attention", geometry.attention_structures, settings.attention_group_size, 1),
+                                        ("mlp", geometry.mlp_structures, 1, config.round_to)):
+        floor = part_floor(full, config.min_part_keep, round_to)
+        sizes = allowed_sizes(full, floor, round_to)
+        if moments[part].tokens == 0 or len(sizes) == 1:  # a part the loss does not reach: free to remove
+            out[(index, part)] = {k: 0.0 for k in sizes}
+            continue
+        gram, output = moments[part].result()
+        step = 1 if part == "attention" else max(1, full // CURVE_POINTS)
+        kept, damage = damage_curve(gram.to(settings.device), consumers[part].weight.detach().T, group_size=group,
+                                    floor=min(sizes[-1], full), step=step, output_gram=output.to(settings.device),
+                                    damping=config.damping, dtype=settings.attention.dtype)
+        out[(index, part)] = dict(zip(sizes, interpolate_curve(kept, damage, sizes)))
+    return out
+
+
+def _backward_sweep(run: PruneRun, source: BlockSource, held_inputs: list[ActivationStore], progress: bool
+                    ) -> dict[tuple[int, str], dict[int, float]]:
+    device = run.settings.device
+    grads = _head_gradients(run, held_inputs[-1])
+    damage: dict[tuple[int, str], dict[int, float]] = {}
+    bar = tqdm(total=len(run.blocks), desc="planning: sensitivity", unit="block", disable=not progress)
+    try:
+        for index in reversed(range(len(run.blocks))):
+            block = run.blocks[index]
+            pruned = source.scratch(index).to(device)
+            source.load(index, block)
+            home = block_device(block)
+            try:
+                block.to(device)
+                moments, grads = _block_sensitivity(run, index, pruned, block, held_inputs[index], grads)
+                damage.update(_curves(run, index, block, moments))
+            finally:
+                block.to(home)
+                source.release(index, block)
+                source.drop_scratch(index, pruned)
+            bar.update(1)
+    finally:
+        bar.close()
+    return damage

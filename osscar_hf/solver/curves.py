@@ -1,0 +1,60 @@
+"""Damage curves: stage A from every group kept down to a floor, with the layer's outputs weighted.
+
+The layer-wise objective counts every output channel alike: ``1/2 ||X (W - W_hat)||^2``. With a positive
+definite output weight ``G`` (q x q) the error becomes ``1/2 tr(G (W - W_hat)^T Hb (W - W_hat))``: for ``G`` the
+second moment of the loss gradient at the layer's outputs, the (Gauss-Newton) increase of the loss that the error
+causes. Writing ``G = L L^T``, that is the plain objective of ``W_hat L``: the same solver, on ``W_hat @ L``, gives
+the weighted curve (and refitting ``W L`` rather than ``W`` changes nothing, so the kept supports are those of the
+weighted objective).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from osscar_hf.solver.layer import solve_layer
+
+__all__ = ["damage_curve", "interpolate_curve"]
+
+
+def damage_curve(
+    H: torch.Tensor,
+    W_hat: torch.Tensor,
+    *,
+    group_size: int,
+    floor: int,
+    step: int,
+    output_gram: torch.Tensor | None = None,
+    damping: float = 0.01,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[list[int], list[float]]:
+    """Kept group counts (from all ``m`` down to ``floor``, in steps of about ``step``) and the increase of the
+    (output-weighted) objective at each, from stage A's nested removal order. ``H`` is not modified."""
+    W = W_hat.to(dtype)
+    if output_gram is not None:
+        G = output_gram.to(dtype)
+        scale = float(G.diagonal().mean()) if G.shape[0] else 0.0
+        ridge = 1e-6 * scale if scale > 0 else 1e-12
+        L = torch.linalg.cholesky(G + ridge * torch.eye(G.shape[0], dtype=dtype, device=G.device))
+        W = W @ L
+    m = W.shape[0] // group_size
+    if floor >= m:
+        return [m], [0.0]
+    solution = solve_layer(H, W, group_size=group_size, num_keep=floor, step=step, local_search_iters=0,
+                           swap_size=1, damping=damping, dtype=dtype)
+    curve = solution.objective_curve.double()
+    return [int(k) for k in solution.curve_num_kept.tolist()], (curve - curve[0]).tolist()
+
+
+def interpolate_curve(sizes: list[int], damage: list[float], at: list[int]) -> list[float]:
+    """The damage at the kept counts ``at``, linear between the curve's points (``sizes`` decreasing); below the
+    last point, extended with the last segment's slope."""
+    out = []
+    for k in at:
+        if k >= sizes[0]:
+            out.append(damage[0])
+            continue
+        j = next((i for i in range(1, len(sizes)) if sizes[i] <= k), len(sizes) - 1)
+        k0, k1, d0, d1 = sizes[j - 1], sizes[j], damage[j - 1], damage[j]
+        out.append(d0 + (d1 - d0) * (k0 - k) / (k0 - k1) if k0 != k1 else d1)
+    return out
