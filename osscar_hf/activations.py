@@ -428,11 +428,12 @@ class ActivationStore:
         """Total bytes of the tensors held."""
         return sum(i.nbytes if self._disk else i.numel() * i.element_size() for i in self._items)
 
-    def copy(self) -> ActivationStore:
-        """A second store with the same tensors (on disk: the same files, deleted once both stores are closed)."""
+    def copy(self, count: int | None = None) -> ActivationStore:
+        """A second store with the same tensors (the first ``count`` of them; all by default); on disk, the same
+        files, deleted once every store holding them is closed."""
         self._check_open()
         other = ActivationStore(self.space)
-        for item in self._items:
+        for item in self._items[:count]:
             if self._disk:
                 with self.space._lock:
                     item.refs += 1

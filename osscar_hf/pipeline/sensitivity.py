@@ -25,6 +25,7 @@ from the dense blocks and the captured block-0 inputs.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import torch
@@ -46,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 CURVE_POINTS = 128  # stage-A steps of a damage curve at most (the MLP step is neurons / CURVE_POINTS)
 HEAD_CHUNK = 512    # positions per LM-head evaluation in the backward sweep (bounds the logits' memory)
+# The fraction of the calibration batches the uniform first prune calibrates on. Measured on SmolLM2 at 54.2% kept:
+# with a quarter of them the first prune is a worse model, and so is the allocation measured in it (198 instead of
+# 141 WikiText-2, worse than uniform): keep all.
+FIRST_PRUNE_BATCHES = 1.0
+# The planning solves' dtype (the first prune and the damage curves; None: the config's solver dtype). float32 gave
+# the same allocation quality as float64 on SmolLM2 (141.7 against 140.9) in a third less planning time.
+PLANNING_DTYPE: torch.dtype | None = torch.float32
 
 
 def sensitivity_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True
@@ -53,12 +61,16 @@ def sensitivity_sizes(run: PruneRun, source: BlockSource, captured: CapturedInpu
     """Every block's kept sizes from damage measured in the uniformly pruned model (see the module docstring)."""
     if run.held_out_inputs is None or not isinstance(run.held_out_inputs.hidden, ActivationStore):
         raise RuntimeError("OSSCAR's allocation needs the held-out windows captured (see orchestrate.capture)")
+    started = time.perf_counter()
     held_inputs = _first_prune(run, source, captured, progress)
+    pruned = time.perf_counter()
     try:
         damage = _backward_sweep(run, source, held_inputs, progress)
     finally:
         for store in held_inputs:
             store.close()
+    logger.info("planning: uniform first prune %.1f s, sensitivity sweep and damage curves %.1f s",
+                pruned - started, time.perf_counter() - pruned)
     return global_sizes(run.config, run.geometries, damage)
 
 
@@ -68,15 +80,17 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     entry: the last block's held-out outputs)."""
     settings = run.settings
     uniform = uniform_budget_sizes(run.config, run.geometries)
+    dtype = PLANNING_DTYPE or settings.attention.dtype
     first = replace(settings, sizes=tuple(uniform), dense_targets=False, propagate=True,
-                    attention=replace(settings.attention, local_search_iters=0),
-                    mlp=replace(settings.mlp, local_search_iters=0))
+                    attention=replace(settings.attention, local_search_iters=0, dtype=dtype),
+                    mlp=replace(settings.mlp, local_search_iters=0, dtype=dtype))
     probe = run.held_out_inputs
     held = probe.hidden.copy()
     stores = [held]
+    batches = max(1, round(len(captured.hidden) * FIRST_PRUNE_BATCHES))
     bar = tqdm(total=len(run.blocks), desc="planning: uniform prune", unit="block", disable=not progress)
     try:
-        with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(), captured.kwargs), first) as stream:
+        with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(batches), captured.kwargs), first) as stream:
             for index, block in enumerate(run.blocks):
                 module = scratch_copy(source, index, block)
                 stream.prune(index, module)
@@ -150,20 +164,23 @@ class _Moments:
         self.tokens = 0
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        g = g.reshape(-1, g.shape[-1]).double()
+        """Fold in a batch: one matrix product for each (float32, as the pipeline's Grams)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        g = g.reshape(-1, g.shape[-1]).float()
         w = g.pow(2).sum(1)
-        gram, output = (x * w[:, None]).T @ x, g.T @ g
-        self.gram = gram if self.gram is None else self.gram.add_(gram)
-        self.output = output if self.output is None else self.output.add_(output)
-        self.weight += float(w.sum())
+        if self.gram is None:
+            self.gram = x.new_zeros(x.shape[1], x.shape[1])
+            self.output = g.new_zeros(g.shape[1], g.shape[1])
+        self.gram.addmm_((x * w[:, None]).T, x)
+        self.output.addmm_(g.T, g)
+        self.weight += float(w.double().sum())
         self.tokens += x.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-weighted Gram with weights of mean 1, E[g g^T]), both per token."""
         mean_weight = self.weight / self.tokens if self.tokens else 1.0
         scale = self.tokens * mean_weight if mean_weight > 0 else max(self.tokens, 1)
-        return (self.gram / scale).float(), self.output / max(self.tokens, 1)
+        return self.gram / scale, self.output.double() / max(self.tokens, 1)
 
 
 def _block_sensitivity(run: PruneRun, index: int, pruned: nn.Module, dense: nn.Module, inputs: ActivationStore,
@@ -223,7 +240,7 @@ def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Mom
         step = 1 if part == "attention" else max(1, full // CURVE_POINTS)
         kept, damage = damage_curve(gram.to(settings.device), consumers[part].weight.detach().T, group_size=group,
                                     floor=min(sizes[-1], full), step=step, output_gram=output.to(settings.device),
-                                    damping=config.damping, dtype=settings.attention.dtype)
+                                    damping=config.damping, dtype=PLANNING_DTYPE or settings.attention.dtype)
         out[(index, part)] = dict(zip(sizes, interpolate_curve(kept, damage, sizes)))
     return out
 
