@@ -606,3 +606,54 @@ def test_prune_stream_refuses_eval(workdir, tmp_path, capsys) -> None:
     assert _run(["prune", str(workdir / "src"), *base, "--eval", str(workdir / "eval.txt")]) == 1
     assert "cannot be combined with --stream" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- sizes and methods
+@pytest.mark.parametrize("argv, fragment", [
+    (["prune", "m", "--dataset", "d", "--output", "o"], "give exactly one of --sparsity, --attention-sparsity"),
+    (["prune", "m", "--sparsity", "0.3", "--mlp-sparsity", "0.5", "--dataset", "d", "--output", "o"],
+     "(got --sparsity and --attention-sparsity/--mlp-sparsity)"),
+    (["prune", "m", "--attention-sparsity", "0.3", "--dataset", "d", "--output", "o"],
+     "--mlp-sparsity is required with --attention-sparsity"),
+    (["prune", "m", "--sparsity", "0.3", "--output", "o"], "--dataset is required: method osscar calibrates"),
+    (["prune", "m", "--attention-sparsity", "0", "--mlp-sparsity", "0.5", "--allocation", "global",
+      "--dataset", "d", "--output", "o"], "--allocation applies to --sparsity"),
+    (["prune", "m", "--sparsity", "0.3", "--method", "sparsegpt", "--dataset", "d", "--output", "o"],
+     "invalid choice: 'sparsegpt'"),
+    (["prune", "m", "--sparsity", "0.3", "--min-part-keep", "1.5", "--dataset", "d", "--output", "o"], "'1.5'"),
+])
+def test_bad_size_options_exit_2_with_one_line(capsys, argv, fragment) -> None:
+    assert _exit_code(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("osscar-hf prune: error:") and fragment in line
+
+
+def test_prune_with_a_global_sparsity_and_a_method(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "pruned"
+    code = _run(["prune", str(workdir / "src"), "--sparsity", "0.4", "--method", "flap", "--round-to", "8",
+                 "--min-part-keep", "0.25", "--num-samples", "4", "--seq-len", "32", "--batch-size", "2",
+                 "--device", "cpu", "--dataset", str(workdir / "calib.txt"), "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
+    assert report["config"]["method"] == "flap" and report["config"]["sparsity"] == 0.4
+    assert report["budget"]["allocation"] == "flap" and report["config"]["round_to"] == 8
+    assert all(b["mlp"]["kept"] % 8 == 0 for b in report["blocks"])
+    loaded, _ = load_model_and_tokenizer(out, device="cpu")
+    assert loaded.config.mlp_bias and loaded.config.attention_bias  # FLAP's compensation biases
+
+
+def test_prune_with_block_sizes_from_a_file_and_magnitude_without_data(workdir, tmp_path) -> None:
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps([{"attention": 2, "mlp": 40}, {"attention": 1, "mlp": 16}]), encoding="utf-8")
+    out = tmp_path / "pruned"
+    assert _run(["prune", str(workdir / "src"), "--block-sizes", str(sizes), "--method", "magnitude", "--device",
+                 "cpu", "--output", str(out)]) == 0
+    report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
+    assert [(b["attention"]["kept"], b["mlp"]["kept"]) for b in report["blocks"]] == [(2, 40), (1, 16)]
+    assert report["calibration"]["tokens"] == 0
+
+
+def test_unreadable_block_sizes_file_is_one_line(workdir, tmp_path, capsys) -> None:
+    assert _run(["prune", str(workdir / "src"), "--block-sizes", str(tmp_path / "missing.json"), "--method",
+                 "magnitude", "--output", str(tmp_path / "out")]) == 1
+    assert "cannot read --block-sizes" in _one_error_line(capsys.readouterr().err)
