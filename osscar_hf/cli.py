@@ -317,17 +317,8 @@ def _commit_url(commit: Any, repo_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- prune
-def register_prune(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "prune",
-        help="prune a model with OSSCAR and save it",
-        description=(
-            "Load MODEL (a folder or Hub id), prune whole attention heads / KV groups and FFN neurons of every "
-            "block with OSSCAR on calibration text, and save the smaller model, its tokenizer, the per-block "
-            f"report ({REPORT_FILENAME}) and a model card to --output."
-        ),
-    )
-    parser.add_argument("model", metavar="MODEL", help="the dense model: a local folder or a Hub model id")
+def _add_size_options(parser: argparse.ArgumentParser) -> None:
+    """How much to remove, and how the budget is spent (see docs/budgets.md)."""
     sizes = parser.add_argument_group(
         "how much to remove (one of: --sparsity; --attention-sparsity with --mlp-sparsity; --block-sizes)")
     sizes.add_argument("--sparsity", type=sparsity, default=None, metavar="F",
@@ -353,6 +344,20 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
                        "always kept (0 lets a block lose its whole attention or MLP)")
     sizes.add_argument("--min-block-keep", type=unit_fraction, default=None, metavar="F",
                        help="with a global allocation: fraction of every block's parameters always kept")
+
+
+def register_prune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a model with OSSCAR and save it",
+        description=(
+            "Load MODEL (a folder or Hub id), prune whole attention heads / KV groups and FFN neurons of every "
+            "block with OSSCAR on calibration text, and save the smaller model, its tokenizer, the per-block "
+            f"report ({REPORT_FILENAME}) and a model card to --output."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the dense model: a local folder or a Hub model id")
+    _add_size_options(parser)
     parser.add_argument("--method", choices=method_choices(), default="osscar",
                         help="how structures are chosen: osscar (default), obs_greedy, magnitude, wanda_sp, flap "
                         "(see the docs: every method runs in the same pipeline)")

@@ -33,6 +33,7 @@ from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
+from ..methods import get_method
 from ..report import BlockReport, PruneReport
 from ..surgery import part_linears
 from .block import BlockStream, announce_block
@@ -133,8 +134,6 @@ class PruneRun:
 def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) -> None:
     """Refuse a method the architecture cannot hold (an output bias where the config cannot switch one on)."""
     method_name = config.method
-    from ..methods import get_method
-
     if not get_method(method_name).adds_bias:
         return
     blocks = get_submodule(model, spec.blocks)

@@ -37,6 +37,7 @@ from ..activations import ActivationStore
 from ..arch import get_submodule
 from ..budgets import BlockSize, allowed_sizes, global_sizes, part_floor, uniform_budget_sizes
 from ..capture import CapturedInputs, call_block, move_to
+from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
 from .orchestrate import BlockSource, PruneRun, scratch_copy
@@ -81,7 +82,8 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     settings = run.settings
     uniform = uniform_budget_sizes(run.config, run.geometries)
     dtype = PLANNING_DTYPE or settings.attention.dtype
-    first = replace(settings, sizes=tuple(uniform), dense_targets=False, propagate=True,
+    # The first prune is a measurement: OSSCAR's stage A whatever the method (exact greedy would only be slower).
+    first = replace(settings, method=get_method("osscar"), sizes=tuple(uniform), dense_targets=False, propagate=True,
                     attention=replace(settings.attention, local_search_iters=0, dtype=dtype),
                     mlp=replace(settings.mlp, local_search_iters=0, dtype=dtype))
     probe = run.held_out_inputs
