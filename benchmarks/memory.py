@@ -105,7 +105,8 @@ def child(args: argparse.Namespace) -> None:
     from transformers import OPTForCausalLM  # noqa: F401  (the model's code: the pruning imports it anyway)
 
     import osscar_hf  # noqa: F401
-    from osscar_hf import OsscarConfig, OsscarPruner, pipeline
+    from osscar_hf import OsscarConfig, OsscarPruner
+    from osscar_hf.methods import osscar as osscar_method
     from osscar_hf.host_memory import heap_fragmentation_hint
 
     if args.map_large_allocations and heap_fragmentation_hint() is None:
@@ -114,13 +115,13 @@ def child(args: argparse.Namespace) -> None:
 
     # Record (only) whether the pipeline lets the solver work in the Gram's storage: it sizes the working set.
     in_place_calls: list[bool] = []
-    solve_layer = pipeline.solve_layer
+    solve_layer = osscar_method.solve_layer
 
     def recording_solve_layer(*solve_args: object, **solve_kwargs: object) -> object:
         in_place_calls.append(bool(solve_kwargs.get("in_place", False)))
         return solve_layer(*solve_args, **solve_kwargs)
 
-    pipeline.solve_layer = recording_solve_layer
+    osscar_method.solve_layer = recording_solve_layer
     baseline, _ = _memory_status()
     ids = torch.randint(2, args.vocab, (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     config = OsscarConfig(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity, dataset=ids,

