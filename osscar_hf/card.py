@@ -33,7 +33,7 @@ from . import __version__
 from .config import OsscarConfig
 from .errors import OsscarError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
-from .methods import get_method
+from .methods import describe_method
 from .report import PruneReport
 
 __all__ = ["CHECKPOINT_FORMATS", "TAGS", "CardError", "build_model_card", "template_path"]
@@ -170,7 +170,7 @@ def build_model_card(
         parameters_after=f"{report.parameters_after:,}",
         parameters_removed=f"{removed / report.parameters_before:.1%}" if report.parameters_before else "0%",
         method=config.method,
-        method_description=get_method(config.method).description,
+        method_description=describe_method(config.method),
         sizes_description=_describe_sizes(config, report),
         block_params_before=f"{before:,}" if before else None,
         block_params_after=f"{after:,}",
@@ -228,7 +228,7 @@ def _describe_sizes(config: OsscarConfig, report: PruneReport) -> str:
         return (f"uniform, {_number(config.attention_sparsity)} of the attention {'structures'} and "
                 f"{_number(config.mlp_sparsity)} of the FFN neurons removed in every block")
     what = "parameters" if config.sparsity_target == "params" else "multiply-adds per token"
-    allocation = (report.budget or {}).get("allocation", config.resolved_allocation())
+    allocation = (report.budget or {}).get("allocation") or config.resolved_allocation()
     how = {"uniform": "the same fraction in every block",
            "osscar": "chosen per block and between attention and MLP from damage measured on held-out calibration "
                      "windows",

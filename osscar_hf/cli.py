@@ -328,9 +328,9 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                        help="fraction of attention heads / KV groups removed in every block, in [0, 1)")
     sizes.add_argument("--mlp-sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of FFN neurons removed in every block, in [0, 1)")
-    sizes.add_argument("--block-sizes", type=Path, default=None, metavar="JSON",
-                       help='a JSON file with your own allocation: [{"attention": kept, "mlp": kept}, ...], one '
-                       "entry per decoder block")
+    sizes.add_argument("--block-sizes", default=None, metavar="JSON",
+                       help='your own allocation, as JSON or a JSON file: [{"attention": kept, "mlp": kept}, ...], '
+                       "one entry per decoder block")
     sizes.add_argument("--sparsity-target", choices=("params", "flops"), default="params",
                        help="what --sparsity counts: parameters (default) or multiply-adds per token at --seq-len")
     sizes.add_argument("--allocation", choices=("auto", "global", "uniform"), default="auto",
@@ -436,12 +436,14 @@ def _check_prune_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--dataset is required: method {args.method} calibrates on data")
 
 
-def _read_block_sizes(path: Path) -> list[dict[str, int]]:
+def _read_block_sizes(text: str) -> Any:
+    """``--block-sizes``: the JSON itself (it starts with ``[``) or a JSON file's path."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return json.loads(Path(text).expanduser().read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CommandError(f"cannot read --block-sizes {str(path)!r}: {exc}") from None
-    return data
+        raise CommandError(f"cannot read --block-sizes {text!r}: {exc}") from None
 
 
 def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -457,6 +459,20 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
     else:
         options.update(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity)
     return options
+
+
+def _check_stock_format(config: Any, checkpoint_format: str) -> None:
+    """Refuse ``--format stock`` before loading anything when the blocks will get different sizes."""
+    from osscar_hf.budgets import uses_global_allocation
+
+    if checkpoint_format != "stock":
+        return
+    if uses_global_allocation(config):
+        raise CommandError("--format stock cannot hold the per-block sizes a global allocation chooses; use "
+                           "--format auto, osscar or remote_code, or --allocation uniform")
+    if config.block_sizes is not None and len({(s["attention"], s["mlp"]) for s in config.block_sizes}) > 1:
+        raise CommandError("--format stock cannot hold different sizes per block (--block-sizes); use --format auto, "
+                           "osscar or remote_code")
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
@@ -485,6 +501,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
         activation_dir=args.activation_dir, **_budget_options(args),
     )
+    config.check_method()
+    _check_stock_format(config, args.format)
     # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
     map_large_allocations()
     if args.stream:

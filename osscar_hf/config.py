@@ -484,7 +484,8 @@ class OsscarConfig(QuantizationConfigMixin):
                 "dense_targets=True requires propagate=True (got propagate=False): dense targets are only "
                 "meaningful when pruned outputs are fed to the next block"
             )
-        self._check_method()
+        if not isinstance(self.method, str) or not self.method:
+            raise OsscarConfigError(f"method must be a non-empty str (a registered method's name), got {self.method!r}")
         self.solver_dtype = _check_solver_dtype(self.solver_dtype)
         self.device = _check_device(self.device)
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
@@ -517,11 +518,13 @@ class OsscarConfig(QuantizationConfigMixin):
                 f"allocation={self.allocation!r} needs a global sparsity (OsscarConfig(sparsity=...)); the per-block "
                 "fractions and block_sizes fix every block's sizes themselves")
 
-    def _check_method(self) -> None:
+    def check_method(self) -> None:
+        """Check ``method`` against the registry and the other fields (``OsscarPruner`` does, before any work).
+
+        Not part of ``post_init``: a model pruned with a method registered by the user's own code keeps that name
+        in its config, and must load where that code is not imported."""
         from osscar_hf.methods import get_method
 
-        if not isinstance(self.method, str):
-            raise OsscarConfigError(f"method must be a str, got {self.method!r}")
         method = get_method(self.method)
         if self.dense_targets and not method.refits:
             raise OsscarConfigError(

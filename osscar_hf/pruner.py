@@ -50,6 +50,7 @@ class OsscarPruner:
     def __init__(self, config: OsscarConfig) -> None:
         if not isinstance(config, OsscarConfig):
             raise OsscarConfigError(f"OsscarPruner needs an OsscarConfig, got {type(config).__name__}")
+        config.check_method()
         self.config = config
         self.report: PruneReport | None = None
 

@@ -21,8 +21,8 @@ from .osscar import ObsGreedy, Osscar
 from .scores import Flap, Magnitude, WandaSP
 
 __all__ = [
-    "GRAM", "MOMENTS", "LayerProblem", "LayerStatistics", "PruningMethod", "Selection", "SolveSettings", "get_method",
-    "method_names", "register_method",
+    "GRAM", "MOMENTS", "LayerProblem", "LayerStatistics", "PruningMethod", "Selection", "SolveSettings", "describe_method",
+    "get_method", "method_names", "register_method",
 ]
 
 _METHODS: dict[str, type[PruningMethod]] = {}
@@ -51,6 +51,14 @@ def get_method(name: str) -> PruningMethod:
     if name not in _METHODS:
         raise OsscarConfigError(f"method must be one of {method_names()}, got {name!r}")
     return _METHODS[name]()
+
+
+def describe_method(name: str) -> str:
+    """One line on the method registered as ``name``; a method registered by code not imported here (a model
+    pruned with a user's own method, read elsewhere) is described as such, not refused."""
+    if name in _METHODS:
+        return _METHODS[name].description
+    return f"a method registered as {name!r} by the code that pruned this model (not registered here)"
 
 
 for _method in (Osscar, ObsGreedy, Magnitude, WandaSP, Flap):

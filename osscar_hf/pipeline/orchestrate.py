@@ -164,7 +164,9 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     """Check the config against the model's shapes, resolve the settings and the fixed sizes, then build the
     calibration windows (``windows(held_out)``: the calibration windows, and ``held_out`` more for a plan that
     measures on held-out data) if anything needs them. ``model`` may be a meta skeleton; no weight is read here.
-    Raises before any data is read when the budget is impossible or the method does not fit."""
+    Raises before any data is read when the method is unknown, the budget is impossible or the method does not
+    fit."""
+    config.check_method()
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),

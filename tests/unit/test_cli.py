@@ -657,3 +657,19 @@ def test_unreadable_block_sizes_file_is_one_line(workdir, tmp_path, capsys) -> N
     assert _run(["prune", str(workdir / "src"), "--block-sizes", str(tmp_path / "missing.json"), "--method",
                  "magnitude", "--output", str(tmp_path / "out")]) == 1
     assert "cannot read --block-sizes" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("sizes", [["--sparsity", "0.3"],
+                                   ["--block-sizes", '[{"attention": 1, "mlp": 8}, {"attention": 2, "mlp": 8}]']])
+def test_prune_refuses_stock_for_per_block_sizes_before_loading(workdir, tmp_path, capsys, monkeypatch, sizes):
+    import osscar_hf.metrics
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the format was checked")
+
+    monkeypatch.setattr(osscar_hf.metrics, "load_model_and_tokenizer", no_loading)
+    assert _run(["prune", str(workdir / "src"), *sizes, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "o"), "--format", "stock"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--format stock cannot hold" in line and "--format auto" in line
+    assert not (tmp_path / "o").exists()

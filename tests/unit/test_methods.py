@@ -41,6 +41,21 @@ def test_registry_lists_every_method_and_refuses_unknown_ones():
         get_method("nope")
 
 
+def test_a_config_naming_an_unregistered_method_loads_but_does_not_prune():
+    from osscar_hf import OsscarConfig, OsscarPruner
+    from osscar_hf.methods import describe_method
+
+    # A model pruned with a method registered by the user's code records its name; it must load elsewhere.
+    config = OsscarConfig.from_dict({"quant_method": "osscar", "mlp_sparsity": 0.5, "method": "someone_elses"})
+    assert config.method == "someone_elses"
+    assert "not registered here" in describe_method("someone_elses")
+    assert describe_method("osscar") == get_method("osscar").description
+    with pytest.raises(OsscarConfigError, match=r"method must be one of \['osscar'.*got 'someone_elses'"):
+        OsscarPruner(config)
+    with pytest.raises(OsscarConfigError, match="method must be a non-empty str"):
+        OsscarConfig(mlp_sparsity=0.5, method="")
+
+
 def test_a_new_method_is_one_class():
     class KeepFirst(PruningMethod):
         name = "keep_first_for_test"
@@ -124,3 +139,14 @@ def test_obs_greedy_is_step_one_without_local_search(monkeypatch):
     assert (seen["step"], seen["local_search_iters"]) == (1, 0)
     get_method("osscar").select(_problem()[2])
     assert (seen["step"], seen["local_search_iters"]) == (SOLVE.step, SOLVE.local_search_iters)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mlp_sparsity": 0.5, "dense_targets": True, "method": "magnitude"}, "method 'magnitude' does not refit"),
+    ({"sparsity": 0.3, "allocation": "global", "method": "wanda_sp"}, "method 'wanda_sp' has no global allocation"),
+])
+def test_a_method_that_cannot_do_what_the_fields_ask_is_refused_before_any_work(fields, message):
+    from osscar_hf import OsscarConfig, OsscarPruner
+
+    with pytest.raises(OsscarConfigError, match=message):
+        OsscarPruner(OsscarConfig(**fields))
