@@ -11,13 +11,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .activations import ActivationSpace
 from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_window_sets
 from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .io.save import attach_run, pruning_record
 from .pipeline import (
+    activation_space,
     InMemoryBlocks,
     PruneRun,
     calibration_seq_len,
@@ -111,7 +111,7 @@ class OsscarPruner:
         was_training = model.training
         model.eval()
         source = InMemoryBlocks()
-        space = ActivationSpace.for_settings(run.settings)
+        space = activation_space(run)
         try:
             # The activations' folder (on disk) is removed when this block ends, also on errors.
             with space, torch.no_grad():

@@ -6,7 +6,7 @@
 - :mod:`.measure`: measuring those curves on held-out calibration windows.
 """
 
-from .allocate import PartCurve, allocate
+from .allocate import PartCurve, allocate, lower_hull
 from .geometry import BlockGeometry, block_geometries
 from .plan import (
     allowed_sizes,
@@ -14,6 +14,7 @@ from .plan import (
     explicit_sizes,
     global_sizes,
     part_floor,
+    part_floors,
     plan_fixed_sizes,
     round_neurons,
     uniform_budget_sizes,
@@ -22,7 +23,7 @@ from .plan import (
 from .sizes import BlockSize
 
 __all__ = [
-    "BlockGeometry", "BlockSize", "PartCurve", "allocate", "allowed_sizes", "block_geometries", "check_budget",
-    "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons", "uniform_budget_sizes",
+    "BlockGeometry", "BlockSize", "PartCurve", "allocate", "allowed_sizes", "lower_hull", "block_geometries", "check_budget",
+    "explicit_sizes", "global_sizes", "part_floor", "part_floors", "plan_fixed_sizes", "round_neurons", "uniform_budget_sizes",
     "uses_global_allocation",
 ]

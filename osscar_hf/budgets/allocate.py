@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-__all__ = ["PartCurve", "allocate"]
+__all__ = ["PartCurve", "allocate", "lower_hull"]
 
 
 @dataclass
@@ -32,15 +32,30 @@ class PartCurve:
     unit: float
 
 
-def _best_segment(curve: PartCurve, at: int) -> tuple[float, int] | None:
-    """From point ``at``, the hull segment with the smallest damage per unit of cost: (slope, end point)."""
-    best = None
-    for j in range(at + 1, len(curve.sizes)):
-        removed = (curve.sizes[at] - curve.sizes[j]) * curve.unit
-        slope = (curve.damage[j] - curve.damage[at]) / removed
-        if best is None or slope < best[0] - 1e-15 * abs(best[0]):
-            best = (slope, j)
-    return best
+def lower_hull(curve: PartCurve) -> list[int]:
+    """The points of ``curve``'s lower convex hull (damage against cost removed), in order from the dense point;
+    collinear points are kept, so each hull step is the nearest point of smallest damage per unit of cost."""
+    hull: list[int] = []
+    for j in range(len(curve.sizes)):
+        x2, y2 = (curve.sizes[0] - curve.sizes[j]) * curve.unit, curve.damage[j]
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            x0, y0 = (curve.sizes[0] - curve.sizes[a]) * curve.unit, curve.damage[a]
+            x1, y1 = (curve.sizes[0] - curve.sizes[b]) * curve.unit, curve.damage[b]
+            if (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0) >= 0:  # b is on or below the chord a -> j
+                break
+            hull.pop()
+        hull.append(j)
+    return hull
+
+
+def _segment(curve: PartCurve, at: int, after: dict[int, int]) -> tuple[float, int] | None:
+    """From hull point ``at``, the next hull segment: (damage per unit of cost, end point)."""
+    end = after.get(at)
+    if end is None:
+        return None
+    removed = (curve.sizes[at] - curve.sizes[end]) * curve.unit
+    return (curve.damage[end] - curve.damage[at]) / removed, end
 
 
 def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, float] | None = None
@@ -66,9 +81,13 @@ def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, flo
         lost[curves[i].block] += cost
 
     # Phase 1: hull segments by damage per unit of cost, as long as a step does not overshoot the target.
+    successors = []
+    for curve in curves:
+        hull = lower_hull(curve)
+        successors.append(dict(zip(hull, hull[1:])))
     heap: list[tuple[float, int, int]] = []
     for i, curve in enumerate(curves):
-        segment = _best_segment(curve, 0)
+        segment = _segment(curve, 0, successors[i])
         if segment is not None:
             heapq.heappush(heap, (segment[0], i, segment[1]))
     removed = 0.0
@@ -83,7 +102,7 @@ def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, flo
             take(i, cost)
             removed += cost
         if not stopped:
-            segment = _best_segment(curves[i], position[i])
+            segment = _segment(curves[i], position[i], successors[i])
             if segment is not None:
                 heapq.heappush(heap, (segment[0], i, segment[1]))
     # Phase 2: single steps that still fit, by damage per unit; then the smallest step that reaches the target.

@@ -23,23 +23,34 @@ def standardised_structure_scores(channel_scores: torch.Tensor, group_size: int)
 
 
 def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[BlockGeometry], *, sparsity: float,
-               target: str, floors: list[tuple[int, int]]) -> list[BlockSize]:
+               target: str, floors: list[tuple[int, int]], min_block_keep: float = 0.0) -> list[BlockSize]:
     """Kept sizes from FLAP's global ranking. ``scores[(block, part)]``: standardised structure scores;
-    ``floors[block]``: the fewest (attention, mlp) structures a block keeps."""
+    ``floors[block]``: the fewest (attention, mlp) structures a block keeps; ``min_block_keep``: the fraction of
+    each block's cost it keeps (its best-scored structures, whatever their rank among all blocks)."""
     total = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
     fixed = sum(g.cost(target, 0, 0) for g in geometries)
     budget = (1.0 - sparsity) * total - fixed
-    entries: list[tuple[float, int, int, str, float]] = []  # (-score, block, order, part, cost)
+    entries: list[tuple[float, int, int, str, float]] = []  # (-score, block, rank, part, cost)
     kept = {}
     for block, geometry in enumerate(geometries):
         units = geometry.unit_costs(target)
+        candidates = []
         for part, floor in zip(("attention", "mlp"), floors[block]):
             part_scores = scores[(block, part)]
             order = torch.sort(part_scores, descending=True, stable=True).indices.tolist()
             kept[(block, part)] = floor
             budget -= floor * units[part]  # the floor is kept whatever its score
-            for rank in range(floor, len(order)):
-                entries.append((-float(part_scores[order[rank]]), block, rank, part, units[part]))
+            candidates += [(-float(part_scores[order[rank]]), block, rank, part, units[part])
+                           for rank in range(floor, len(order))]
+        candidates.sort(key=lambda e: (e[0], e[2], e[3]))  # each part's structures stay in rank order
+        block_cost = geometry.cost(target, *floors[block])
+        least = min_block_keep * geometry.cost(target, geometry.attention_structures, geometry.mlp_structures)
+        while candidates and block_cost < least - 1e-9:  # the block floor, also whatever the scores
+            _, _, _, part, cost = candidates.pop(0)
+            kept[(block, part)] += 1
+            block_cost += cost
+            budget -= cost
+        entries += candidates
     entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
     for _, block, _, part, cost in entries:
         if cost > budget + 1e-9:

@@ -16,6 +16,7 @@ known from the model's shapes, so :func:`check_budget` refuses an impossible one
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..config import keep_count
@@ -25,8 +26,8 @@ from .geometry import BlockGeometry
 from .sizes import BlockSize
 
 __all__ = [
-    "allowed_sizes", "check_budget", "explicit_sizes", "global_sizes", "part_floor", "plan_fixed_sizes", "round_neurons",
-    "uniform_budget_sizes", "uses_global_allocation",
+    "allowed_sizes", "check_budget", "explicit_sizes", "global_sizes", "part_floor", "part_floors", "plan_fixed_sizes",
+    "round_neurons", "uniform_budget_sizes", "uses_global_allocation",
 ]
 
 
@@ -116,36 +117,70 @@ def plan_fixed_sizes(config: Any, geometries: list[BlockGeometry]) -> list[Block
     return None
 
 
+def part_floors(config: Any, geometry: BlockGeometry) -> BlockSize:
+    """The fewest attention structures and neurons a global allocation may leave in a block (``min_part_keep``;
+    neurons rounded up to ``round_to``)."""
+    return BlockSize(part_floor(geometry.attention_structures, config.min_part_keep),
+                     part_floor(geometry.mlp_structures, config.min_part_keep, config.round_to))
+
+
 def _floors(config: Any, geometries: list[BlockGeometry]) -> tuple[list[tuple[int, int]], dict[int, float]]:
     parts, blocks = [], {}
     target = config.sparsity_target
     for i, g in enumerate(geometries):
-        parts.append((part_floor(g.attention_structures, config.min_part_keep),
-                      part_floor(g.mlp_structures, config.min_part_keep, config.round_to)))
+        floor = part_floors(config, g)
+        parts.append((floor.attention, floor.mlp))
         dense = g.cost(target, g.attention_structures, g.mlp_structures)
         blocks[i] = (1.0 - config.min_block_keep) * dense
     return parts, blocks
 
 
 def check_budget(config: Any, geometries: list[BlockGeometry]) -> None:
-    """Refuse a global budget that the floors (``min_part_keep``, ``min_block_keep``) make impossible."""
+    """Refuse a global budget that the floors (``min_part_keep``, ``min_block_keep``) make impossible: the allowed
+    sizes (whole structures, ``round_to``) are walked as the allocator walks them, so an allocation never fails
+    after its measurements."""
     if not uses_global_allocation(config):
         if config.block_sizes is not None:
             explicit_sizes(config, geometries)
         return
     target = config.sparsity_target
     dense = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
-    parts, blocks = _floors(config, geometries)
-    most = 0.0
-    for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
-        units = g.unit_costs(target)
-        removable = (g.attention_structures - a_min) * units["attention"] + (g.mlp_structures - n_min) * units["mlp"]
-        most += min(removable, blocks[i])
-    if config.sparsity * dense > most + 1e-6 * dense:
+    _, blocks = _floors(config, geometries)
+    try:
+        allocate(_part_curves(config, geometries, lambda block, part, sizes: [0.0] * len(sizes)),
+                 config.sparsity * dense, blocks)
+    except ValueError:
+        most = _most_removable(config, geometries)
         raise OsscarConfigError(
             f"sparsity={config.sparsity} asks to remove {config.sparsity * dense:.4g} of the decoder blocks' "
             f"{dense:.4g} {target}, but min_part_keep={config.min_part_keep} and min_block_keep="
-            f"{config.min_block_keep} allow at most {most:.4g} ({most / dense:.1%}): lower the floors or the sparsity")
+            f"{config.min_block_keep} allow at most {most:.4g} ({most / dense:.1%}): lower the floors or the sparsity"
+        ) from None
+
+
+def _most_removable(config: Any, geometries: list[BlockGeometry]) -> float:
+    """The most cost the floors let a global allocation remove (whole structures aside)."""
+    parts, blocks = _floors(config, geometries)
+    most = 0.0
+    for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
+        units = g.unit_costs(config.sparsity_target)
+        removable = (g.attention_structures - a_min) * units["attention"] + (g.mlp_structures - n_min) * units["mlp"]
+        most += min(removable, blocks[i])
+    return most
+
+
+def _part_curves(config: Any, geometries: list[BlockGeometry],
+                 damage: Callable[[int, str, list[int]], list[float]]) -> list[PartCurve]:
+    """One curve per (block, part) over its allowed sizes, with ``damage(block, part, sizes)``."""
+    parts, _ = _floors(config, geometries)
+    curves = []
+    for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
+        units = g.unit_costs(config.sparsity_target)
+        for part, full, floor, step in (("attention", g.attention_structures, a_min, 1),
+                                        ("mlp", g.mlp_structures, n_min, config.round_to)):
+            sizes = allowed_sizes(full, floor, step)
+            curves.append(PartCurve(i, part, sizes, damage(i, part, sizes), units[part]))
+    return curves
 
 
 def global_sizes(config: Any, geometries: list[BlockGeometry], damage: dict[tuple[int, str], dict[int, float]]
@@ -153,15 +188,8 @@ def global_sizes(config: Any, geometries: list[BlockGeometry], damage: dict[tupl
     """Spend the global budget on measured damage: ``damage[(block, part)]`` maps kept counts to damage (the
     allowed sizes of :func:`allowed_sizes` must all be there; the dense count maps to 0)."""
     target = config.sparsity_target
-    parts, blocks = _floors(config, geometries)
-    curves = []
-    for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
-        units = g.unit_costs(target)
-        for part, full, floor, step in (("attention", g.attention_structures, a_min, 1),
-                                        ("mlp", g.mlp_structures, n_min, config.round_to)):
-            sizes = allowed_sizes(full, floor, step)
-            table = damage[(i, part)]
-            curves.append(PartCurve(i, part, sizes, [table[k] for k in sizes], units[part]))
+    _, blocks = _floors(config, geometries)
+    curves = _part_curves(config, geometries, lambda i, part, sizes: [damage[(i, part)][k] for k in sizes])
     dense = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
     kept = allocate(curves, config.sparsity * dense, blocks)
     return [BlockSize(kept[(i, "attention")], kept[(i, "mlp")]) for i in range(len(geometries))]

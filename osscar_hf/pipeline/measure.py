@@ -16,9 +16,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..budgets import BlockSize
+from ..budgets import BlockSize, part_floors
 from ..budgets.flap import flap_sizes, standardised_structure_scores
-from ..budgets.plan import part_floor
 from ..capture import CapturedInputs, call_block, move_to
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
@@ -91,9 +90,7 @@ def measured_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs,
 
 
 def _floors(run: PruneRun) -> list[tuple[int, int]]:
-    config = run.config
-    return [(part_floor(g.attention_structures, config.min_part_keep),
-             part_floor(g.mlp_structures, config.min_part_keep, config.round_to)) for g in run.geometries]
+    return [(floor.attention, floor.mlp) for floor in (part_floors(run.config, g) for g in run.geometries)]
 
 
 def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:
@@ -111,7 +108,7 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
 
     dense_pass(run, source, captured, flap.statistics, on_block, progress=progress, description="FLAP scores")
     sizes = flap_sizes(scores, run.geometries, sparsity=run.config.sparsity, target=run.config.sparsity_target,
-                       floors=_floors(run))
+                       floors=_floors(run), min_block_keep=run.config.min_block_keep)
     return _rounded(run, sizes)
 
 

@@ -15,6 +15,7 @@ used and writes (and releases) it after.
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, get_submodule
 from ..budgets import BlockGeometry, BlockSize, block_geometries, check_budget, plan_fixed_sizes
-from ..activations import ActivationSpace
+from ..activations import ActivationSpace, ActivationStore
 from .. import capture as capture_module
 from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
@@ -41,7 +42,7 @@ from .model_config import update_model_config
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
-    "BlockSource", "InMemoryBlocks", "PruneRun", "capture", "finish_run", "measures_on_held_out", "plan_sizes",
+    "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "finish_run", "measures_on_held_out", "plan_sizes",
     "prune_blocks", "scratch_copy", "start_run",
 ]
 
@@ -190,14 +191,30 @@ def measures_on_held_out(config: OsscarConfig) -> bool:
     return config.sparsity is not None and config.resolved_allocation() == "osscar"
 
 
+def activation_space(run: PruneRun) -> ActivationSpace:
+    """The space for the run's activations, sized (for ``activation_storage="auto"``) for what the run holds at
+    once: the loop's streams, and while OSSCAR's allocation is measured, the captured inputs, the first prune's
+    streams and every block's inputs for the held-out windows."""
+    space = ActivationSpace.for_settings(run.settings)
+    if plans_on_held_out(run):
+        held_out_streams = (len(run.blocks) + 1) * run.config.allocation_samples / run.config.num_samples
+        space.streams = max(space.streams, 3 + math.ceil(held_out_streams))
+    return space
+
+
+def plans_on_held_out(run: PruneRun) -> bool:
+    """Whether this run still has to measure its plan on held-out windows (not when a resumed run has it)."""
+    return run.held_out is not None and not run.settings.sizes
+
+
 def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
     """Block 0's inputs for the calibration windows, into ``space`` (nothing when the run reads no data); those
-    of the held-out windows go to ``run.held_out_inputs``."""
+    of the held-out windows go to ``run.held_out_inputs`` when the plan is still to be measured."""
     if run.windows is None:
         return CapturedInputs(hidden=[], kwargs=[[] for _ in run.blocks])
     options = dict(batch_size=run.config.batch_size, storage_device=run.settings.storage_device, activations=space)
     captured = capture_module.capture_block_inputs(run.model, run.blocks, run.windows, **options)
-    if run.held_out is not None:  # after the calibration windows, which settle where the space keeps them
+    if plans_on_held_out(run):  # after the calibration windows, which settle where the space keeps them
         run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, run.held_out, **options)
     return captured
 
@@ -209,7 +226,12 @@ def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, 
         from .measure import measured_sizes
 
         started = time.perf_counter()
-        sizes = measured_sizes(run, source, captured, progress=progress)
+        try:
+            sizes = measured_sizes(run, source, captured, progress=progress)
+        finally:  # the held-out windows served the plan alone
+            if run.held_out_inputs is not None and isinstance(run.held_out_inputs.hidden, ActivationStore):
+                run.held_out_inputs.hidden.close()
+            run.held_out_inputs = None
         check_sizes(sizes, run.settings)
         run.settings = run.settings.with_sizes(sizes)
         run.plan_seconds = time.perf_counter() - started

@@ -35,14 +35,15 @@ from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
 from ..arch import get_submodule
-from ..budgets import BlockSize, allowed_sizes, global_sizes, part_floor, uniform_budget_sizes
+from ..budgets import BlockGeometry, BlockSize, allowed_sizes, global_sizes, part_floors, uniform_budget_sizes
 from ..capture import CapturedInputs, call_block, move_to
+from ..config import OsscarConfig
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
 from .orchestrate import BlockSource, PruneRun, scratch_copy
 
-__all__ = ["sensitivity_sizes"]
+__all__ = ["first_prune_sizes", "sensitivity_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     """Prune scratch copies uniformly to the target (stage A only); return every block's held-out inputs (the last
     entry: the last block's held-out outputs)."""
     settings = run.settings
-    uniform = uniform_budget_sizes(run.config, run.geometries)
+    uniform = first_prune_sizes(run.config, run.geometries)
     dtype = PLANNING_DTYPE or settings.attention.dtype
     # The first prune is a measurement: OSSCAR's stage A whatever the method (exact greedy would only be slower).
     first = replace(settings, method=get_method("osscar"), sizes=tuple(uniform), dense_targets=False, propagate=True,
@@ -110,6 +111,17 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     finally:
         bar.close()
     return stores
+
+
+def first_prune_sizes(config: OsscarConfig, geometries: list[BlockGeometry]) -> list[BlockSize]:
+    """The uniform sizes of the target, raised to the floors and to one structure per part: every part the
+    allocation may choose keeps an output whose gradient the sweep can measure."""
+    sizes = []
+    for size, g in zip(uniform_budget_sizes(config, geometries), geometries):
+        floor = part_floors(config, g)
+        sizes.append(BlockSize(max(size.attention, floor.attention, min(1, g.attention_structures)),
+                               max(size.mlp, floor.mlp, min(config.round_to, g.mlp_structures))))
+    return sizes
 
 
 def _final_modules(run: PruneRun) -> list[nn.Module]:
@@ -231,10 +243,10 @@ def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Mom
     geometry = run.geometries[index]
     out = {}
     consumers = block_consumers(dense, run.spec)
+    floors = part_floors(config, geometry)
     for part, full, group, round_to in (("attention", geometry.attention_structures, settings.attention_group_size, 1),
                                         ("mlp", geometry.mlp_structures, 1, config.round_to)):
-        floor = part_floor(full, config.min_part_keep, round_to)
-        sizes = allowed_sizes(full, floor, round_to)
+        sizes = allowed_sizes(full, getattr(floors, part), round_to)
         if moments[part].tokens == 0 or len(sizes) == 1:  # a part the loss does not reach: free to remove
             out[(index, part)] = {k: 0.0 for k in sizes}
             continue
@@ -251,6 +263,7 @@ def _backward_sweep(run: PruneRun, source: BlockSource, held_inputs: list[Activa
                     ) -> dict[tuple[int, str], dict[int, float]]:
     device = run.settings.device
     grads = _head_gradients(run, held_inputs[-1])
+    held_inputs[-1].close()  # each store is released once the sweep has passed it
     damage: dict[tuple[int, str], dict[int, float]] = {}
     bar = tqdm(total=len(run.blocks), desc="planning: sensitivity", unit="block", disable=not progress)
     try:
@@ -263,6 +276,7 @@ def _backward_sweep(run: PruneRun, source: BlockSource, held_inputs: list[Activa
                 block.to(device)
                 moments, grads = _block_sensitivity(run, index, pruned, block, held_inputs[index], grads)
                 damage.update(_curves(run, index, block, moments))
+                held_inputs[index].close()
             finally:
                 block.to(home)
                 source.release(index, block)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..activations import ActivationSpace
 from ..arch import ArchSpec, get_spec, get_submodule
 from ..budgets import BlockSize
 from ..errors import OsscarError, UnsupportedModelError
@@ -39,6 +38,7 @@ from ..io.save import (
 )
 from ..io.shapes import apply_block_shapes, osscar_quantization_config
 from ..pipeline import (
+    activation_space,
     BlockStream,
     PruneRun,
     capture,
@@ -477,7 +477,7 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
                    ) -> tuple[list[BlockReport], dict[str, Any]]:
     """Capture, plan, prune (or replay) every block; return the block reports and where the activations were kept.
     The activations live in a space (memory, or files in a temporary folder) removed at the end, also on errors."""
-    space = ActivationSpace.for_settings(run.settings)
+    space = activation_space(run)
     # Every block finished (the run stopped while writing the checkpoint): no block's inputs are needed any more.
     finished = len(source.done) == len(source.block_keys)
     with space:
@@ -489,9 +489,11 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
         if captured is not None:
             # A measured plan runs the LM head (the non-block weights stay until it is made).
             measured = not run.settings.sizes
-            with torch.no_grad():
-                plan_sizes(run, source, captured, progress=progress)
-            shutil.rmtree(source.tmp / SCRATCH_FOLDER, ignore_errors=True)
+            try:
+                with torch.no_grad():
+                    plan_sizes(run, source, captured, progress=progress)
+            finally:  # the planning copies are not kept for a resume (it measures again)
+                shutil.rmtree(source.tmp / SCRATCH_FOLDER, ignore_errors=True)
             if measured:  # a resumed run reuses this plan instead of measuring again
                 source.plan = [size.to_dict() for size in run.settings.sizes]
                 source.save_progress()

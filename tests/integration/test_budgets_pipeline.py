@@ -209,3 +209,31 @@ def test_a_global_allocation_on_cuda_matches_cpu(method, tokenizer, calibration_
     assert sizes[0] == sizes[1]
     with torch.no_grad():
         torch.testing.assert_close(gpu(IDS).logits, cpu(IDS).logits, rtol=2e-3, atol=2e-3)
+
+
+def test_the_plan_counts_in_the_activation_space_and_releases_its_windows(tmp_path, tokenizer, calibration_texts):
+    import math
+
+    from osscar_hf.pipeline import InMemoryBlocks, activation_space, capture, plan_sizes, start_run
+
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    spec = get_spec(model)
+    config = OsscarConfig(sparsity=0.3, dataset=calibration_texts, allocation_samples=4, activation_storage="disk",
+                          activation_dir=str(tmp_path), **{**SMALL, "num_samples": 8})
+    pruner = OsscarPruner(config)
+    run = start_run(config, model, spec, lambda held: pruner.calibration_window_sets(model, tokenizer, held_out=held))
+    space = activation_space(run)
+    assert space.streams == 3 + math.ceil(4 * 4 / 8)  # the first prune's streams and 4 blocks' held-out inputs
+    with space, torch.no_grad():
+        captured = capture(run, space)
+        captured_bytes = space.bytes_on_disk  # 8 calibration windows and 4 held-out ones
+        assert run.held_out_inputs is not None and captured_bytes > 0
+        plan_sizes(run, InMemoryBlocks(), captured, progress=False)
+        assert run.held_out_inputs is None and run.settings.sizes
+        # Every planning store is gone, the held-out inputs too: only the 8 calibration windows' inputs stay.
+        assert space.bytes_on_disk * 12 == captured_bytes * 8
+
+    uniform = OsscarConfig(sparsity=0.3, allocation="uniform", dataset=calibration_texts, **SMALL)
+    run = start_run(uniform, model, spec, lambda held: pruner.calibration_window_sets(model, tokenizer, held_out=held))
+    assert activation_space(run).streams == 2
+

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from osscar_hf.arch import get_spec
 from osscar_hf.budgets import (
     BlockSize,
     PartCurve,
     allocate,
+    lower_hull,
     allowed_sizes,
     block_geometries,
     check_budget,
@@ -175,6 +177,15 @@ def test_flap_standardises_within_a_layer_and_ranks_globally():
     dense = sum(g.params(g.attention_structures, g.mlp_structures) for g in geometries)
     assert kept <= 0.6 * dense and 0.6 * dense - kept < geometries[0].mlp_params  # within one neuron
     assert sizes[0].mlp > sizes[1].mlp  # block 0 scores higher everywhere: it keeps more
+    # A block floor keeps block 1 at half its parameters, whatever its scores; the budget is still met.
+    floored = flap_sizes(ranked, geometries, sparsity=0.4, target="params", floors=[(0, 0), (0, 0)],
+                         min_block_keep=0.5)
+    g1 = geometries[1]
+    assert g1.params(floored[1].attention, floored[1].mlp) >= 0.5 * g1.params(g1.attention_structures,
+                                                                               g1.mlp_structures)
+    assert g1.params(sizes[1].attention, sizes[1].mlp) < 0.5 * g1.params(g1.attention_structures, g1.mlp_structures)
+    kept = sum(g.params(s.attention, s.mlp) for g, s in zip(geometries, floored))
+    assert kept <= 0.6 * dense and 0.6 * dense - kept < geometries[0].mlp_params
 
 
 def test_block_consumers_are_the_two_output_projections():
@@ -182,3 +193,56 @@ def test_block_consumers_are_the_two_output_projections():
     block = model.get_submodule(get_spec(model).blocks)[0]
     consumers = block_consumers(block, get_spec(model))
     assert consumers["attention"] is block.self_attn.out_proj and consumers["mlp"] is block.fc2
+
+
+def _min_slope_chain(curve: PartCurve) -> list[int]:
+    """Brute force: from each point, the nearest later point of smallest damage per unit of cost removed."""
+    chain, at = [0], 0
+    while at + 1 < len(curve.sizes):
+        slopes = [((curve.damage[j] - curve.damage[at]) / ((curve.sizes[at] - curve.sizes[j]) * curve.unit), j)
+                  for j in range(at + 1, len(curve.sizes))]
+        best = min(s for s, _ in slopes)
+        at = next(j for s, j in slopes if s <= best + 1e-12 * abs(best))
+        chain.append(at)
+    return chain
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_lower_hull_is_the_chain_of_smallest_slopes(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    damage = torch.cat([torch.zeros(1), torch.rand(n - 1, generator=g).cumsum(0)])
+    if seed % 2:  # with collinear runs
+        damage[10:20] = torch.linspace(float(damage[10]), float(damage[10]) + 5.0, 10)
+    curve = PartCurve(0, "mlp", list(range(n, 0, -1)), damage.tolist(), 2.0)
+    assert lower_hull(curve) == _min_slope_chain(curve)
+
+
+def test_the_planning_prune_keeps_every_part_it_measures():
+    from osscar_hf.budgets import uniform_budget_sizes
+    from osscar_hf.pipeline.sensitivity import first_prune_sizes
+
+    model = make_model("llama-gqa", num_hidden_layers=2)
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    config = OsscarConfig(sparsity=0.97, min_part_keep=0.0, min_block_keep=0.0)
+    uniform = uniform_budget_sizes(config, geometries)
+    assert any(s.attention == 0 or s.mlp == 0 for s in uniform)  # the target itself empties a part
+    assert all(s.attention >= 1 and s.mlp >= 1 for s in first_prune_sizes(config, geometries))
+    floored = OsscarConfig(sparsity=0.5, min_part_keep=0.6, min_block_keep=0.0)
+    for size, g in zip(first_prune_sizes(floored, geometries), geometries):
+        assert size.mlp >= 0.6 * g.mlp_structures and size.attention >= 0.6 * g.attention_structures
+
+
+def test_a_budget_only_fractions_of_a_structure_could_meet_is_refused_before_any_work():
+    model = make_model("llama-gqa")
+    geometries = block_geometries(model, get_spec(model), seq_len=32)
+    # round_to=64 (the full width) leaves each MLP all or nothing, so the floors' continuous bound overstates what
+    # whole structures can remove: the allocator would fail only after the measurements.
+    g = geometries[0]
+    dense = sum(x.params(x.attention_structures, x.mlp_structures) for x in geometries)
+    config = OsscarConfig(sparsity=0.45, round_to=g.mlp_structures, min_part_keep=0.0, min_block_keep=0.55)
+    with pytest.raises(OsscarConfigError, match=r"sparsity=0\.45 asks to remove .* lower the floors or the sparsity"):
+        check_budget(config, geometries)
+    # ... while each block's floor alone, counted in fractions, would allow exactly that much
+    caps = sum(0.45 * x.params(x.attention_structures, x.mlp_structures) for x in geometries)
+    assert caps == pytest.approx(0.45 * dense)
