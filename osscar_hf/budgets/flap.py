@@ -23,10 +23,13 @@ def standardised_structure_scores(channel_scores: torch.Tensor, group_size: int)
 
 
 def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[BlockGeometry], *, sparsity: float,
-               target: str, floors: list[tuple[int, int]], min_block_keep: float = 0.0) -> list[BlockSize]:
+               target: str, floors: list[tuple[int, int]], min_block_keep: float = 0.0, round_to: int = 1
+               ) -> list[BlockSize]:
     """Kept sizes from FLAP's global ranking. ``scores[(block, part)]``: standardised structure scores;
-    ``floors[block]``: the fewest (attention, mlp) structures a block keeps; ``min_block_keep``: the fraction of
-    each block's cost it keeps (its best-scored structures, whatever their rank among all blocks)."""
+    ``floors[block]``: the fewest (attention, mlp) structures a block keeps (neurons: a multiple of ``round_to``);
+    ``min_block_keep``: the fraction of each block's cost it keeps (its best-scored structures, whatever their rank
+    among all blocks); ``round_to``: neurons are ranked and kept in runs of that many (their mean score), so every
+    count is a multiple of it or the full width."""
     total = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
     fixed = sum(g.cost(target, 0, 0) for g in geometries)
     budget = (1.0 - sparsity) * total - fixed
@@ -40,21 +43,25 @@ def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[Blo
             order = torch.sort(part_scores, descending=True, stable=True).indices.tolist()
             kept[(block, part)] = floor
             budget -= floor * units[part]  # the floor is kept whatever its score
-            candidates += [(-float(part_scores[order[rank]]), block, rank, part, units[part])
-                           for rank in range(floor, len(order))]
+            run = round_to if part == "mlp" else 1
+            for rank in range(floor, len(order), run):
+                members = order[rank:rank + run]
+                candidates.append((-float(part_scores[members].mean()), block, rank, part, units[part] * len(members)))
         candidates.sort(key=lambda e: (e[0], e[2], e[3]))  # each part's structures stay in rank order
         block_cost = geometry.cost(target, *floors[block])
         least = min_block_keep * geometry.cost(target, geometry.attention_structures, geometry.mlp_structures)
         while candidates and block_cost < least - 1e-9:  # the block floor, also whatever the scores
             _, _, _, part, cost = candidates.pop(0)
-            kept[(block, part)] += 1
+            kept[(block, part)] += round(cost / units[part])
             block_cost += cost
             budget -= cost
         entries += candidates
     entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+    skipped: set[tuple[int, str]] = set()  # a part whose run did not fit keeps none of its later (lower) runs
     for _, block, _, part, cost in entries:
-        if cost > budget + 1e-9:
+        if (block, part) in skipped or cost > budget + 1e-9:
+            skipped.add((block, part))
             continue
         budget -= cost
-        kept[(block, part)] += 1
+        kept[(block, part)] += round(cost / geometries[block].unit_costs(target)[part])
     return [BlockSize(kept[(b, "attention")], kept[(b, "mlp")]) for b in range(len(geometries))]

@@ -5,8 +5,9 @@
 * ``sparsity`` with ``allocation="uniform"``: every block removes the same fraction of its attention structures
   (``keep_count(m, sparsity)``) and the same number of neurons, chosen so that the decoder blocks' total cost
   (``sparsity_target``: parameters or multiply-adds per token) lands as close to the target as uniform sizes can.
-* ``sparsity`` with a global allocation: the sizes come from damage curves measured on calibration data
-  (:mod:`osscar_hf.budgets.measure`), spent by :func:`osscar_hf.budgets.allocate.allocate`.
+* ``sparsity`` with a global allocation: the sizes come from measurements on calibration data
+  (:mod:`osscar_hf.pipeline.measure`): OSSCAR's damage curves spent by :func:`global_sizes` (the allocator,
+  :func:`osscar_hf.budgets.allocate.allocate`), or FLAP's ranking (:func:`osscar_hf.budgets.flap.flap_sizes`).
 
 ``round_to`` makes every kept neuron count a multiple of it (or the full width); ``min_part_keep`` and
 ``min_block_keep`` bound how far a global allocation may cut one part or one block. Everything a plan needs is

@@ -90,8 +90,9 @@ class PruningMethod:
     ``statistics``: what the pipeline must accumulate for :meth:`select` (:data:`GRAM`, :data:`MOMENTS`).
     ``refits``: whether the kept weights are re-fitted (then dense targets apply). ``adds_bias``: whether the
     consumers get an output bias (bias compensation), which the architecture must be able to hold.
-    ``allocation``: the name of the method's own global allocation (see :mod:`osscar_hf.budgets`), or None when
-    a global ``sparsity`` uses the library's allocation for Gram-based methods and is refused otherwise.
+    ``allocation``: the name of the global allocation a ``sparsity`` uses with ``allocation="global"`` (a key of
+    :mod:`osscar_hf.pipeline.measure`'s allocations: ``"osscar"``, ``"flap"``), or None when the method has none
+    (then only ``allocation="uniform"`` applies, and ``"global"`` is refused).
     """
 
     name: ClassVar[str]

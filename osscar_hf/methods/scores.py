@@ -6,7 +6,7 @@
 - ``flap``: FLAP (An et al., AAAI 2024): the fluctuation ``Var(x_j) * ||W_:,j||^2`` of each input channel summed
   over the structure, and bias compensation: the pruned channels' mean contribution ``W_:,pruned E[x_pruned]`` is
   added to the consumer's bias, so the output keeps its mean. With a global ``sparsity`` FLAP allocates with its
-  own rule (see :func:`osscar_hf.budgets.flap_allocation`).
+  own rule (see :func:`osscar_hf.budgets.flap.flap_sizes`).
 """
 
 from __future__ import annotations

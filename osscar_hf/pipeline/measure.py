@@ -1,9 +1,13 @@
-"""The planning pass of a global allocation: one pass over the blocks on the dense model, before any block is
-pruned, that measures what the allocation needs, then the sizes.
+"""The planning of a global allocation, before any block is pruned: each allocation (``_ALLOCATIONS``, by name)
+measures what it needs and returns every block's sizes.
 
-The pass runs each block (loaded from its :class:`~osscar_hf.pipeline.orchestrate.BlockSource`, released after)
-on the dense stream of block inputs and hands the statistics of its two consumers to the allocation. It works on a
-copy of the captured block-0 inputs, so the pruning pass that follows starts from the same inputs.
+* ``"flap"``: one pass over the blocks on the dense model (:func:`dense_pass`): each block (loaded from its
+  :class:`~osscar_hf.pipeline.orchestrate.BlockSource`, released after) runs on the dense stream of block inputs
+  and the statistics of its two consumers give FLAP's standardised scores, ranked globally.
+* ``"osscar"``: a uniform first prune of planning copies, then a backward sweep of the loss's sensitivity on
+  held-out windows (two passes, :mod:`.sensitivity`).
+
+Both work on copies of the captured block-0 inputs, so the pruning pass that follows starts from the same inputs.
 """
 
 from __future__ import annotations
@@ -107,17 +111,8 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
             scores[(index, part)] = standardised_structure_scores(flap.channel_scores(problem).cpu(), group)
 
     dense_pass(run, source, captured, flap.statistics, on_block, progress=progress, description="FLAP scores")
-    sizes = flap_sizes(scores, run.geometries, sparsity=run.config.sparsity, target=run.config.sparsity_target,
-                       floors=_floors(run), min_block_keep=run.config.min_block_keep)
-    return _rounded(run, sizes)
-
-
-def _rounded(run: PruneRun, sizes: list[BlockSize]) -> list[BlockSize]:
-    """``round_to`` applied to allocations that choose neuron counts one by one."""
-    from ..budgets import round_neurons
-
-    return [BlockSize(s.attention, round_neurons(s.mlp, g.mlp_structures, run.config.round_to))
-            for s, g in zip(sizes, run.geometries)]
+    return flap_sizes(scores, run.geometries, sparsity=run.config.sparsity, target=run.config.sparsity_target,
+                      floors=_floors(run), min_block_keep=run.config.min_block_keep, round_to=run.config.round_to)
 
 
 def _osscar(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:

@@ -48,7 +48,7 @@ __all__ = ["first_prune_sizes", "sensitivity_sizes"]
 logger = logging.getLogger(__name__)
 
 CURVE_POINTS = 128  # stage-A steps of a damage curve at most (the MLP step is neurons / CURVE_POINTS)
-HEAD_CHUNK = 512    # positions per LM-head evaluation in the backward sweep (bounds the logits' memory)
+HEAD_TOKENS = 4096  # tokens per LM-head evaluation in the backward sweep (bounds the logits' memory)
 # The fraction of the calibration batches the uniform first prune calibrates on. Measured on SmolLM2 at 54.2% kept:
 # with a quarter of them the first prune is a worse model, and so is the allocation measured in it (198 instead of
 # 141 WikiText-2, worse than uniform): keep all.
@@ -149,8 +149,9 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
             module.to(device)
         for hidden in outputs:
             grad = torch.zeros_like(hidden, device=storage)
-            for start in range(0, hidden.shape[1], HEAD_CHUNK):
-                x = hidden[:, start:start + HEAD_CHUNK].to(device).detach().requires_grad_()
+            chunk_positions = max(1, HEAD_TOKENS // hidden.shape[0])
+            for start in range(0, hidden.shape[1], chunk_positions):
+                x = hidden[:, start:start + chunk_positions].to(device).detach().requires_grad_()
                 with torch.enable_grad():
                     logits = x
                     for module in modules:
@@ -160,7 +161,7 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
                         labels = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).flatten()
                     loss = F.cross_entropy(logits, labels.to(device), reduction="sum")
                     (chunk,) = torch.autograd.grad(loss, x)
-                grad[:, start:start + HEAD_CHUNK] = chunk.to(storage)
+                grad[:, start:start + chunk_positions] = chunk.to(storage)
             grads.append(grad)
     finally:
         for module, home in zip(modules, homes):
