@@ -344,6 +344,8 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                        "always kept (0 lets a block lose its whole attention or MLP)")
     sizes.add_argument("--min-block-keep", type=unit_fraction, default=None, metavar="F",
                        help="with a global allocation: fraction of every block's parameters always kept")
+    sizes.add_argument("--allocation-samples", type=positive_int, default=None, metavar="N",
+                       help="with OSSCAR's global allocation: held-out calibration windows it measures on (default 8)")
 
 
 def register_prune(subparsers: argparse._SubParsersAction) -> None:
@@ -432,6 +434,11 @@ def _check_prune_arguments(parser: argparse.ArgumentParser, args: argparse.Names
                      f"{'--mlp-sparsity' if uniform[0] is None else '--attention-sparsity'}")
     if args.sparsity is None and args.allocation != "auto":
         parser.error("--allocation applies to --sparsity")
+    global_only = [f"--{name.replace('_', '-')}" for name in ("min_part_keep", "min_block_keep", "allocation_samples")
+                   if getattr(args, name) is not None]
+    if global_only and (args.sparsity is None or args.allocation == "uniform"):
+        parser.error(f"{', '.join(global_only)} apply to a global allocation (--sparsity without --allocation "
+                     "uniform); leave them out")
     if args.dataset is None and args.method != "magnitude":
         parser.error(f"--dataset is required: method {args.method} calibrates on data")
 
@@ -451,7 +458,7 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"method": args.method, "round_to": args.round_to}
     if args.sparsity is not None:
         options.update(sparsity=args.sparsity, sparsity_target=args.sparsity_target, allocation=args.allocation)
-        for name in ("min_part_keep", "min_block_keep"):
+        for name in ("min_part_keep", "min_block_keep", "allocation_samples"):
             if getattr(args, name) is not None:
                 options[name] = getattr(args, name)
     elif args.block_sizes is not None:

@@ -39,10 +39,10 @@ def uses_global_allocation(config: Any) -> bool:
 
 def round_neurons(kept: int, full: int, round_to: int) -> int:
     """``kept`` rounded to the nearest allowed count: a multiple of ``round_to`` (halves up) or ``full`` itself, never
-    above ``full``."""
+    above ``full``, and never 0 for a count that was not (an MLP is only removed whole when asked)."""
     if round_to <= 1 or kept >= full:
         return min(kept, full)
-    rounded = int(math.floor(kept / round_to + 0.5)) * round_to
+    rounded = max(int(math.floor(kept / round_to + 0.5)), 1 if kept > 0 else 0) * round_to
     return full if rounded >= full or full - kept < abs(kept - rounded) else rounded
 
 

@@ -20,8 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..budgets import BlockSize, part_floors
-from ..budgets.flap import flap_sizes, standardised_structure_scores
+from ..budgets import BlockSize, flap_sizes, part_floors, standardised_structure_scores
 from ..capture import CapturedInputs, call_block, move_to
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..arch import ArchSpec
-from ..budgets.sizes import BlockSize
+from ..budgets import BlockSize
 from ..methods import PruningMethod, SolveSettings, get_method
 
 __all__ = ["LoopSettings", "loop_settings"]
@@ -41,10 +41,6 @@ class LoopSettings:
     def attention_group_size(self) -> int:
         """Input channels of the attention output projection per structure."""
         return self.n_rep * self.head_dim
-
-    @property
-    def dense_size(self) -> BlockSize:
-        return BlockSize(self.num_attention_groups, self.num_neurons)
 
     def size(self, index: int) -> BlockSize:
         """The kept sizes of block ``index``."""

@@ -73,7 +73,7 @@ def test_geometry_with_biases_counts_the_biases_a_method_adds():
 
 # --------------------------------------------------------------------------- rounding and floors
 def test_round_neurons():
-    assert [round_neurons(k, 100, 8) for k in (0, 3, 4, 12, 96, 99, 100)] == [0, 0, 8, 16, 96, 100, 100]
+    assert [round_neurons(k, 100, 8) for k in (0, 3, 4, 12, 96, 99, 100)] == [0, 8, 8, 16, 96, 100, 100]  # 3: never 0
     assert round_neurons(37, 48, 1) == 37
 
 

@@ -621,6 +621,10 @@ def test_prune_stream_refuses_eval(workdir, tmp_path, capsys) -> None:
     (["prune", "m", "--sparsity", "0.3", "--method", "sparsegpt", "--dataset", "d", "--output", "o"],
      "invalid choice: 'sparsegpt'"),
     (["prune", "m", "--sparsity", "0.3", "--min-part-keep", "1.5", "--dataset", "d", "--output", "o"], "'1.5'"),
+    (["prune", "m", "--attention-sparsity", "0.3", "--mlp-sparsity", "0.5", "--min-block-keep", "0.5",
+      "--dataset", "d", "--output", "o"], "--min-block-keep apply to a global allocation"),
+    (["prune", "m", "--sparsity", "0.3", "--allocation", "uniform", "--allocation-samples", "4",
+      "--dataset", "d", "--output", "o"], "--allocation-samples apply to a global allocation"),
 ])
 def test_bad_size_options_exit_2_with_one_line(capsys, argv, fragment) -> None:
     assert _exit_code(argv) == 2
@@ -631,11 +635,12 @@ def test_bad_size_options_exit_2_with_one_line(capsys, argv, fragment) -> None:
 def test_prune_with_a_global_sparsity_and_a_method(workdir, tmp_path, capsys) -> None:
     out = tmp_path / "pruned"
     code = _run(["prune", str(workdir / "src"), "--sparsity", "0.4", "--method", "flap", "--round-to", "8",
-                 "--min-part-keep", "0.25", "--num-samples", "4", "--seq-len", "32", "--batch-size", "2",
-                 "--device", "cpu", "--dataset", str(workdir / "calib.txt"), "--output", str(out)])
+                 "--min-part-keep", "0.25", "--allocation-samples", "3", "--num-samples", "4", "--seq-len", "32",
+                 "--batch-size", "2", "--device", "cpu", "--dataset", str(workdir / "calib.txt"), "--output", str(out)])
     assert code == 0
     report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
     assert report["config"]["method"] == "flap" and report["config"]["sparsity"] == 0.4
+    assert report["config"]["allocation_samples"] == 3 and report["config"]["min_part_keep"] == 0.25
     assert report["budget"]["allocation"] == "flap" and report["config"]["round_to"] == 8
     assert all(b["mlp"]["kept"] % 8 == 0 for b in report["blocks"])
     loaded, _ = load_model_and_tokenizer(out, device="cpu")
