@@ -47,9 +47,8 @@ POINTS = (0.1, 0.2, 0.3, 0.4, 0.458, 0.5)
 RUNS = (("osscar", "uniform"), ("osscar", "global"), ("obs_greedy", "uniform"), ("obs_greedy", "global"),
         ("flap", "uniform"), ("flap", "global"), ("wanda_sp", "uniform"), ("magnitude", "uniform"))
 # Ablations at 0.458 (54.2% of the block parameters kept): name -> OsscarConfig overrides on top of osscar.
+# (Plain uniform and global OSSCAR at 0.458 are rows of the grid.)
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "uniform": {"allocation": "uniform"},
-    "global": {"allocation": "global"},
     "global, dense targets": {"allocation": "global", "dense_targets": True},
     "uniform, dense targets": {"allocation": "uniform", "dense_targets": True},
     "global, 128 calibration windows": {"allocation": "global", "num_samples": 128},
@@ -79,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", default=",".join(map(str, POINTS)), help="sparsities to run")
     parser.add_argument("--methods", default=None, help="restrict to these methods (comma-separated)")
     parser.add_argument("--allocations", default="uniform,global", help="uniform and/or global")
+    parser.add_argument("--skip", default="", help="method:allocation pairs not to run, e.g. obs_greedy:global")
     parser.add_argument("--ablations", action="store_true", help="run the ablations at 0.458 instead")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.points = [float(p) for p in args.points.split(",") if p]
     args.methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
     args.allocations = [a for a in args.allocations.split(",") if a]
+    args.skip = {tuple(pair.split(":", 1)) for pair in args.skip.split(",") if pair}
     return args
 
 
@@ -139,6 +140,20 @@ def fmt(value: float) -> str:
     return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
 
 
+PLOT_TOP = 3000.0  # perplexities above this (the magnitude baseline's collapse) would flatten every other line
+METHOD_ORDER = ("dense", "osscar", "obs_greedy", "flap", "wanda_sp", "magnitude")
+
+
+def _series_order(series: tuple[str, str]) -> tuple[int, bool]:
+    method, allocation = series
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), allocation != "uniform")
+
+
+def _allocation_label(allocation: str) -> str:
+    """The report's allocation name as the tables show it: "uniform", or "global" (OSSCAR's or FLAP's own)."""
+    return allocation if allocation in ("uniform", "-") else "global"
+
+
 def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
     lines = ["# Quality: SmolLM2-135M-Instruct, every method of osscar_hf", ""]
     lines += [f"- {key}: {settings[key]}" for key in ("model", "calibration", "evaluation", "machine")]
@@ -148,12 +163,20 @@ def markdown(rows: list[Row], settings: dict[str, Any]) -> str:
         points = sorted({r.sparsity for r in grid})
         header = ["method", "allocation"] + [f"{p:g}" for p in points]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method, allocation in dict.fromkeys((r.method, r.allocation) for r in grid):
+        for method, allocation in sorted(dict.fromkeys((r.method, r.allocation) for r in grid), key=_series_order):
             cells = []
             for p in points:
                 match = [r for r in grid if (r.method, r.allocation, r.sparsity) == (method, allocation, p)]
                 cells.append(f"{fmt(match[0].perplexity)} ({match[0].kl:.3f})" if match else "-")
-            lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {_allocation_label(allocation)} | " + " | ".join(cells) + " |")
+    ablations = [r for r in rows if r.name.startswith("ablation:")]
+    if ablations:
+        reference = [r for r in grid if r.method == "osscar" and r.sparsity == 0.458]
+        lines += ["", "## Ablations at 54.2% of the block parameters kept (sparsity 0.458), method osscar", "",
+                  "| run | ppl | KL | prune s |", "|---|---:|---:|---:|"]
+        for r in reference + ablations:
+            label = r.name.removeprefix("ablation: ") if r in ablations else f"{r.allocation} (grid row)"
+            lines.append(f"| {label} | {fmt(r.perplexity)} | {r.kl:.4f} | {r.prune_seconds:.0f} |")
     lines += ["", "## Every run", "",
               "| run | method | allocation | sparsity | block params kept | params | ppl | KL | prune s |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -174,16 +197,18 @@ def plot(rows: list[Row], path: Path) -> Path | None:
         return None
     grid = [r for r in rows if not r.name.startswith("ablation:") and r.method != "dense"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, allocation in dict.fromkeys((r.method, r.allocation) for r in grid):
+    for method, allocation in sorted(dict.fromkeys((r.method, r.allocation) for r in grid), key=_series_order):
         series = sorted((r.block_params_kept, r.perplexity) for r in grid if (r.method, r.allocation) ==
                         (method, allocation))
-        style = "-" if allocation == "global" else "--"
+        style = "--" if allocation == "uniform" else "-"
+        above = " (above the plot)" if any(y > PLOT_TOP for _, y in series) else ""
         ax.plot([x * 100 for x, _ in series], [y for _, y in series], style, marker="o", markersize=3,
-                label=f"{method} ({allocation})")
+                label=f"{method} ({_allocation_label(allocation)}){above}")
     dense = [r for r in rows if r.method == "dense"]
     if dense:
         ax.axhline(dense[0].perplexity, color="grey", linewidth=0.8, label="dense")
     ax.set_yscale("log")
+    ax.set_ylim(top=PLOT_TOP)
     ax.set_xlabel("decoder-block parameters kept (%)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M: one-shot structured pruning, same calibration")
@@ -310,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for sparsity in args.points:
         for method, allocation in RUNS:
-            if (args.methods and method not in args.methods) or allocation not in args.allocations:
+            if ((args.methods and method not in args.methods) or allocation not in args.allocations
+                    or (method, allocation) in args.skip):
                 continue
             run(f"{method} {allocation} {sparsity:g}", sparsity, {"method": method, "allocation": allocation})
     return 0
