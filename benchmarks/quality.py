@@ -54,6 +54,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, 128 calibration windows": {"allocation": "global", "num_samples": 128},
     "uniform, 128 calibration windows": {"allocation": "uniform", "num_samples": 128},
     "uniform, neurons only": {"block_sizes": "neurons-only"},
+    "uniform, calibration seed 1": {"allocation": "uniform", "seed": 1},
+    "global, calibration seed 1": {"allocation": "global", "seed": 1},
 }
 
 
