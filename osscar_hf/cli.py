@@ -508,12 +508,12 @@ def run_prune_command(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
         activation_dir=args.activation_dir, **_budget_options(args),
     )
-    config.check_method()
+    pruner = OsscarPruner(config)  # checks the method against the other fields, before the model is loaded
     _check_stock_format(config, args.format)
     # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
     map_large_allocations()
     if args.stream:
-        return _prune_streaming(args, config, output)
+        return _prune_streaming(args, pruner, output)
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
     resolve_device(args.device)
 
@@ -524,7 +524,6 @@ def run_prune_command(args: argparse.Namespace) -> int:
         dense = _perplexity(model, tokenizer, eval_texts, args, batch_size=1)
         model.to("cpu")  # the pruner moves one block at a time to the device
         print(f"dense perplexity  {_describe_ppl(dense)}")
-    pruner = OsscarPruner(config)
     pruner.prune(model, tokenizer)
     report = pruner.report
     if eval_texts is not None:
@@ -582,17 +581,14 @@ def _finish_prune(args: argparse.Namespace, report: Any, output: Path) -> int:
     return 0
 
 
-def _prune_streaming(args: argparse.Namespace, config: Any, output: Path) -> int:
+def _prune_streaming(args: argparse.Namespace, pruner: Any, output: Path) -> int:
     """``prune --stream``: OsscarPruner.prune_checkpoint on a local folder or a Hub id (resumes an interrupted
     run)."""
-    from osscar_hf.pruner import OsscarPruner
-
     if args.eval:
         raise CommandError("--eval needs the dense model in memory and cannot be combined with --stream; "
                            f"measure the output afterwards with: {PROG} eval {output} --dataset {args.eval}")
     folder = Path(args.model).expanduser()
     source = folder if folder.is_dir() else args.model  # a Hub id: downloaded shard by shard into the HF cache
-    pruner = OsscarPruner(config)
     pruner.prune_checkpoint(source, output, overwrite=args.overwrite, token=args.token, revision=args.revision,
                             delete_downloaded_shards=args.delete_downloaded_shards, format=args.format,
                             resume=args.resume, dtype=args.dtype, base_model=args.base_model)

@@ -33,7 +33,7 @@ def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[Blo
     total = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
     fixed = sum(g.cost(target, 0, 0) for g in geometries)
     budget = (1.0 - sparsity) * total - fixed
-    entries: list[tuple[float, int, int, str, float]] = []  # (-score, block, rank, part, cost)
+    entries: list[tuple[float, int, int, str, float, int]] = []  # (-score, block, rank, part, cost, structures)
     kept = {}
     for block, geometry in enumerate(geometries):
         units = geometry.unit_costs(target)
@@ -46,22 +46,23 @@ def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[Blo
             run = round_to if part == "mlp" else 1
             for rank in range(floor, len(order), run):
                 members = order[rank:rank + run]
-                candidates.append((-float(part_scores[members].mean()), block, rank, part, units[part] * len(members)))
+                candidates.append((-float(part_scores[members].mean()), block, rank, part,
+                                   units[part] * len(members), len(members)))
         candidates.sort(key=lambda e: (e[0], e[2], e[3]))  # each part's structures stay in rank order
         block_cost = geometry.cost(target, *floors[block])
         least = min_block_keep * geometry.cost(target, geometry.attention_structures, geometry.mlp_structures)
         while candidates and block_cost < least - 1e-9:  # the block floor, also whatever the scores
-            _, _, _, part, cost = candidates.pop(0)
-            kept[(block, part)] += round(cost / units[part])
+            _, _, _, part, cost, count = candidates.pop(0)
+            kept[(block, part)] += count
             block_cost += cost
             budget -= cost
         entries += candidates
     entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
     skipped: set[tuple[int, str]] = set()  # a part whose run did not fit keeps none of its later (lower) runs
-    for _, block, _, part, cost in entries:
+    for _, block, _, part, cost, count in entries:
         if (block, part) in skipped or cost > budget + 1e-9:
             skipped.add((block, part))
             continue
         budget -= cost
-        kept[(block, part)] += round(cost / geometries[block].unit_costs(target)[part])
+        kept[(block, part)] += count
     return [BlockSize(kept[(b, "attention")], kept[(b, "mlp")]) for b in range(len(geometries))]

@@ -21,8 +21,8 @@ from .osscar import ObsGreedy, Osscar
 from .scores import Flap, Magnitude, WandaSP
 
 __all__ = [
-    "GRAM", "MOMENTS", "LayerProblem", "LayerStatistics", "PruningMethod", "Selection", "SolveSettings", "describe_method",
-    "get_method", "method_names", "register_method",
+    "GRAM", "MOMENTS", "LayerProblem", "LayerStatistics", "PruningMethod", "Selection", "SolveSettings",
+    "describe_method", "get_method", "method_names", "register_method",
 ]
 
 _METHODS: dict[str, type[PruningMethod]] = {}

@@ -22,7 +22,7 @@ from .statistics import InputStatistics, input_hooks
 
 __all__ = [
     "PARTS", "BlockSource", "BlockStream", "InMemoryBlocks", "InputStatistics", "LoopSettings", "PruneRun",
-    "activation_space", "announce_block", "block_consumers", "block_device", "build_report", "calibration_seq_len", "capture", "check_sizes",
-    "finish_run", "input_hooks", "loop_settings", "plan_sizes", "prune_blocks", "start_run", "switch_on_part_biases",
+    "activation_space", "announce_block", "block_consumers", "block_device", "build_report", "calibration_seq_len",
+    "capture", "check_sizes", "finish_run", "input_hooks", "loop_settings", "plan_sizes", "prune_blocks", "start_run", "switch_on_part_biases",
     "update_model_config",
 ]

@@ -42,8 +42,8 @@ from .model_config import update_model_config
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
-    "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "finish_run", "measures_on_held_out", "plan_sizes",
-    "prune_blocks", "scratch_copy", "start_run",
+    "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "finish_run", "measures_on_held_out",
+    "plan_sizes", "prune_blocks", "scratch_copy", "start_run",
 ]
 
 logger = logging.getLogger(__name__)
