@@ -11,8 +11,10 @@ created if needed, and everything goes up in one commit. ``osscar-hf push PRUNED
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from osscar_hf import OsscarError
 from osscar_hf.hub import push_pruned
 
 
@@ -26,7 +28,10 @@ def main() -> None:
 
     if not (args.folder / "config.json").is_file():
         parser.error(f"{args.folder} is not a model folder (no config.json)")
-    commit = push_pruned(args.folder, args.repo_id, token=args.token, private=args.private or None)
+    try:
+        commit = push_pruned(args.folder, args.repo_id, token=args.token, private=args.private or None)
+    except OsscarError as err:  # no token, no write access, no network: one line, not a traceback
+        sys.exit(f"error: {err}")
     print(f"pushed {args.folder} to {commit.commit_url}")
 
 

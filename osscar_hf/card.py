@@ -109,8 +109,9 @@ def build_model_card(
         license, language: card metadata, passed through.
         template: another Jinja template file to render instead of the packaged one.
         checkpoint_format: how the checkpoint is saved, which decides the loading instructions:
-            ``"remote_code"`` (``trust_remote_code=True``, no osscar_hf needed); ``"stock"``, ``"osscar"``
-            or ``None`` (unknown) give the instructions that work for both of those (``import osscar_hf``).
+            ``"remote_code"`` (``trust_remote_code=True``, no osscar_hf needed), ``"stock"`` (vanilla
+            transformers), ``"osscar"`` or ``None`` (unknown: the instructions that work for both stock and
+            osscar checkpoints, ``import osscar_hf`` first).
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(path)`` or ``card.push_to_hub(repo_id)`` write it.

@@ -50,8 +50,9 @@ DEFAULT_COMMIT_MESSAGE = "Upload model pruned with OSSCAR"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _SKIPPED_DIRS = (".git", ".cache", ".huggingface")
 _TOKEN_HELP = (
-    "pass token=..., set the HF_TOKEN environment variable, or run `hf auth login`; the token needs write "
-    "access (create one at https://huggingface.co/settings/tokens)"
+    "pass a token (`token=...` in Python, `--token` on the command line), set the HF_TOKEN environment "
+    "variable, or run `hf auth login`; the token needs write access (create one at "
+    "https://huggingface.co/settings/tokens)"
 )
 
 

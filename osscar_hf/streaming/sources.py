@@ -329,7 +329,8 @@ class HubFiles:
         from ..hub import _transport_errors
 
         repo = self.repo_id
-        login = "pass token=..., set HF_TOKEN or run `hf auth login`"
+        login = ("pass a token (`token=...` in Python, `--token` on the command line), set HF_TOKEN or run "
+                 "`hf auth login`")
         local = (f"or download it first (`hf download {repo}`, or huggingface_hub.snapshot_download) and pass the "
                  "folder")
         try:

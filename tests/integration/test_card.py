@@ -172,7 +172,12 @@ def test_loading_instructions_follow_the_checkpoint_format():
                                     checkpoint_format=checkpoint_format))
 
     default = card(None)
-    assert card("stock") == card("osscar") == default  # the instructions that serve both
+    assert card("osscar") == default  # the instructions that serve both osscar and stock checkpoints
+    stock = card("stock")
+    section = stock[stock.index("## How to load it"):stock.index("## Per-block shapes")]
+    assert 'AutoModelForCausalLM.from_pretrained("alice/m")' in section
+    assert "without `osscar_hf`" in section
+    assert "import osscar_hf" not in stock and "trust_remote_code=True" not in section
     remote = card("remote_code")
     section = remote[remote.index("## How to load it"):remote.index("## Per-block shapes")]
     assert 'AutoModelForCausalLM.from_pretrained("alice/m", trust_remote_code=True)' in section

@@ -184,7 +184,8 @@ def test_no_token_is_a_clear_error(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "home" / "token"))
     folder, _ = _saved_folder(tmp_path)
     before = len(hub.requests)
-    with pytest.raises(HubAuthenticationError, match="no Hugging Face token found.*HF_TOKEN.*hf auth login"):
+    with pytest.raises(HubAuthenticationError, match="no Hugging Face token found.*`--token` on the command line.*"
+                                                     "HF_TOKEN.*hf auth login"):
         push_pruned(folder, "alice/no-token", endpoint=hub.url)
     assert len(hub.requests) == before  # refused before any request
 
