@@ -38,7 +38,8 @@ from osscar_hf.errors import CalibrationDataError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "load_calibration_tokens",
+    "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "check_dataset_source",
+    "load_calibration_tokens",
 ]
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -252,14 +253,19 @@ def _windows_from_rows(
     return windows, torch.stack([rows[i][:seq_len] for i in rest]).to(torch.long)
 
 
-def _load_texts(dataset: Any, text_column: str) -> list[str]:
-    if isinstance(dataset, os.PathLike):
-        return _texts_from_path(Path(dataset), text_column)
-    if isinstance(dataset, str):
-        if os.path.exists(dataset):
-            return _texts_from_path(Path(dataset), text_column)
+def check_dataset_source(dataset: Any) -> None:
+    """Refuse, without reading any data, a ``dataset`` that names a file or a Hub dataset that cannot be used.
+
+    Cheap checks only (run before a model is loaded): a path must be an existing file with a supported
+    extension; a name must be one of :data:`HUB_DATASETS`, and the Hub must look reachable. Other values
+    (lists, tensors, ``datasets.Dataset``) are checked when they are read. Raises ``CalibrationDataError``.
+    """
+    if isinstance(dataset, os.PathLike) or isinstance(dataset, str) and os.path.exists(dataset):
+        _check_file(Path(dataset))
+    elif isinstance(dataset, str):
         if dataset in HUB_DATASETS:
-            return _texts_from_hub(dataset)
+            _check_hub_reachable(dataset)
+            return
         names = ", ".join(repr(n) for n in HUB_DATASETS)
         if _looks_like_path(dataset):
             raise CalibrationDataError(
@@ -270,6 +276,14 @@ def _load_texts(dataset: Any, text_column: str) -> list[str]:
             f"dataset {dataset!r} is neither an existing file nor a known dataset name; known names: {names}; "
             "or give a path to a .txt, .jsonl or .parquet file, or a list of strings"
         )
+
+
+def _load_texts(dataset: Any, text_column: str) -> list[str]:
+    if isinstance(dataset, (str, os.PathLike)):
+        check_dataset_source(dataset)
+        if isinstance(dataset, str) and dataset in HUB_DATASETS and not os.path.exists(dataset):
+            return _texts_from_hub(dataset)
+        return _texts_from_path(Path(dataset), text_column)
     if isinstance(dataset, (list, tuple)):
         if not dataset:
             raise CalibrationDataError("the calibration dataset is an empty list; give at least one text")
@@ -327,7 +341,7 @@ def _check_texts(texts: list[str], where: str) -> list[str]:
     return texts
 
 
-def _texts_from_path(path: Path, text_column: str) -> list[str]:
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise CalibrationDataError(
             f"calibration file {str(path)!r} does not exist; give an existing .txt, .jsonl or .parquet file"
@@ -337,17 +351,22 @@ def _texts_from_path(path: Path, text_column: str) -> list[str]:
             f"calibration path {str(path)!r} is a directory; give a .txt, .jsonl or .parquet file"
         )
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        texts = [path.read_text(encoding="utf-8")]
-    elif suffix == ".jsonl":
-        texts = _texts_from_jsonl(path, text_column)
-    elif suffix == ".parquet":
-        texts = _texts_from_parquet(path, text_column)
-    else:
+    if suffix not in SUPPORTED_EXTENSIONS:
         raise CalibrationDataError(
             f"calibration file {str(path)!r} has unsupported extension {suffix or '(none)'!r}; accepted: "
             f"{', '.join(SUPPORTED_EXTENSIONS)}"
         )
+
+
+def _texts_from_path(path: Path, text_column: str) -> list[str]:
+    _check_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        texts = [path.read_text(encoding="utf-8")]
+    elif suffix == ".jsonl":
+        texts = _texts_from_jsonl(path, text_column)
+    else:
+        texts = _texts_from_parquet(path, text_column)
     logger.info("calibration: read %d text(s) from %s", len(texts), path)
     return _check_texts(texts, f"calibration file {str(path)!r}")
 
@@ -445,14 +464,17 @@ def _hub_unreachable_reason() -> str | None:
     return None
 
 
-def _texts_from_hub(name: str) -> list[str]:
-    spec = HUB_DATASETS[name]
+def _check_hub_reachable(name: str) -> None:
     reason = _hub_unreachable_reason()
     if reason is not None:
         raise CalibrationDataError(
-            f"calibration dataset {name!r} ({spec.path}) needs the Hugging Face Hub, which cannot be reached "
-            f"({reason}); {_LOCAL_HINT}"
+            f"calibration dataset {name!r} ({HUB_DATASETS[name].path}) needs the Hugging Face Hub, which cannot "
+            f"be reached ({reason}); {_LOCAL_HINT}"
         )
+
+
+def _texts_from_hub(name: str) -> list[str]:
+    spec = HUB_DATASETS[name]
     import datasets
 
     kwargs: dict[str, Any] = {"split": spec.split}

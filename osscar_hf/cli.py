@@ -255,6 +255,24 @@ def check_model_source(name: str) -> None:
         raise CommandError(f"model folder {name} does not exist")
 
 
+def check_model_config(name: str, *, revision: str | None = None, token: str | bool | None = None) -> None:
+    """Refuse, from its ``config.json`` alone, a model osscar_hf cannot prune (an unsupported ``model_type``,
+    quantized, already pruned), before any weight is loaded. A config that cannot be fetched is left for the
+    load to report."""
+    from transformers import AutoConfig
+
+    from osscar_hf.pruner import check_prunable_config
+
+    try:
+        model_config = AutoConfig.from_pretrained(name, revision=revision, token=token)
+    except ValueError as exc:  # a model_type transformers does not know either
+        raise CommandError(f"cannot prune {name}: {exc}") from None
+    except OSError as exc:  # not reachable or not there: loading says so in full
+        logger.debug("config of %s not read before loading: %s", name, exc)
+        return
+    check_prunable_config(model_config)
+
+
 def check_output_dir(output: Path, source: str, *, overwrite: bool) -> Path:
     """Refuse an output folder that would destroy the source model or existing files; return it resolved."""
     out = output.expanduser().resolve()
@@ -483,6 +501,7 @@ def _check_stock_format(config: Any, checkpoint_format: str) -> None:
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
+    from osscar_hf.calibration import check_dataset_source
     from osscar_hf.card import CardError, build_model_card
     from osscar_hf.config import OsscarConfig
     from osscar_hf.host_memory import map_large_allocations
@@ -510,6 +529,8 @@ def run_prune_command(args: argparse.Namespace) -> int:
     )
     pruner = OsscarPruner(config)  # checks the method against the other fields, before the model is loaded
     _check_stock_format(config, args.format)
+    check_dataset_source(config.dataset)
+    check_model_config(args.model, revision=args.revision, token=args.token)
     # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
     map_large_allocations()
     if args.stream:

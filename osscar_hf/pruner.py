@@ -16,6 +16,7 @@ from .calibration import build_window_sets
 from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .io.save import attach_run, pruning_record
+from .io.shapes import osscar_quantization_config
 from .pipeline import (
     activation_space,
     InMemoryBlocks,
@@ -31,7 +32,7 @@ from .pipeline import (
 from .report import PruneReport
 from .surgery import block_shape
 
-__all__ = ["OsscarPruner", "update_model_config"]
+__all__ = ["OsscarPruner", "check_prunable_config", "update_model_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class OsscarPruner:
         self.report: PruneReport | None = None
 
     def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
+        check_prunable_config(model.config)
         try:
             record = pruning_record(model)
         except OsscarError as exc:  # quantized by another method
@@ -207,6 +209,20 @@ class OsscarPruner:
                                 endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format,
                                 map_large_allocations=map_large_allocations, dtype=dtype,
                                 base_model=base_model)
+
+
+def check_prunable_config(model_config: Any) -> ArchSpec:
+    """The architecture spec for a model's config (``config.json`` is enough), refusing with
+    ``UnsupportedModelError`` an unsupported ``model_type``, a model quantized by another method, or one already
+    pruned by osscar_hf: the checks that need no weights, for callers to run before loading any."""
+    spec = get_spec(model_config)
+    try:
+        record = osscar_quantization_config(model_config)
+    except OsscarError as exc:  # quantized by another method
+        raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
+    if record is not None:
+        raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
+    return spec
 
 
 def _any_block_pruned(run: PruneRun) -> bool:

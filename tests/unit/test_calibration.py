@@ -411,3 +411,25 @@ def test_state_union_with_smollm2_tokenizer():
     text = tok.decode(w[0])
     assert len(text) > 1000  # real English text, about 4 characters per token
     assert not torch.equal(w[0], w[1])
+
+
+def test_check_dataset_source_refuses_what_cannot_be_read_without_reading(tmp_path, monkeypatch):
+    from osscar_hf.calibration import check_dataset_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unread = tmp_path / "broken.jsonl"
+    unread.write_text("{not json\n")  # a supported file is accepted without being parsed
+    check_dataset_source(unread)
+    check_dataset_source(str(unread))
+    check_dataset_source(["a list is checked when it is read"])
+    (tmp_path / "notes.md").write_text("text")
+    cases = {
+        str(tmp_path / "missing.txt"): "does not exist",
+        str(tmp_path): "is a directory",
+        str(tmp_path / "notes.md"): "unsupported extension '.md'",
+        "wikitext2": "needs the Hugging Face Hub, which cannot be reached .HF_HUB_OFFLINE is set",
+        "wikitext": "neither an existing file nor a known dataset name; known names: 'c4', 'wikitext2', 'ptb'",
+    }
+    for dataset, message in cases.items():
+        with pytest.raises(CalibrationDataError, match=message):
+            check_dataset_source(dataset)

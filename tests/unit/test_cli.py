@@ -678,3 +678,44 @@ def test_prune_refuses_stock_for_per_block_sizes_before_loading(workdir, tmp_pat
     line = _one_error_line(capsys.readouterr().err)
     assert "--format stock cannot hold" in line and "--format auto" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the CLI loads a model's weights."""
+    import osscar_hf.metrics
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(osscar_hf.metrics, "load_model_and_tokenizer", refuse)
+
+
+def test_prune_refuses_a_missing_calibration_file_before_loading(workdir, tmp_path, capsys, no_loading) -> None:
+    missing = tmp_path / "missing.txt"
+    assert _run(["prune", str(workdir / "src"), *PRUNE_OPTIONS, "--dataset", str(missing),
+                 "--output", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"calibration file {str(missing)!r} does not exist" in line
+
+
+def test_prune_refuses_an_unsupported_model_type_before_loading(workdir, tmp_path, capsys, no_loading) -> None:
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)  # config.json only: no weights at all
+    assert _run(["prune", str(folder), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "does not support model_type 'gpt2'" in line and "llama" in line
+
+
+def test_prune_refuses_an_already_pruned_model_before_loading(workdir, tmp_path, capsys, no_loading) -> None:
+    config = json.loads((workdir / "src" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "osscar", "attention_sparsity": 0.5, "mlp_sparsity": 0.5}
+    folder = tmp_path / "pruned"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _run(["prune", str(folder), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
+                 "--output", str(tmp_path / "o")]) == 1
+    assert "already pruned by osscar_hf" in _one_error_line(capsys.readouterr().err)
