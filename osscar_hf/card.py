@@ -116,6 +116,48 @@ def build_model_card(
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(path)`` or ``card.push_to_hub(repo_id)`` write it.
     """
+    _check_card_inputs(report, config, checkpoint_format)
+    repo_name = repo_id.split("/")[-1] if repo_id else None
+    base_name = base_model.split("/")[-1] if base_model else None
+    label = "OSSCAR" if config.method == "osscar" else f"osscar_hf ({config.method})"
+    name = model_name or repo_name or (f"{base_name} pruned with {label}" if base_name else f"model pruned with {label}")
+    evaluation, eval_entries = _evaluation(eval_results)
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        datasets=_hub_datasets(config.dataset),
+        license=license,
+        language=language,
+        model_name=name if eval_entries else None,
+        eval_results=eval_entries or None,
+    )
+    kwargs = dict(
+        model_name=name,
+        origin=(f"[{base_model}](https://huggingface.co/{base_model})" if base_model
+                else f"a `{report.model_type}` model"),
+        model_type=report.model_type,
+        checkpoint_format=checkpoint_format,
+        remote_model_type=remote_model_type(report.model_type),
+        remote_code_files=list(REMOTE_CODE_FILES),
+        repo_id=repo_id or "path/or/repo-id/of/this/model",
+        tokenizer_id=tokenizer_id or repo_id or base_model or "path/or/repo-id/of/the/tokenizer",
+        evaluation=evaluation,
+        **_size_fields(report, config),
+        **_run_fields(report, config),
+    )
+    if template is not None:
+        path = Path(template)
+        if not path.is_file():
+            raise CardError(f"model card template {str(path)!r} does not exist")
+        return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
+    with template_path() as path:
+        return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_card_inputs(report: PruneReport, config: OsscarConfig, checkpoint_format: str | None) -> None:
     if not isinstance(report, PruneReport):
         raise CardError(f"report must be a PruneReport (pruner.report), got {type(report).__name__}")
     if not isinstance(config, OsscarConfig):
@@ -128,64 +170,42 @@ def build_model_card(
             f"checkpoint_format must be None or one of {list(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}"
         )
 
-    repo_name = repo_id.split("/")[-1] if repo_id else None
-    base_name = base_model.split("/")[-1] if base_model else None
-    label = "OSSCAR" if config.method == "osscar" else f"osscar_hf ({config.method})"
-    name = model_name or repo_name or (f"{base_name} pruned with {label}" if base_name else f"model pruned with {label}")
-    evaluation, eval_entries = _evaluation(eval_results)
 
-    dataset_field = config.dataset
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=list(TAGS),
-        datasets=_hub_datasets(dataset_field),
-        license=license,
-        language=language,
-        model_name=name if eval_entries else None,
-        eval_results=eval_entries or None,
-    )
-    config_dict, described = _config_for_card(config, report)
-    att_total = sum(b.attention.structures for b in report.blocks)
-    att_kept = sum(b.attention.kept for b in report.blocks)
-    mlp_total = sum(b.mlp.structures for b in report.blocks)
-    mlp_kept = sum(b.mlp.kept for b in report.blocks)
+def _size_fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
+    """The template's fields on sizes: parameters, structures kept, every block's shape."""
     removed = report.parameters_before - report.parameters_after
     budget = report.budget or {}
     before = int(budget.get("block_params_before", 0))
     after = int(budget.get("block_params_after", 0))
-    calibration = report.calibration
-    kwargs = dict(
-        model_name=name,
-        origin=(f"[{base_model}](https://huggingface.co/{base_model})" if base_model
-                else f"a `{report.model_type}` model"),
-        model_type=report.model_type,
-        checkpoint_format=checkpoint_format,
-        remote_model_type=remote_model_type(report.model_type),
-        remote_code_files=list(REMOTE_CODE_FILES),
-        repo_id=repo_id or "path/or/repo-id/of/this/model",
-        tokenizer_id=tokenizer_id or repo_id or base_model or "path/or/repo-id/of/the/tokenizer",
+    return dict(
         attention_unit="heads (or KV groups)",
         parameters_before=f"{report.parameters_before:,}",
         parameters_after=f"{report.parameters_after:,}",
         parameters_removed=f"{removed / report.parameters_before:.1%}" if report.parameters_before else "0%",
-        method=config.method,
-        method_description=describe_method(config.method),
         sizes_description=_describe_sizes(config, report),
         block_params_before=f"{before:,}" if before else None,
         block_params_after=f"{after:,}",
         block_params_removed=f"{1 - after / before:.1%}" if before else None,
-        attention_total=f"{att_total:,}",
-        attention_kept=f"{att_kept:,}",
-        mlp_total=f"{mlp_total:,}",
-        mlp_kept=f"{mlp_kept:,}",
+        attention_total=f"{sum(b.attention.structures for b in report.blocks):,}",
+        attention_kept=f"{sum(b.attention.kept for b in report.blocks):,}",
+        mlp_total=f"{sum(b.mlp.structures for b in report.blocks):,}",
+        mlp_kept=f"{sum(b.mlp.kept for b in report.blocks):,}",
         block_rows=[
             {"index": b.index, "attention_kept": b.attention.kept, "attention_total": b.attention.structures,
              "mlp_kept": b.mlp.kept, "mlp_total": b.mlp.structures}
             for b in report.blocks
         ],
-        calibration_description=_describe_calibration(dataset_field, report, config),
+    )
+
+
+def _run_fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
+    """The template's fields on the run: method, calibration, config and versions."""
+    calibration = report.calibration
+    config_dict, described = _config_for_card(config, report)
+    return dict(
+        method=config.method,
+        method_description=describe_method(config.method),
+        calibration_description=_describe_calibration(config.dataset, report, config),
         calibration_windows=calibration.get("num_samples", config.num_samples),
         calibration_seq_len=calibration.get("seq_len", config.seq_len),
         calibration_tokens=f"{calibration.get('tokens', 0):,}",
@@ -193,21 +213,12 @@ def build_model_card(
         pruning_seconds=f"{report.total_seconds:.1f}",
         config_json=json.dumps(config_dict, indent=2),
         dataset_described=described,
-        evaluation=evaluation,
         osscar_version=__version__,
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
     )
-    if template is not None:
-        path = Path(template)
-        if not path.is_file():
-            raise CardError(f"model card template {str(path)!r} does not exist")
-        return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
-    with template_path() as path:
-        return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
 
 
-# --------------------------------------------------------------------------- helpers
 def _check_consistent(report: PruneReport, config: OsscarConfig) -> None:
     for key in ("attention_sparsity", "mlp_sparsity", "sparsity", "method", "seed"):
         if key in report.config and report.config[key] != getattr(config, key):

@@ -501,16 +501,22 @@ def _check_stock_format(config: Any, checkpoint_format: str) -> None:
 
 
 def run_prune_command(args: argparse.Namespace) -> int:
-    from osscar_hf.calibration import check_dataset_source
-    from osscar_hf.card import CardError, build_model_card
-    from osscar_hf.config import OsscarConfig
     from osscar_hf.host_memory import map_large_allocations
-    from osscar_hf.io import resolve_format, save_pruned
-    from osscar_hf.io.save import OutputConflictError, move_into_place
-    from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
+
+    pruner, output = _prepare_prune(args)
+    # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
+    map_large_allocations()
+    if args.stream:
+        return _prune_streaming(args, pruner, output)
+    return _prune_in_memory(args, pruner, output)
+
+
+def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
+    """Check everything that can be checked cheaply, before the model is loaded; the pruner and the output."""
+    from osscar_hf.calibration import check_dataset_source
+    from osscar_hf.config import OsscarConfig
     from osscar_hf.pruner import OsscarPruner
 
-    # Everything that can be checked cheaply is checked before the model is loaded.
     if not args.stream:
         stream_only = [name for name, used in (("--revision", args.revision is not None),
                                                ("--delete-downloaded-shards", args.delete_downloaded_shards),
@@ -527,17 +533,19 @@ def run_prune_command(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, batch_size=args.batch_size, activation_storage=args.activation_storage,
         activation_dir=args.activation_dir, **_budget_options(args),
     )
-    pruner = OsscarPruner(config)  # checks the method against the other fields, before the model is loaded
+    pruner = OsscarPruner(config)  # checks the method against the other fields
     _check_stock_format(config, args.format)
     check_dataset_source(config.dataset)
     check_model_config(args.model, revision=args.revision, token=args.token)
-    # This process only prunes: big tensors get their own memory maps, so freed ones leave no resident heap pages.
-    map_large_allocations()
-    if args.stream:
-        return _prune_streaming(args, pruner, output)
+    return pruner, output
+
+
+def _prune_in_memory(args: argparse.Namespace, pruner: Any, output: Path) -> int:
+    """Load the model, prune it (measuring perplexity before and after with --eval), save it atomically."""
+    from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
+
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
     resolve_device(args.device)
-
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device="cpu")
     eval_record: dict[str, Any] | None = None
     card_eval: dict[str, Any] | None = None
@@ -546,14 +554,24 @@ def run_prune_command(args: argparse.Namespace) -> int:
         model.to("cpu")  # the pruner moves one block at a time to the device
         print(f"dense perplexity  {_describe_ppl(dense)}")
     pruner.prune(model, tokenizer)
-    report = pruner.report
     if eval_texts is not None:
         pruned = _perplexity(model, tokenizer, eval_texts, args, batch_size=1)
         print(f"pruned perplexity {_describe_ppl(pruned)}")
         eval_record = {"dataset": args.eval, "max_windows": args.eval_max_windows, "dense": dense.to_dict(),
                        "pruned": pruned.to_dict()}
         card_eval = _card_eval_results(args.eval, dense, pruned, args.eval_max_windows)
+    _save_pruned_folder(args, pruner, model, tokenizer, output, eval_record=eval_record, card_eval=card_eval)
+    return _finish_prune(args, pruner.report, output)
 
+
+def _save_pruned_folder(args: argparse.Namespace, pruner: Any, model: Any, tokenizer: Any, output: Path, *,
+                        eval_record: dict[str, Any] | None, card_eval: dict[str, Any] | None) -> None:
+    """Write model, tokenizer, report, evaluation and card into a hidden folder, then move it to ``output``."""
+    from osscar_hf.card import CardError, build_model_card
+    from osscar_hf.io import resolve_format, save_pruned
+    from osscar_hf.io.save import OutputConflictError, move_into_place
+
+    report = pruner.report
     base_model = args.base_model
     if base_model is None and not Path(args.model).expanduser().exists():
         base_model = args.model
@@ -566,7 +584,7 @@ def run_prune_command(args: argparse.Namespace) -> int:
         if eval_record is not None:
             (staged / EVAL_FILENAME).write_text(json.dumps(eval_record, indent=2) + "\n", encoding="utf-8")
         try:
-            card = build_model_card(report, base_model=base_model, config=config, eval_results=card_eval,
+            card = build_model_card(report, base_model=base_model, config=pruner.config, eval_results=card_eval,
                                     repo_id=args.push_to_hub, checkpoint_format=checkpoint)
         except CardError as exc:  # never lose the pruned model over its card
             logger.warning("no model card written: %s", exc)
@@ -583,7 +601,6 @@ def run_prune_command(args: argparse.Namespace) -> int:
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
-    return _finish_prune(args, report, output)
 
 
 def _finish_prune(args: argparse.Namespace, report: Any, output: Path) -> int:
