@@ -195,15 +195,7 @@ def evaluate_perplexity(
     """
     if seq_len is None:
         seq_len = default_seq_len(model)
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    if stride is not None and (not isinstance(stride, int) or not 1 <= stride <= seq_len):
-        raise ValueError(f"stride must be an integer in [1, seq_len={seq_len}], got {stride!r}")
-    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-        raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-
+    _check_protocol(seq_len, stride, max_windows, batch_size)
     ids = _tokenize(tokenizer, _join_texts(texts))
     windows = _plan_windows(ids.numel(), seq_len, stride)
     if max_windows is not None:
@@ -218,28 +210,12 @@ def evaluate_perplexity(
         batch_size,
         run_device,
     )
-
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
     try:
-        with torch.inference_mode():
-            for batch in tqdm(_batches(windows, batch_size), desc="perplexity", unit="batch", leave=False):
-                input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(run_device)
-                logits = model(input_ids=input_ids, use_cache=False).logits
-                for row, window in enumerate(batch):
-                    # logits at position p predict token p + 1 (positions relative to the window).
-                    start = window.first_target - window.begin
-                    pred = logits[row, start - 1 : -1].float()
-                    target = input_ids[row, start:]
-                    nll = F.cross_entropy(pred, target, reduction="sum")
-                    total_nll += float(nll)
-                    total_tokens += target.numel()
-                del logits
+        total_nll, total_tokens = _sum_nll(model, ids, windows, batch_size, run_device)
     finally:
         model.train(was_training)
-
     mean_nll = total_nll / total_tokens
     result = PerplexityResult(
         perplexity=math.exp(mean_nll),
@@ -250,6 +226,37 @@ def evaluate_perplexity(
     )
     logger.info("Perplexity %.4f (mean NLL %.5f over %d tokens)", result.perplexity, mean_nll, total_tokens)
     return result
+
+
+def _check_protocol(seq_len: Any, stride: Any, max_windows: Any, batch_size: Any) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if stride is not None and (not isinstance(stride, int) or not 1 <= stride <= seq_len):
+        raise ValueError(f"stride must be an integer in [1, seq_len={seq_len}], got {stride!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _sum_nll(model: torch.nn.Module, ids: torch.Tensor, windows: list[_Window], batch_size: int,
+             device: torch.device) -> tuple[float, int]:
+    """Summed next-token NLL over the scored positions of ``windows``, and the number of those tokens."""
+    total_nll = 0.0
+    total_tokens = 0
+    with torch.inference_mode():
+        for batch in tqdm(_batches(windows, batch_size), desc="perplexity", unit="batch", leave=False):
+            input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            for row, window in enumerate(batch):
+                # logits at position p predict token p + 1 (positions relative to the window).
+                start = window.first_target - window.begin
+                pred = logits[row, start - 1 : -1].float()
+                target = input_ids[row, start:]
+                total_nll += float(F.cross_entropy(pred, target, reduction="sum"))
+                total_tokens += target.numel()
+            del logits
+    return total_nll, total_tokens
 
 
 def count_parameters(model: torch.nn.Module) -> int:
