@@ -26,7 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from osscar_hf.process import quiet_idle_threads
+
+quiet_idle_threads()  # before torch is imported: idle OpenMP threads sleep instead of spinning, unless told
+
+import torch  # noqa: E402
 
 from osscar_hf.solver import LayerSolution, accumulate_gram, new_gram, solve_layer
 from osscar_hf.solver.problem import damped_cholesky

@@ -31,6 +31,7 @@ from typing import Any
 
 from osscar_hf import __version__
 from osscar_hf.errors import OsscarError
+from osscar_hf.process import quiet_idle_threads
 
 PROG = "osscar-hf"
 logger = logging.getLogger(__name__)
@@ -744,6 +745,7 @@ def _package_logging(level: str) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits with 2 on bad arguments)."""
+    quiet_idle_threads()  # this process is ours: before torch is imported, unless OMP_WAIT_POLICY is set
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "validate", None) is not None:
