@@ -22,7 +22,7 @@ from osscar_hf.solver import (
     solve_layer,
 )
 from osscar_hf.solver.elimination import elimination_schedule, remove_groups
-from osscar_hf.solver.local_search import gains_after_drop
+from osscar_hf.solver.local_search import gains_after_drop, local_search
 from osscar_hf.solver.sweep import (
     SweptSystem,
     apply_pivot,
@@ -243,6 +243,43 @@ def test_gains_after_drop_are_exact(g: int) -> None:
     assert sorted(candidates.tolist()) == sorted(set(range(m)) - base)
     for i, gain in zip(candidates.tolist(), gains.tolist()):
         assert gain == pytest.approx(f_base - refit_on(Hb, Gb, base | {i}, g)[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_a_non_positive_schur_block_leaves_its_group_out_of_both_scores(g: int) -> None:
+    # Mathematically every Schur block is >= lam I; in float32 rounding can leave one not positive definite when
+    # a pruned group is, to working precision, a combination of the kept ones. Neither score may then raise:
+    # removal_scores never factors it (+inf: not kept, so not removable) and gains_after_drop gives it -inf (not
+    # addable), so stage B never proposes a swap whose pivot block holds it.
+    m = 10
+    H, W = make_problem(4, m * g, 4)
+    lam = 0.03
+    Hb, Gb = damped(H, W, lam)
+    support = {0, 2, 3, 5, 6, 9}
+    reference = swept_reference(Hb, Gb, support, g)
+    kept = torch.zeros(m, dtype=torch.bool)
+    kept[sorted(support)] = True
+    drop = torch.tensor([5, 2])
+    expected_candidates, expected_gains = gains_after_drop(pack(reference, H), kept, drop, g)
+    expected_scores = removal_scores(pack(reference, H), kept, g)
+
+    bad = 4  # a pruned group: make its Schur block, after the drop too, -1e-7 I
+    i, d = channels([bad], g), channels(drop.tolist(), g)
+    B = reference.clone()
+    correction = B[i][:, d] @ torch.linalg.solve(B[d][:, d], B[d][:, i])
+    B[i[:, None], i] = correction - 1e-7 * torch.eye(g, dtype=F64)
+    system = pack(B, H)
+
+    scores = removal_scores(system, kept, g)
+    assert torch.equal(scores, expected_scores) and scores[bad] == float("inf")
+    candidates, gains = gains_after_drop(system, kept, drop, g)
+    assert torch.equal(candidates, expected_candidates)
+    assert gains[candidates == bad].item() == float("-inf")
+    others = candidates != bad
+    torch.testing.assert_close(gains[others], expected_gains[others], rtol=1e-12, atol=0.0)
+
+    search = local_search(system, kept, group_size=g, swap_size=2, max_iters=5, objective_start=0.0)
+    assert not search.kept[bad] and int(search.kept.sum()) == len(support)
 
 
 def test_a_mixed_swap_pivot_gives_the_system_of_the_new_support() -> None:
