@@ -91,7 +91,10 @@ def solve_layer(
         local_search_iters: maximum stage-B rounds (0 disables stage B).
         swap_size: groups dropped and re-added per stage-B round.
         dtype: dtype of all solver arithmetic (on H's device).
-        cross_gram: optional ``X_pruned^T X_dense / N`` for dense targets: ``Gb = (cross_gram + lam I) W_hat``.
+        cross_gram: optional ``C = X_pruned^T X_dense / N`` for dense targets: ``Gb = C W_hat + lam W0``, where
+            ``W0`` is W_hat with the rows of dead channels (``diag H = 0``) zeroed, as everywhere: a channel dead
+            in the pruned stream keeps its dense contribution to the targets. Even with every group kept the
+            weight is then the refit ``Hb^{-1} Gb``, not W_hat.
         halve_on_failure: when a stage-B round does not improve, halve the swap size and retry instead of
             stopping.
         in_place: use H's own storage as the solver's ``p x p`` workspace instead of a copy of H, which
@@ -144,11 +147,13 @@ def solve_layer(
         raise
 
 
-def _dense_weight(W_hat: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-    """``W_hat`` as a contiguous ``(p, q)`` tensor in the solver's dtype and device, dead channels zeroed."""
+def _dense_weight(W_hat: torch.Tensor, diagonal: torch.Tensor, *, zero_dead: bool = True) -> torch.Tensor:
+    """``W_hat`` as a contiguous ``(p, q)`` tensor in the solver's dtype and device, dead channels (``diag H =
+    0``) zeroed unless ``zero_dead`` is False."""
     W0 = torch.empty(W_hat.shape, dtype=diagonal.dtype, device=diagonal.device)
     W0.copy_(W_hat)
-    W0[diagonal == 0] = 0.0  # dead input channels
+    if zero_dead:
+        W0[diagonal == 0] = 0.0
     return W0
 
 
@@ -191,7 +196,7 @@ def _solve(
     device = packed.device
     p = packed.shape[0]
     m = p // group_size
-    W0 = _dense_weight(W_hat, diagonal)
+    W0 = _dense_weight(W_hat, diagonal, zero_dead=cross_gram is None)
     mirror_upper_(packed, diagonal)  # from here on, only H's upper triangle counts
 
     # Everything that needs all of H before its lower triangle becomes the swept system: Gb and the scalars.
@@ -204,8 +209,11 @@ def _solve(
         system = SweptSystem(packed, W0)  # [-Hb^{-1} | W_dense]: the unconstrained optimum is W0 itself
         objective_dense = -0.5 * inner(Gb, W0)
     else:
-        denominator = quadratic_form(packed, W0)
+        # A channel dead in the pruned stream may live in the dense one: its dense contribution C W_hat stays in
+        # the targets; only the ridge anchor W0 has the dead rows zeroed.
         CW0 = _matmul_rows(cross_gram, W0)
+        W0[diagonal == 0] = 0.0
+        denominator = quadratic_form(packed, W0)
         lam, W_dense = damped_inverse_(packed, diagonal, H, damping, _damped_targets(CW0, W0))
         Gb = CW0.add_(W0, alpha=lam)
         del CW0

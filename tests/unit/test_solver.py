@@ -432,6 +432,31 @@ def test_dense_targets_refit_toward_the_cross_gram() -> None:
     assert sol.objective_dense == pytest.approx(-0.5 * float((Gb * torch.linalg.solve(Hb, Gb)).sum()), rel=1e-10)
 
 
+def test_dense_targets_keep_the_dense_contribution_of_channels_dead_in_the_pruned_stream() -> None:
+    # A channel dead in the pruned stream (say a ReLU that pruned upstream blocks never open) can be alive in the
+    # dense one: its dense contribution X_dense[:, i] W_hat_i is part of the target, Gb = C W_hat + lam W0 with
+    # C = X_pruned^T X_dense / N, and only the ridge anchor W0 has the dead rows zeroed.
+    gen = torch.Generator().manual_seed(40)
+    n, p, q = 256, 16, 5
+    X_dense = torch.randn(n, p, generator=gen, dtype=F64) @ (torch.eye(p, dtype=F64) + 0.4 * torch.randn(p, p, generator=gen, dtype=F64))
+    X_pruned = X_dense + 0.1 * torch.randn(n, p, generator=gen, dtype=F64)
+    dead = [3, 10]
+    X_pruned[:, dead] = 0.0
+    H, C = (X_pruned.T @ X_pruned / n).float(), (X_pruned.T @ X_dense / n).float()
+    W = torch.randn(p, q, generator=gen, dtype=F64)
+    sol = solve_layer(H, W, group_size=1, num_keep=10, step=2, swap_size=2, cross_gram=C)
+    eye = torch.eye(p, dtype=F64)
+    Hb = H.double() + sol.damping_used * eye
+    W0 = W.clone()
+    W0[dead] = 0.0
+    Gb = C.double() @ W + sol.damping_used * W0
+    W_ref, f_ref = refit_on(Hb, Gb, sol.kept_groups.tolist(), 1)
+    torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
+    assert torch.count_nonzero(sol.weight[dead]) == 0
+    assert sol.objective == pytest.approx(f_ref, rel=1e-10)
+    assert sol.objective_dense == pytest.approx(-0.5 * float((Gb * torch.linalg.solve(Hb, Gb)).sum()), rel=1e-10)
+
+
 def test_float32_and_float64_choose_the_same_support() -> None:
     H, W = make_problem(14, 64, 16, correlation=0.1, tokens=2048)
     H32 = H.float()
