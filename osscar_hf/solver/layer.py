@@ -131,8 +131,8 @@ def solve_layer(
     check_finite(W_hat, "W_hat (the dense weight)")
     if cross_gram is not None:
         check_finite(cross_gram, "cross_gram (the dense-target cross Gram matrix)")
-    if num_keep == m:
-        return _keep_everything(m, H, W_hat, damping, dtype, cross_gram, started)
+    if num_keep == m and cross_gram is None:
+        return _keep_everything(m, H, W_hat, damping, dtype, started)
 
     borrowed = in_place and H.dtype == dtype and is_row_major(H)
     # A copy keeps H's layout when possible, so that in_place=True and False give identical results.
@@ -307,14 +307,14 @@ def _keep_everything(
     W_hat: torch.Tensor,
     damping: float,
     dtype: torch.dtype,
-    cross_gram: torch.Tensor | None,
     started: float,
 ) -> LayerSolution:
-    """``num_keep == m``: nothing to solve; return ``W_hat`` unchanged and ``f(W_hat)`` as every objective."""
+    """``num_keep == m`` without dense targets: W_hat is the optimum (``Gb = Hb W_hat``), so return it unchanged
+    and ``f(W_hat)`` as every objective. (With a cross Gram it is not: that case is a full refit.)"""
     device = H.device
     lam = absolute_damping(H, damping)
     W0 = W_hat.to(device=device, dtype=dtype)
-    Gb = damped_targets(H if cross_gram is None else cross_gram, W0, lam)
+    Gb = damped_targets(H, W0, lam)
     value = objective(W0, H, lam, Gb)
     elapsed = time.perf_counter() - started
     return LayerSolution(

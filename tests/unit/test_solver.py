@@ -457,6 +457,33 @@ def test_dense_targets_keep_the_dense_contribution_of_channels_dead_in_the_prune
     assert sol.objective_dense == pytest.approx(-0.5 * float((Gb * torch.linalg.solve(Hb, Gb)).sum()), rel=1e-10)
 
 
+def test_keeping_every_group_with_dense_targets_is_the_refit_toward_them() -> None:
+    # With a cross Gram W_hat is not the optimum of f even on the full support: the solution is the ridge refit
+    # Hb^{-1} Gb, and every objective reported is f of that weight (the true optimum).
+    H, W = make_problem(41, 12, 4)
+    C = H + 0.1 * torch.randn(12, 12, generator=torch.Generator().manual_seed(5), dtype=F64)
+    sol = solve_layer(H.float(), W, group_size=3, num_keep=4, cross_gram=C.float())
+    Hb = H.float().double() + sol.damping_used * torch.eye(12, dtype=F64)
+    Gb = (C.float().double() + sol.damping_used * torch.eye(12, dtype=F64)) @ W
+    W_ref = torch.linalg.solve(Hb, Gb)
+    f_ref = f_direct(W_ref, Hb, Gb)
+    assert f_ref < f_direct(W, Hb, Gb)
+    torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
+    assert sol.kept_groups.tolist() == [0, 1, 2, 3] and sol.removal_order.numel() == 0
+    for value in (sol.objective, sol.objective_stage_a, sol.objective_dense, float(sol.objective_curve[-1])):
+        assert value == pytest.approx(f_ref, rel=1e-10)
+    assert sol.curve_num_kept.tolist() == [4]
+    Hd, D = H.float().double(), sol.weight - W
+    assert sol.relative_error == pytest.approx(float((D * (Hd @ D)).sum() / (W * (Hd @ W)).sum()), rel=1e-8)
+    assert sol.relative_error_masked == 0.0
+    Hg = new_gram(12)
+    Hg.copy_(torch.triu(H.float()) + torch.triu(H.float(), 1).T)
+    before = Hg.clone()
+    in_place = solve_layer(Hg, W, group_size=3, num_keep=4, cross_gram=C.float(), in_place=True)
+    assert torch.equal(Hg, before)
+    torch.testing.assert_close(in_place.weight, W_ref, rtol=1e-9, atol=1e-11)
+
+
 def test_float32_and_float64_choose_the_same_support() -> None:
     H, W = make_problem(14, 64, 16, correlation=0.1, tokens=2048)
     H32 = H.float()
