@@ -438,7 +438,8 @@ def test_dense_targets_keep_the_dense_contribution_of_channels_dead_in_the_prune
     # C = X_pruned^T X_dense / N, and only the ridge anchor W0 has the dead rows zeroed.
     gen = torch.Generator().manual_seed(40)
     n, p, q = 256, 16, 5
-    X_dense = torch.randn(n, p, generator=gen, dtype=F64) @ (torch.eye(p, dtype=F64) + 0.4 * torch.randn(p, p, generator=gen, dtype=F64))
+    mix = torch.eye(p, dtype=F64) + 0.4 * torch.randn(p, p, generator=gen, dtype=F64)
+    X_dense = torch.randn(n, p, generator=gen, dtype=F64) @ mix
     X_pruned = X_dense + 0.1 * torch.randn(n, p, generator=gen, dtype=F64)
     dead = [3, 10]
     X_pruned[:, dead] = 0.0
