@@ -12,8 +12,8 @@ rank N < p and only the damping makes it positive definite, like an fc2 Gram; W_
 Each run is a fresh child process. Its baseline is its RSS once torch is imported and the inputs (H,
 W_hat) exist; the peak is ``VmHWM`` from /proc/self/status. Stage peaks come from resetting ``VmHWM``
 (``echo 5 > /proc/self/clear_refs``) at the entry of every solver function that ``solve_layer`` calls
-(the names imported into ``osscar_hf.solver.layer``) and reading it at the exit; code in ``solve_layer``
-between two calls is reported as "(between)" before the next one.
+(the public names imported into ``osscar_hf.solver.layer``) and reading it at the exit; code in
+``solve_layer`` and its private helpers between two calls is reported as "(between)" before the next one.
 
 Cases: the working tree's ``solve_layer`` with ``in_place=False`` (a working copy of H) and
 ``in_place=True`` (H's own storage is the workspace), and with ``--ref REF`` the same problem solved by

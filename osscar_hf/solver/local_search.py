@@ -31,7 +31,9 @@ from osscar_hf.solver.sweep import (
     removal_scores,
 )
 
-__all__ = ["LocalSearchResult", "gains_after_drop", "local_search"]
+__all__ = ["NOT_ADDABLE", "LocalSearchResult", "gains_after_drop", "local_search"]
+
+NOT_ADDABLE = float("-inf")  # the gain of a group whose Schur block is not positive definite in working precision
 
 
 @dataclass
@@ -51,7 +53,10 @@ def gains_after_drop(
 
     ``system`` is the swept system B for the support ``kept`` (which contains ``drop``); it is not modified.
     Returns ``(candidates, gains)``: the pruned groups followed by the dropped ones, and their gains
-    ``1/2 tr(g_i^T C_i^{-1} g_i)`` with C_i and g_i taken w.r.t. ``S \\ drop``.
+    ``1/2 tr(g_i^T C_i^{-1} g_i)`` with C_i and g_i taken w.r.t. ``S \\ drop``. A candidate whose Schur block
+    C_i is not positive definite in working precision (float32 rounding; it is ``>= lam I`` in exact
+    arithmetic) gets the gain ``-inf``: it cannot be added back (see :mod:`.sweep`). The kept block of
+    ``drop`` must be positive definite (SolverError otherwise).
     """
     g = group_size
     k = drop.numel()
@@ -82,11 +87,11 @@ def gains_after_drop(
         correction = torch.einsum("dia,dib->iab", cross.view(k * g, n, g), solved_cross.view(k * g, n, g))
         blocks = all_blocks.index_select(0, groups) + correction
         values = all_values.index_select(0, groups) + (cross.T @ solved_values).view(n, g, -1)
-        gains.append(group_scores(blocks, values))
+        gains.append(group_scores(blocks, values, not_positive_definite=NOT_ADDABLE))
 
     # Dropped groups, after leaving S: B'_DD = -B_DD^{-1} (Schur block) and B'_DV = -B_DD^{-1} B_DV.
     dropped_blocks = q_inverse.view(k, g, k, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    gains.append(group_scores(dropped_blocks, solved_values.view(k, g, -1)))
+    gains.append(group_scores(dropped_blocks, solved_values.view(k, g, -1), not_positive_definite=NOT_ADDABLE))
     return torch.cat([pruned, drop]), torch.cat(gains)
 
 
@@ -97,7 +102,10 @@ def _swap_round(
     scores = removal_scores(system, kept, group_size)
     drop = torch.topk(scores, k, largest=False, sorted=True).indices
     candidates, gains = gains_after_drop(system, kept, drop, group_size)
-    add = candidates[torch.topk(gains, k, largest=True, sorted=True).indices]
+    best = torch.topk(gains, k, largest=True, sorted=True)
+    if bool((best.values == NOT_ADDABLE).any()):
+        return None  # fewer than k groups can be added back
+    add = candidates[best.indices]
 
     new_kept = kept.clone()
     new_kept[drop] = False

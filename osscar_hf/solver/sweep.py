@@ -12,6 +12,12 @@ blocks of B: for a kept group j, ``1/2 tr(W_j^T [Hinv_SS]_jj^{-1} W_j)`` is the 
 alone is removed (``-B_jj`` is ``[Hinv_SS]_jj``); for a pruned group i, ``B_ii`` is the Schur complement
 ``C_i`` and ``B[i, V]`` is ``g_i``, so the same formula is the exact gain of adding i back.
 
+A Schur block is ``>= lam I`` in exact arithmetic, but with little damping float32 rounding can leave one
+not positive definite (its group is then, to working precision, a combination of the kept ones). Such a
+group is left out of both selections rather than stopping the solve: it is never removed (it is not kept)
+and never added back (its gain is ``-inf``), so no pivot ever has to factor its block. A kept group's block
+``-B_jj`` that is not positive definite still raises SolverError.
+
 Moving a set of channels T into or out of S at once is one *principal pivot* of B (the classical sweep
 operator, Goodnight 1979): a rank-|T| update of the whole matrix, so removals, additions and a mixed swap
 all cost one rank-|T| product. The objective change of a pivot is known before it is applied, from |T|
@@ -101,35 +107,52 @@ def group_values(system: SweptSystem, group_size: int) -> torch.Tensor:
     return system.values.unflatten(0, (system.values.shape[0] // group_size, group_size))
 
 
-def group_scores(blocks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def group_scores(
+    blocks: torch.Tensor, values: torch.Tensor, *, not_positive_definite: float | None = None
+) -> torch.Tensor:
     """``1/2 tr(V_j^T A_j^{-1} V_j)`` for positive-definite blocks ``A`` ``(n, g, g)`` and ``V`` ``(n, g, q)``.
 
     Batched over groups (a batched Cholesky for g > 1, in slices of groups so that no temporary as large as
-    ``V`` is needed). Raises SolverError if a block is not positive definite.
+    ``V`` is needed). A block that is not positive definite raises SolverError, or, when
+    ``not_positive_definite`` is given, gets that value as its score.
     """
     if blocks.shape[0] == 0:
         return blocks.new_zeros(0)
     if blocks.shape[-1] == 1:
         diag = blocks[:, 0, 0]
-        if bool((diag <= 0).any()):
-            raise SolverError(f"a diagonal entry of the swept Gram matrix is not positive; {NOT_PD_ADVICE}")
-        return 0.5 * torch.linalg.vector_norm(values, dim=(1, 2)).square() / diag
+        failed = diag <= 0
+        if bool(failed.any()):
+            if not_positive_definite is None:
+                raise SolverError(f"a diagonal entry of the swept Gram matrix is not positive; {NOT_PD_ADVICE}")
+            diag = diag.masked_fill(failed, 1.0)
+        scores = 0.5 * torch.linalg.vector_norm(values, dim=(1, 2)).square() / diag
+        return scores if not_positive_definite is None else scores.masked_fill(failed, not_positive_definite)
     factor, info = torch.linalg.cholesky_ex(blocks)
-    if bool((info != 0).any()):
-        raise SolverError(f"a diagonal group block of the swept Gram matrix is not positive definite; {NOT_PD_ADVICE}")
+    failed = info != 0
+    if bool(failed.any()):
+        if not_positive_definite is None:
+            raise SolverError(
+                f"a diagonal group block of the swept Gram matrix is not positive definite; {NOT_PD_ADVICE}"
+            )
+        eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+        factor = torch.where(failed[:, None, None], eye, factor)
     per_slice = max(1, (1 << 22) // max(1, values[0].numel()))
     scores = [
         torch.linalg.vector_norm(torch.linalg.solve_triangular(f, v, upper=False), dim=(1, 2)).square()
         for f, v in zip(factor.split(per_slice), values.split(per_slice))
     ]
-    return 0.5 * torch.cat(scores)
+    scores = 0.5 * torch.cat(scores)
+    return scores if not_positive_definite is None else scores.masked_fill(failed, not_positive_definite)
 
 
 def removal_scores(system: SweptSystem, kept: torch.Tensor, group_size: int) -> torch.Tensor:
     """Exact increase of f when each kept group alone is removed; ``+inf`` for pruned groups.
 
-    For kept j, ``-B_jj = [Hb_SS^{-1}]_jj`` and ``B[j, V] = W_j``. Pruned groups get an identity block so
-    that a slightly indefinite Schur block (float32 drift) there can never stop the factorisation.
+    For kept j, ``-B_jj = [Hb_SS^{-1}]_jj`` and ``B[j, V] = W_j``; such a block that is not positive
+    definite means the swept system itself is broken, and raises SolverError. Pruned groups hold Schur blocks,
+    which are never factored here (an identity block stands in): one that float32 rounding left not positive
+    definite is treated as in :func:`~osscar_hf.solver.local_search.gains_after_drop`, by leaving its group
+    out of the selection, which for a removal it already is.
     """
     packed = system.packed
     blocks = diagonal_blocks(system, group_size)

@@ -22,7 +22,7 @@ from osscar_hf.solver import (
     solve_layer,
 )
 from osscar_hf.solver.elimination import elimination_schedule, remove_groups
-from osscar_hf.solver.local_search import gains_after_drop
+from osscar_hf.solver.local_search import gains_after_drop, local_search
 from osscar_hf.solver.sweep import (
     SweptSystem,
     apply_pivot,
@@ -245,6 +245,43 @@ def test_gains_after_drop_are_exact(g: int) -> None:
         assert gain == pytest.approx(f_base - refit_on(Hb, Gb, base | {i}, g)[1], rel=1e-9)
 
 
+@pytest.mark.parametrize("g", [1, 3])
+def test_a_non_positive_schur_block_leaves_its_group_out_of_both_scores(g: int) -> None:
+    # Mathematically every Schur block is >= lam I; in float32 rounding can leave one not positive definite when
+    # a pruned group is, to working precision, a combination of the kept ones. Neither score may then raise:
+    # removal_scores never factors it (+inf: not kept, so not removable) and gains_after_drop gives it -inf (not
+    # addable), so stage B never proposes a swap whose pivot block holds it.
+    m = 10
+    H, W = make_problem(4, m * g, 4)
+    lam = 0.03
+    Hb, Gb = damped(H, W, lam)
+    support = {0, 2, 3, 5, 6, 9}
+    reference = swept_reference(Hb, Gb, support, g)
+    kept = torch.zeros(m, dtype=torch.bool)
+    kept[sorted(support)] = True
+    drop = torch.tensor([5, 2])
+    expected_candidates, expected_gains = gains_after_drop(pack(reference, H), kept, drop, g)
+    expected_scores = removal_scores(pack(reference, H), kept, g)
+
+    bad = 4  # a pruned group: make its Schur block, after the drop too, -1e-7 I
+    i, d = channels([bad], g), channels(drop.tolist(), g)
+    B = reference.clone()
+    correction = B[i][:, d] @ torch.linalg.solve(B[d][:, d], B[d][:, i])
+    B[i[:, None], i] = correction - 1e-7 * torch.eye(g, dtype=F64)
+    system = pack(B, H)
+
+    scores = removal_scores(system, kept, g)
+    assert torch.equal(scores, expected_scores) and scores[bad] == float("inf")
+    candidates, gains = gains_after_drop(system, kept, drop, g)
+    assert torch.equal(candidates, expected_candidates)
+    assert gains[candidates == bad].item() == float("-inf")
+    others = candidates != bad
+    torch.testing.assert_close(gains[others], expected_gains[others], rtol=1e-12, atol=0.0)
+
+    search = local_search(system, kept, group_size=g, swap_size=2, max_iters=5, objective_start=0.0)
+    assert not search.kept[bad] and int(search.kept.sum()) == len(support)
+
+
 def test_a_mixed_swap_pivot_gives_the_system_of_the_new_support() -> None:
     m, g = 9, 2
     H, W = make_problem(5, m * g, 5)
@@ -393,6 +430,59 @@ def test_dense_targets_refit_toward_the_cross_gram() -> None:
     torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
     assert sol.objective == pytest.approx(f_ref, rel=1e-10)
     assert sol.objective_dense == pytest.approx(-0.5 * float((Gb * torch.linalg.solve(Hb, Gb)).sum()), rel=1e-10)
+
+
+def test_dense_targets_keep_the_dense_contribution_of_channels_dead_in_the_pruned_stream() -> None:
+    # A channel dead in the pruned stream (say a ReLU that pruned upstream blocks never open) can be alive in the
+    # dense one: its dense contribution X_dense[:, i] W_hat_i is part of the target, Gb = C W_hat + lam W0 with
+    # C = X_pruned^T X_dense / N, and only the ridge anchor W0 has the dead rows zeroed.
+    gen = torch.Generator().manual_seed(40)
+    n, p, q = 256, 16, 5
+    mix = torch.eye(p, dtype=F64) + 0.4 * torch.randn(p, p, generator=gen, dtype=F64)
+    X_dense = torch.randn(n, p, generator=gen, dtype=F64) @ mix
+    X_pruned = X_dense + 0.1 * torch.randn(n, p, generator=gen, dtype=F64)
+    dead = [3, 10]
+    X_pruned[:, dead] = 0.0
+    H, C = (X_pruned.T @ X_pruned / n).float(), (X_pruned.T @ X_dense / n).float()
+    W = torch.randn(p, q, generator=gen, dtype=F64)
+    sol = solve_layer(H, W, group_size=1, num_keep=10, step=2, swap_size=2, cross_gram=C)
+    eye = torch.eye(p, dtype=F64)
+    Hb = H.double() + sol.damping_used * eye
+    W0 = W.clone()
+    W0[dead] = 0.0
+    Gb = C.double() @ W + sol.damping_used * W0
+    W_ref, f_ref = refit_on(Hb, Gb, sol.kept_groups.tolist(), 1)
+    torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
+    assert torch.count_nonzero(sol.weight[dead]) == 0
+    assert sol.objective == pytest.approx(f_ref, rel=1e-10)
+    assert sol.objective_dense == pytest.approx(-0.5 * float((Gb * torch.linalg.solve(Hb, Gb)).sum()), rel=1e-10)
+
+
+def test_keeping_every_group_with_dense_targets_is_the_refit_toward_them() -> None:
+    # With a cross Gram W_hat is not the optimum of f even on the full support: the solution is the ridge refit
+    # Hb^{-1} Gb, and every objective reported is f of that weight (the true optimum).
+    H, W = make_problem(41, 12, 4)
+    C = H + 0.1 * torch.randn(12, 12, generator=torch.Generator().manual_seed(5), dtype=F64)
+    sol = solve_layer(H.float(), W, group_size=3, num_keep=4, cross_gram=C.float())
+    Hb = H.float().double() + sol.damping_used * torch.eye(12, dtype=F64)
+    Gb = (C.float().double() + sol.damping_used * torch.eye(12, dtype=F64)) @ W
+    W_ref = torch.linalg.solve(Hb, Gb)
+    f_ref = f_direct(W_ref, Hb, Gb)
+    assert f_ref < f_direct(W, Hb, Gb)
+    torch.testing.assert_close(sol.weight, W_ref, rtol=1e-9, atol=1e-11)
+    assert sol.kept_groups.tolist() == [0, 1, 2, 3] and sol.removal_order.numel() == 0
+    for value in (sol.objective, sol.objective_stage_a, sol.objective_dense, float(sol.objective_curve[-1])):
+        assert value == pytest.approx(f_ref, rel=1e-10)
+    assert sol.curve_num_kept.tolist() == [4]
+    Hd, D = H.float().double(), sol.weight - W
+    assert sol.relative_error == pytest.approx(float((D * (Hd @ D)).sum() / (W * (Hd @ W)).sum()), rel=1e-8)
+    assert sol.relative_error_masked == 0.0
+    Hg = new_gram(12)
+    Hg.copy_(torch.triu(H.float()) + torch.triu(H.float(), 1).T)
+    before = Hg.clone()
+    in_place = solve_layer(Hg, W, group_size=3, num_keep=4, cross_gram=C.float(), in_place=True)
+    assert torch.equal(Hg, before)
+    torch.testing.assert_close(in_place.weight, W_ref, rtol=1e-9, atol=1e-11)
 
 
 def test_float32_and_float64_choose_the_same_support() -> None:
