@@ -124,7 +124,7 @@ class ArchSpec:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise UnsupportedModelError(
                 f"architecture spec {self.name!r} (for model_type {getattr(config, 'model_type', None)!r}) does not "
-                f"describe this {type(model).__name__}: it has no {'; no '.join(missing[:3])}{more}")
+                f"describe this {type(model).__name__}, which lacks {'; '.join(missing[:3])}{more}")
 
     # -- shapes read from a config --------------------------------------------------------------------
     def num_heads(self, config: Any) -> int:

@@ -151,6 +151,18 @@ def test_a_spec_that_does_not_describe_the_model_is_refused_before_any_work(regi
     before = _state(model)
     with pytest.raises(UnsupportedModelError, match=re.escape(missing)) as info:
         _prune(model)
-    assert "architecture spec 'llama'" in str(info.value)
+    assert "architecture spec 'llama' (for model_type 'llama') does not describe this LlamaForCausalLM" in str(info.value)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_streamed_run_refuses_a_spec_that_does_not_describe_the_checkpoint(registry, tmp_path):
+    make_model("llama-gqa").save_pretrained(tmp_path / "dense")
+    register_architecture(dataclasses.replace(LLAMA_FAMILY, module_count_attrs={"mlp.intermediate": "ffn"}),
+                          overwrite=True)
+    ids = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    pruner = OsscarPruner(OsscarConfig(dataset=ids, num_samples=8, seq_len=32, batch_size=4, device="cpu",
+                                       mlp_sparsity=0.5))
+    with pytest.raises(UnsupportedModelError, match="which lacks a count attribute model.layers.0.mlp.intermediate"):
+        pruner.prune_checkpoint(tmp_path / "dense", tmp_path / "pruned", progress=False)
+    assert not list(tmp_path.glob("pruned/*.safetensors"))
