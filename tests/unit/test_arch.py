@@ -151,7 +151,8 @@ def test_a_spec_that_does_not_describe_the_model_is_refused_before_any_work(regi
     before = _state(model)
     with pytest.raises(UnsupportedModelError, match=re.escape(missing)) as info:
         _prune(model)
-    assert "architecture spec 'llama' (for model_type 'llama') does not describe this LlamaForCausalLM" in str(info.value)
+    message = str(info.value)
+    assert "architecture spec 'llama' (for model_type 'llama') does not describe this LlamaForCausalLM" in message
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
