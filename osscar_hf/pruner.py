@@ -63,6 +63,7 @@ class OsscarPruner:
             raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
         if record is not None:
             raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
+        spec.check_model(model)
         if any(p.device.type == "meta" for p in model.parameters()):
             raise UnsupportedModelError(
                 "the model has parameters on the meta device (offloaded with a device_map?); load it fully "

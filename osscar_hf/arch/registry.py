@@ -45,7 +45,14 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 
 def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> None:
-    """Add ``spec`` for each of its model types (a clear error if one is taken, unless ``overwrite``)."""
+    """Add ``spec`` for each of its model types (a clear error if one is taken, unless ``overwrite``, or if the
+    spec is malformed: :meth:`ArchSpec.problems`). Nothing is registered when it raises. Whether the spec fits a
+    given model is checked when that model is pruned (:meth:`ArchSpec.check_model`)."""
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"register_architecture needs an ArchSpec, got {type(spec).__name__}")
+    problems = spec.problems()
+    if problems:
+        raise ValueError(f"architecture spec {spec.name!r} is malformed: {'; '.join(problems)}")
     for model_type in spec.model_types:
         if model_type in _REGISTRY and not overwrite:
             raise ValueError(f"model_type {model_type!r} is already registered (spec {_REGISTRY[model_type].name!r})")

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import UnsupportedModelError
+
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     """``root.get_submodule`` that also accepts an empty path (the root itself)."""
@@ -17,6 +19,9 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``path`` (which must exist) by ``module``."""
     parent_path, _, name = path.rpartition(".")
     setattr(get_submodule(root, parent_path), name, module)
+
+
+_COUNT_KINDS = ("heads", "kv_heads", "ffn")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,70 @@ class ArchSpec:
     # Modules from the *ForCausalLM model that turn the last block's output into logits, in order (final norm,
     # projections, LM head); a path whose module is absent or None in a given model is skipped.
     final_modules: tuple[str, ...] = ("lm_head",)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """What is malformed in the spec itself (wrong types, empty paths, unknown kinds); empty when it is sound."""
+        found = []
+        for name in ("model_types", "mlp_producers"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v for v in value):
+                found.append(f"{name} must be a non-empty tuple of non-empty str, got {value!r}")
+        if not isinstance(self.final_modules, tuple) or not all(isinstance(v, str) and v for v in self.final_modules):
+            found.append(f"final_modules must be a tuple of non-empty str, got {self.final_modules!r}")
+        for name in ("name", "blocks", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_consumer",
+                     "config_heads", "config_ffn"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                found.append(f"{name} must be a non-empty str, got {value!r}")
+        if self.config_kv_heads is not None and (not isinstance(self.config_kv_heads, str) or not self.config_kv_heads):
+            found.append(f"config_kv_heads must be None or a non-empty str, got {self.config_kv_heads!r}")
+        counts = self.module_count_attrs
+        if not isinstance(counts, dict) or not all(
+                isinstance(k, str) and k and v in _COUNT_KINDS for k, v in counts.items()):
+            found.append(f"module_count_attrs must map attribute paths to one of {list(_COUNT_KINDS)}, "
+                         f"got {counts!r}")
+        switches = self.bias_switches
+        if not isinstance(switches, dict) or not all(
+                k in ("attention", "mlp") and isinstance(v, str) and v for k, v in switches.items()):
+            found.append(f"bias_switches must map 'attention'/'mlp' to config field names, got {switches!r}")
+        return found
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`~osscar_hf.errors.UnsupportedModelError` unless every config field, module path and module
+        count attribute the spec names exists in ``model`` (each linear an ``nn.Linear``): checked before any work,
+        so a spec that does not describe the model never leaves it half pruned."""
+        config = getattr(model, "config", None)
+        missing = [f"config field {name!r}" for name in (self.config_heads, self.config_kv_heads, self.config_ffn)
+                   if name is not None and not hasattr(config, name)]
+        try:
+            blocks = list(get_submodule(model, self.blocks))
+        except (AttributeError, TypeError):
+            blocks = []
+            missing.append(f"a list of blocks at {self.blocks!r}")
+        linears = [f"{self.attention}.{name}" for name in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
+        linears += [*self.mlp_producers, self.mlp_consumer]
+        for i, block in enumerate(blocks):
+            for path in linears:
+                try:
+                    module = get_submodule(block, path)
+                except AttributeError:
+                    module = None
+                if not isinstance(module, nn.Linear):
+                    missing.append(f"an nn.Linear at {self.blocks}.{i}.{path}")
+            for path in self.module_count_attrs:
+                owner, _, attr = path.rpartition(".")
+                try:
+                    found = hasattr(get_submodule(block, owner), attr)
+                except AttributeError:
+                    found = False
+                if not found:
+                    missing.append(f"a count attribute {self.blocks}.{i}.{path}")
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise UnsupportedModelError(
+                f"architecture spec {self.name!r} (for model_type {getattr(config, 'model_type', None)!r}) does not "
+                f"describe this {type(model).__name__}, which lacks {'; '.join(missing[:3])}{more}")
 
     # -- shapes read from a config --------------------------------------------------------------------
     def num_heads(self, config: Any) -> int:

@@ -428,6 +428,7 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
+    spec.check_model(model)
     block_keys, other_keys = _split_keys(model, spec, reader, files)
     run = start_run(pruner.config, model, spec,
                     lambda held_out: pruner.calibration_window_sets(model, tokenizer, held_out=held_out))

@@ -112,28 +112,15 @@ def test_osscar_reconstructs_better_than_magnitude(kind, tokenizer, calibration_
     assert err_osscar < 0.5 * err_magnitude
 
 
-@pytest.mark.parametrize("options", [dict(propagate=False), dict(dense_targets=True), dict(local_search=False),
-                                     dict(solver_dtype="float32"), dict(attention_sparsity=0.75, mlp_sparsity=0.9)])
+# propagate and dense_targets: what they change is checked in test_statistics_pipeline.py.
+@pytest.mark.parametrize("options", [dict(local_search=False), dict(solver_dtype="float32"),
+                                     dict(attention_sparsity=0.75, mlp_sparsity=0.9)])
 def test_options_give_valid_models(options, tokenizer, calibration_texts):
     model, pruner = _prune(make_model("llama-gqa"), tokenizer, calibration_texts, **options)
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert pruner.report.parameters_after < pruner.report.parameters_before
-
-
-def test_dense_targets_fit_dense_outputs_better_than_plain(tokenizer, calibration_texts):
-    dense = make_model("opt", seed=7)
-    ids = tokenizer(" ".join(calibration_texts[:4]), return_tensors="pt").input_ids[:, :64]
-    with torch.no_grad():
-        ref = dense(ids).logits
-    errs = {}
-    for flag in (False, True):
-        model, _ = _prune(copy.deepcopy(dense), tokenizer, calibration_texts, dense_targets=flag, num_samples=16,
-                          local_search=False)
-        with torch.no_grad():
-            errs[flag] = (model(ids).logits - ref).pow(2).mean().item()
-    assert errs[True] <= errs[False] * 1.05
 
 
 def test_report_json_round_trip(tmp_path, tokenizer, calibration_texts):

@@ -112,8 +112,47 @@ def test_keep_count_rejects(m, sparsity):
         keep_count(m, sparsity)
 
 
-def test_error_hierarchy():
-    assert issubclass(OsscarConfigError, OsscarError) and issubclass(OsscarConfigError, ValueError)
+def _set_then_check() -> None:
+    cfg = OsscarConfig()
+    cfg.mlp_step = 0
+    cfg.post_init()
+
+
+def _bad_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    OsscarConfig.from_json_file(path)
+
+
+REFUSALS = {  # every way a config is refused, and a word of the message that names the culprit
+    "constructor": (lambda tmp: OsscarConfig(mlp_sparsity=1.5), "mlp_sparsity"),
+    "post_init after a change": (lambda tmp: _set_then_check(), "mlp_step"),
+    "update": (lambda tmp: OsscarConfig().update(seq_len=0), "seq_len"),
+    "from_dict unknown key": (lambda tmp: OsscarConfig.from_dict({"mlp_sparsty": 0.5}), "mlp_sparsty"),
+    "from_dict not a dict": (lambda tmp: OsscarConfig.from_dict(["mlp_sparsity"]), "config_dict"),
+    "from_json_file bad JSON": (_bad_json_file, "not valid JSON"),
+    "pruner unknown method": (lambda tmp: osscar_hf.OsscarPruner(OsscarConfig(method="nope")), "nope"),
+    "pruner method without refit": (
+        lambda tmp: osscar_hf.OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dense_targets=True, method="magnitude")),
+        "dense_targets"),
+    "pruner given a dict": (lambda tmp: osscar_hf.OsscarPruner({"mlp_sparsity": 0.5}), "OsscarConfig"),
+    "keep_count": (lambda tmp: keep_count(4, 1.0), "sparsity"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_every_refusal_is_caught_as_value_error_and_as_osscar_error(name, tmp_path):
+    """errors.py's promise: callers may catch either ``ValueError`` (generic code) or ``OsscarError`` (everything
+    osscar_hf raises). A path that let a bare ``ValueError``/``TypeError``/``JSONDecodeError`` through, or an error
+    class that lost a base, would fail here."""
+    refuse, culprit = REFUSALS[name]
+    try:
+        refuse(tmp_path)
+    except ValueError as exc:
+        assert isinstance(exc, OsscarError), f"{name}: {type(exc).__name__} is not an OsscarError"
+        assert culprit in str(exc)
+    else:
+        pytest.fail(f"{name}: nothing was refused")
 
 
 def test_lazy_public_import():

@@ -18,7 +18,7 @@ from osscar_hf.methods import (
     method_names,
     register_method,
 )
-from osscar_hf.solver import accumulate_gram, new_gram
+from osscar_hf.solver import accumulate_cross_gram, accumulate_gram, new_gram
 
 SOLVE = SolveSettings(step=1, swap_size=1, local_search_iters=5, damping=1e-3, dtype=torch.float64)
 
@@ -122,6 +122,27 @@ def test_gram_methods_refit_and_find_the_best_support_on_a_small_problem(name):
     assert _refit_error(X.float().double(), W, kept) <= min(errors.values()) * 1.05
     assert chosen.weight.shape == (4, 3)
     assert chosen.report["objective"] <= chosen.report["objective_stage_a"] + 1e-9
+
+
+@pytest.mark.parametrize("name", ["osscar", "obs_greedy"])
+def test_gram_methods_refit_to_the_cross_gram_they_are_handed(name):
+    """Dense targets (ALGORITHM.md section 5): given ``cross_gram = X_pruned^T X_dense / N``, the kept weights are
+    the ridge fit of the dense stream's outputs, ``(H + lam I)_SS^-1 ((cross_gram + lam I) W_hat)_S``, not of the
+    pruned stream's own outputs."""
+    X, W, problem = _problem(num_keep=3)
+    X_dense = X + 0.5 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    C = new_gram(X.shape[1])
+    accumulate_cross_gram(C, 0, X.float(), X_dense.float())
+    problem.statistics.cross_gram = C
+    H64, C64 = problem.statistics.gram.double(), C.double()  # copies: the solve may work in the Gram's storage
+    chosen = get_method(name).select(problem)
+    kept, lam = chosen.kept_groups, chosen.report["damping"]
+    eye = lam * torch.eye(X.shape[1], dtype=torch.float64)
+    H_kept = (H64 + eye)[kept][:, kept]
+    dense_fit = torch.linalg.solve(H_kept, ((C64 + eye) @ W.T)[kept]).T
+    own_fit = torch.linalg.solve(H_kept, ((H64 + eye) @ W.T)[kept]).T
+    assert (dense_fit - own_fit).abs().max() > 0.05 * own_fit.abs().max()  # the two targets really differ
+    torch.testing.assert_close(chosen.weight.double(), dense_fit, rtol=1e-6, atol=1e-8)
 
 
 def test_obs_greedy_is_step_one_without_local_search(monkeypatch):

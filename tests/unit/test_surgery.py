@@ -62,14 +62,34 @@ def test_empty_attention_and_empty_mlp_still_run(kind):
     model = make_model(kind)
     spec = get_spec(model)
     m = spec.group_geometry(model.config)[0]
-    ffn = spec.ffn_dim(model.config)
     kept = [([], [3, 4]), (list(range(m)), [])]  # block 0 loses every head, block 1 every neuron
     masked = _prune_and_mask(model, kept)
-    assert isinstance(model.get_submodule(spec.blocks)[0].get_submodule(spec.attention), EmptyAttention)
+    blocks = model.get_submodule(spec.blocks)
+    attention = blocks[0].get_submodule(spec.attention)
+    assert isinstance(attention, EmptyAttention)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, masked(ids).logits, rtol=1e-5, atol=1e-5)
-    assert ffn > 0
+    # The emptied parts hold no weights, yet keep every state-dict key (zero-width tensors under the original
+    # names), so a checkpoint of the pruned model has the stock layout.
+    state, dense_state = model.state_dict(), masked.state_dict()
+    assert state.keys() == dense_state.keys()
+    emptied = [f"{spec.blocks}.0.{spec.attention}.{name}.weight" for name in (spec.q_proj, spec.k_proj, spec.v_proj,
+                                                                                spec.o_proj)]
+    emptied += [f"{spec.blocks}.1.{path}.weight" for path in (*spec.mlp_producers, spec.mlp_consumer)]
+    for key in emptied:
+        assert state[key].numel() == 0 and state[key].shape != dense_state[key].shape, key
+    for path, count in spec.module_count_attrs.items():  # the sizes the modules hold say "no neuron left"
+        owner, _, attr = path.rpartition(".")
+        if count == "ffn":
+            assert getattr(blocks[1].get_submodule(owner), attr) == 0
+    # An attention with no head adds its output projection's bias (or nothing) to the residual stream.
+    hidden = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, weights = attention(hidden)
+    o_bias = attention.get_submodule(spec.o_proj).bias
+    expected = torch.zeros_like(hidden) if o_bias is None else o_bias.detach().expand_as(hidden)
+    assert torch.equal(out, expected) and weights is None
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
