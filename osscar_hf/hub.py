@@ -34,7 +34,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from .errors import OsscarError
+from .errors import HubAuthenticationError, HubConnectionError, HubPermissionError, HubPushError
 
 __all__ = [
     "HubAuthenticationError",
@@ -53,22 +53,6 @@ _TOKEN_HELP = (
     "pass token=..., set the HF_TOKEN environment variable, or run `hf auth login`; the token needs write "
     "access (create one at https://huggingface.co/settings/tokens)"
 )
-
-
-class HubPushError(OsscarError, RuntimeError):
-    """A pruned model could not be pushed to the Hub."""
-
-
-class HubAuthenticationError(HubPushError):
-    """No Hugging Face token was found, or the Hub rejected it."""
-
-
-class HubPermissionError(HubPushError, PermissionError):
-    """The token may not write to the repository (another user's or organisation's, or a read-only token)."""
-
-
-class HubConnectionError(HubPushError, ConnectionError):
-    """The Hub could not be reached (network down, wrong ``HF_ENDPOINT``, offline mode)."""
 
 
 def push_pruned(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import OsscarConfig
-from ..errors import OsscarError
+from ..errors import NotDequantizableError, OsscarError
 from ..io.shapes import apply_block_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,10 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["NotDequantizableError", "OsscarHfQuantizer"]
-
-
-class NotDequantizableError(OsscarError, NotImplementedError):
-    """``model.dequantize()`` on an osscar-pruned model: there is nothing to dequantize."""
 
 
 class OsscarHfQuantizer(HfQuantizer):

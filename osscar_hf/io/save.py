@@ -24,7 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..config import OsscarConfig
-from ..errors import OsscarError
+from ..errors import OutputConflictError, SaveError
 from .remote_code import (
     base_model_type,
     remote_code_config,
@@ -43,20 +43,12 @@ from .shapes import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMATS", "SaveError", "attach_run", "mark_pruned", "model_card", "pruning_record", "resolve_format", "save_pruned",
+    "FORMATS", "OutputConflictError", "SaveError", "attach_run", "mark_pruned", "model_card", "pruning_record", "resolve_format", "save_pruned",
     "write_model_card",
 ]
 
 FORMATS = ("auto", "stock", "osscar", "remote_code")
 CONFIG_NAME = "config.json"
-
-
-class SaveError(OsscarError, ValueError):
-    """A pruned model cannot be saved where or how it was asked to be."""
-
-
-class OutputConflictError(SaveError):
-    """The output folder was created or filled by someone else while the checkpoint was being written."""
 
 
 # --------------------------------------------------------------------------- the record on a pruned model

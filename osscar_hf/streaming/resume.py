@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import OsscarError
+from ..errors import ResumeError
 from ..io.save import CONFIG_NAME
+from ..version import __version__
 from .sources import INDEX_NAME, CheckpointError, HubFiles, LocalFiles, ShardReader
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,10 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 PROGRESS_NAME = "osscar_progress.json"
-
-
-class ResumeError(OsscarError, ValueError):
-    """An interrupted streaming run left a partial folder, but with different settings or source."""
 
 
 def partial_folder(target: Path) -> Path:
@@ -45,7 +42,6 @@ def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: Ossc
     """
     import transformers
 
-    from .. import __version__
     from ..config import describe_dataset
 
     names = {CONFIG_NAME, *reader.weight_map.values()} | ({INDEX_NAME} if files.has(INDEX_NAME) else set())

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import OsscarError
+from ..errors import CheckpointError
 from ..io.save import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,6 @@ TOKENIZER_FILES = (
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json",
 )
-
-
-
-
-class CheckpointError(OsscarError, ValueError):
-    """A checkpoint cannot be streamed: neither a local folder nor a Hub id, no safetensors weights, a missing,
-    corrupt or inconsistent shard (the message names the file), or a Hub repository that is unknown, gated or
-    unreachable (the message names it and says what to do)."""
 
 
 # --------------------------------------------------------------------------- where the source files come from
@@ -492,7 +484,6 @@ def _map_threads(function: Any, items: list[str], workers: int = 8) -> list[Any]
 
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         return list(pool.map(function, items))
-
 
 
 def _looks_like_repo_id(name: str) -> bool:
