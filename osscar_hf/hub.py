@@ -193,8 +193,9 @@ def _ensure_repo(api: HfApi, repo_id: str, *, private: bool | None, token: str) 
         raise
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Network-level exception types of the HTTP clients huggingface_hub may use."""
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Network-level exception types of the HTTP clients huggingface_hub may use (those installed here), for
+    telling an unreachable Hub from a refusal (also used by :mod:`osscar_hf.streaming.sources`)."""
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
                          ("requests", "ConnectionError"), ("requests", "Timeout")):
@@ -219,7 +220,7 @@ def _hub_errors(api: HfApi, repo_id: str) -> Iterator[None]:
         ) from exc
     except HfHubHTTPError as exc:
         raise _http_error(api, repo_id, exc) from exc
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         raise HubConnectionError(
             f"cannot reach the Hugging Face Hub at {api.endpoint} to push {repo_id} ({type(exc).__name__}: {exc}); "
             "check the network connection (and HF_ENDPOINT if you set it), then retry"

@@ -43,8 +43,8 @@ from .shapes import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMATS", "OutputConflictError", "SaveError", "attach_run", "mark_pruned", "model_card", "pruning_record", "resolve_format", "save_pruned",
-    "write_model_card",
+    "FORMATS", "OutputConflictError", "SaveError", "attach_run", "fsync_tree", "mark_pruned", "model_card",
+    "pruning_record", "resolve_format", "rewrite_config", "save_pruned", "write_model_card",
 ]
 
 FORMATS = ("auto", "stock", "osscar", "remote_code")
@@ -240,12 +240,12 @@ def resolve_format(model: nn.Module, format: str = "auto") -> str:
 
 
 # --------------------------------------------------------------------------- save
-def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
+def rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
     """Turn ``folder/config.json`` (as ``save_pretrained`` wrote it for ``model``) into format ``fmt``
     (``"stock"``, ``"osscar"`` or ``"remote_code"``, as :func:`resolve_format` returns), writing or removing
     the remote-code files beside it."""
     if fmt not in FORMATS or fmt == "auto":
-        raise SaveError(f"_rewrite_config needs a resolved format ('stock', 'osscar' or 'remote_code'), "
+        raise SaveError(f"rewrite_config needs a resolved format ('stock', 'osscar' or 'remote_code'), "
                         f"got {fmt!r}")
     path = folder / CONFIG_NAME
     # A model loaded from a remote-code checkpoint wrote that format's config and files: start from stock.
@@ -264,7 +264,9 @@ def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so that the rename publishing it cannot leave a
+    checkpoint with missing or empty files after a crash."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -387,14 +389,14 @@ def save_pruned(
     tmp.mkdir()
     try:
         type(model).save_pretrained(model, tmp, **save_kwargs)
-        _rewrite_config(tmp, model, fmt)
+        rewrite_config(tmp, model, fmt)
         write_model_card(model, tmp, fmt)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
             raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         try:
             move_into_place(tmp, target, overwrite=overwrite)
         except OutputConflictError as exc:

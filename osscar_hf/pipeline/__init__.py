@@ -2,7 +2,7 @@
 streamed pruning alike (see :mod:`.orchestrate`)."""
 
 from .block import PARTS, BlockStream, announce_block, block_consumers, block_device
-from .model_config import switch_on_part_biases, update_model_config
+from ..io.model_config import switch_on_part_biases, update_model_config  # re-exported: the old place
 from .orchestrate import (
     BlockSource,
     InMemoryBlocks,

@@ -34,11 +34,11 @@ from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
+from ..io.model_config import update_model_config
 from ..methods import get_method
 from ..report import BlockReport, PruneReport
 from ..surgery import part_linears
 from .block import BlockStream, announce_block
-from .model_config import update_model_config
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
