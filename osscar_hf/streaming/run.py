@@ -37,6 +37,7 @@ from ..io.save import (
     rewrite_config,
     write_model_card,
 )
+from ..io.load import resolve_dtype
 from ..io.model_config import update_model_config
 from ..io.shapes import apply_block_shapes, osscar_quantization_config
 from ..pipeline import (
@@ -111,8 +112,6 @@ def _to_meta_outside(model: nn.Module, prefix: str) -> None:
 
 def _weights_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``dtype=`` of prune_checkpoint: None (or "auto") keeps the checkpoint's; else a floating-point dtype."""
-    from ..metrics import resolve_dtype
-
     resolved = resolve_dtype(dtype)
     if resolved == "auto":
         return None

@@ -281,3 +281,47 @@ def test_the_cycle_check_sees_function_level_and_lazy_imports():
     assert "osscar_hf.integrations.quantizer" in integrations  # imported inside register()
     assert _resolve_from("osscar_hf.streaming.run", ast.parse("from ..io import save").body[0]) == "osscar_hf.io"
     assert _resolve_from("osscar_hf.streaming", ast.parse("from .run import x").body[0]) == "osscar_hf.streaming.run"
+
+
+# --------------------------------------------------------------------------- loggers named after their modules
+# ``cli`` attaches the command line's handler to the package's logger: configuration, not a place that logs.
+PACKAGE_LOGGER_USERS = {"osscar_hf.cli"}
+
+
+def logger_names(source: str) -> list[str]:
+    """The argument of every ``logging.getLogger(...)`` call in ``source``, as source text."""
+    tree = ast.parse(MODULES[source].read_text(encoding="utf-8"))
+    return [ast.unparse(node.args[0]) if node.args else "" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"]
+
+
+def root_logger_calls(source: str) -> list[int]:
+    """Lines of ``logging.info(...)``-style calls, which log under the root logger instead of the module's."""
+    tree = ast.parse(MODULES[source].read_text(encoding="utf-8"))
+    levels = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in levels
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "logging"]
+
+
+def test_every_logger_is_named_after_its_module():
+    wrong = {}
+    for name in MODULES:
+        allowed = {"__name__"} | ({repr(PACKAGE)} if name in PACKAGE_LOGGER_USERS else set())
+        names = [n for n in logger_names(name) if n not in allowed] + [f"root logger, line {line}"
+                                                                        for line in root_logger_calls(name)]
+        if names:
+            wrong[name] = names
+    assert wrong == {}, f"use logging.getLogger(__name__): {wrong}"
+
+
+def test_model_loading_logs_under_the_module_that_loads(tmp_path, caplog):
+    from osscar_hf.io.load import load_model_and_tokenizer
+    from tests.conftest import make_model, make_tokenizer
+
+    make_model("opt").save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger=PACKAGE):
+        load_model_and_tokenizer(tmp_path, device="cpu")
+    loading = [record for record in caplog.records if record.getMessage().startswith("Loading")]
+    assert [record.name for record in loading] == ["osscar_hf.io.load"]
