@@ -29,12 +29,12 @@ import torch
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .version import __version__
 from .config import OsscarConfig
 from .errors import CardError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
 from .methods import describe_method
 from .report import PruneReport
+from .version import __version__
 
 __all__ = ["CHECKPOINT_FORMATS", "TAGS", "CardError", "build_model_card", "template_path"]
 

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from osscar_hf.version import __version__
 from osscar_hf.errors import CommandError, OsscarError
+from osscar_hf.version import __version__
 
 PROG = "osscar-hf"
 logger = logging.getLogger(__name__)

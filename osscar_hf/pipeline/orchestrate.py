@@ -36,8 +36,8 @@ from ..io.model_config import update_model_config
 from ..methods import get_method
 from ..report import BlockReport, PruneReport
 from ..surgery import part_linears
-from .block import BlockStream, announce_block
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
+from .block import BlockStream, announce_block
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .settings import LoopSettings, loop_settings
 

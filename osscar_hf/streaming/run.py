@@ -23,6 +23,8 @@ from ..config import OsscarConfig
 from ..errors import OsscarError, UnsupportedModelError
 from ..evaluation import count_parameters
 from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, release_freed_memory
+from ..io.load import resolve_dtype
+from ..io.model_config import update_model_config
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
@@ -37,8 +39,6 @@ from ..io.save import (
     rewrite_config,
     write_model_card,
 )
-from ..io.load import resolve_dtype
-from ..io.model_config import update_model_config
 from ..io.shapes import apply_block_shapes, osscar_quantization_config
 from ..pipeline import (
     activation_space,
