@@ -42,6 +42,7 @@ __all__ = [
     "HubPermissionError",
     "HubPushError",
     "push_pruned",
+    "transport_errors",
 ]
 
 logger = logging.getLogger(__name__)
