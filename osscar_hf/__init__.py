@@ -3,7 +3,8 @@
     from osscar_hf import OsscarConfig, OsscarPruner
     pruned = OsscarPruner(OsscarConfig(attention_sparsity=0.25, mlp_sparsity=0.5, dataset=texts)).prune(model, tok)
 
-Public names are imported lazily so that ``import osscar_hf`` stays cheap. Importing the package also
+Public names are imported lazily so that ``import osscar_hf`` stays cheap; the error classes (all defined in
+:mod:`osscar_hf.errors`, which imports nothing) are here at once. Importing the package also
 registers the ``"osscar"`` quantization method with transformers (see :mod:`osscar_hf.integrations`), so
 ``AutoModelForCausalLM.from_pretrained`` loads pruned checkpoints whose blocks have per-block shapes.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .errors import *  # noqa: F403 - the whole error hierarchy (osscar_hf.errors imports nothing)
+from .errors import __all__ as _ERROR_NAMES
+from .version import __version__
 
 _LAZY = {
     "OsscarConfig": "osscar_hf.config",
@@ -24,24 +27,13 @@ _LAZY = {
     "measure_throughput": "osscar_hf.evaluation",
     "count_parameters": "osscar_hf.evaluation",
     "fetch_smollm2": "osscar_hf.models",
-    "OsscarError": "osscar_hf.errors",
-    "OsscarConfigError": "osscar_hf.errors",
-    "UnsupportedModelError": "osscar_hf.errors",
-    "CalibrationDataError": "osscar_hf.errors",
-    "SolverError": "osscar_hf.errors",
-    "SurgeryError": "osscar_hf.errors",
-    "ModelFetchError": "osscar_hf.errors",
     "save_pruned": "osscar_hf.io.save",
     "build_model_card": "osscar_hf.card",
     "push_pruned": "osscar_hf.hub",
     "pruning_record": "osscar_hf.io.save",
-    "SaveError": "osscar_hf.io.save",
-    "CheckpointError": "osscar_hf.streaming",
-    "ResumeError": "osscar_hf.streaming",
-    "ConcurrentRunError": "osscar_hf.streaming",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_ERROR_NAMES, *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import OsscarError
+from .errors import ActivationStorageError
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ STORAGE_MODES = ("auto", "memory", "disk")
 # available to the process (the rest is left to the block, its Gram matrices and the solver).
 DISK_THRESHOLD_FRACTION = 0.5
 FOLDER_PREFIX = "osscar-activations-"
-
-
-class ActivationStorageError(OsscarError, OSError):
-    """Calibration activations cannot be written to or read back from their folder on disk."""
 
 
 # --------------------------------------------------------------------------- deciding where activations live

@@ -29,12 +29,12 @@ import torch
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from . import __version__
 from .config import OsscarConfig
-from .errors import OsscarError
+from .errors import CardError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
 from .methods import describe_method
 from .report import PruneReport
+from .version import __version__
 
 __all__ = ["CHECKPOINT_FORMATS", "TAGS", "CardError", "build_model_card", "template_path"]
 
@@ -59,10 +59,6 @@ _DEFAULT_PROTOCOL = (
     "{split} split joined with blank lines, tokenised once without special tokens, cut into non-overlapping "
     "windows{seq_len}, exp(mean token negative log-likelihood) over all scored tokens."
 )
-
-
-class CardError(OsscarError, ValueError):
-    """The inputs of a model card are inconsistent or malformed (for example bad ``eval_results``)."""
 
 
 @contextlib.contextmanager

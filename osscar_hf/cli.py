@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from osscar_hf import __version__
-from osscar_hf.errors import OsscarError
+from osscar_hf.errors import CommandError, OsscarError
 from osscar_hf.process import quiet_idle_threads
+from osscar_hf.version import __version__
 
 PROG = "osscar-hf"
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ EVAL_FILENAME = "osscar_eval.json"
 CARD_FILENAME = "README.md"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_CHOICES = ("auto", "stock", "osscar", "remote-code")
-
-
-class CommandError(Exception):
-    """A problem with what the user asked for, found by a command handler: printed as one line, exit 1."""
 
 
 # --------------------------------------------------------------------------- argument types

@@ -26,6 +26,7 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from osscar_hf.errors import OsscarConfigError
+from osscar_hf.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -286,8 +287,6 @@ def _check_library_versions(value: Any) -> dict[str, str] | None:
 def library_versions() -> dict[str, str]:
     """The versions of the libraries that shape a pruned checkpoint: osscar_hf, transformers and torch."""
     import transformers
-
-    from osscar_hf import __version__
 
     return {"osscar_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
@@ -668,8 +667,6 @@ class OsscarConfig(QuantizationConfigMixin):
         dict's values; the others are returned as unused when ``return_unused_kwargs`` is True (and
         otherwise ignored).
         """
-        from osscar_hf import __version__
-
         if not isinstance(config_dict, dict):
             raise OsscarConfigError(f"config_dict must be a dict, got a {type(config_dict).__name__}")
         data = dict(config_dict)
@@ -723,8 +720,6 @@ class OsscarConfig(QuantizationConfigMixin):
         ``torch_version``; :meth:`from_json_file` reads it back to an equal config.
         """
         import transformers
-
-        from osscar_hf import __version__
 
         payload = self.to_dict()
         payload["osscar_version"] = __version__

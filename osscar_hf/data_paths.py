@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import osscar_hf
-
 ENV_VAR = "OSSCAR_HF_SHARED_DATA"
 
 
@@ -28,7 +26,7 @@ def shared_data_dir() -> Path | None:
     override = os.environ.get(ENV_VAR)
     if override:
         return Path(override).expanduser()
-    candidate = Path(osscar_hf.__file__).resolve().parents[2] / "shared" / "data"
+    candidate = Path(__file__).resolve().parents[2] / "shared" / "data"
     return candidate if candidate.is_dir() else None
 
 

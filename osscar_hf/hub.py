@@ -34,7 +34,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from .errors import OsscarError
+from .errors import HubAuthenticationError, HubConnectionError, HubPermissionError, HubPushError
 
 __all__ = [
     "HubAuthenticationError",
@@ -42,6 +42,7 @@ __all__ = [
     "HubPermissionError",
     "HubPushError",
     "push_pruned",
+    "transport_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,22 +55,6 @@ _TOKEN_HELP = (
     "variable, or run `hf auth login`; the token needs write access (create one at "
     "https://huggingface.co/settings/tokens)"
 )
-
-
-class HubPushError(OsscarError, RuntimeError):
-    """A pruned model could not be pushed to the Hub."""
-
-
-class HubAuthenticationError(HubPushError):
-    """No Hugging Face token was found, or the Hub rejected it."""
-
-
-class HubPermissionError(HubPushError, PermissionError):
-    """The token may not write to the repository (another user's or organisation's, or a read-only token)."""
-
-
-class HubConnectionError(HubPushError, ConnectionError):
-    """The Hub could not be reached (network down, wrong ``HF_ENDPOINT``, offline mode)."""
 
 
 def push_pruned(
@@ -210,8 +195,9 @@ def _ensure_repo(api: HfApi, repo_id: str, *, private: bool | None, token: str) 
         raise
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Network-level exception types of the HTTP clients huggingface_hub may use."""
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Network-level exception types of the HTTP clients huggingface_hub may use (those installed here), for
+    telling an unreachable Hub from a refusal (also used by :mod:`osscar_hf.streaming.sources`)."""
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
                          ("requests", "ConnectionError"), ("requests", "Timeout")):
@@ -236,7 +222,7 @@ def _hub_errors(api: HfApi, repo_id: str) -> Iterator[None]:
         ) from exc
     except HfHubHTTPError as exc:
         raise _http_error(api, repo_id, exc) from exc
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         raise HubConnectionError(
             f"cannot reach the Hugging Face Hub at {api.endpoint} to push {repo_id} ({type(exc).__name__}: {exc}); "
             "check the network connection (and HF_ENDPOINT if you set it), then retry"

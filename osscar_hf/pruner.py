@@ -15,6 +15,7 @@ from .arch import ArchSpec, get_spec, get_submodule
 from .calibration import build_window_sets
 from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
+from .io.model_config import update_model_config
 from .io.save import attach_run, pruning_record
 from .io.shapes import osscar_quantization_config
 from .pipeline import (
@@ -27,9 +28,9 @@ from .pipeline import (
     plan_sizes,
     prune_blocks,
     start_run,
-    update_model_config,
 )
 from .report import PruneReport
+from .streaming import prune_checkpoint
 from .surgery import block_shape
 
 __all__ = ["OsscarPruner", "check_prunable_config", "update_model_config"]
@@ -203,8 +204,6 @@ class OsscarPruner:
         ``base_model``: the Hub id the model card names as the base model (default: ``model_path`` when it is a
         Hub id, none for a local folder).
         """
-        from .streaming import prune_checkpoint
-
         return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                                 progress=progress, resume=resume, revision=revision, token=token, cache_dir=cache_dir,
                                 endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format,

@@ -30,12 +30,22 @@ class ConsumerReport:
 
 @dataclass
 class BlockReport:
+    """What pruning one block did: its two layer-wise problems, its time and memory."""
+
     index: int
     attention: ConsumerReport
     mlp: ConsumerReport
     seconds: float
     peak_device_memory_bytes: int | None = None   # during this block (CUDA only)
     peak_host_rss_bytes: int | None = None         # the process's peak resident memory so far (where known)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockReport:
+        """The report that ``dataclasses.asdict`` turned into ``data`` (as a streamed run's progress file keeps it)."""
+        fields = dict(data)
+        fields["attention"] = ConsumerReport(**fields["attention"])
+        fields["mlp"] = ConsumerReport(**fields["mlp"])
+        return cls(**fields)
 
 
 @dataclass

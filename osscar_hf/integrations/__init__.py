@@ -33,36 +33,17 @@ def register() -> None:
     """Register the ``"osscar"`` quantization config and quantizer with transformers (idempotent).
 
     Imports ``transformers.quantizers`` if needed. Raises ``OsscarError`` when another package registered a
-    different class under ``"osscar"``.
+    different class under ``"osscar"``. The registration itself is
+    :func:`osscar_hf.integrations.quantizer.register_quantizer`, which also runs when that module is first imported.
     """
     quantizer_module = sys.modules.get(f"{__name__}.quantizer")
-    if quantizer_module is not None and not hasattr(quantizer_module, "OsscarHfQuantizer"):
+    if quantizer_module is not None and not hasattr(quantizer_module, "register_quantizer"):
         # Importing our quantizer module made transformers import its registry (and fired the hook): the
         # module is half-run here, and registers itself when it finishes.
         return
-    from transformers.quantizers import auto
+    from .quantizer import register_quantizer
 
-    from ..config import QUANT_METHOD, OsscarConfig
-    from ..errors import OsscarError
-    from .quantizer import OsscarHfQuantizer
-
-    with _LOCK:
-        for mapping, cls, register_fn in (
-            (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OsscarConfig, auto.register_quantization_config),
-            (auto.AUTO_QUANTIZER_MAPPING, OsscarHfQuantizer, auto.register_quantizer),
-        ):
-            current = mapping.get(QUANT_METHOD)
-            if current is cls:
-                continue
-            if current is None:
-                register_fn(QUANT_METHOD)(cls)
-            elif (current.__module__, current.__qualname__) == (cls.__module__, cls.__qualname__):
-                mapping[QUANT_METHOD] = cls  # our own class, from a re-imported module
-            else:
-                raise OsscarError(
-                    f"transformers already has {current.__module__}.{current.__qualname__} registered under "
-                    f"quant_method={QUANT_METHOD!r}; osscar_hf cannot register {cls.__qualname__}"
-                )
+    register_quantizer()
 
 
 def is_registered() -> bool:

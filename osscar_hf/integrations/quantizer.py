@@ -11,14 +11,15 @@ quantized: the weights are ordinary full-precision tensors, so the model behaves
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 # Only transformers.quantizers.base: this module is imported while transformers imports its quantizer
 # registry, which transformers.modeling_utils is itself importing (see osscar_hf.integrations).
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import OsscarConfig
-from ..errors import OsscarError
+from ..config import QUANT_METHOD, OsscarConfig
+from ..errors import NotDequantizableError, OsscarError
 from ..io.shapes import apply_block_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,11 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotDequantizableError", "OsscarHfQuantizer"]
+__all__ = ["NotDequantizableError", "OsscarHfQuantizer", "register_quantizer"]
 
-
-class NotDequantizableError(OsscarError, NotImplementedError):
-    """``model.dequantize()`` on an osscar-pruned model: there is nothing to dequantize."""
+_REGISTRATION_LOCK = threading.Lock()
 
 
 class OsscarHfQuantizer(HfQuantizer):
@@ -93,12 +92,34 @@ class OsscarHfQuantizer(HfQuantizer):
         return True
 
 
-def _register_on_import() -> None:
-    # Importing this module first (before transformers' quantizer registry) must register too: see
-    # osscar_hf.integrations.register, which defers to this call while the module is half-run.
-    from . import register
+def register_quantizer() -> None:
+    """Register :class:`~osscar_hf.config.OsscarConfig` and :class:`OsscarHfQuantizer` with transformers under
+    ``quant_method="osscar"`` (idempotent; imports ``transformers.quantizers``).
 
-    register()
+    Runs when this module is first imported (see :mod:`osscar_hf.integrations`, whose ``register`` calls it).
+    Raises ``OsscarError`` when another package registered a different class under ``"osscar"``.
+    """
+    from transformers.quantizers import auto
+
+    with _REGISTRATION_LOCK:
+        for mapping, cls, register_fn in (
+            (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OsscarConfig, auto.register_quantization_config),
+            (auto.AUTO_QUANTIZER_MAPPING, OsscarHfQuantizer, auto.register_quantizer),
+        ):
+            current = mapping.get(QUANT_METHOD)
+            if current is cls:
+                continue
+            if current is None:
+                register_fn(QUANT_METHOD)(cls)
+            elif (current.__module__, current.__qualname__) == (cls.__module__, cls.__qualname__):
+                mapping[QUANT_METHOD] = cls  # our own class, from a re-imported module
+            else:
+                raise OsscarError(
+                    f"transformers already has {current.__module__}.{current.__qualname__} registered under "
+                    f"quant_method={QUANT_METHOD!r}; osscar_hf cannot register {cls.__qualname__}"
+                )
 
 
-_register_on_import()
+# Importing this module first (before transformers' quantizer registry) must register too: see
+# osscar_hf.integrations.register, which defers to this call while the module is half-run.
+register_quantizer()

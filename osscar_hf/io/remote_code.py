@@ -39,7 +39,7 @@ from typing import Any
 from torch import nn
 
 from ..arch import ArchSpec
-from ..errors import OsscarError
+from ..errors import RemoteCodeError
 
 __all__ = [
     "CONFIG_FILE",
@@ -65,10 +65,6 @@ MODEL_TYPE_PREFIX = "osscar_"
 OSSCAR_FIELDS = ("osscar_format_version", "osscar_base_model_type", "osscar_block_shapes", "osscar_layout",
                  "osscar_pruning")
 _TEMPLATE_FAMILY = "llama"
-
-
-class RemoteCodeError(OsscarError, ValueError):
-    """A model cannot be written in (or converted from) the remote-code format."""
 
 
 @dataclass(frozen=True)

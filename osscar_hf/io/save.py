@@ -24,7 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..config import OsscarConfig
-from ..errors import OsscarError
+from ..errors import OutputConflictError, SaveError
 from .remote_code import (
     base_model_type,
     remote_code_config,
@@ -43,20 +43,12 @@ from .shapes import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMATS", "SaveError", "attach_run", "mark_pruned", "model_card", "pruning_record", "resolve_format", "save_pruned",
-    "write_model_card",
+    "FORMATS", "OutputConflictError", "SaveError", "attach_run", "fsync_tree", "mark_pruned", "model_card",
+    "pruning_record", "resolve_format", "rewrite_config", "save_pruned", "write_model_card",
 ]
 
 FORMATS = ("auto", "stock", "osscar", "remote_code")
 CONFIG_NAME = "config.json"
-
-
-class SaveError(OsscarError, ValueError):
-    """A pruned model cannot be saved where or how it was asked to be."""
-
-
-class OutputConflictError(SaveError):
-    """The output folder was created or filled by someone else while the checkpoint was being written."""
 
 
 # --------------------------------------------------------------------------- the record on a pruned model
@@ -110,7 +102,8 @@ def check_not_dense_source(model: nn.Module, save_directory: str | os.PathLike) 
 
 
 class _GuardedSavePretrained:
-    """A pruned model's ``save_pretrained``: transformers' own, refusing the dense model's folder.
+    """A pruned model's ``save_pretrained``: transformers' own, with every argument passed on as given, refusing
+    the dense model's folder, then writing the model card beside the weights (see :func:`write_model_card`).
 
     A small object rather than a bound method, so that ``copy.deepcopy`` and pickling (``torch.save`` of
     the whole model) carry it along, bound to the copy.
@@ -128,25 +121,39 @@ class _GuardedSavePretrained:
 
 
 class _PushWithCard:
-    """A pruned model's ``push_to_hub``: uploads weights, config and the osscar model card in one commit
-    (transformers' own push would replace the card with a generic one). See :func:`osscar_hf.hub.push_pruned`."""
-
-    ACCEPTED = ("token", "private", "commit_message", "revision")
+    """A pruned model's ``push_to_hub``: transformers' own, with every argument passed on as given, then the osscar
+    model card as the repository's README.md, in a second commit (transformers' push writes the Hub's card or a
+    generic one over the card ``save_pretrained`` wrote; its later pushes keep the card they find). The card gets
+    the ``tags`` the push was given. For one commit holding everything, and errors that say what to do, use
+    :func:`osscar_hf.hub.push_pruned`."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.__doc__ = type(model).push_to_hub.__doc__
 
-    def __call__(self, repo_id: str, **kwargs: Any) -> Any:
-        unknown = sorted(set(kwargs) - set(self.ACCEPTED))
-        if unknown:
-            raise SaveError(
-                f"push_to_hub of a pruned model accepts {list(self.ACCEPTED)}, not {unknown}; for other options "
-                "save with osscar_hf.save_pruned and upload the folder with osscar_hf.push_pruned"
-            )
-        from ..hub import push_pruned
+    def __call__(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        info = type(self.model).push_to_hub(self.model, repo_id, *args, **kwargs)
+        card = model_card(self.model)
+        if card is not None:
+            _push_card(card, info, repo_id, kwargs)
+        return info
 
-        options = {k: v for k, v in kwargs.items() if v is not None}
-        return push_pruned(self.model, repo_id, card=model_card(self.model), **options)
+
+def _push_card(card: Any, info: Any, repo_id: str, push_kwargs: dict[str, Any]) -> None:
+    """Commit ``card`` as README.md where the model push ``info`` went: its branch, or its pull request."""
+    from huggingface_hub import HfApi  # the endpoint in force now (HF_ENDPOINT), like transformers' own push
+
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + [tag for tag in push_kwargs.get("tags") or [] if tag not in tags]
+    repo_url = getattr(info, "repo_url", None)
+    HfApi().upload_file(
+        path_or_fileobj=str(card).encode("utf-8"),
+        path_in_repo="README.md",
+        repo_id=getattr(repo_url, "repo_id", None) or repo_id,
+        token=push_kwargs.get("token"),
+        revision=getattr(info, "pr_revision", None) or push_kwargs.get("revision"),
+        commit_message="Add the osscar model card",
+    )
 
 
 def attach_run(model: nn.Module, report: Any, config: OsscarConfig) -> None:
@@ -248,12 +255,12 @@ def resolve_format(model: nn.Module, format: str = "auto") -> str:
 
 
 # --------------------------------------------------------------------------- save
-def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
+def rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
     """Turn ``folder/config.json`` (as ``save_pretrained`` wrote it for ``model``) into format ``fmt``
     (``"stock"``, ``"osscar"`` or ``"remote_code"``, as :func:`resolve_format` returns), writing or removing
     the remote-code files beside it."""
     if fmt not in FORMATS or fmt == "auto":
-        raise SaveError(f"_rewrite_config needs a resolved format ('stock', 'osscar' or 'remote_code'), "
+        raise SaveError(f"rewrite_config needs a resolved format ('stock', 'osscar' or 'remote_code'), "
                         f"got {fmt!r}")
     path = folder / CONFIG_NAME
     # A model loaded from a remote-code checkpoint wrote that format's config and files: start from stock.
@@ -272,7 +279,9 @@ def _rewrite_config(folder: Path, model: nn.Module, fmt: str) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so that the rename publishing it cannot leave a
+    checkpoint with missing or empty files after a crash."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -395,14 +404,14 @@ def save_pruned(
     tmp.mkdir()
     try:
         type(model).save_pretrained(model, tmp, **save_kwargs)
-        _rewrite_config(tmp, model, fmt)
+        rewrite_config(tmp, model, fmt)
         write_model_card(model, tmp, fmt)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         if unsafe:  # pragma: no cover - transformers 5 writes safetensors only
             raise SaveError(f"save_pretrained wrote non-safetensors weight files {unsafe}")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         try:
             move_into_place(tmp, target, overwrite=overwrite)
         except OutputConflictError as exc:

@@ -2,7 +2,7 @@
 measures what it needs and returns every block's sizes.
 
 * ``"flap"``: one pass over the blocks on the dense model (:func:`dense_pass`): each block (loaded from its
-  :class:`~osscar_hf.pipeline.orchestrate.BlockSource`, released after) runs on the dense stream of block inputs
+  :class:`~osscar_hf.pipeline.run.BlockSource`, released after) runs on the dense stream of block inputs
   and the statistics of its two consumers give FLAP's standardised scores, ranked globally.
 * ``"osscar"``: a uniform first prune of planning copies, then a backward sweep of the loss's sensitivity on
   held-out windows (two passes, :mod:`.sensitivity`).
@@ -24,7 +24,8 @@ from ..budgets import BlockSize, flap_sizes, part_floors, standardised_structure
 from ..capture import CapturedInputs, call_block, move_to
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
-from .orchestrate import BlockSource, PruneRun
+from .run import BlockSource, PruneRun
+from .sensitivity import sensitivity_sizes
 from .statistics import InputStatistics, input_hooks
 
 __all__ = ["dense_pass", "measured_sizes"]
@@ -115,8 +116,6 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
 
 
 def _osscar(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:
-    from .sensitivity import sensitivity_sizes
-
     return sensitivity_sizes(run, source, captured, progress=progress)
 
 

@@ -14,31 +14,31 @@ used and writes (and releases) it after.
 
 from __future__ import annotations
 
-import copy
 import math
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, get_submodule
-from ..budgets import BlockGeometry, BlockSize, block_geometries, check_budget, plan_fixed_sizes
+from ..budgets import BlockSize, block_geometries, check_budget, plan_fixed_sizes
 from ..activations import ActivationSpace, ActivationStore
 from .. import capture as capture_module
 from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
+from ..io.model_config import update_model_config
 from ..methods import get_method
 from ..report import BlockReport, PruneReport
 from ..surgery import part_linears
+from . import measure  # a module, so that a test can wrap measure.measured_sizes
 from .block import BlockStream, announce_block
-from .model_config import update_model_config
+from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
@@ -47,89 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class BlockSource(Protocol):
-    """Where the orchestration finds each block's weights and where a pruned block goes."""
-
-    def load(self, index: int, block: nn.Module) -> None:
-        """Give ``block`` (block ``index`` of the model) its dense weights, if it does not hold them."""
-
-    def release(self, index: int, block: nn.Module) -> None:
-        """A read-only pass over ``block`` is done: drop what :meth:`load` brought in."""
-
-    def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
-        """``block`` has been pruned (``report``): keep it, and drop what :meth:`load` brought in."""
-
-    def keep_scratch(self, index: int, module: nn.Module) -> None:
-        """Keep ``module``, a pruned copy of block ``index`` made while planning, until :meth:`scratch` asks."""
-
-    def scratch(self, index: int) -> nn.Module:
-        """The copy :meth:`keep_scratch` kept, with its weights (released again by :meth:`drop_scratch`)."""
-
-    def drop_scratch(self, index: int, module: nn.Module) -> None:
-        """The planning pass is done with the copy of block ``index``: free it."""
-
-
-def scratch_copy(source: BlockSource, index: int, block: nn.Module) -> nn.Module:
-    """A copy of block ``index`` with its dense weights, which the caller may prune; the block itself is left as it
-    was (in memory: untouched; streamed: released again)."""
-    source.load(index, block)
-    try:
-        return copy.deepcopy(block)
-    finally:
-        source.release(index, block)
-
-
-class InMemoryBlocks:
-    """The blocks of a model held in memory: nothing to load, release or store; scratch copies stay in memory."""
-
-    def __init__(self) -> None:
-        self._scratch: dict[int, nn.Module] = {}
-
-    def load(self, index: int, block: nn.Module) -> None:
-        pass
-
-    def release(self, index: int, block: nn.Module) -> None:
-        pass
-
-    def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
-        pass
-
-    def keep_scratch(self, index: int, module: nn.Module) -> None:
-        self._scratch[index] = module
-
-    def scratch(self, index: int) -> nn.Module:
-        return self._scratch[index]
-
-    def drop_scratch(self, index: int, module: nn.Module) -> None:
-        self._scratch.pop(index, None)
-
-
-@dataclass
-class PruneRun:
-    """One pruning run: its config, the model (or its skeleton), settings, the blocks' costs and the data."""
-
-    config: OsscarConfig
-    model: nn.Module
-    spec: ArchSpec
-    settings: LoopSettings
-    geometries: list[BlockGeometry]
-    windows: torch.Tensor | None
-    params_before: int
-    held_out: torch.Tensor | None = None  # windows a measured plan measures on (none of them is a calibration one)
-    held_out_inputs: CapturedInputs | None = None  # block 0's inputs for them (see capture)
-    started: float = field(default_factory=time.perf_counter)
-    plan_seconds: float = 0.0
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return get_submodule(self.model, self.spec.blocks)
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether anything in the run reads calibration data (a method with statistics, or a measured plan)."""
-        return bool(self.settings.method.statistics) or not self.settings.sizes
 
 
 def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) -> None:
@@ -223,11 +140,9 @@ def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, 
     """Settle every block's kept sizes (``run.settings.sizes``): fixed by the config already, or measured by a
     pass over the blocks for a global allocation (see :mod:`.measure`)."""
     if not run.settings.sizes:
-        from .measure import measured_sizes
-
         started = time.perf_counter()
         try:
-            sizes = measured_sizes(run, source, captured, progress=progress)
+            sizes = measure.measured_sizes(run, source, captured, progress=progress)
         finally:  # the held-out windows served the plan alone
             if run.held_out_inputs is not None and isinstance(run.held_out_inputs.hidden, ActivationStore):
                 run.held_out_inputs.hidden.close()

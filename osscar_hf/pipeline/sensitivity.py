@@ -41,7 +41,7 @@ from ..config import OsscarConfig
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
-from .orchestrate import BlockSource, PruneRun, scratch_copy
+from .run import BlockSource, PruneRun, scratch_copy
 
 __all__ = ["first_prune_sizes", "sensitivity_sizes"]
 

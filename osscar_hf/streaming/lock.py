@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import OsscarError
+from ..errors import ConcurrentRunError
 from .resume import partial_folder
 
 logger = logging.getLogger(__name__)
@@ -21,10 +21,6 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
-
-
-class ConcurrentRunError(OsscarError, RuntimeError):
-    """Another ``prune_checkpoint`` run is writing to the same output folder (it holds the folder's lock)."""
 
 
 def lock_file(target: Path) -> Path:

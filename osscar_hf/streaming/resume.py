@@ -9,24 +9,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..errors import OsscarError
+from ..config import OsscarConfig, describe_dataset
+from ..errors import ResumeError
 from ..io.save import CONFIG_NAME
+from ..version import __version__
 from .sources import INDEX_NAME, CheckpointError, HubFiles, LocalFiles, ShardReader
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..pruner import OsscarPruner
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_NAME = "osscar_progress.json"
-
-
-class ResumeError(OsscarError, ValueError):
-    """An interrupted streaming run left a partial folder, but with different settings or source."""
 
 
 def partial_folder(target: Path) -> Path:
@@ -34,9 +29,10 @@ def partial_folder(target: Path) -> Path:
     return target.parent / f".{target.name}.osscar-partial"
 
 
-def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: OsscarPruner, windows: torch.Tensor | None,
-                 device: torch.device) -> dict[str, Any]:
-    """Everything the output depends on: a partial run resumes only when all of it is unchanged.
+def run_fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, config: OsscarConfig,
+                    windows: torch.Tensor | None, device: torch.device) -> dict[str, Any]:
+    """Everything the output of pruning ``files`` with ``config`` depends on: a partial run resumes only when all
+    of it is unchanged (see :func:`finished_blocks`).
 
     The source: a local folder's real path and its files' sizes and mtimes, or a Hub repository's id, the commit
     its revision resolved to and its files' sizes and blob ids (LFS sha256). The settings leave out the config
@@ -45,11 +41,8 @@ def _fingerprint(files: LocalFiles | HubFiles, reader: ShardReader, pruner: Ossc
     """
     import transformers
 
-    from .. import __version__
-    from ..config import describe_dataset
-
     names = {CONFIG_NAME, *reader.weight_map.values()} | ({INDEX_NAME} if files.has(INDEX_NAME) else set())
-    cfg = pruner.config
+    cfg = config
     neutral = set(getattr(type(cfg), "RESULT_NEUTRAL_FIELDS", ()))
     settings = {k: v for k, v in cfg.to_dict().items() if k not in neutral}
     return json.loads(json.dumps({
@@ -72,9 +65,10 @@ def _read_progress(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]],
+def write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]],
                     plan: list[dict[str, int]] | None = None) -> None:
-    """Record the planned sizes (of a measured plan) and the finished blocks, atomically (a crash leaves the
+    """Record in ``folder`` the run's fingerprint (:func:`run_fingerprint`), the planned sizes (of a measured plan)
+    and the finished blocks, atomically (a crash leaves the
     previous record or this one)."""
     path = folder / PROGRESS_NAME
     tmp = folder / f".{PROGRESS_NAME}.tmp"
@@ -99,10 +93,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
+def finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
                      ) -> tuple[list[dict[str, Any]], list[dict[str, int]] | None]:
-    """The blocks an interrupted run in ``folder`` finished and the sizes it planned (a measured plan), when it can
-    be continued; ``([], None)`` to start afresh."""
+    """The blocks an interrupted run in ``folder`` finished and the sizes it planned (a measured plan), as
+    :func:`write_progress` recorded them, when it can be continued; ``([], None)`` to start afresh (the folder is
+    removed). Raises :class:`ResumeError` when ``resume`` is set and the run had another ``fingerprint``."""
     if not folder.exists():
         return [], None
     progress = _read_progress(folder)
@@ -128,7 +123,7 @@ def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
     done: list[dict[str, Any]] = []
     for entry in progress["blocks"]:
         try:
-            shapes = ShardReader._shapes(folder / entry["shard"])
+            shapes = ShardReader.tensor_shapes(folder / entry["shard"])
         except CheckpointError as exc:
             logger.warning("block %d of the partial run must be pruned again: %s", len(done), exc)
             break
@@ -137,14 +132,3 @@ def _finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
         done.append(entry)
     logger.info("resuming the interrupted run in %s after %d finished blocks", folder, len(done))
     return done, progress.get("plan")
-
-
-def _block_report(data: dict[str, Any]) -> Any:
-    from ..report import BlockReport, ConsumerReport
-
-    data = dict(data)
-    data["attention"] = ConsumerReport(**data["attention"])
-    data["mlp"] = ConsumerReport(**data["mlp"])
-    return BlockReport(**data)
-
-

@@ -12,28 +12,31 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_spec, get_submodule
 from ..budgets import BlockSize
+from ..config import OsscarConfig
 from ..errors import OsscarError, UnsupportedModelError
 from ..evaluation import count_parameters
 from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, release_freed_memory
+from ..io.load import resolve_dtype
+from ..io.model_config import update_model_config
 from ..io.save import (
     CONFIG_NAME,
     FORMATS,
     OutputConflictError,
     SaveError,
-    _fsync_tree,
-    _rewrite_config,
     attach_run,
     check_output_folder,
+    fsync_tree,
     move_into_place,
     output_path,
     resolve_format,
+    rewrite_config,
     write_model_card,
 )
 from ..io.shapes import apply_block_shapes, osscar_quantization_config
@@ -46,12 +49,11 @@ from ..pipeline import (
     plan_sizes,
     prune_blocks,
     start_run,
-    update_model_config,
 )
-from ..report import BlockReport
+from ..report import BlockReport, PruneReport
 from ..surgery import add_part_biases, resize_block
 from .lock import run_lock
-from .resume import PROGRESS_NAME, _block_report, _fingerprint, _finished_blocks, _write_progress, partial_folder
+from .resume import PROGRESS_NAME, finished_blocks, partial_folder, run_fingerprint, write_progress
 from .sources import (
     GENERATION_CONFIG_NAME,
     INDEX_NAME,
@@ -63,10 +65,19 @@ from .sources import (
     open_source,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..pruner import OsscarPruner
-
 logger = logging.getLogger(__name__)
+
+
+class CheckpointPruner(Protocol):
+    """What :func:`prune_checkpoint` needs of its pruner (an :class:`osscar_hf.OsscarPruner`): the settings, the
+    calibration windows, and a place for the report. A protocol, so that streaming does not import the pruner
+    that calls it."""
+
+    config: OsscarConfig
+    report: PruneReport | None
+
+    def calibration_window_sets(self, model: nn.Module, tokenizer: Any = None, *, held_out: int = 0
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 REPORT_NAME = "osscar_report.json"
 SCRATCH_FOLDER = "planning"  # inside the partial folder: the planning pass's pruned copies of the blocks
@@ -101,8 +112,6 @@ def _to_meta_outside(model: nn.Module, prefix: str) -> None:
 
 def _weights_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``dtype=`` of prune_checkpoint: None (or "auto") keeps the checkpoint's; else a floating-point dtype."""
-    from ..metrics import resolve_dtype
-
     resolved = resolve_dtype(dtype)
     if resolved == "auto":
         return None
@@ -232,7 +241,7 @@ class ShardBlocks:
         self.total_size += size
 
     def save_progress(self) -> None:
-        _write_progress(self.tmp, self.fingerprint, self.done, self.plan)
+        write_progress(self.tmp, self.fingerprint, self.done, self.plan)
 
     def finished_phase(self, phase: int) -> None:
         """Source files needed for the last time by ``phase`` (-1: the non-block weights) may go."""
@@ -267,7 +276,7 @@ class ShardBlocks:
         when no block's inputs are needed any more) past it by one forward of the dense block from the source
         and/or the pruned one from its shard, exactly as the loop computed them; nothing is solved again."""
         settings, entry = run.settings, self.done[index]
-        report = _block_report(entry["report"])
+        report = BlockReport.from_dict(entry["report"])
         if stream is not None and (not settings.propagate or settings.dense_targets):
             self.load(index, block)
             stream.replay(index, block, pruned=False)
@@ -292,7 +301,7 @@ class ShardBlocks:
 
 # --------------------------------------------------------------------------- the entry point
 def prune_checkpoint(
-    pruner: OsscarPruner,
+    pruner: CheckpointPruner,
     model_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
@@ -414,7 +423,7 @@ def _write_non_block_weights(model: nn.Module, other_keys: list[str], source: Sh
     source._add(others, name, _save_shard(others, source.tmp / name))
 
 
-def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
+def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
                   progress: bool, resume: bool, checkpoint_format: str, overwrite: bool,
                   dtype: torch.dtype | None, base_model: str | None, started: float) -> Path:
     from accelerate import init_empty_weights
@@ -443,10 +452,10 @@ def _prune_locked(pruner: OsscarPruner, files: LocalFiles | HubFiles, target: Pa
         raise CheckpointError(f"the checkpoint in {files.describe()} has no weights for {missing[:5]}")
     run.params_before = count_parameters(model)  # now that a tied head is tied: counted once
 
-    fingerprint = _fingerprint(files, reader, pruner, run.windows, run.settings.device)
+    fingerprint = run_fingerprint(files, reader, pruner.config, run.windows, run.settings.device)
     tmp = partial_folder(target)
     earlier_downloads = files.read_record(tmp) if resume else []
-    done, plan = _finished_blocks(tmp, fingerprint, resume)
+    done, plan = finished_blocks(tmp, fingerprint, resume)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(exist_ok=True)
     files.keep_record(tmp, earlier_downloads)
@@ -504,16 +513,16 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
         if captured is None:  # only the finished blocks' shapes are needed, for config.json
             for index, block in enumerate(run.blocks):
                 source.replay(run, index, block, None)
-            return [_block_report(entry["report"]) for entry in source.done], space.summary()
+            return [BlockReport.from_dict(entry["report"]) for entry in source.done], space.summary()
         with torch.no_grad():
             reports = prune_blocks(run, source, captured, progress=progress,
-                                   finished=[_block_report(entry["report"]) for entry in source.done],
+                                   finished=[BlockReport.from_dict(entry["report"]) for entry in source.done],
                                    replay=lambda i, block, stream: source.replay(run, i, block, stream),
                                    description="OSSCAR pruning (streaming)")
     return reports, space.summary()
 
 
-def _write_checkpoint(pruner: OsscarPruner, run: PruneRun, source: ShardBlocks, reports: list[BlockReport],
+def _write_checkpoint(pruner: CheckpointPruner, run: PruneRun, source: ShardBlocks, reports: list[BlockReport],
                       activations: dict[str, Any], target: Path, *, overwrite: bool, checkpoint_format: str,
                       user_tokenizer: Any) -> None:
     """Index, config, tokenizer and generation files, report and card into the partial folder, then move it into
@@ -527,7 +536,7 @@ def _write_checkpoint(pruner: OsscarPruner, run: PruneRun, source: ShardBlocks, 
         model.config.dtype = source.reader.dtype
     model.config.save_pretrained(tmp)
     fmt = resolve_format(model, checkpoint_format)
-    _rewrite_config(tmp, model, fmt)
+    rewrite_config(tmp, model, fmt)
     for name in (GENERATION_CONFIG_NAME, *TOKENIZER_FILES):
         if files.has(name):
             shutil.copy2(files.path(name), tmp / name)
@@ -537,7 +546,7 @@ def _write_checkpoint(pruner: OsscarPruner, run: PruneRun, source: ShardBlocks, 
     if any(b.attention.solved or b.mlp.solved for b in reports):
         attach_run(model, report, pruner.config)
         write_model_card(model, tmp, fmt)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     # The progress record goes only once the folder is in place: until then a failure (a full disk, a
     # folder that appeared at the target, Ctrl-C) leaves a partial run that a rerun finishes.
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import OsscarError
+from ..errors import CheckpointError
 from ..io.save import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,6 @@ TOKENIZER_FILES = (
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json",
 )
-
-
-
-
-class CheckpointError(OsscarError, ValueError):
-    """A checkpoint cannot be streamed: neither a local folder nor a Hub id, no safetensors weights, a missing,
-    corrupt or inconsistent shard (the message names the file), or a Hub repository that is unknown, gated or
-    unreachable (the message names it and says what to do)."""
 
 
 # --------------------------------------------------------------------------- where the source files come from
@@ -71,7 +63,7 @@ class LocalFiles:
         path = self.folder / name
         if not path.is_file():
             raise CheckpointError(f"the shard {path} listed in {INDEX_NAME} does not exist")
-        return ShardReader._shapes(path)
+        return ShardReader.tensor_shapes(path)
 
     def done_with(self, name: str) -> None:
         """A local file is the user's: it is never deleted."""
@@ -216,7 +208,7 @@ class HubFiles:
         self._ours[name] = {"pointer": str(local), "blob": str(blob) if created_blob else None}
         self._save_record()
         if name in self._headers:  # the download must be the file whose header was checked
-            got = ShardReader._shapes(local)
+            got = ShardReader.tensor_shapes(local)
             if got != self._headers[name]:
                 raise CheckpointError(
                     f"the downloaded {self.display(name)} ({local}) does not hold the tensors its header on the Hub "
@@ -234,7 +226,7 @@ class HubFiles:
                                   f"(commit {self.sha})")
         cached = self._paths.get(name) or self._cached(name)
         if cached is not None:
-            shapes = ShardReader._shapes(cached)
+            shapes = ShardReader.tensor_shapes(cached)
         else:
             from huggingface_hub import HfApi
             from huggingface_hub.errors import SafetensorsParsingError
@@ -326,7 +318,7 @@ class HubFiles:
             RevisionNotFoundError,
         )
 
-        from ..hub import _transport_errors
+        from ..hub import transport_errors
 
         repo = self.repo_id
         login = ("pass a token (`token=...` in Python, `--token` on the command line), set HF_TOKEN or run "
@@ -366,7 +358,7 @@ class HubFiles:
             raise CheckpointError(
                 f"the Hub at {self.endpoint} answered HTTP {status} when trying to {action} {repo} ({first}); run again "
                 f"later (finished blocks are kept), {local}") from None
-        except (LocalEntryNotFoundError, *_transport_errors()) as exc:
+        except (LocalEntryNotFoundError, *transport_errors()) as exc:
             cause = exc.__cause__ or exc
             raise CheckpointError(
                 f"cannot reach the Hugging Face Hub at {self.endpoint} to {action} {repo} ({type(cause).__name__}: "
@@ -439,7 +431,11 @@ class ShardReader:
                     self.shapes[key] = shapes[key]
 
     @staticmethod
-    def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor in the safetensors file ``path``, read from its header (no tensor is loaded).
+
+        Raises :class:`CheckpointError` naming the file when it cannot be read (truncated or corrupt).
+        """
         from safetensors import safe_open
 
         try:
@@ -451,7 +447,7 @@ class ShardReader:
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
-        return list(ShardReader._shapes(path))
+        return list(ShardReader.tensor_shapes(path))
 
     def files(self, names: list[str]) -> list[str]:
         """How the files holding the tensors ``names`` are named in messages."""
@@ -493,7 +489,6 @@ def _map_threads(function: Any, items: list[str], workers: int = 8) -> list[Any]
 
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         return list(pool.map(function, items))
-
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -24,7 +24,6 @@ from osscar_hf.hub import (
     HubPushError,
     push_pruned,
 )
-from osscar_hf.io.save import SaveError
 from tests.conftest import make_model, make_tokenizer
 from tests.fake_hub import FakeHub
 
@@ -259,6 +258,9 @@ def test_model_push_to_hub_uploads_weights_config_and_our_card(hub, monkeypatch)
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    # transformers' push reads the Hub's card (hf_hub_download builds its URL from this template)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     model = _pruned_opt()
     model.push_to_hub("alice/pushed-by-method", token=TOKEN, commit_message="from push_to_hub")
     files = hub.files("alice/pushed-by-method")
@@ -266,8 +268,13 @@ def test_model_push_to_hub_uploads_weights_config_and_our_card(hub, monkeypatch)
     card = files["README.md"].decode()
     assert "- structured-pruning" in card and "| 0 | 2 / 4 | 24 / 48 |" in card
     assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "osscar"
-    with pytest.raises(SaveError, match="max_shard_size"):
-        model.push_to_hub("alice/other", token=TOKEN, max_shard_size="1MB")
+    # transformers' own options are passed on (here: shards of at most 20 kB, and a tag the card gets)
+    model.push_to_hub("alice/other", token=TOKEN, max_shard_size="20KB", tags=["my-tag"])
+    files = hub.files("alice/other")
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    card = files["README.md"].decode()
+    assert "- structured-pruning" in card and "- my-tag" in card
+    assert not any(marker in card for marker in GENERIC_CARD_MARKERS)
 
 
 def test_save_pretrained_writes_the_card_but_keeps_a_foreign_readme(tmp_path):

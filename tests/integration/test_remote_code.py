@@ -31,7 +31,7 @@ from osscar_hf.io.remote_code import (
     remote_code_names,
     render_remote_code,
 )
-from osscar_hf.pruner import update_model_config
+from osscar_hf.io import update_model_config
 from osscar_hf.surgery import prune_attention, prune_mlp
 from tests.conftest import MODEL_KINDS, make_model, make_tokenizer
 from tests.integration.test_save_load import IDS, REPO_ROOT, _assert_same_weights, _logits, _per_block
@@ -294,21 +294,21 @@ def test_bad_osscar_fields_fail_with_the_field_named(saved, tmp_path):
 
 
 def test_rewrite_config_alone_writes_the_format_for_a_streamed_checkpoint(tmp_path):
-    """prune_checkpoint writes the weights itself and then calls _rewrite_config on a config-only folder."""
+    """prune_checkpoint writes the weights itself and then calls rewrite_config on a config-only folder."""
     from safetensors.torch import save_model
 
-    from osscar_hf.io.save import _rewrite_config
+    from osscar_hf.io.save import rewrite_config
 
     model = _per_block("qwen2")
     model.config.save_pretrained(tmp_path)
-    _rewrite_config(tmp_path, model, "remote_code")
+    rewrite_config(tmp_path, model, "remote_code")
     assert sorted(p.name for p in tmp_path.glob("*.py")) == sorted(REMOTE_CODE_FILES)
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["model_type"] == "osscar_qwen2" and data["osscar_block_shapes"] == read_block_shapes(model)
     save_model(model, str(tmp_path / "model.safetensors"))
     assert torch.equal(_logits(_load(tmp_path)), _logits(model))
     with pytest.raises(SaveError, match="needs a resolved format.*got 'auto'"):
-        _rewrite_config(tmp_path, model, "auto")
+        rewrite_config(tmp_path, model, "auto")
 
 
 # --------------------------------------------------------------------------- save_pruned and conversions

@@ -28,7 +28,7 @@ from osscar_hf.errors import OsscarError, SurgeryError, UnsupportedModelError
 from osscar_hf.integrations import is_registered, register
 from osscar_hf.integrations.quantizer import NotDequantizableError, OsscarHfQuantizer
 from osscar_hf.io import SaveError, apply_block_shapes, pruning_record, read_block_shapes, save_pruned
-from osscar_hf.pruner import update_model_config
+from osscar_hf.io import update_model_config
 from osscar_hf.surgery import EmptyAttention, prune_attention, prune_mlp
 from tests.conftest import VOCAB, make_model
 

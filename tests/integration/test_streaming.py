@@ -37,7 +37,7 @@ from osscar_hf.streaming import (
     lock_file,
     partial_folder,
 )
-from osscar_hf.streaming.resume import _fingerprint
+from osscar_hf.streaming.resume import run_fingerprint
 from tests.conftest import VOCAB, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -399,14 +399,14 @@ def test_large_allocations_are_mapped_for_the_run_unless_declined(sharded, tmp_p
 
 
 def test_settings_that_do_not_change_the_result_do_not_block_a_resume(sharded, calibration_texts, monkeypatch):
-    """``_fingerprint`` leaves out the config fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS``."""
+    """``run_fingerprint`` leaves out the config fields named in ``OsscarConfig.RESULT_NEUTRAL_FIELDS``."""
     monkeypatch.setattr(OsscarConfig, "RESULT_NEUTRAL_FIELDS", ("batch_size",), raising=False)
     files, windows = LocalFiles(sharded), torch.zeros(2, 8, dtype=torch.long)
     reader = ShardReader(files)
 
     def fingerprint(**changes) -> dict:
         pruner = OsscarPruner(OsscarConfig(**{**SMALL, "dataset": calibration_texts, **changes}))
-        return _fingerprint(files, reader, pruner, windows, torch.device("cpu"))
+        return run_fingerprint(files, reader, pruner.config, windows, torch.device("cpu"))
 
     assert "batch_size" not in fingerprint()["config"]
     assert fingerprint(batch_size=1) == fingerprint(batch_size=4)

@@ -112,7 +112,7 @@ def test_a_failure_while_finishing_keeps_the_finished_blocks(source, tmp_path, c
     def interrupted(folder: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run, "_fsync_tree", interrupted)  # the last step before the rename
+    monkeypatch.setattr(run, "fsync_tree", interrupted)  # the last step before the rename
     with pytest.raises(KeyboardInterrupt):
         OsscarPruner(config).prune_checkpoint(source, target, progress=False)
     assert not target.exists()
@@ -264,15 +264,15 @@ def test_progress_starts_after_the_finished_blocks_and_shows_memory(source, tmp_
 def test_the_gpu_model_is_part_of_what_a_resume_must_match(source, calibration_texts, monkeypatch):
     """Another GPU model may round differently: a partial run from one is not continued on another."""
     from osscar_hf.streaming import LocalFiles, ShardReader
-    from osscar_hf.streaming.resume import _fingerprint
+    from osscar_hf.streaming.resume import run_fingerprint
 
     files, windows = LocalFiles(source), torch.zeros(2, 8, dtype=torch.long)
     reader, pruner = ShardReader(files), OsscarPruner(_config(calibration_texts, (0.5, 0.5)))
     names = iter(["GPU model A", "GPU model A", "GPU model B"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
-    a, same, b = (_fingerprint(files, reader, pruner, windows, torch.device("cuda:0")) for _ in range(3))
+    a, same, b = (run_fingerprint(files, reader, pruner.config, windows, torch.device("cuda:0")) for _ in range(3))
     assert a == same and a["device"] == "cuda:0 (GPU model A)" and b["device"] == "cuda:0 (GPU model B)"
-    assert _fingerprint(files, reader, pruner, windows, torch.device("cpu"))["device"] == "cpu"
+    assert run_fingerprint(files, reader, pruner.config, windows, torch.device("cpu"))["device"] == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,5 @@
-"""Writing a pruned model's shapes (and the switches of biases a method added) into its config."""
+"""Writing a pruned model's shapes (and the switches of biases a method added) into its config: the stock fields
+when they can express the shapes, the osscar record (``quantization_config``) otherwise."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import torch.nn as nn
 
 from ..arch import ArchSpec, get_submodule
 from ..config import OsscarConfig
-from ..io.save import mark_pruned
-from ..io.shapes import stock_config_expresses
+from .save import mark_pruned
+from .shapes import stock_config_expresses
 from ..surgery import block_shape, part_linears
 
 __all__ = ["switch_on_part_biases", "update_model_config"]
