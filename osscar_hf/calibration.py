@@ -38,7 +38,8 @@ from osscar_hf.errors import CalibrationDataError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "load_calibration_tokens",
+    "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "hub_unreachable_reason",
+    "load_calibration_tokens",
 ]
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -260,6 +261,12 @@ def _load_texts(dataset: Any, text_column: str) -> list[str]:
             return _texts_from_path(Path(dataset), text_column)
         if dataset in HUB_DATASETS:
             return _texts_from_hub(dataset)
+        if dataset == "self":
+            raise CalibrationDataError(
+                "dataset 'self' is text sampled from the model being pruned, which needs the model: use "
+                "OsscarPruner(OsscarConfig(dataset='self')).prune(model) or "
+                "osscar_hf.self_calibration.sample_token_windows(model, ...)"
+            )
         names = ", ".join(repr(n) for n in HUB_DATASETS)
         if _looks_like_path(dataset):
             raise CalibrationDataError(
@@ -443,6 +450,12 @@ def _hub_unreachable_reason() -> str | None:
     if result["error"] is not None:
         return f"cannot connect to {host}:{port} ({result['error']})"
     return None
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (an offline variable is set, or no connection within
+    ``HUB_PROBE_TIMEOUT_S``), or None when it looks reachable."""
+    return _hub_unreachable_reason()
 
 
 def _texts_from_hub(name: str) -> list[str]:
