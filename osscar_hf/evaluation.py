@@ -340,9 +340,13 @@ def compare_throughput(
     repeats: int = 5,
     device: str | torch.device | None = None,
     seed: int = 0,
+    progress: bool = False,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
     """Generation tokens/s of several models, timed in interleaved rounds (one run of each model per
-    round, after one warm-up run each) so that a noisy machine slows them alike; medians per model."""
+    round, after one warm-up run each) so that a noisy machine slows them alike; medians per model.
+    ``progress`` shows a bar of the rounds; ``max_seconds`` stops after the first timed round that ends past it
+    (the medians then cover the rounds done)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     timers = {
@@ -350,16 +354,22 @@ def compare_throughput(
                                 device=device, seed=seed)
         for name, model in models.items()
     }
-    for once in timers.values():
-        once()  # warm-up
+    started = time.perf_counter()
     rates: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, once in timers.items():
-            rates[name].append(once())
+    with tqdm(total=repeats + 1, desc="generation speed", unit="round", disable=not progress, leave=False) as bar:
+        for once in timers.values():
+            once()  # warm-up
+        bar.update(1)
+        for _ in range(repeats):
+            for name, once in timers.items():
+                rates[name].append(once())
+            bar.update(1)
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                break
     result = {name: statistics.median(values) for name, values in rates.items()}
     for name, rate in result.items():
         logger.info("Throughput of %s: %.1f tokens/s (batch %d, prompt %d, %d new tokens, median of %d)", name,
-                    rate, batch_size, prompt_len, new_tokens, repeats)
+                    rate, batch_size, prompt_len, new_tokens, len(rates[name]))
     return result
 
 
