@@ -23,7 +23,7 @@ _LAZY = {
     "evaluate_perplexity": "osscar_hf.evaluation",
     "measure_throughput": "osscar_hf.evaluation",
     "count_parameters": "osscar_hf.evaluation",
-    "fetch_smollm2": "osscar_hf.models",
+    "fetch_smollm2": "osscar_hf.demo.models",
     "OsscarError": "osscar_hf.errors",
     "OsscarConfigError": "osscar_hf.errors",
     "UnsupportedModelError": "osscar_hf.errors",

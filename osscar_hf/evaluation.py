@@ -32,7 +32,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -371,39 +370,3 @@ def compare_throughput(
         logger.info("Throughput of %s: %.1f tokens/s (batch %d, prompt %d, %d new tokens, median of %d)", name,
                     rate, batch_size, prompt_len, new_tokens, len(rates[name]))
     return result
-
-
-def load_wikitext2_test(path: str | Path | None = None) -> list[str]:
-    """The rows of the WikiText-2 (raw, v1) test split.
-
-    ``path`` may be the split as parquet (column ``text``) or the original ``wiki.test.raw``; by default the
-    shared offline copy is used when present (see :mod:`osscar_hf.data_paths`), else the Hub dataset
-    ``wikitext`` / ``wikitext-2-raw-v1``. Join the rows with ``"\\n\\n"`` for the standard protocol
-    (:func:`evaluate_perplexity` does this for a list).
-    """
-    from osscar_hf import data_paths
-
-    if path is None:
-        path = data_paths.wikitext2_test_path()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"WikiText-2 test file not found: {path}")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
-        # The raw file has one row per line; empty rows are written as " \n".
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        return ["" if line == " \n" else line for line in lines]
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-    except Exception as exc:  # noqa: BLE001 - offline/hub errors come in many types
-        raise RuntimeError(
-            "Could not load the WikiText-2 test split from the Hugging Face Hub (dataset 'wikitext', "
-            f"config 'wikitext-2-raw-v1'): {exc}. Connect to the Hub, or set OSSCAR_HF_SHARED_DATA to a "
-            "folder holding wikitext-2-raw/wiki.test.raw."
-        ) from exc
-    return list(dataset["text"])
