@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationDataError
 
-__all__ = ["SELF_BATCH_SIZE", "SELF_DATASET", "SELF_TEMPERATURE", "SELF_TOP_P", "is_self_dataset", "sample_token_windows",
-           "self_sampling_provenance", "start_token_id"]
+__all__ = ["SELF_BATCH_SIZE", "SELF_DATASET", "SELF_TEMPERATURE", "SELF_TOP_P", "is_self_dataset",
+           "sample_token_windows", "self_sampling_provenance", "start_token_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _sample_batch(model: nn.Module, first: torch.Tensor, seq_len: int, generator
     for _ in range(seq_len - 1):
         logits = model(input_ids=tokens[-1], use_cache=True, **cache).logits
         tokens.append(_sample_next(logits[:, -1, :], generator, temperature, top_p).to(first.device))
-        bar.update(1)
+        bar.update(first.shape[0])  # one token per row
     return torch.cat(tokens, dim=1).cpu()
 
 

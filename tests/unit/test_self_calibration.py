@@ -110,3 +110,19 @@ def test_bad_sampler_settings_are_named(model, kwargs, message) -> None:
 def test_the_text_loader_explains_where_self_is_handled(tokenizer) -> None:
     with pytest.raises(CalibrationDataError, match="sample_token_windows"):
         build_calibration_windows("self", tokenizer, num_samples=1, seq_len=4, seed=0)
+
+
+def test_the_progress_bar_counts_every_sampled_token(model, monkeypatch) -> None:
+    import osscar_hf.self_calibration as self_calibration
+
+    counted = []
+    real_tqdm = self_calibration.tqdm
+
+    class CountingBar(real_tqdm):
+        def close(self):
+            counted.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(self_calibration, "tqdm", CountingBar)
+    sample_token_windows(model, count=5, seq_len=7, seed=0, batch_size=2, progress=True)
+    assert counted[0] == (5 * 6, 5 * 6)  # tokens sampled, out of the total announced
