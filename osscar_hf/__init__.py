@@ -26,7 +26,7 @@ _LAZY = {
     "evaluate_perplexity": "osscar_hf.evaluation",
     "measure_throughput": "osscar_hf.evaluation",
     "count_parameters": "osscar_hf.evaluation",
-    "fetch_smollm2": "osscar_hf.models",
+    "fetch_smollm2": "osscar_hf.demo.models",
     "save_pruned": "osscar_hf.io.save",
     "build_model_card": "osscar_hf.card",
     "push_pruned": "osscar_hf.hub",

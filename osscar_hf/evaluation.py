@@ -32,7 +32,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -347,9 +346,13 @@ def compare_throughput(
     repeats: int = 5,
     device: str | torch.device | None = None,
     seed: int = 0,
+    progress: bool = False,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
     """Generation tokens/s of several models, timed in interleaved rounds (one run of each model per
-    round, after one warm-up run each) so that a noisy machine slows them alike; medians per model."""
+    round, after one warm-up run each) so that a noisy machine slows them alike; medians per model.
+    ``progress`` shows a bar of the rounds; ``max_seconds`` stops after the first timed round that ends past it
+    (the medians then cover the rounds done)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     timers = {
@@ -357,50 +360,20 @@ def compare_throughput(
                                 device=device, seed=seed)
         for name, model in models.items()
     }
-    for once in timers.values():
-        once()  # warm-up
+    started = time.perf_counter()
     rates: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, once in timers.items():
-            rates[name].append(once())
+    with tqdm(total=repeats + 1, desc="generation speed", unit="round", disable=not progress, leave=False) as bar:
+        for once in timers.values():
+            once()  # warm-up
+        bar.update(1)
+        for _ in range(repeats):
+            for name, once in timers.items():
+                rates[name].append(once())
+            bar.update(1)
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                break
     result = {name: statistics.median(values) for name, values in rates.items()}
     for name, rate in result.items():
         logger.info("Throughput of %s: %.1f tokens/s (batch %d, prompt %d, %d new tokens, median of %d)", name,
-                    rate, batch_size, prompt_len, new_tokens, repeats)
+                    rate, batch_size, prompt_len, new_tokens, len(rates[name]))
     return result
-
-
-def load_wikitext2_test(path: str | Path | None = None) -> list[str]:
-    """The rows of the WikiText-2 (raw, v1) test split.
-
-    ``path`` may be the split as parquet (column ``text``) or the original ``wiki.test.raw``; by default the
-    shared offline copy is used when present (see :mod:`osscar_hf.data_paths`), else the Hub dataset
-    ``wikitext`` / ``wikitext-2-raw-v1``. Join the rows with ``"\\n\\n"`` for the standard protocol
-    (:func:`evaluate_perplexity` does this for a list).
-    """
-    from osscar_hf import data_paths
-
-    if path is None:
-        path = data_paths.wikitext2_test_path()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"WikiText-2 test file not found: {path}")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
-        # The raw file has one row per line; empty rows are written as " \n".
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        return ["" if line == " \n" else line for line in lines]
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-    except Exception as exc:  # noqa: BLE001 - offline/hub errors come in many types
-        raise RuntimeError(
-            "Could not load the WikiText-2 test split from the Hugging Face Hub (dataset 'wikitext', "
-            f"config 'wikitext-2-raw-v1'): {exc}. Connect to the Hub, or set OSSCAR_HF_SHARED_DATA to a "
-            "folder holding wikitext-2-raw/wiki.test.raw."
-        ) from exc
-    return list(dataset["text"])

@@ -31,6 +31,7 @@ from .pipeline import (
 )
 from .report import PruneReport
 from .streaming import prune_checkpoint
+from .self_calibration import is_self_dataset, sample_token_windows
 from .surgery import block_shape
 
 __all__ = ["OsscarPruner", "check_prunable_config", "update_model_config"]
@@ -80,23 +81,31 @@ class OsscarPruner:
         """The (num_samples x seq_len) token windows this pruner calibrates on."""
         return self.calibration_window_sets(model, tokenizer)[0]
 
-    def calibration_window_sets(self, model: nn.Module, tokenizer: Any = None, *, held_out: int = 0
-                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def calibration_window_sets(self, model: nn.Module, tokenizer: Any = None, *, held_out: int = 0,
+                                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The calibration windows and ``held_out`` more windows of the same data that overlap none of them (None
-        when ``held_out`` is 0), on which a global allocation measures damage."""
+        when ``held_out`` is 0), on which a global allocation measures damage. With ``dataset="self"`` both are
+        sampled from ``model`` (see :mod:`osscar_hf.self_calibration`)."""
         cfg = self.config
         if cfg.dataset is None:
             raise CalibrationDataError(
                 "OsscarConfig.dataset is required: pass a list of strings, a path to a .txt/.jsonl/.parquet "
-                "file, a datasets.Dataset, token ids, or one of 'c4', 'wikitext2', 'ptb'"
+                "file, a datasets.Dataset, token ids, one of 'c4', 'wikitext2', 'ptb', or 'self' (text sampled "
+                "from the model)"
             )
         seq_len = calibration_seq_len(cfg, model.config)
         if seq_len < cfg.seq_len:
             logger.info("seq_len %d capped at the model context %d", cfg.seq_len, seq_len)
-        windows, held = build_window_sets(
-            cfg.dataset, tokenizer, num_samples=cfg.num_samples, seq_len=seq_len, seed=cfg.seed,
-            held_out=held_out, text_column=cfg.text_column,
-        )
+        if is_self_dataset(cfg.dataset):
+            windows = sample_token_windows(model, count=cfg.num_samples, seq_len=seq_len, seed=cfg.seed,
+                                           progress=progress)
+            held = (sample_token_windows(model, count=held_out, seq_len=seq_len, seed=cfg.seed, stream="held_out",
+                                         progress=progress) if held_out else None)
+        else:
+            windows, held = build_window_sets(
+                cfg.dataset, tokenizer, num_samples=cfg.num_samples, seq_len=seq_len, seed=cfg.seed,
+                held_out=held_out, text_column=cfg.text_column,
+            )
         vocab = model.get_input_embeddings().num_embeddings
         for ids in (windows, held):
             if ids is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
@@ -110,8 +119,8 @@ class OsscarPruner:
         """Prune ``model`` in place and return it; ``self.report`` records what was done."""
         spec = get_spec(model)
         self._check_model(model, spec)
-        run = start_run(self.config, model, spec,
-                        lambda held_out: self.calibration_window_sets(model, tokenizer, held_out=held_out))
+        run = start_run(self.config, model, spec, lambda held_out: self.calibration_window_sets(
+            model, tokenizer, held_out=held_out, progress=progress))
         was_training = model.training
         model.eval()
         source = InMemoryBlocks()
@@ -204,6 +213,11 @@ class OsscarPruner:
         ``base_model``: the Hub id the model card names as the base model (default: ``model_path`` when it is a
         Hub id, none for a local folder).
         """
+        if is_self_dataset(self.config.dataset):
+            raise CalibrationDataError(
+                "dataset='self' samples calibration text from the dense model, which prune_checkpoint never holds "
+                "in memory (it streams one block at a time); load the model and use prune(), or give calibration "
+                "text")
         return prune_checkpoint(self, model_path, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                                 progress=progress, resume=resume, revision=revision, token=token, cache_dir=cache_dir,
                                 endpoint=endpoint, delete_downloaded_shards=delete_downloaded_shards, format=format,

@@ -29,6 +29,7 @@ __all__ = [
     "resolve_device",
     "load_model_and_tokenizer",
     "load_eval_texts",
+    "load_wikitext2_test",
     "is_wikitext2",
 ]
 
@@ -55,8 +56,8 @@ def is_wikitext2(dataset: Any) -> bool:
 def load_eval_texts(dataset: str | Path, *, text_column: str = "text") -> list[str]:
     """The texts of an evaluation set, in order, for :func:`osscar_hf.evaluation.evaluate_perplexity`.
 
-    ``dataset`` is ``"wikitext2"`` (the WikiText-2 raw test split: the project's shared copy when present,
-    else the Hub), or a path: a ``.parquet`` file (column ``text_column``), a ``.jsonl`` file (field
+    ``dataset`` is ``"wikitext2"`` (the WikiText-2 raw test split, from the Hub: see
+    :func:`load_wikitext2_test`), or a path: a ``.parquet`` file (column ``text_column``), a ``.jsonl`` file (field
     ``text_column`` of each line), WikiText's ``wiki.*.raw`` (read as the split's rows), or any other text
     file (read whole, as one text).
 
@@ -64,8 +65,6 @@ def load_eval_texts(dataset: str | Path, *, text_column: str = "text") -> list[s
         FileNotFoundError: a path that does not exist.
         ValueError: a file without the text column, or with no text.
     """
-    from osscar_hf.evaluation import load_wikitext2_test
-
     if is_wikitext2(dataset):
         return load_wikitext2_test()
     path = Path(dataset).expanduser()
@@ -102,3 +101,38 @@ def load_eval_texts(dataset: str | Path, *, text_column: str = "text") -> list[s
     if not any(t.strip() for t in texts):
         raise ValueError(f"evaluation data {str(path)!r} holds no text")
     return texts
+
+
+def load_wikitext2_test(path: str | Path | None = None) -> list[str]:
+    """The rows of the WikiText-2 (raw, v1) test split.
+
+    ``path`` may be the split as parquet (column ``text``) or the original ``wiki.test.raw``; without it the
+    Hub dataset ``wikitext`` / ``wikitext-2-raw-v1`` is loaded (a ``RuntimeError`` at once when the Hub cannot
+    be reached). Join the rows with ``"\\n\\n"`` for the standard protocol
+    (:func:`osscar_hf.evaluation.evaluate_perplexity` does this for a list).
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"WikiText-2 test file not found: {path}")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+        # The raw file has one row per line; empty rows are written as " \n".
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        return ["" if line == " \n" else line for line in lines]
+    from osscar_hf.calibration import hub_unreachable_reason
+
+    where = "the Hugging Face Hub (dataset 'wikitext', config 'wikitext-2-raw-v1')"
+    advice = "give the path of the split's wiki.test.raw or parquet file instead"
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise RuntimeError(f"Could not load the WikiText-2 test split from {where}: {reason}; {advice}")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as exc:  # noqa: BLE001 - offline/hub errors come in many types
+        raise RuntimeError(f"Could not load the WikiText-2 test split from {where}: {exc}; {advice}") from exc
+    return list(dataset["text"])

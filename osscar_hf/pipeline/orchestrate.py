@@ -35,6 +35,7 @@ from ..evaluation import count_parameters
 from ..io.model_config import update_model_config
 from ..methods import get_method
 from ..report import BlockReport, PruneReport
+from ..self_calibration import is_self_dataset, self_sampling_provenance
 from ..surgery import part_linears
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
 from .block import BlockStream, announce_block
@@ -219,9 +220,13 @@ def finish_run(run: PruneRun, reports: list[BlockReport], activations: dict[str,
 def build_report(run: PruneRun, reports: list[BlockReport], params_after: int,
                  activations: dict[str, Any] | None = None) -> PruneReport:
     config, windows = run.config, run.windows
-    calibration = ({"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                    "tokens": int(windows.numel())} if windows is not None else {"num_samples": 0, "seq_len": 0,
-                                                                                  "tokens": 0})
+    calibration: dict[str, Any] = ({"num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                                    "tokens": int(windows.numel())} if windows is not None
+                                   else {"num_samples": 0, "seq_len": 0, "tokens": 0})
+    if windows is not None and is_self_dataset(config.dataset):
+        held_out = int(run.held_out.shape[0]) if run.held_out is not None else 0
+        calibration["sampled_from_model"] = self_sampling_provenance(run.model.config, seed=config.seed,
+                                                                     held_out=held_out)
     return PruneReport(
         model_type=run.model.config.model_type,
         config=config.to_dict() | {"dataset": describe_dataset(config.dataset, config.text_column)},

@@ -13,11 +13,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from osscar_hf.metrics import load_wikitext2_test
 from osscar_hf.evaluation import (
     PerplexityResult,
     count_parameters,
     evaluate_perplexity,
-    load_wikitext2_test,
     compare_throughput,
     measure_throughput,
 )
@@ -191,26 +191,26 @@ def test_load_wikitext2_test_from_raw_file(tmp_path) -> None:
 
 @pytest.mark.shared_data
 def test_shared_wikitext2_parquet_and_raw_agree() -> None:
-    from osscar_hf import data_paths
+    from osscar_hf.demo import paths, texts
 
-    parquet, raw = data_paths.wikitext2_test_parquet_path(), data_paths.wikitext2_test_raw_path()
+    parquet, raw = paths.wikitext2_test_parquet_path(), paths.wikitext2_test_raw_path()
     if parquet is None or raw is None:
         pytest.skip("shared/data/wikitext-2-raw is not available")
     rows = load_wikitext2_test(parquet)
     assert len(rows) == 4358
     assert rows == load_wikitext2_test(raw)
-    assert load_wikitext2_test() == rows
+    assert texts.load_wikitext2_test()[0] == rows
 
 
 def test_shared_data_dir_honours_env_var(monkeypatch, tmp_path) -> None:
-    from osscar_hf import data_paths
+    from osscar_hf.demo import paths
 
     monkeypatch.setenv("OSSCAR_HF_SHARED_DATA", str(tmp_path))
-    assert data_paths.shared_data_dir() == tmp_path
-    assert data_paths.calibration_text_path() is None
+    assert paths.shared_data_dir() == tmp_path
+    assert paths.calibration_text_path() is None
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "state_union.txt").write_text("text", encoding="utf-8")
-    assert data_paths.calibration_text_path() == tmp_path / "calibration" / "state_union.txt"
+    assert paths.calibration_text_path() == tmp_path / "calibration" / "state_union.txt"
 
 
 def test_compare_throughput_times_every_model(model) -> None:

