@@ -336,3 +336,24 @@ def test_model_loading_logs_under_the_module_that_loads(tmp_path, caplog):
         load_model_and_tokenizer(tmp_path, device="cpu")
     loading = [record for record in caplog.records if record.getMessage().startswith("Loading")]
     assert [record.name for record in loading] == ["osscar_hf.io.load"]
+
+
+# --------------------------------------------------------------------------- function length
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(tree: ast.AST, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """``(name, lines)`` of every function in ``tree`` longer than ``limit`` lines, docstring included."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= limit]
+
+
+def test_long_functions_are_found() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(85))
+    assert long_functions(ast.parse(f"def long():\n{body}\n\ndef short():\n    pass\n")) == [("long", 86)]
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    found = [f"{name}.{function} ({lines} lines)" for name, path in MODULES.items()
+             for function, lines in long_functions(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines: {found}"
