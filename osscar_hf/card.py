@@ -29,6 +29,7 @@ import torch
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .calibration import HUB_DATASETS, SELF_DATASET
 from .config import OsscarConfig
 from .errors import CardError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
@@ -245,16 +246,12 @@ def _describe_sizes(config: OsscarConfig, report: PruneReport) -> str:
 
 
 def _hub_datasets(dataset: Any) -> list[str] | None:
-    from .calibration import HUB_DATASETS
-
     if isinstance(dataset, str) and dataset in HUB_DATASETS:
         return [HUB_DATASETS[dataset].path]
     return None
 
 
 def _describe_calibration(dataset: Any, report: PruneReport, config: OsscarConfig) -> str:
-    from .calibration import HUB_DATASETS
-
     if isinstance(dataset, str) and dataset in HUB_DATASETS:
         hub = HUB_DATASETS[dataset]
         parts = [f"config `{hub.name}`"] if hub.name else []
@@ -262,6 +259,11 @@ def _describe_calibration(dataset: Any, report: PruneReport, config: OsscarConfi
             parts.append(f"file `{hub.data_files}`")
         parts.append(f"{hub.split} split, column `{hub.column}`")
         return f"[{hub.path}](https://huggingface.co/datasets/{hub.path}) ({', '.join(parts)})"
+    sampled = report.calibration.get("sampled_from_model")
+    if dataset == SELF_DATASET and sampled:
+        return (f"No calibration data: text sampled from the dense model itself (`dataset=\"self\"`: each window "
+                f"starts at token {sampled['start_token_id']}, temperature {sampled['temperature']:g}, top-p "
+                f"{sampled['top_p']:g})")
     if isinstance(dataset, (str, os.PathLike)):
         return f"The local file `{Path(dataset).name}` (column `{config.text_column}` where it has columns)"
     described = report.config.get("dataset")

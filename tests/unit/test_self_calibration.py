@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from osscar_hf import CalibrationDataError, OsscarConfig, OsscarPruner
 from osscar_hf.calibration import build_calibration_windows
+from osscar_hf.card import build_model_card
 from osscar_hf.self_calibration import SELF_TEMPERATURE, SELF_TOP_P, sample_token_windows
 from tests.conftest import VOCAB, _config, make_model
 
@@ -54,6 +55,10 @@ def test_pruning_on_self_samples_records_their_provenance(model) -> None:
     assert provenance["temperature"] == SELF_TEMPERATURE and provenance["top_p"] == SELF_TOP_P
     assert "sampled from the dense model" in provenance["text"]
     assert report.config["dataset"] == "self"
+    card = str(build_model_card(report, base_model=None, config=pruner.config))
+    section = card[card.index("## Calibration data"):card.index("## Pruning configuration")]
+    assert "text sampled from the dense model itself" in section and "top-p 0.95" in section
+    assert "local file" not in section
     # The windows it calibrated on are the seeded samples of the dense model.
     expected = sample_token_windows(model, count=4, seq_len=16, seed=7, progress=False)
     assert torch.equal(OsscarPruner(OsscarConfig(0.5, 0.5, dataset="self", num_samples=4, seq_len=16, seed=7))
