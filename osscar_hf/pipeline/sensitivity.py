@@ -141,6 +141,7 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
     the pruned model's own distribution (seeded)."""
     device, storage = run.settings.device, run.settings.storage_device
     modules = _final_modules(run)
+    cap = run.spec.final_logit_softcap(run.model.config)
     homes = [block_device(m) for m in modules]
     generator = torch.Generator().manual_seed(run.config.seed)
     grads = []
@@ -156,6 +157,8 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
                     logits = x
                     for module in modules:
                         logits = module(logits)
+                    if cap is not None:
+                        logits = torch.tanh(logits / cap) * cap
                     logits = logits.float().reshape(-1, logits.shape[-1])
                     with torch.no_grad():
                         labels = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).flatten()

@@ -36,8 +36,10 @@ from osscar_hf.surgery import prune_attention, prune_mlp
 from tests.conftest import MODEL_KINDS, make_model, make_tokenizer
 from tests.integration.test_save_load import IDS, REPO_ROOT, _assert_same_weights, _logits, _per_block
 
-BASE_TYPES = {"opt": "opt", "llama-mha": "llama", "llama-gqa": "llama", "qwen2": "qwen2", "mistral": "mistral"}
-CLASS_PREFIX = {"opt": "OPT", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+BASE_TYPES = {"opt": "opt", "llama-mha": "llama", "llama-gqa": "llama", "qwen2": "qwen2", "mistral": "mistral",
+              "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3-text": "gemma3_text"}
+CLASS_PREFIX = {"opt": "OPT", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3",
+                "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 ALLOWED_IMPORTS = {"__future__", "typing", "torch", "transformers"}
 
 

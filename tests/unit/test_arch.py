@@ -14,7 +14,8 @@ from tests.conftest import VOCAB, make_model
 @pytest.mark.parametrize(
     "kind,spec_name,geometry",
     [("opt", "opt", (4, 1, 8)), ("llama-mha", "llama", (4, 1, 8)), ("llama-gqa", "llama", (2, 2, 8)),
-     ("qwen2", "llama", (2, 2, 8)), ("mistral", "llama", (2, 2, 8))],
+     ("qwen2", "llama", (2, 2, 8)), ("mistral", "llama", (2, 2, 8)), ("qwen3", "llama", (2, 2, 16)),
+     ("gemma", "gemma", (2, 2, 8)), ("gemma2", "gemma", (2, 2, 8)), ("gemma3-text", "gemma", (2, 2, 8))],
 )
 def test_spec_lookup_and_geometry(kind, spec_name, geometry):
     model = make_model(kind)
