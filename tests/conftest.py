@@ -50,9 +50,9 @@ def _config(kind: str, **overrides) -> object:
         cfg = Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=16)
     elif kind == "gemma":
         cfg = GemmaConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8)
-    elif kind == "gemma2":  # both soft caps on; a sliding window shorter than the test inputs
+    elif kind == "gemma2":  # both soft caps on, low enough to bite; a sliding window shorter than the test inputs
         cfg = Gemma2Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8,
-                           query_pre_attn_scalar=12, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                           query_pre_attn_scalar=12, attn_logit_softcapping=0.05, final_logit_softcapping=0.2,
                            sliding_window=6, layer_types=["sliding_attention", "full_attention"])
     elif kind == "gemma3-text":  # q/k norms, tied embeddings, a sliding and a full-attention layer
         cfg = Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,

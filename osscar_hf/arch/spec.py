@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
@@ -152,6 +153,27 @@ class ArchSpec:
         """The soft cap of the logits (``config_final_logit_softcap``'s value), or None when there is none."""
         value = getattr(config, self.config_final_logit_softcap, None) if self.config_final_logit_softcap else None
         return float(value) if value else None
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``final_modules`` that ``model`` has (absent or None ones skipped), in order."""
+        modules = []
+        for path in self.final_modules:
+            try:
+                module = get_submodule(model, path)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.Module):
+                modules.append(module)
+        return modules
+
+    def head_logits(self, config: Any, modules: list[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the ``*ForCausalLM`` computes from the last block's output ``hidden``: ``modules``
+        (:meth:`head_modules`) in order, then the soft cap of the logits when the config sets one."""
+        logits = hidden
+        for module in modules:
+            logits = module(logits)
+        cap = self.final_logit_softcap(config)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def group_geometry(self, config: Any) -> tuple[int, int, int]:
         """(number of attention structures m, query heads per structure n_rep, head_dim)."""
