@@ -62,6 +62,9 @@ def _config(kind: str, **overrides) -> object:
         raise ValueError(kind)
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and "layer_types" not in overrides and len(layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = [layer_types[i % len(layer_types)] for i in range(cfg.num_hidden_layers)]  # the pattern
     return cfg
 
 
