@@ -240,6 +240,29 @@ def test_loads_the_same_with_osscar_hf_imported(saved):
     assert _load(saved["qwen2/per-block"][1]).model.layers[0].mlp.intermediate_size == 10
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma3-text"])
+def test_a_first_block_with_no_head_keeps_its_norms_and_the_cache_length(kind, tmp_path):
+    """Block 0 without heads: its q/k norms (Gemma 3's) stay in the checkpoint, and a decoding loop of one's own
+    (positions from the cache's length, which transformers reads from block 0) gives the full forward's logits."""
+    model = make_model(kind, seed=2)
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    prune_attention(model.get_submodule(spec.blocks)[0], spec, torch.tensor([], dtype=torch.long), n_rep=n_rep,
+                    head_dim=head_dim, num_groups=m)
+    folder = save_pruned(model, tmp_path / "rc", format="remote_code")
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager",
+                                                        output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(loaded.get_submodule(spec.blocks)[0].get_submodule(spec.attention)).__name__ == "OsscarEmptyAttention"
+    assert loaded.state_dict().keys() == make_model(kind).state_dict().keys()
+    _assert_same_weights(loaded, model)
+    with torch.no_grad():
+        prefix = loaded(IDS[:, :9], use_cache=True)
+        assert prefix.cache.get_seq_length() == 9
+        step = loaded(IDS[:, 9:10], cache=prefix.cache).logits[:, -1]
+        torch.testing.assert_close(step, model(IDS[:, :10]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_without_trust_remote_code_stock_transformers_refuses_in_process(saved):
     with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(saved["mistral/per-block"][1])
