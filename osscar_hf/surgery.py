@@ -99,26 +99,28 @@ def add_part_biases(block: nn.Module, spec: ArchSpec) -> None:
 class EmptyAttention(nn.Module):
     """An attention that lost every head: its output is the output projection's bias (or zero).
 
-    It keeps zero-width projections under the original names so the state dict keeps its layout, and still
-    writes a one-channel placeholder into a KV cache so the cache's sequence length stays right during
-    generation.
+    It keeps the attention's submodules under their names (the zero-width projections, and any others such as
+    Qwen3's and Gemma 3's q/k norms) so the state dict keeps its layout, and still writes a one-channel placeholder
+    into a KV cache so the cache's sequence length stays right during generation.
     """
 
-    def __init__(self, projections: dict[str, nn.Linear], o_proj: str, layer_idx: int | None) -> None:
+    def __init__(self, modules: dict[str, nn.Module], o_proj: str, layer_idx: int | None) -> None:
         super().__init__()
-        for name, linear in projections.items():
-            self.add_module(name, linear)
+        for name, module in modules.items():
+            self.add_module(name, module)
         self._o_proj = o_proj
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, cache: Any = None,
+                **kwargs: Any):
         o_proj: nn.Linear = getattr(self, self._o_proj)
         # Call the (zero-input-width) projection rather than reading its bias: module hooks then run, so an
         # offloaded block (accelerate loads weights in a pre-forward hook) or an adapter works as usual.
         out = o_proj(hidden_states.new_zeros(hidden_states.shape[:-1] + (0,)))
-        if past_key_values is not None and self.layer_idx is not None:
+        cache = cache if cache is not None else past_key_values  # newer transformers: `cache`, older: the other
+        if cache is not None and self.layer_idx is not None:
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return out, None
 
 
@@ -175,7 +177,8 @@ def prune_attention(
     slice_linear_outputs(linears[spec.v_proj], kv_idx)
     slice_linear_inputs(linears[spec.o_proj], q_idx, o_weight, o_bias)
     if kept_groups.numel() == 0:
-        empty = EmptyAttention(linears, spec.o_proj, getattr(attention, "layer_idx", None))
+        modules = {**dict(attention.named_children()), **linears}
+        empty = EmptyAttention(modules, spec.o_proj, getattr(attention, "layer_idx", None))
         set_submodule(block, spec.attention, empty)
     _set_count_attrs(block, spec, {"heads": int(kept_groups.numel()) * n_rep, "kv_heads": int(kept_groups.numel())})
 

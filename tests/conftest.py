@@ -10,11 +10,15 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 96
@@ -42,24 +46,44 @@ def _config(kind: str, **overrides) -> object:
     elif kind == "mistral":
         cfg = MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                             sliding_window=64)
+    elif kind == "qwen3":  # an explicit head_dim that is not hidden_size // heads
+        cfg = Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=16)
+    elif kind == "gemma":
+        cfg = GemmaConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8)
+    elif kind == "gemma2":  # both soft caps on, low enough to bite; a sliding window shorter than the test inputs
+        cfg = Gemma2Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8,
+                           query_pre_attn_scalar=12, attn_logit_softcapping=0.05, final_logit_softcapping=0.2,
+                           sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    elif kind == "gemma3-text":  # q/k norms, tied embeddings, a sliding and a full-attention layer
+        cfg = Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                               head_dim=8, query_pre_attn_scalar=12, sliding_window=6,
+                               layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and "layer_types" not in overrides and len(layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = [layer_types[i % len(layer_types)] for i in range(cfg.num_hidden_layers)]  # the pattern
     return cfg
 
 
-MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral")
+MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3-text")
+# Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
+RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text")
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random model; biases are randomised too so bias handling is exercised."""
+    """A tiny random model; biases (and the norms of RANDOM_NORM_KINDS) are randomised too so their handling is
+    exercised."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(kind, **overrides), attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif kind in RANDOM_NORM_KINDS and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
     return model.eval()
 
 

@@ -1,10 +1,11 @@
 """Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
 
-from .registry import LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
+from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
 from .spec import ArchSpec, get_submodule, set_submodule
 
 __all__ = [
     "ArchSpec",
+    "GEMMA_FAMILY",
     "LLAMA_FAMILY",
     "OPT",
     "get_spec",

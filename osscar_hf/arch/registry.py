@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..errors import UnsupportedModelError
@@ -27,7 +28,7 @@ OPT = ArchSpec(
 
 LLAMA_FAMILY = ArchSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     blocks="model.layers",
     attention="self_attn",
     q_proj="q_proj",
@@ -39,6 +40,16 @@ LLAMA_FAMILY = ArchSpec(
     module_count_attrs={"mlp.intermediate_size": "ffn"},
     bias_switches={"attention": "attention_bias", "mlp": "mlp_bias"},
     final_modules=("model.norm", "lm_head"),
+)
+
+# Gemma, Gemma 2 and Gemma 3 (text): the Llama block layout (the extra norms around the attention and the MLP, the
+# q/k norms over head_dim, soft-capped attention and sliding windows change no shape a KV group or a neuron
+# takes), and Gemma 2's soft cap of the logits, which the global allocation's loss must apply too.
+GEMMA_FAMILY = dataclasses.replace(
+    LLAMA_FAMILY,
+    name="gemma",
+    model_types=("gemma", "gemma2", "gemma3_text"),
+    config_final_logit_softcap="final_logit_softcapping",
 )
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -83,3 +94,4 @@ def get_spec(model_or_config: Any) -> ArchSpec:
 
 register_architecture(OPT)
 register_architecture(LLAMA_FAMILY)
+register_architecture(GEMMA_FAMILY)

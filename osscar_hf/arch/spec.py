@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
@@ -61,6 +62,9 @@ class ArchSpec:
     # Modules from the *ForCausalLM model that turn the last block's output into logits, in order (final norm,
     # projections, LM head); a path whose module is absent or None in a given model is skipped.
     final_modules: tuple[str, ...] = ("lm_head",)
+    # Config field of a soft cap the ``*ForCausalLM`` applies to the logits after ``final_modules``
+    # (``cap * tanh(logits / cap)``; Gemma 2), or None; a config whose field is None or absent has no cap.
+    config_final_logit_softcap: str | None = None
 
     # -- checks ----------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -77,8 +81,10 @@ class ArchSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 found.append(f"{name} must be a non-empty str, got {value!r}")
-        if self.config_kv_heads is not None and (not isinstance(self.config_kv_heads, str) or not self.config_kv_heads):
-            found.append(f"config_kv_heads must be None or a non-empty str, got {self.config_kv_heads!r}")
+        for name in ("config_kv_heads", "config_final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                found.append(f"{name} must be None or a non-empty str, got {value!r}")
         counts = self.module_count_attrs
         if not isinstance(counts, dict) or not all(
                 isinstance(k, str) and k and v in _COUNT_KINDS for k, v in counts.items()):
@@ -142,6 +148,32 @@ class ArchSpec:
 
     def ffn_dim(self, config: Any) -> int:
         return int(getattr(config, self.config_ffn))
+
+    def final_logit_softcap(self, config: Any) -> float | None:
+        """The soft cap of the logits (``config_final_logit_softcap``'s value), or None when there is none."""
+        value = getattr(config, self.config_final_logit_softcap, None) if self.config_final_logit_softcap else None
+        return float(value) if value else None
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``final_modules`` that ``model`` has (absent or None ones skipped), in order."""
+        modules = []
+        for path in self.final_modules:
+            try:
+                module = get_submodule(model, path)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.Module):
+                modules.append(module)
+        return modules
+
+    def head_logits(self, config: Any, modules: list[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the ``*ForCausalLM`` computes from the last block's output ``hidden``: ``modules``
+        (:meth:`head_modules`) in order, then the soft cap of the logits when the config sets one."""
+        logits = hidden
+        for module in modules:
+            logits = module(logits)
+        cap = self.final_logit_softcap(config)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def group_geometry(self, config: Any) -> tuple[int, int, int]:
         """(number of attention structures m, query heads per structure n_rep, head_dim)."""

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..arch import get_submodule
 from ..budgets import BlockGeometry, BlockSize, allowed_sizes, global_sizes, part_floors, uniform_budget_sizes
 from ..capture import CapturedInputs, call_block, move_to
 from ..config import OsscarConfig
@@ -124,23 +123,11 @@ def first_prune_sizes(config: OsscarConfig, geometries: list[BlockGeometry]) -> 
     return sizes
 
 
-def _final_modules(run: PruneRun) -> list[nn.Module]:
-    modules = []
-    for path in run.spec.final_modules:
-        try:
-            module = get_submodule(run.model, path)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Module):
-            modules.append(module)
-    return modules
-
-
 def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tensor]:
     """The gradient of the summed next-token loss at the last block's output, per held-out batch; labels drawn from
     the pruned model's own distribution (seeded)."""
     device, storage = run.settings.device, run.settings.storage_device
-    modules = _final_modules(run)
+    modules = run.spec.head_modules(run.model)
     homes = [block_device(m) for m in modules]
     generator = torch.Generator().manual_seed(run.config.seed)
     grads = []
@@ -153,10 +140,8 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
             for start in range(0, hidden.shape[1], chunk_positions):
                 x = hidden[:, start:start + chunk_positions].to(device).detach().requires_grad_()
                 with torch.enable_grad():
-                    logits = x
-                    for module in modules:
-                        logits = module(logits)
-                    logits = logits.float().reshape(-1, logits.shape[-1])
+                    logits = run.spec.head_logits(run.model.config, modules, x).float()
+                    logits = logits.reshape(-1, logits.shape[-1])
                     with torch.no_grad():
                         labels = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).flatten()
                     loss = F.cross_entropy(logits, labels.to(device), reduction="sum")

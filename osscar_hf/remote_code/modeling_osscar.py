@@ -26,30 +26,35 @@ from .configuration_osscar import OsscarLlamaConfig
 class OsscarEmptyAttention(nn.Module):
     """The attention of a block that lost every head: its output is the output projection's bias (or zero).
 
-    The zero-width projections stay under their names, so the state dict keeps the stock layout. With a KV
-    cache, a one-channel placeholder is stored for every token, so that the cache's sequence length (which
-    the masks and positions of the next generation step are computed from) stays right.
+    The attention's submodules (the zero-width projections, and any others such as q/k norms) stay under their
+    names, so the state dict keeps the stock layout. With a KV cache, a one-channel placeholder is stored for
+    every token, so that the cache's sequence length (which the masks and positions of the next generation step
+    are computed from) stays right.
     """
 
-    def __init__(
-        self, projections: dict[str, nn.Linear], output_projection: str, layer_idx: int | None
-    ) -> None:
+    def __init__(self, modules: dict[str, nn.Module], output_projection: str, layer_idx: int | None) -> None:
         super().__init__()
-        for name, linear in projections.items():
-            self.add_module(name, linear)
+        for name, module in modules.items():
+            self.add_module(name, module)
         self.output_projection = output_projection
         self.layer_idx = layer_idx
 
     def forward(
-        self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        *args: Any,
+        past_key_values: Any = None,
+        cache: Any = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         projection = getattr(self, self.output_projection)
         # Calling the zero-input-width projection (rather than reading its bias) runs its hooks, so offloading
         # and adapters behave as for any other linear.
         output = projection(hidden_states.new_zeros((*hidden_states.shape[:-1], 0)))
-        if past_key_values is not None and self.layer_idx is not None:
+        cache = cache if cache is not None else past_key_values  # newer transformers: `cache`, older: the other
+        if cache is not None and self.layer_idx is not None:
             placeholder = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return output, None
 
 
@@ -115,8 +120,9 @@ def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]
         _keep_rows(producer, ffn_dim)
     _keep_columns(consumer, ffn_dim)
     if kv_heads == 0:
-        projections = dict(zip(names, (q_proj, k_proj, v_proj, o_proj), strict=True))
-        empty = OsscarEmptyAttention(projections, layout["o_proj"], getattr(attention, "layer_idx", None))
+        modules = dict(attention.named_children())
+        modules.update(zip(names, (q_proj, k_proj, v_proj, o_proj), strict=True))
+        empty = OsscarEmptyAttention(modules, layout["o_proj"], getattr(attention, "layer_idx", None))
         parent_path, _, name = layout["attention"].rpartition(".")
         setattr(block.get_submodule(parent_path), name, empty)
     counts = {"heads": kv_heads * n_rep, "kv_heads": kv_heads, "ffn": ffn_dim}

@@ -182,8 +182,9 @@ def test_osscar_global_honours_round_to_and_the_floors(tokenizer, calibration_te
         assert b.mlp.kept >= 16 and b.attention.kept >= 1  # 25% of 48 neurons rounded up to 8s; of 2 KV groups
 
 
-def test_osscar_global_streams_to_what_memory_gives(tmp_path, tokenizer, calibration_texts):
-    dense = _redundant("llama-gqa", block=1, layers=3)
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma2"])  # gemma2: the allocation's loss through the logit cap
+def test_osscar_global_streams_to_what_memory_gives(kind, tmp_path, tokenizer, calibration_texts):
+    dense = _redundant(kind, block=1, layers=3)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
     tokenizer.save_pretrained(tmp_path / "dense")
     config = OsscarConfig(sparsity=0.4, dataset=calibration_texts, allocation_samples=4, **SMALL)

@@ -104,11 +104,14 @@ def test_flap_biases_make_a_stock_llama_checkpoint(tmp_path, tokenizer, calibrat
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
-def test_flap_on_a_family_that_cannot_hold_biases_is_refused_before_any_work(tokenizer, calibration_texts):
-    model = make_model("mistral")
+# Mistral has no bias switch; Qwen3 and Gemma switch the attention's biases on (attention_bias) but not the MLP's.
+@pytest.mark.parametrize("kind,part", [("mistral", "attention"), ("gemma", "mlp")])
+def test_flap_on_a_family_that_cannot_hold_biases_is_refused_before_any_work(kind, part, tokenizer,
+                                                                              calibration_texts):
+    model = make_model(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match="method 'flap' gives the attention output projection a bias, "
-                                                    "but model_type 'mistral' has no config field"):
+    with pytest.raises(UnsupportedModelError, match=f"method 'flap' gives the {part} output projection a bias, "
+                                                    f"but model_type '{kind}' has no config field"):
         OsscarPruner(_config(calibration_texts, method="flap")).prune(model, tokenizer)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

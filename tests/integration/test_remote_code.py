@@ -36,8 +36,10 @@ from osscar_hf.surgery import prune_attention, prune_mlp
 from tests.conftest import MODEL_KINDS, make_model, make_tokenizer
 from tests.integration.test_save_load import IDS, REPO_ROOT, _assert_same_weights, _logits, _per_block
 
-BASE_TYPES = {"opt": "opt", "llama-mha": "llama", "llama-gqa": "llama", "qwen2": "qwen2", "mistral": "mistral"}
-CLASS_PREFIX = {"opt": "OPT", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+BASE_TYPES = {"opt": "opt", "llama-mha": "llama", "llama-gqa": "llama", "qwen2": "qwen2", "mistral": "mistral",
+              "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3-text": "gemma3_text"}
+CLASS_PREFIX = {"opt": "OPT", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3",
+                "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 ALLOWED_IMPORTS = {"__future__", "typing", "torch", "transformers"}
 
 
@@ -236,6 +238,29 @@ def test_loads_the_same_with_osscar_hf_imported(saved):
     assert type(zero_head).__name__ == "OsscarEmptyAttention" and zero_head.q_proj.out_features == 0
     assert _load(saved["opt/uniform"][1]).model.decoder.layers[0].self_attn.num_heads == 1
     assert _load(saved["qwen2/per-block"][1]).model.layers[0].mlp.intermediate_size == 10
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma3-text"])
+def test_a_first_block_with_no_head_keeps_its_norms_and_the_cache_length(kind, tmp_path):
+    """Block 0 without heads: its q/k norms (Gemma 3's) stay in the checkpoint, and a decoding loop of one's own
+    (positions from the cache's length, which transformers reads from block 0) gives the full forward's logits."""
+    model = make_model(kind, seed=2)
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    prune_attention(model.get_submodule(spec.blocks)[0], spec, torch.tensor([], dtype=torch.long), n_rep=n_rep,
+                    head_dim=head_dim, num_groups=m)
+    folder = save_pruned(model, tmp_path / "rc", format="remote_code")
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager",
+                                                        output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(loaded.get_submodule(spec.blocks)[0].get_submodule(spec.attention)).__name__ == "OsscarEmptyAttention"
+    assert loaded.state_dict().keys() == make_model(kind).state_dict().keys()
+    _assert_same_weights(loaded, model)
+    with torch.no_grad():
+        prefix = loaded(IDS[:, :9], use_cache=True)
+        assert prefix.cache.get_seq_length() == 9
+        step = loaded(IDS[:, 9:10], cache=prefix.cache).logits[:, -1]
+        torch.testing.assert_close(step, model(IDS[:, :10]).logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_without_trust_remote_code_stock_transformers_refuses_in_process(saved):

@@ -35,7 +35,9 @@ from tests.conftest import VOCAB, make_model
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-PER_BLOCK_KINDS = ("opt", "llama-gqa", "qwen2")
+PER_BLOCK_KINDS = ("opt", "llama-gqa", "qwen2", "qwen3", "gemma", "gemma2", "gemma3-text")
+# Pruned uniformly (in every block the same shape), which the stock config of these kinds expresses.
+STOCK_KINDS = ("llama-gqa", "qwen2", "llama-mha", "qwen3", "gemma", "gemma2", "gemma3-text")
 
 
 def _per_block(kind: str) -> torch.nn.Module:
@@ -330,7 +332,7 @@ def test_import_is_cheap_and_registers_when_transformers_loads(saved, tmp_path):
 def stock_pruned(tokenizer, calibration_texts, tmp_path_factory):
     """kind -> (pruned model, folder) for pruning the stock config can express (no quantization_config)."""
     out = {}
-    for kind, attention in (("llama-gqa", 0.5), ("qwen2", 0.5), ("llama-mha", 0.5), ("opt", 0.0)):
+    for kind, attention in (*((kind, 0.5) for kind in STOCK_KINDS), ("opt", 0.0)):
         model = OsscarPruner(OsscarConfig(attention, 0.5, dataset=calibration_texts, **SMALL)).prune(
             make_model(kind), tokenizer, progress=False)
         folder = tmp_path_factory.mktemp(f"stock-{kind}")
@@ -347,6 +349,9 @@ def test_stock_checkpoints_have_a_plain_config(stock_pruned):
         assert data[spec.config_ffn] == 24
         if kind == "llama-mha":
             assert (data["num_attention_heads"], data["num_key_value_heads"], data["head_dim"]) == (2, 2, 8)
+        elif kind != "opt":  # half the KV groups; head_dim written explicitly (qwen3's is not hidden_size // heads)
+            assert (data["num_attention_heads"], data["num_key_value_heads"]) == (2, 1), kind
+            assert data["head_dim"] == (16 if kind == "qwen3" else 8), kind
         assert pruning_record(model).block_shapes == read_block_shapes(model)  # the in-memory record remains
 
 
@@ -373,7 +378,7 @@ def test_without_osscar_hf_stock_loads_bit_exact_and_osscar_format_fails_loudly(
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert results.pop("per-block-opt").startswith("RuntimeError: You set `ignore_mismatched_sizes` to `False`")
-    assert results == {"llama-gqa": True, "qwen2": True, "llama-mha": True, "opt": True}
+    assert results == {kind: True for kind in (*STOCK_KINDS, "opt")}
     assert "Unknown quantization type, got osscar" in result.stderr
     assert "MISMATCH" in result.stderr
 

@@ -49,6 +49,10 @@ CASES = {
     "opt-sharded": ("opt", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),                     # osscar format
     "llama-gqa-tied-sharded": ("llama-gqa", {"tie_word_embeddings": True}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
     "llama-gqa-single-file": ("llama-gqa", {"num_hidden_layers": 3}, {}, (0.0, 0.5)),     # stock format
+    "qwen3-sharded": ("qwen3", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
+    "gemma-tied-sharded": ("gemma", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
+    "gemma2-tied-sharded": ("gemma2", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
+    "gemma3-text-tied-sharded": ("gemma3-text", {}, {"max_shard_size": "20KB"}, (0.5, 0.5)),
 }
 
 

@@ -8,13 +8,14 @@ from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.arch import LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
 from osscar_hf.errors import OsscarError, UnsupportedModelError
 from osscar_hf.io import read_block_shapes
-from tests.conftest import VOCAB, make_model
+from tests.conftest import MODEL_KINDS, VOCAB, make_model
 
 
 @pytest.mark.parametrize(
     "kind,spec_name,geometry",
     [("opt", "opt", (4, 1, 8)), ("llama-mha", "llama", (4, 1, 8)), ("llama-gqa", "llama", (2, 2, 8)),
-     ("qwen2", "llama", (2, 2, 8)), ("mistral", "llama", (2, 2, 8))],
+     ("qwen2", "llama", (2, 2, 8)), ("mistral", "llama", (2, 2, 8)), ("qwen3", "llama", (2, 2, 16)),
+     ("gemma", "gemma", (2, 2, 8)), ("gemma2", "gemma", (2, 2, 8)), ("gemma3-text", "gemma", (2, 2, 8))],
 )
 def test_spec_lookup_and_geometry(kind, spec_name, geometry):
     model = make_model(kind)
@@ -29,6 +30,22 @@ def test_spec_lookup_and_geometry(kind, spec_name, geometry):
     for path in (*spec.mlp_producers, spec.mlp_consumer):
         block.get_submodule(path)
     assert block.get_submodule(spec.mlp_consumer).in_features == spec.ffn_dim(model.config)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_head_logits_are_the_models_logits(kind):
+    """What the global allocation's loss is computed from: the last block's output through the spec's final modules
+    and the logit soft cap (Gemma 2's; the tiny model's, 0.2, bites) is what the model outputs."""
+    model = make_model(kind)
+    spec = get_spec(model)
+    outputs = []
+    model.get_submodule(spec.blocks)[-1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+        hidden = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+        torch.testing.assert_close(spec.head_logits(model.config, spec.head_modules(model), hidden), logits)
+    assert spec.final_logit_softcap(model.config) == (0.2 if kind == "gemma2" else None)
 
 
 def test_unsupported_model_lists_supported_types():

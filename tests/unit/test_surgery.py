@@ -113,6 +113,13 @@ def test_generate_with_kv_cache_matches_masked_dense(kind, empty_first):
     for a, b, c in zip(cached.logits, ref.logits, uncached.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    # A decoding loop of one's own, without generate: the positions of the next token come from the cache's length,
+    # which a block with no head keeps too.
+    with torch.no_grad():
+        prefix = model(cached.sequences[:, :9], use_cache=True)
+        assert prefix.cache.get_seq_length() == 9
+        step = model(cached.sequences[:, 9:10], cache=prefix.cache).logits[:, -1]
+        torch.testing.assert_close(step, model(cached.sequences[:, :10]).logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_indices_raise_and_leave_module_untouched():
