@@ -38,6 +38,8 @@ __all__ = ["OsscarPruner", "check_prunable_config", "update_model_config"]
 
 logger = logging.getLogger(__name__)
 
+_ALREADY_PRUNED = "this model was already pruned by osscar_hf; prune the dense model instead"
+
 
 class OsscarPruner:
     """Prune a ``PreTrainedModel`` in place with OSSCAR, in the style of transformers' quantizers.
@@ -59,12 +61,8 @@ class OsscarPruner:
 
     def _check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         check_prunable_config(model.config)
-        try:
-            record = pruning_record(model)
-        except OsscarError as exc:  # quantized by another method
-            raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
-        if record is not None:
-            raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
+        if pruning_record(model) is not None:  # pruned in this process: the record is on the model, not its config
+            raise UnsupportedModelError(_ALREADY_PRUNED)
         spec.check_model(model)
         if any(p.device.type == "meta" for p in model.parameters()):
             raise UnsupportedModelError(
@@ -235,7 +233,7 @@ def check_prunable_config(model_config: Any) -> ArchSpec:
     except OsscarError as exc:  # quantized by another method
         raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
     if record is not None:
-        raise UnsupportedModelError("this model was already pruned by osscar_hf; prune the dense model instead")
+        raise UnsupportedModelError(_ALREADY_PRUNED)
     return spec
 
 
