@@ -1,6 +1,6 @@
 """Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
 
-from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
+from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, PHI3, get_spec, register_architecture, supported_model_types
 from .spec import ArchSpec, Producer, get_submodule, set_submodule
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "GEMMA_FAMILY",
     "LLAMA_FAMILY",
     "OPT",
+    "PHI3",
     "Producer",
     "get_spec",
     "get_submodule",
