@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .arch.spec import ArchSpec, get_submodule, set_submodule
+from .arch.spec import ArchSpec, Producer, get_submodule, set_submodule
 from .errors import SurgeryError
+from .remote_code.configuration_osscar import count_owner, kept_rows, set_count, structure_stride
 from .solver.sweep import channels_of
 
 
@@ -74,13 +75,29 @@ def _check_bias(linear: nn.Linear, bias: torch.Tensor | None) -> None:
         raise SurgeryError(f"replacement bias has shape {tuple(bias.shape)}, expected {(linear.out_features,)}")
 
 
+def part_producers(block: nn.Module, spec: ArchSpec) -> dict[str, list[tuple[Producer, nn.Linear]]]:
+    """The producers of a block's attention and MLP (:meth:`ArchSpec.producers`), each with its linear."""
+    roots = {"attention": get_submodule(block, spec.attention), "mlp": block}
+    return {part: [(p, get_submodule(root, p.path)) for p in spec.producers(part)] for part, root in roots.items()}
+
+
 def part_linears(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Linear]]:
-    """The linears of a block's attention (projections) and MLP (producers and consumer)."""
-    attention = get_submodule(block, spec.attention)
-    return {
-        "attention": [get_submodule(attention, n) for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj)],
-        "mlp": [get_submodule(block, path) for path in (*spec.mlp_producers, spec.mlp_consumer)],
-    }
+    """The linears of a block's attention and MLP: the producers, then the consumer (last)."""
+    producers = part_producers(block, spec)
+    consumers = {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"),
+                 "mlp": get_submodule(block, spec.mlp_consumer)}
+    return {part: [linear for _, linear in producers[part]] + [consumers[part]] for part in consumers}
+
+
+def producer_rows(producer: Producer, linear: nn.Linear, kept: torch.Tensor, total: int, *, n_rep: int,
+                  head_dim: int, what: str) -> torch.Tensor:
+    """The output rows of ``linear`` (laid out as ``producer`` says, for ``total`` structures) that the ``kept``
+    structures own; ``SurgeryError`` when the linear does not have the rows the layout implies."""
+    stride = structure_stride(producer.segments, n_rep, head_dim)
+    if linear.out_features != total * stride:
+        raise SurgeryError(f"{what} has {linear.out_features} outputs, but its row layout {producer.segments} "
+                           f"needs {stride} per structure for {total} structures")
+    return kept_rows(producer.segments, producer.interleaved, kept, total, n_rep, head_dim)
 
 
 def add_part_biases(block: nn.Module, spec: ArchSpec) -> None:
@@ -128,13 +145,14 @@ def _set_count_attrs(block: nn.Module, spec: ArchSpec, counts: dict[str, int]) -
     for path, kind in spec.module_count_attrs.items():
         if kind not in counts:
             continue
-        owner_path, _, attr = path.rpartition(".")
-        owner = get_submodule(block, owner_path)
+        owner, _, attr = count_owner(block, path)
         if isinstance(owner, EmptyAttention):
             continue
-        if not hasattr(owner, attr):
-            raise SurgeryError(f"{type(owner).__name__} has no attribute {attr!r} named in spec {spec.name!r}")
-        setattr(owner, attr, counts[kind])
+        try:
+            set_count(block, path, counts[kind])
+        except AttributeError:
+            raise SurgeryError(
+                f"{type(owner).__name__} has no attribute {attr!r} named in spec {spec.name!r}") from None
 
 
 def prune_attention(
@@ -157,28 +175,23 @@ def prune_attention(
     kept_groups = _check_indices(kept_groups, num_groups, "kept attention groups")
     attention = get_submodule(block, spec.attention)
     q_idx = group_channels(kept_groups, n_rep * head_dim)
-    kv_idx = group_channels(kept_groups, head_dim)
-    names = (spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj)
-    linears = {name: get_submodule(attention, name) for name in names}
+    o_proj = get_submodule(attention, spec.o_proj)
     # Validate everything before changing anything.
-    for name in (spec.q_proj,):
-        _check_indices(q_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
-    for name in (spec.k_proj, spec.v_proj):
-        _check_indices(kv_idx, linears[name].out_features, f"{spec.attention}.{name} rows")
-    _check_indices(q_idx, linears[spec.o_proj].in_features, f"{spec.attention}.{spec.o_proj} columns")
-    if o_weight is not None and tuple(o_weight.shape) != (linears[spec.o_proj].out_features, q_idx.numel()):
+    rows = [(linear, producer_rows(p, linear, kept_groups, num_groups, n_rep=n_rep, head_dim=head_dim,
+                                   what=f"{spec.attention}.{p.path}"))
+            for p, linear in part_producers(block, spec)["attention"]]
+    _check_indices(q_idx, o_proj.in_features, f"{spec.attention}.{spec.o_proj} columns")
+    if o_weight is not None and tuple(o_weight.shape) != (o_proj.out_features, q_idx.numel()):
         raise SurgeryError(
             f"{spec.o_proj} refit weight has shape {tuple(o_weight.shape)}, "
-            f"expected {(linears[spec.o_proj].out_features, q_idx.numel())}"
+            f"expected {(o_proj.out_features, q_idx.numel())}"
         )
-    _check_bias(linears[spec.o_proj], o_bias)
-    slice_linear_outputs(linears[spec.q_proj], q_idx)
-    slice_linear_outputs(linears[spec.k_proj], kv_idx)
-    slice_linear_outputs(linears[spec.v_proj], kv_idx)
-    slice_linear_inputs(linears[spec.o_proj], q_idx, o_weight, o_bias)
+    _check_bias(o_proj, o_bias)
+    for linear, idx in rows:
+        slice_linear_outputs(linear, idx)
+    slice_linear_inputs(o_proj, q_idx, o_weight, o_bias)
     if kept_groups.numel() == 0:
-        modules = {**dict(attention.named_children()), **linears}
-        empty = EmptyAttention(modules, spec.o_proj, getattr(attention, "layer_idx", None))
+        empty = EmptyAttention(dict(attention.named_children()), spec.o_proj, getattr(attention, "layer_idx", None))
         set_submodule(block, spec.attention, empty)
     _set_count_attrs(block, spec, {"heads": int(kept_groups.numel()) * n_rep, "kv_heads": int(kept_groups.numel())})
 
@@ -195,27 +208,25 @@ def prune_mlp(
     bias replaced by ``consumer_bias`` if given)."""
     consumer = get_submodule(block, spec.mlp_consumer)
     kept_neurons = _check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
-    producers = [get_submodule(block, path) for path in spec.mlp_producers]
-    for path, producer in zip(spec.mlp_producers, producers):
-        if producer.out_features != consumer.in_features:
-            raise SurgeryError(f"{path} has {producer.out_features} outputs but {spec.mlp_consumer} has "
-                               f"{consumer.in_features} inputs")
+    total = consumer.in_features
+    rows = [(linear, producer_rows(p, linear, kept_neurons, total, n_rep=1, head_dim=1, what=p.path))
+            for p, linear in part_producers(block, spec)["mlp"]]
     if consumer_weight is not None and tuple(consumer_weight.shape) != (consumer.out_features, kept_neurons.numel()):
         raise SurgeryError(
             f"{spec.mlp_consumer} refit weight has shape {tuple(consumer_weight.shape)}, "
             f"expected {(consumer.out_features, kept_neurons.numel())}"
         )
     _check_bias(consumer, consumer_bias)
-    for producer in producers:
-        slice_linear_outputs(producer, kept_neurons)
+    for linear, idx in rows:
+        slice_linear_outputs(linear, idx)
     slice_linear_inputs(consumer, kept_neurons, consumer_weight, consumer_bias)
     _set_count_attrs(block, spec, {"ffn": int(kept_neurons.numel())})
 
 
 def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> dict[str, int]:
     """The current structure counts of a block, read from its weights."""
-    attention = get_submodule(block, spec.attention)
-    kv_heads = get_submodule(attention, spec.k_proj).out_features // head_dim
+    producer, linear = part_producers(block, spec)["attention"][0]
+    kv_heads = linear.out_features // structure_stride(producer.segments, n_rep, head_dim)
     return {
         "num_key_value_heads": kv_heads,
         "num_attention_heads": kv_heads * n_rep,

@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -58,6 +59,9 @@ def _config(kind: str, **overrides) -> object:
         cfg = Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                                head_dim=8, query_pre_attn_scalar=12, sliding_window=6,
                                layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj; GQA; half the head dims rotated (partial rotary)
+        cfg = Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -69,6 +73,9 @@ def _config(kind: str, **overrides) -> object:
 
 
 MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3-text")
+# Families with fused projections, proved in a file of their own (tests/integration/test_fused.py), not in every
+# MODEL_KINDS-wide test.
+FUSED_KINDS = ("phi3",)
 # Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
 RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text")
 

@@ -1,13 +1,15 @@
 """Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
 
-from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
-from .spec import ArchSpec, get_submodule, set_submodule
+from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, PHI3, get_spec, register_architecture, supported_model_types
+from .spec import ArchSpec, Producer, get_submodule, set_submodule
 
 __all__ = [
     "ArchSpec",
     "GEMMA_FAMILY",
     "LLAMA_FAMILY",
     "OPT",
+    "PHI3",
+    "Producer",
     "get_spec",
     "get_submodule",
     "register_architecture",

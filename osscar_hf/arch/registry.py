@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import UnsupportedModelError
-from .spec import ArchSpec
+from .spec import ArchSpec, Producer
 
 OPT = ArchSpec(
     name="opt",
@@ -52,6 +52,26 @@ GEMMA_FAMILY = dataclasses.replace(
     config_final_logit_softcap="final_logit_softcapping",
 )
 
+# Phi-3 (and Phi-3.5-mini, Phi-4-mini): fused projections. ``qkv_proj``'s rows are [q heads | k heads | v heads],
+# ``gate_up_proj``'s [gate | up]. The attention reads the query head count from the config it shares with every block
+# (``self.config.num_attention_heads``), which a pruned block overrides in a view of its own. Phi3Config has no
+# ``head_dim`` field and its rope validation derives the rotary width from ``hidden_size // num_attention_heads``
+# (longrope factors would no longer match), so a head count stays out of the stock config: pruned heads travel in
+# the osscar or remote-code format, a pruned FFN alone in a stock config.
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    blocks="model.layers",
+    attention="self_attn",
+    attention_producers=(Producer("qkv_proj", ("q", "k", "v")),),
+    o_proj="o_proj",
+    mlp_producers=(Producer("mlp.gate_up_proj", ("neurons", "neurons")),),
+    mlp_consumer="mlp.down_proj",
+    module_count_attrs={"self_attn.num_key_value_heads": "kv_heads", "self_attn.config.num_attention_heads": "heads"},
+    config_has_head_dim=False,
+    final_modules=("model.norm", "lm_head"),
+)
+
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
@@ -95,3 +115,4 @@ def get_spec(model_or_config: Any) -> ArchSpec:
 register_architecture(OPT)
 register_architecture(LLAMA_FAMILY)
 register_architecture(GEMMA_FAMILY)
+register_architecture(PHI3)

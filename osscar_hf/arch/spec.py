@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
+from ..remote_code.configuration_osscar import ROW_KINDS, count_owner
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -26,6 +27,43 @@ _COUNT_KINDS = ("heads", "kv_heads", "ffn")
 
 
 @dataclass(frozen=True)
+class Producer:
+    """A linear whose output rows make structures, and which rows belong to which structure.
+
+    ``path``: from the attention module (an attention producer: a direct child of it) or from the block (an MLP
+    producer). ``segments``: the row blocks in order, each a kind: ``"q"`` (a KV group's ``n_rep`` query heads),
+    ``"k"`` / ``"v"`` (its key / value head), ``"neurons"`` (one row per FFN neuron). ``interleaved=False``
+    (kind-major): every structure's rows of the first segment, then of the next (Phi-3's ``qkv_proj`` is
+    ``("q", "k", "v")``, its ``gate_up_proj`` ``("neurons", "neurons")``); ``True`` (structure-major): each
+    structure's rows of every segment together (GPT-NeoX's ``query_key_value``: per head ``[q | k | v]``). The
+    rows kept for given structures are :func:`osscar_hf.remote_code.configuration_osscar.kept_rows` of this.
+    """
+
+    path: str
+    segments: tuple[str, ...]
+    interleaved: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "segments": list(self.segments), "interleaved": self.interleaved}
+
+
+def _producer_problems(name: str, part: str, producers: Any) -> list[str]:
+    kinds = [k for k, p in ROW_KINDS.items() if p == part]
+    if not isinstance(producers, tuple) or not producers or not all(
+            (isinstance(p, str) and p and part == "mlp")
+            or (isinstance(p, Producer) and isinstance(p.path, str) and p.path and isinstance(p.segments, tuple)
+                and p.segments and all(k in kinds for k in p.segments) and isinstance(p.interleaved, bool))
+            for p in producers):
+        what = "non-empty str or Producer" if part == "mlp" else "Producer"
+        return [f"{name} must be a non-empty tuple of {what} (segments of {kinds}), got {producers!r}"]
+    if part == "attention":
+        segments = sorted(k for p in producers for k in p.segments)
+        if segments != ["k", "q", "v"]:
+            return [f"{name} must hold each of the segments 'q', 'k', 'v' once, got {producers!r}"]
+    return []
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where a decoder-only family keeps its blocks and which linears consume/produce each structure.
 
@@ -33,18 +71,24 @@ class ArchSpec:
     decoder block. A structure of the attention is one KV group: the ``n_rep`` query heads that share one
     key/value head (a single head when the model has as many KV heads as query heads). A structure of the
     MLP is one neuron.
+
+    The producers of a part are the linears whose output rows make its structures; its consumer (``o_proj``,
+    ``mlp_consumer``) takes them as input columns. Separate projections are named by ``q_proj``, ``k_proj``,
+    ``v_proj`` and ``mlp_producers`` paths; any other row layout (fused, interleaved) by :class:`Producer` entries
+    in ``attention_producers`` (instead of ``q_proj``/``k_proj``/``v_proj``) and ``mlp_producers``.
     """
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
     attention: str
-    q_proj: str
-    k_proj: str
-    v_proj: str
     o_proj: str
-    mlp_producers: tuple[str, ...]
+    mlp_producers: tuple[str | Producer, ...]
     mlp_consumer: str
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    attention_producers: tuple[Producer, ...] = ()
     # Module attributes that hold a head count, updated after slicing: {path from block: kind}, kind in
     # {"heads", "kv_heads", "ffn"}.
     module_count_attrs: dict[str, str] = field(default_factory=dict)
@@ -70,14 +114,23 @@ class ArchSpec:
     def problems(self) -> list[str]:
         """What is malformed in the spec itself (wrong types, empty paths, unknown kinds); empty when it is sound."""
         found = []
-        for name in ("model_types", "mlp_producers"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v for v in value):
-                found.append(f"{name} must be a non-empty tuple of non-empty str, got {value!r}")
+        value = self.model_types
+        if not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v for v in value):
+            found.append(f"model_types must be a non-empty tuple of non-empty str, got {value!r}")
+        found += _producer_problems("mlp_producers", "mlp", self.mlp_producers)
+        separate = (self.q_proj, self.k_proj, self.v_proj)
+        if self.attention_producers or any(v is not None for v in separate):
+            if self.attention_producers and any(v is not None for v in separate):
+                found.append("give the attention's producers either as q_proj/k_proj/v_proj or as "
+                             "attention_producers, not both")
+            elif self.attention_producers:
+                found += _producer_problems("attention_producers", "attention", self.attention_producers)
+        else:
+            found.append("the attention needs q_proj, k_proj and v_proj, or attention_producers")
         if not isinstance(self.final_modules, tuple) or not all(isinstance(v, str) and v for v in self.final_modules):
             found.append(f"final_modules must be a tuple of non-empty str, got {self.final_modules!r}")
-        for name in ("name", "blocks", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_consumer",
-                     "config_heads", "config_ffn"):
+        names = ("q_proj", "k_proj", "v_proj") if not self.attention_producers else ()
+        for name in ("name", "blocks", "attention", *names, "o_proj", "mlp_consumer", "config_heads", "config_ffn"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 found.append(f"{name} must be a non-empty str, got {value!r}")
@@ -108,8 +161,8 @@ class ArchSpec:
         except (AttributeError, TypeError):
             blocks = []
             missing.append(f"a list of blocks at {self.blocks!r}")
-        linears = [f"{self.attention}.{name}" for name in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
-        linears += [*self.mlp_producers, self.mlp_consumer]
+        linears = [f"{self.attention}.{p.path}" for p in self.producers("attention")]
+        linears += [f"{self.attention}.{self.o_proj}", *(p.path for p in self.producers("mlp")), self.mlp_consumer]
         for i, block in enumerate(blocks):
             for path in linears:
                 try:
@@ -119,9 +172,9 @@ class ArchSpec:
                 if not isinstance(module, nn.Linear):
                     missing.append(f"an nn.Linear at {self.blocks}.{i}.{path}")
             for path in self.module_count_attrs:
-                owner, _, attr = path.rpartition(".")
                 try:
-                    found = hasattr(get_submodule(block, owner), attr)
+                    module, holder, attr = count_owner(block, path)
+                    found = hasattr(module if holder is None else getattr(module, holder), attr)
                 except AttributeError:
                     found = False
                 if not found:
@@ -131,6 +184,16 @@ class ArchSpec:
             raise UnsupportedModelError(
                 f"architecture spec {self.name!r} (for model_type {getattr(config, 'model_type', None)!r}) does not "
                 f"describe this {type(model).__name__}, which lacks {'; '.join(missing[:3])}{more}")
+
+    def producers(self, part: str) -> tuple[Producer, ...]:
+        """The producers of ``part`` (``"attention"``: paths from the attention; ``"mlp"``: from the block), with
+        the separate projections' shorthand spelled out as one-segment :class:`Producer` entries."""
+        if part == "attention":
+            if self.attention_producers:
+                return self.attention_producers
+            return tuple(Producer(path, (kind,)) for path, kind in ((self.q_proj, "q"), (self.k_proj, "k"),
+                                                                     (self.v_proj, "v")))
+        return tuple(p if isinstance(p, Producer) else Producer(p, ("neurons",)) for p in self.mlp_producers)
 
     # -- shapes read from a config --------------------------------------------------------------------
     def num_heads(self, config: Any) -> int:

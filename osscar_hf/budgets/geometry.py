@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_submodule
-from ..surgery import part_linears
+from ..remote_code.configuration_osscar import structure_stride
+from ..surgery import part_linears, part_producers
 
 __all__ = ["BlockGeometry", "block_geometries"]
 
@@ -71,14 +72,17 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
     out = []
     for block in get_submodule(model, spec.blocks):
         linears = part_linears(block, spec)
-        q, k, v, o = linears["attention"]
-        *producers, consumer = linears["mlp"]
+        producers = part_producers(block, spec)
+        o, consumer = linears["attention"][-1], linears["mlp"][-1]
         attention_bias = with_biases or o.bias is not None
         mlp_bias = with_biases or consumer.bias is not None
-        q_rows, kv_rows = n_rep * head_dim, head_dim
-        attention_params = (_rows_cost(q, q_rows, attention_bias) + _rows_cost(k, kv_rows, attention_bias)
-                            + _rows_cost(v, kv_rows, attention_bias) + o.out_features * q_rows)
-        mlp_params = sum(_rows_cost(p, 1, mlp_bias) for p in producers) + consumer.out_features
+        q_rows = n_rep * head_dim
+        # Rows one structure owns in each producer (a KV group's q, k and v heads; a neuron's row of each).
+        rows = {part: [(structure_stride(p.segments, n_rep, head_dim), lin) for p, lin in pairs]
+                for part, pairs in producers.items()}
+        attention_params = (sum(_rows_cost(lin, r, attention_bias) for r, lin in rows["attention"])
+                            + o.out_features * q_rows)
+        mlp_params = sum(_rows_cost(lin, r, mlp_bias) for r, lin in rows["mlp"]) + consumer.out_features
         neurons = consumer.in_features
         total = sum(p.numel() for p in block.parameters())
         extra = 0
@@ -86,10 +90,10 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
             extra = sum(lin.out_features for part in linears.values() for lin in part if lin.bias is None)
         fixed = total + extra - m * attention_params - neurons * mlp_params
         context = (seq_len + 1) / 2
-        attention_weights = (q.in_features * (q_rows + 2 * kv_rows)) + o.out_features * q_rows
+        attention_weights = sum(lin.in_features * r for r, lin in rows["attention"]) + o.out_features * q_rows
         out.append(BlockGeometry(
             attention_structures=m, mlp_structures=neurons, attention_params=attention_params, mlp_params=mlp_params,
             fixed_params=fixed, attention_flops=attention_weights + 2 * q_rows * context,
-            mlp_flops=sum(p.in_features for p in producers) + consumer.out_features,
+            mlp_flops=sum(lin.in_features * r for r, lin in rows["mlp"]) + consumer.out_features,
         ))
     return out

@@ -14,8 +14,9 @@ rebuilds every block at its own shape without osscar_hf installed. ``config.json
   ``architectures``;
 - ``osscar_format_version``, ``osscar_base_model_type``, ``osscar_block_shapes`` (every block's
   ``num_attention_heads``, ``num_key_value_heads``, ``ffn_dim``) and ``osscar_layout`` (module paths of the
-  blocks, the attention, its four projections, the MLP producers and consumer; module attributes holding a
-  count; ``n_rep``; ``head_dim``) as plain config fields;
+  blocks and the attention; the attention's and the MLP's producers, each with its row layout (a
+  :class:`~osscar_hf.arch.Producer` as a dict, or a bare path for an MLP producer whose rows are the neurons in
+  order), and consumers; module attributes holding a count; ``n_rep``; ``head_dim``) as plain config fields;
 - ``osscar_pruning``: the pruning settings (an ``OsscarConfig`` dict without ``quant_method`` and
   ``block_shapes``), for provenance only, or ``null`` for a model osscar_hf did not prune. There is no
   ``quantization_config``, so osscar_hf's quantizer never acts on such a checkpoint.
@@ -192,11 +193,9 @@ def block_layout(spec: ArchSpec, config: Any) -> dict[str, Any]:
     return {
         "blocks": spec.blocks,
         "attention": spec.attention,
-        "q_proj": spec.q_proj,
-        "k_proj": spec.k_proj,
-        "v_proj": spec.v_proj,
+        "attention_producers": [p.as_json() for p in spec.producers("attention")],
         "o_proj": spec.o_proj,
-        "mlp_producers": list(spec.mlp_producers),
+        "mlp_producers": [p if isinstance(p, str) else p.as_json() for p in spec.mlp_producers],
         "mlp_consumer": spec.mlp_consumer,
         "count_attributes": dict(spec.module_count_attrs),
         "n_rep": n_rep,

@@ -9,9 +9,9 @@ The stock fields are those of the model the checkpoint was pruned from: a stock 
 the unpruned block shapes. The ``osscar_*`` fields say how ``modeling_osscar.py`` shrinks every block:
 
 - ``osscar_block_shapes``: one ``{"num_attention_heads", "num_key_value_heads", "ffn_dim"}`` per block.
-- ``osscar_layout``: where the blocks live and which linears make up a block (module paths), the module
-  attributes holding a count (``{path: "heads" | "kv_heads" | "ffn"}``), ``n_rep`` (query heads per KV head)
-  and ``head_dim``.
+- ``osscar_layout``: where the blocks live and which linears make up a block (module paths), which output rows
+  of each producer belong to which structure (see :func:`kept_rows`), the module attributes holding a count
+  (``{path: "heads" | "kv_heads" | "ffn"}``), ``n_rep`` (query heads per KV head) and ``head_dim``.
 - ``osscar_base_model_type``: the stock ``model_type`` of the family; ``osscar_format_version``: the layout of
   these fields; ``osscar_pruning``: the pruning settings, for provenance only.
 """
@@ -20,13 +20,123 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import LlamaConfig
 
 BASE_MODEL_TYPE = "llama"
 OSSCAR_FORMAT_VERSION = 1
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
-LAYOUT_PATH_KEYS = ("blocks", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_consumer")
+LAYOUT_PATH_KEYS = ("blocks", "attention", "o_proj", "mlp_consumer")
 COUNT_KINDS = ("heads", "kv_heads", "ffn")
+# The kinds of output rows a producer holds, by the part whose structures they belong to.
+ROW_KINDS = {"q": "attention", "k": "attention", "v": "attention", "neurons": "mlp"}
+
+
+# --------------------------------------------------------------------------- the row layout of a producer
+# Shared with osscar_hf, whose surgery imports these functions from this file: the rows a pruned model keeps and
+# the rows this file keeps when it rebuilds the model's blocks come from one definition.
+def rows_per_structure(kind: str, n_rep: int, head_dim: int) -> int:
+    """Output rows one structure has in a segment of ``kind``: a KV group's ``n_rep`` query heads ("q"), its key
+    or value head ("k", "v"), one FFN neuron ("neurons")."""
+    return {"q": n_rep * head_dim, "k": head_dim, "v": head_dim, "neurons": 1}[kind]
+
+
+def structure_stride(segments: Any, n_rep: int, head_dim: int) -> int:
+    """Output rows of one structure over all ``segments`` of a producer."""
+    return sum(rows_per_structure(kind, n_rep, head_dim) for kind in segments)
+
+
+def kept_rows(segments: Any, interleaved: bool, kept: torch.Tensor, total: int, n_rep: int,
+              head_dim: int) -> torch.Tensor:
+    """The output rows (int64, on the CPU, increasing) of a producer that belong to the ``kept`` structures
+    (increasing indices among ``total``).
+
+    ``segments``: the producer's row blocks in order, each a kind of :data:`ROW_KINDS`. Not ``interleaved``
+    (kind-major): all structures' rows of the first segment, then of the next, e.g. ``["q", "k", "v"]`` for a
+    fused ``[q heads | k heads | v heads]`` projection, ``["neurons", "neurons"]`` for a fused ``[gate | up]``.
+    ``interleaved`` (structure-major): every structure's rows of all segments together, e.g. per head ``[q|k|v]``.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.int64, device="cpu")
+    widths = [rows_per_structure(kind, n_rep, head_dim) for kind in segments]
+    if interleaved:
+        stride = sum(widths)
+        return (kept.unsqueeze(1) * stride + torch.arange(stride, dtype=torch.int64, device="cpu")).reshape(-1)
+    parts, offset = [], 0
+    for width in widths:
+        rows = kept.unsqueeze(1) * width + torch.arange(width, dtype=torch.int64, device="cpu")
+        parts.append(offset + rows.reshape(-1))
+        offset += total * width
+    return torch.cat(parts) if parts else kept
+
+
+def producer_entries(entries: Any, default_kind: str) -> list[tuple[str, tuple[str, ...], bool]]:
+    """``(path, segments, interleaved)`` of every producer entry of ``osscar_layout``: a bare path is a producer
+    whose rows are one segment of ``default_kind``; a dict has ``path``, ``segments`` and ``interleaved``."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, str):
+            out.append((entry, (default_kind,), False))
+        else:
+            out.append((entry["path"], tuple(entry["segments"]), bool(entry.get("interleaved", False))))
+    return out
+
+
+# --------------------------------------------------------------------------- counts a module reads
+class OsscarCountView:
+    """A module's own view of an object it shares with the other blocks (the model config, which e.g. Phi-3's
+    attention reads its head count from): the counts of this block, everything else read from and written to the
+    shared object, so later changes to it (the attention implementation, ...) still reach the module."""
+
+    def __init__(self, shared: Any) -> None:
+        self.__dict__["osscar_shared"] = shared
+
+    def osscar_override(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "osscar_shared":  # copy/pickle probe before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.__dict__["osscar_shared"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["osscar_shared"], name, value)
+
+
+def count_owner(block: nn.Module, path: str) -> tuple[nn.Module, str | None, str]:
+    """Where the count at ``path`` (from a block) lives: (module, attribute of the module holding a shared plain
+    object, or None when the count is the module's own attribute, count attribute). ``AttributeError`` when a
+    module on the path is missing; whether the attributes exist is not checked."""
+    owner_path, _, attribute = path.rpartition(".")
+    holder = None
+    try:
+        module = block.get_submodule(owner_path)
+    except AttributeError:
+        owner_path, _, holder = owner_path.rpartition(".")
+        module = block.get_submodule(owner_path)
+        if isinstance(getattr(module, holder, None), nn.Module):
+            raise
+    return module, holder, attribute
+
+
+def set_count(block: nn.Module, path: str, value: int) -> nn.Module:
+    """Set the count at ``path`` (see :func:`count_owner`) to ``value``; one held by a shared object is set in a
+    :class:`OsscarCountView` private to the module. Returns the module."""
+    module, holder, attribute = count_owner(block, path)
+    target = module if holder is None else getattr(module, holder)  # AttributeError when missing
+    if not hasattr(target, attribute):
+        raise AttributeError(f"count attribute {path!r}: {type(target).__name__} has no {attribute!r}")
+    if holder is None:
+        setattr(module, attribute, value)
+        return module
+    if not isinstance(target, OsscarCountView):
+        target = OsscarCountView(target)
+        setattr(module, holder, target)
+    target.osscar_override(attribute, value)
+    return module
 
 
 def _is_count(value: Any, minimum: int) -> bool:
@@ -37,6 +147,24 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, str) and all(part.isidentifier() or part.isdigit() for part in value.split("."))
 
 
+def _check_producers(key: str, part: str, entries: Any) -> None:
+    problem = not isinstance(entries, list) or not entries
+    for entry in entries if not problem else ():
+        if isinstance(entry, str):
+            problem = problem or part != "mlp" or not _is_path(entry)
+            continue
+        segments = entry.get("segments") if isinstance(entry, dict) else None
+        problem = problem or not (
+            isinstance(segments, list) and segments and all(ROW_KINDS.get(kind) == part for kind in segments)
+            and _is_path(entry.get("path")) and isinstance(entry.get("interleaved", False), bool)
+            and (part == "mlp" or entry["path"].isidentifier()))
+    if problem:
+        raise ValueError(
+            f"osscar_layout[{key!r}] must be a non-empty list of producers ({{'path', 'segments' of "
+            f"{[k for k, p in ROW_KINDS.items() if p == part]}, 'interleaved'}}), got {entries!r}"
+        )
+
+
 def check_layout(layout: Any) -> None:
     """Raise ``ValueError`` (``TypeError`` for a non-dict) naming the first bad entry of ``osscar_layout``."""
     if not isinstance(layout, dict):
@@ -44,16 +172,10 @@ def check_layout(layout: Any) -> None:
     for key in LAYOUT_PATH_KEYS:
         if not _is_path(layout.get(key)):
             raise ValueError(f"osscar_layout[{key!r}] must be a dotted module path, got {layout.get(key)!r}")
-    for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not layout[key].isidentifier():
-            raise ValueError(
-                f"osscar_layout[{key!r}] must name a direct child of the attention, got {layout[key]!r}"
-            )
-    producers = layout.get("mlp_producers")
-    if not isinstance(producers, list) or not producers or not all(_is_path(p) for p in producers):
-        raise ValueError(
-            f"osscar_layout['mlp_producers'] must be a non-empty list of module paths, got {producers!r}"
-        )
+    if not layout["o_proj"].isidentifier():
+        raise ValueError(f"osscar_layout['o_proj'] must name a direct child of the attention, got {layout['o_proj']!r}")
+    for key, part in (("attention_producers", "attention"), ("mlp_producers", "mlp")):
+        _check_producers(key, part, layout.get(key))
     counts = layout.get("count_attributes", {})
     if not isinstance(counts, dict) or not all(_is_path(k) and v in COUNT_KINDS for k, v in counts.items()):
         raise ValueError(
@@ -124,4 +246,13 @@ class OsscarLlamaConfig(LlamaConfig):
         check_block_shapes(self.osscar_block_shapes, self.num_hidden_layers, self.osscar_layout["n_rep"])
 
 
-__all__ = ["OsscarLlamaConfig"]
+__all__ = [
+    "OsscarCountView",
+    "OsscarLlamaConfig",
+    "count_owner",
+    "kept_rows",
+    "producer_entries",
+    "rows_per_structure",
+    "set_count",
+    "structure_stride",
+]

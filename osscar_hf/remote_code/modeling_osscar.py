@@ -4,7 +4,8 @@ Written beside the weights by osscar_hf (``save_pruned(model, folder, format="re
 torch and transformers. The model is built from the stock fields of the config (the unpruned shapes), then
 every block listed in ``config.osscar_block_shapes`` keeps its first ``num_key_value_heads`` KV groups (with
 their ``n_rep`` query heads each) and its first ``ffn_dim`` FFN neurons: the linears that produce those
-structures lose output rows, the ones that consume them lose input columns. Which values are kept does not
+structures lose the output rows ``osscar_layout`` assigns them (``kept_rows``, whatever the projections' row
+layout: separate, fused, interleaved), the ones that consume them lose input columns. Which values are kept does not
 matter (the checkpoint's weights replace them); inside ``from_pretrained`` the model is built on the meta
 device, so this costs nothing. A block left with no KV group gets an :class:`OsscarEmptyAttention`.
 
@@ -20,7 +21,14 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from .configuration_osscar import OsscarLlamaConfig
+from .configuration_osscar import (
+    OsscarLlamaConfig,
+    count_owner,
+    kept_rows,
+    producer_entries,
+    set_count,
+    structure_stride,
+)
 
 
 class OsscarEmptyAttention(nn.Module):
@@ -65,14 +73,15 @@ def _linear(root: nn.Module, path: str) -> nn.Linear:
     return module
 
 
-def _keep_rows(linear: nn.Linear, count: int) -> None:
-    """Keep the first ``count`` outputs of ``linear``."""
-    if count == linear.out_features:
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep the outputs ``rows`` of ``linear``."""
+    if rows.numel() == linear.out_features:
         return
-    linear.weight = nn.Parameter(linear.weight[:count].clone(), requires_grad=linear.weight.requires_grad)
+    rows = rows.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(0, rows), requires_grad=linear.weight.requires_grad)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias[:count].clone(), requires_grad=linear.bias.requires_grad)
-    linear.out_features = count
+        linear.bias = nn.Parameter(linear.bias.index_select(0, rows), requires_grad=linear.bias.requires_grad)
+    linear.out_features = int(rows.numel())
 
 
 def _keep_columns(linear: nn.Linear, count: int) -> None:
@@ -86,43 +95,53 @@ def _keep_columns(linear: nn.Linear, count: int) -> None:
 
 def _set_counts(block: nn.Module, counts_at: dict[str, str], counts: dict[str, int]) -> None:
     for path, kind in counts_at.items():
-        owner_path, _, attribute = path.rpartition(".")
-        owner = block.get_submodule(owner_path)
+        owner, _, attribute = count_owner(block, path)
         if isinstance(owner, OsscarEmptyAttention):
             continue
-        if not hasattr(owner, attribute):
+        try:
+            set_count(block, path, counts[kind])
+        except AttributeError:
             raise AttributeError(
                 f"osscar_layout['count_attributes'] names {path!r}, but the module has no {attribute!r}"
-            )
-        setattr(owner, attribute, counts[kind])
+            ) from None
+
+
+def _producers(root: nn.Module, entries: list[Any], kind: str, built: int, kept: int,
+               n_rep: int, head_dim: int) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """Every producer of a part with the rows its first ``kept`` structures (of ``built``) own."""
+    out = []
+    keep = torch.arange(kept, device="cpu")
+    for path, segments, interleaved in producer_entries(entries, kind):
+        linear = _linear(root, path)
+        if linear.out_features != built * structure_stride(segments, n_rep, head_dim):
+            raise ValueError(f"osscar_layout: {path!r} has {linear.out_features} outputs, which its row layout "
+                             f"{list(segments)} does not split into {built} structures")
+        out.append((linear, kept_rows(segments, interleaved, keep, built, n_rep, head_dim)))
+    return out
 
 
 def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]) -> None:
     """Shrink one decoder block to ``shape`` (see the module docstring)."""
     n_rep, head_dim = layout["n_rep"], layout["head_dim"]
     attention = block.get_submodule(layout["attention"])
-    names = [layout[key] for key in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    q_proj, k_proj, v_proj, o_proj = (_linear(attention, name) for name in names)
-    producers = [_linear(block, path) for path in layout["mlp_producers"]]
-    consumer = _linear(block, layout["mlp_consumer"])
+    o_proj, consumer = _linear(attention, layout["o_proj"]), _linear(block, layout["mlp_consumer"])
     kv_heads, ffn_dim = shape["num_key_value_heads"], shape["ffn_dim"]
-    built = {"num_key_value_heads": k_proj.out_features // head_dim, "ffn_dim": consumer.in_features}
+    built = {"num_key_value_heads": o_proj.in_features // (n_rep * head_dim), "ffn_dim": consumer.in_features}
     if kv_heads > built["num_key_value_heads"] or ffn_dim > built["ffn_dim"]:
         raise ValueError(
             f"cannot shrink a block built with {built} to {shape}: the stock fields of the config and "
             "osscar_block_shapes disagree"
         )
-    _keep_rows(q_proj, kv_heads * n_rep * head_dim)
-    _keep_rows(k_proj, kv_heads * head_dim)
-    _keep_rows(v_proj, kv_heads * head_dim)
+    producers = _producers(attention, layout["attention_producers"], "q", built["num_key_value_heads"], kv_heads,
+                           n_rep, head_dim)
+    producers += _producers(block, layout["mlp_producers"], "neurons", built["ffn_dim"], ffn_dim, 1, 1)
+    for linear, rows in producers:
+        _keep_rows(linear, rows)
     _keep_columns(o_proj, kv_heads * n_rep * head_dim)
-    for producer in producers:
-        _keep_rows(producer, ffn_dim)
     _keep_columns(consumer, ffn_dim)
     if kv_heads == 0:
-        modules = dict(attention.named_children())
-        modules.update(zip(names, (q_proj, k_proj, v_proj, o_proj), strict=True))
-        empty = OsscarEmptyAttention(modules, layout["o_proj"], getattr(attention, "layer_idx", None))
+        empty = OsscarEmptyAttention(dict(attention.named_children()), layout["o_proj"],
+                                     getattr(attention, "layer_idx", None))
         parent_path, _, name = layout["attention"].rpartition(".")
         setattr(block.get_submodule(parent_path), name, empty)
     counts = {"heads": kv_heads * n_rep, "kv_heads": kv_heads, "ffn": ffn_dim}

@@ -1,0 +1,138 @@
+"""Families whose producers are fused linears (Phi-3: ``qkv_proj`` = [q heads | k heads | v heads], ``gate_up_proj``
+= [gate | up]), the family's proof on a tiny random model: pruned logits equal the masked dense model's (with and
+without a KV cache), every format reloads bit-exactly (stock where the config expresses the shapes, osscar,
+remote code; also with per-block shapes and a block without heads), and a streamed run writes the in-memory
+result."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import osscar_hf  # noqa: F401 - registers the osscar quantizer
+from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
+from osscar_hf.arch import get_spec
+from osscar_hf.io import SaveError, read_block_shapes, update_model_config
+from osscar_hf.io.remote_code import remote_code_names, render_remote_code
+from osscar_hf.surgery import group_channels, prune_attention, prune_mlp
+from tests.conftest import FUSED_KINDS, VOCAB, make_model
+
+SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
+IDS = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _generate(model: torch.nn.Module):
+    return model.generate(IDS[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+def _load(folder, like: torch.nn.Module | None = None, **kwargs) -> torch.nn.Module:
+    """``folder`` loaded with the attention implementation of ``like`` (bit-exact comparisons need the same)."""
+    if like is not None:
+        kwargs["attn_implementation"] = like.config._attn_implementation
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def _assert_reloads_bit_exactly(model: torch.nn.Module, loaded: torch.nn.Module) -> None:
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(_generate(loaded).sequences, _generate(model).sequences)
+
+
+@pytest.fixture(scope="module", params=FUSED_KINDS)
+def runs(request, tmp_path_factory, tokenizer, calibration_texts):
+    """The dense model, the same pruned in memory (half the KV groups and neurons) and by a streamed run."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    make_model(kind).save_pretrained(root / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(root / "dense")
+    config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
+    dense = _load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
+    pruner = OsscarPruner(OsscarConfig(**config))
+    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
+    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
+    return kind, dense, model, pruner.report, streamed
+
+
+def test_pruned_logits_are_the_masked_dense_models(runs):
+    kind, dense, model, report, _ = runs
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(dense.config)
+    assert read_block_shapes(model) == [{"num_key_value_heads": m // 2, "num_attention_heads": m // 2 * n_rep,
+                                         "ffn_dim": spec.ffn_dim(dense.config) // 2}] * 2
+    masked = copy.deepcopy(dense)
+    for b, (block, mblock) in enumerate(zip(model.get_submodule(spec.blocks), masked.get_submodule(spec.blocks))):
+        cols = group_channels(torch.tensor(report.blocks[b].attention.kept_indices), n_rep * head_dim)
+        neurons = torch.tensor(report.blocks[b].mlp.kept_indices)
+        for path, idx in ((f"{spec.attention}.{spec.o_proj}", cols), (spec.mlp_consumer, neurons)):
+            full = torch.zeros_like(mblock.get_submodule(path).weight)
+            full[:, idx] = block.get_submodule(path).weight.detach()
+            with torch.no_grad():
+                mblock.get_submodule(path).weight.copy_(full)
+    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = _generate(model), _generate(masked)  # with a KV cache
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tmp_path, tokenizer):
+    kind, _, model, _, streamed = runs
+    _assert_reloads_bit_exactly(model, _load(streamed, model))
+    saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
+    assert json.loads((saved / "config.json").read_text()) == json.loads((streamed / "config.json").read_text())
+    _assert_reloads_bit_exactly(model, _load(saved, model))
+    with pytest.raises(SaveError, match="stock"):  # the head count is not a stock Phi-3 config field
+        save_pruned(model, tmp_path / "stock", format="stock")
+    remote = _load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
+    assert type(remote).__name__ == f"Osscar{type(model).__name__}"
+    _assert_reloads_bit_exactly(model, remote)
+
+
+def test_a_pruned_ffn_alone_is_a_stock_checkpoint(tmp_path, tokenizer, calibration_texts):
+    for kind in FUSED_KINDS:
+        model = OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)).prune(
+            make_model(kind), tokenizer, progress=False)
+        folder = save_pruned(model, tmp_path / kind, format="stock")
+        data = json.loads((folder / "config.json").read_text())
+        assert "quantization_config" not in data and data["intermediate_size"] == 24
+        _assert_reloads_bit_exactly(model, _load(folder, model))
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_per_block_shapes_and_a_block_without_heads_in_osscar_and_remote_code(kind, tmp_path):
+    model = make_model(kind)
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    for block, groups, kept in zip(model.get_submodule(spec.blocks), ([m - 1], []), (range(0, 20, 2), range(24))):
+        prune_attention(block, spec, torch.tensor(groups, dtype=torch.long), n_rep=n_rep, head_dim=head_dim,
+                        num_groups=m)
+        prune_mlp(block, spec, torch.tensor(list(kept), dtype=torch.long))
+    update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
+    assert model.config.num_attention_heads == m * n_rep  # the dense count: each block reads its own
+    for fmt, kwargs, empty in (("osscar", {}, "EmptyAttention"),
+                               ("remote_code", {"trust_remote_code": True}, "OsscarEmptyAttention")):
+        loaded = _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs)
+        assert type(loaded.get_submodule(spec.blocks)[1].get_submodule(spec.attention)).__name__ == empty
+        _assert_reloads_bit_exactly(model, loaded)
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_the_remote_code_files_import_only_torch_and_transformers(kind):
+    base = get_spec(make_model(kind)).model_types[0]
+    for file_name, source in render_remote_code(remote_code_names(base)).items():
+        tree = ast.parse(source)
+        imported = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert imported <= {"__future__", "typing", "torch", "transformers"}, file_name
