@@ -129,12 +129,13 @@ class EmptyAttention(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, cache: Any = None,
-                **kwargs: Any):
+                layer_past: Any = None, **kwargs: Any):
         o_proj: nn.Linear = getattr(self, self._o_proj)
         # Call the (zero-input-width) projection rather than reading its bias: module hooks then run, so an
         # offloaded block (accelerate loads weights in a pre-forward hook) or an adapter works as usual.
         out = o_proj(hidden_states.new_zeros(hidden_states.shape[:-1] + (0,)))
-        cache = cache if cache is not None else past_key_values  # newer transformers: `cache`, older: the other
+        # The cache argument's name: `cache` (newer transformers), `past_key_values` (older), `layer_past` (GPT-NeoX).
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         if cache is not None and self.layer_idx is not None:
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             cache.update(placeholder, placeholder, self.layer_idx)

@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GPTNeoXConfig,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
@@ -62,6 +63,9 @@ def _config(kind: str, **overrides) -> object:
     elif kind == "phi3":  # fused qkv_proj and gate_up_proj; GQA; half the head dims rotated (partial rotary)
         cfg = Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    elif kind == "gpt_neox":  # interleaved query_key_value, parallel residual, a quarter of the head dims rotated
+        cfg = GPTNeoXConfig(**common, num_attention_heads=4, intermediate_size=48, rotary_pct=0.25,
+                            use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -75,7 +79,7 @@ def _config(kind: str, **overrides) -> object:
 MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3-text")
 # Families with fused projections, proved in a file of their own (tests/integration/test_fused.py), not in every
 # MODEL_KINDS-wide test.
-FUSED_KINDS = ("phi3",)
+FUSED_KINDS = ("phi3", "gpt_neox")
 # Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
 RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text")
 

@@ -72,6 +72,28 @@ PHI3 = ArchSpec(
     final_modules=("model.norm", "lm_head"),
 )
 
+# GPT-NeoX (Pythia): ``query_key_value``'s rows are per head [q | k | v] (interleaved), consumed by ``dense``; the
+# attention derives its head count from the weights and its head size from ``hidden_size // num_attention_heads``
+# (no count attribute, no ``head_dim`` field: pruned heads travel in the osscar or remote-code format). The MLP's
+# linears always have biases, the attention's when ``attention_bias`` (the switch FLAP's compensation sets).
+# Checkpoints name the LM head ``embed_out`` (the model's ``lm_head``), which the streamed run and the remote-code
+# class rename (``checkpoint_renames``).
+GPT_NEOX = ArchSpec(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    blocks="gpt_neox.layers",
+    attention="attention",
+    attention_producers=(Producer("query_key_value", ("q", "k", "v"), interleaved=True),),
+    o_proj="dense",
+    mlp_producers=("mlp.dense_h_to_4h",),
+    mlp_consumer="mlp.dense_4h_to_h",
+    config_kv_heads=None,
+    config_has_head_dim=False,
+    bias_switches={"attention": "attention_bias"},
+    final_modules=("gpt_neox.final_layer_norm", "lm_head"),
+    checkpoint_renames={"embed_out.": "lm_head."},
+)
+
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
@@ -116,3 +138,4 @@ register_architecture(OPT)
 register_architecture(LLAMA_FAMILY)
 register_architecture(GEMMA_FAMILY)
 register_architecture(PHI3)
+register_architecture(GPT_NEOX)

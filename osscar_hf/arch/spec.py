@@ -109,6 +109,11 @@ class ArchSpec:
     # Config field of a soft cap the ``*ForCausalLM`` applies to the logits after ``final_modules``
     # (``cap * tanh(logits / cap)``; Gemma 2), or None; a config whose field is None or absent has no cap.
     config_final_logit_softcap: str | None = None
+    # Checkpoints whose tensor names differ from the ``*ForCausalLM``'s parameter names, as {prefix in the
+    # checkpoint: prefix in the model} (GPT-NeoX: ``{"embed_out.": "lm_head."}``, which transformers renames on load
+    # for the stock class only): what a streamed run (reading tensors by name) renames on read and back on write,
+    # and what the remote-code class registers as its checkpoint conversion.
+    checkpoint_renames: dict[str, str] = field(default_factory=dict)
 
     # -- checks ----------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -147,7 +152,25 @@ class ArchSpec:
         if not isinstance(switches, dict) or not all(
                 k in ("attention", "mlp") and isinstance(v, str) and v for k, v in switches.items()):
             found.append(f"bias_switches must map 'attention'/'mlp' to config field names, got {switches!r}")
+        renames = self.checkpoint_renames
+        if not isinstance(renames, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in renames.items()):
+            found.append(f"checkpoint_renames must map non-empty str prefixes to non-empty str, got {renames!r}")
         return found
+
+    def model_name(self, stored: str) -> str:
+        """The model's parameter name of the checkpoint's tensor ``stored`` (:attr:`checkpoint_renames`)."""
+        for old, new in self.checkpoint_renames.items():
+            if stored.startswith(old):
+                return new + stored[len(old):]
+        return stored
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint's tensor name of the model's parameter ``name`` (the inverse of :meth:`model_name`)."""
+        for old, new in self.checkpoint_renames.items():
+            if name.startswith(new):
+                return old + name[len(new):]
+        return name
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`~osscar_hf.errors.UnsupportedModelError` unless every config field, module path and module

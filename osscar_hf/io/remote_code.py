@@ -190,6 +190,7 @@ def write_remote_code_files(folder: str | Path, names: RemoteCodeNames) -> list[
 def block_layout(spec: ArchSpec, config: Any) -> dict[str, Any]:
     """``osscar_layout``: what ``modeling_osscar.py`` needs to shrink a block of this family."""
     _, n_rep, head_dim = spec.group_geometry(config)
+    renames = {"checkpoint_renames": dict(spec.checkpoint_renames)} if spec.checkpoint_renames else {}
     return {
         "blocks": spec.blocks,
         "attention": spec.attention,
@@ -200,6 +201,7 @@ def block_layout(spec: ArchSpec, config: Any) -> dict[str, Any]:
         "count_attributes": dict(spec.module_count_attrs),
         "n_rep": n_rep,
         "head_dim": head_dim,
+        **renames,
     }
 
 

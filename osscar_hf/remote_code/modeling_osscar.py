@@ -53,13 +53,15 @@ class OsscarEmptyAttention(nn.Module):
         *args: Any,
         past_key_values: Any = None,
         cache: Any = None,
+        layer_past: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         projection = getattr(self, self.output_projection)
         # Calling the zero-input-width projection (rather than reading its bias) runs its hooks, so offloading
         # and adapters behave as for any other linear.
         output = projection(hidden_states.new_zeros((*hidden_states.shape[:-1], 0)))
-        cache = cache if cache is not None else past_key_values  # newer transformers: `cache`, older: the other
+        # The cache argument's name: `cache` (newer transformers), `past_key_values` (older), `layer_past` (GPT-NeoX).
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         if cache is not None and self.layer_idx is not None:
             placeholder = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
             cache.update(placeholder, placeholder, self.layer_idx)
@@ -160,6 +162,24 @@ def apply_block_shapes(model: nn.Module, config: OsscarLlamaConfig) -> None:
         resize_block(block, config.osscar_layout, shape)
 
 
+def register_checkpoint_renames(class_name: str, renames: dict[str, str] | None) -> None:
+    """Have transformers rename the checkpoint's tensors for the class ``class_name`` on load (and back on save):
+    ``renames`` maps a prefix in the checkpoint to one in the model (``osscar_layout["checkpoint_renames"]``;
+    GPT-NeoX's ``embed_out.`` -> ``lm_head.``). transformers applies the stock family's own renaming to the stock
+    class only, never to custom code. A transformers without conversion mappings names the modules as the
+    checkpoint does, and needs none."""
+    if not renames:
+        return
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return
+    mapping = [WeightRenaming(source_patterns="^" + old.replace(".", "\\."), target_patterns=new)
+               for old, new in renames.items()]
+    register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
+
+
 class OsscarLlamaForCausalLM(LlamaForCausalLM):
     """The family's ``*ForCausalLM`` with every decoder block at its pruned shape."""
 
@@ -168,6 +188,8 @@ class OsscarLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, config: OsscarLlamaConfig) -> None:
         super().__init__(config)
         apply_block_shapes(self, config)
+        # Before from_pretrained reads the checkpoint's names (it builds the model first).
+        register_checkpoint_renames(type(self).__name__, (config.osscar_layout or {}).get("checkpoint_renames"))
 
 
 __all__ = ["OsscarEmptyAttention", "OsscarLlamaForCausalLM"]

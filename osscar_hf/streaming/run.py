@@ -404,8 +404,9 @@ def _split_keys(model: nn.Module, spec: ArchSpec, reader: ShardReader, files: Lo
     return block_keys, other_keys
 
 
-def _write_non_block_weights(model: nn.Module, other_keys: list[str], source: ShardBlocks) -> None:
-    """The non-block weights to the first output shard, as in the source (a tied head is not written twice)."""
+def _write_non_block_weights(model: nn.Module, spec: ArchSpec, other_keys: list[str], source: ShardBlocks) -> None:
+    """The non-block weights to the first output shard, as in the source (a tied head is not written twice), under
+    the names the family's checkpoints use (:meth:`ArchSpec.stored_name`)."""
     state = model.state_dict()
     seen: set[int] = set()
     others: dict[str, torch.Tensor] = {}
@@ -418,7 +419,7 @@ def _write_non_block_weights(model: nn.Module, other_keys: list[str], source: Sh
         if ptr in seen:  # tied to a weight already written
             continue
         seen.add(ptr)
-        others[key] = tensor
+        others[spec.stored_name(key)] = tensor
     name = _shard_name(1, source.num_shards)
     source._add(others, name, _save_shard(others, source.tmp / name))
 
@@ -432,6 +433,8 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
     config = _open_config(files, base_model)
     spec = get_spec(config)
     reader = ShardReader(files, dtype=dtype)
+    if spec.checkpoint_renames:
+        reader.rename(spec.model_name)
     user_tokenizer = tokenizer
     tokenizer = tokenizer if tokenizer is not None else _source_tokenizer(files)
     with init_empty_weights():
@@ -495,7 +498,7 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
         if not finished:
             with torch.no_grad():
                 captured = capture(run, space)
-        _write_non_block_weights(run.model, other_keys, source)
+        _write_non_block_weights(run.model, run.spec, other_keys, source)
         if captured is not None:
             # A measured plan runs the LM head (the non-block weights stay until it is made).
             measured = not run.settings.sizes

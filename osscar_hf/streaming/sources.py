@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -418,6 +418,7 @@ class ShardReader:
                 f"(found {', '.join(present[:8]) or 'nothing'}); convert other formats by loading the model and "
                 "saving it with save_pretrained"
             )
+        self.stored_names: dict[str, str] = {}  # model name -> name in the checkpoint, where they differ (rename)
         # Every header is read (and, for local files, checked against the file size) before any work starts.
         self.shapes: dict[str, tuple[int, ...]] = {}
         names = sorted(set(self.weight_map.values()))
@@ -429,6 +430,17 @@ class ShardReader:
                         raise CheckpointError(
                             f"{INDEX_NAME} puts {key!r} in {files.display(name)}, which does not hold it")
                     self.shapes[key] = shapes[key]
+
+    def rename(self, model_name: Callable[[str], str]) -> None:
+        """Name every tensor by ``model_name`` of its name in the checkpoint (a family whose checkpoints name a
+        tensor unlike its model: :meth:`osscar_hf.arch.ArchSpec.model_name`); reading still uses the stored name."""
+        renamed = {model_name(key): key for key in self.weight_map}
+        if len(renamed) != len(self.weight_map):
+            raise CheckpointError(f"{self.source.describe()} holds a tensor under both its checkpoint and its model "
+                                  "name; keep one")
+        self.stored_names = {new: old for new, old in renamed.items() if new != old}
+        self.weight_map = {new: self.weight_map[old] for new, old in renamed.items()}
+        self.shapes = {new: self.shapes[old] for new, old in renamed.items()}
 
     @staticmethod
     def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -473,7 +485,7 @@ class ShardReader:
                         # A copy in ordinary memory: the tensor safetensors returns lives in the file's memory
                         # map, and any reference to it that outlives this block (even to a 5 KB bias) would keep
                         # the pages of the whole shard resident.
-                        tensor = handle.get_tensor(key)
+                        tensor = handle.get_tensor(self.stored_names.get(key, key))
                         cast = self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype
                         tensors[key] = tensor.to(self.dtype) if cast else tensor.clone()
             except Exception as exc:  # noqa: BLE001

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import osscar_hf  # noqa: F401 - registers the osscar quantizer
@@ -19,7 +20,7 @@ from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
 from osscar_hf.arch import get_spec
 from osscar_hf.io import SaveError, read_block_shapes, update_model_config
 from osscar_hf.io.remote_code import remote_code_names, render_remote_code
-from osscar_hf.surgery import group_channels, prune_attention, prune_mlp
+from osscar_hf.surgery import add_part_biases, group_channels, prune_attention, prune_mlp
 from tests.conftest import FUSED_KINDS, VOCAB, make_model
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
@@ -43,12 +44,40 @@ def _load(folder, like: torch.nn.Module | None = None, **kwargs) -> torch.nn.Mod
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
+def _tensor_names(folder) -> set[str]:
+    names = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            names |= set(handle.keys())
+    return names
+
+
 def _assert_reloads_bit_exactly(model: torch.nn.Module, loaded: torch.nn.Module) -> None:
     expected, got = model.state_dict(), loaded.state_dict()
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert torch.equal(_logits(loaded), _logits(model))
     assert torch.equal(_generate(loaded).sequences, _generate(model).sequences)
+
+
+def _masked(dense: torch.nn.Module, model: torch.nn.Module, report) -> torch.nn.Module:
+    """The dense model with the pruned structures' consumer columns zeroed, the kept ones (and the consumers'
+    biases, which bias compensation changes) the pruned model's."""
+    spec = get_spec(model)
+    _, n_rep, head_dim = spec.group_geometry(dense.config)
+    masked = copy.deepcopy(dense)
+    for b, (block, mblock) in enumerate(zip(model.get_submodule(spec.blocks), masked.get_submodule(spec.blocks))):
+        add_part_biases(mblock, spec)
+        cols = group_channels(torch.tensor(report.blocks[b].attention.kept_indices), n_rep * head_dim)
+        neurons = torch.tensor(report.blocks[b].mlp.kept_indices)
+        for path, idx in ((f"{spec.attention}.{spec.o_proj}", cols), (spec.mlp_consumer, neurons)):
+            source, target = block.get_submodule(path), mblock.get_submodule(path)
+            full = torch.zeros_like(target.weight)
+            full[:, idx] = source.weight.detach()
+            with torch.no_grad():
+                target.weight.copy_(full)
+                target.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(target.bias))
+    return masked
 
 
 @pytest.fixture(scope="module", params=FUSED_KINDS)
@@ -72,15 +101,7 @@ def test_pruned_logits_are_the_masked_dense_models(runs):
     m, n_rep, head_dim = spec.group_geometry(dense.config)
     assert read_block_shapes(model) == [{"num_key_value_heads": m // 2, "num_attention_heads": m // 2 * n_rep,
                                          "ffn_dim": spec.ffn_dim(dense.config) // 2}] * 2
-    masked = copy.deepcopy(dense)
-    for b, (block, mblock) in enumerate(zip(model.get_submodule(spec.blocks), masked.get_submodule(spec.blocks))):
-        cols = group_channels(torch.tensor(report.blocks[b].attention.kept_indices), n_rep * head_dim)
-        neurons = torch.tensor(report.blocks[b].mlp.kept_indices)
-        for path, idx in ((f"{spec.attention}.{spec.o_proj}", cols), (spec.mlp_consumer, neurons)):
-            full = torch.zeros_like(mblock.get_submodule(path).weight)
-            full[:, idx] = block.get_submodule(path).weight.detach()
-            with torch.no_grad():
-                mblock.get_submodule(path).weight.copy_(full)
+    masked = _masked(dense, model, report)
     torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
     out, reference = _generate(model), _generate(masked)  # with a KV cache
     assert torch.equal(out.sequences, reference.sequences)
@@ -92,6 +113,7 @@ def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tm
     _assert_reloads_bit_exactly(model, _load(streamed, model))
     saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
     assert json.loads((saved / "config.json").read_text()) == json.loads((streamed / "config.json").read_text())
+    assert _tensor_names(streamed) == _tensor_names(saved)  # the checkpoint's names (GPT-NeoX: embed_out)
     _assert_reloads_bit_exactly(model, _load(saved, model))
     with pytest.raises(SaveError, match="stock"):  # the head count is not a stock Phi-3 config field
         save_pruned(model, tmp_path / "stock", format="stock")
@@ -136,3 +158,47 @@ def test_the_remote_code_files_import_only_torch_and_transformers(kind):
         imported = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert imported <= {"__future__", "typing", "torch", "transformers"}, file_name
+
+
+def _assert_cached_step_is(model: torch.nn.Module, expected: torch.Tensor) -> None:
+    """A step with the cache alone (positions and mask come from the cache's length) gives ``expected``."""
+    with torch.no_grad():
+        cache = model(IDS[:, :-1], use_cache=True).cache
+        step = model(IDS[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+    assert cache.get_seq_length() == IDS.shape[1]
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_a_first_block_without_heads_generates_as_the_masked_dense_model(kind, tmp_path):
+    """The empty attention takes the family's cache argument (GPT-NeoX: ``layer_past``) and keeps the cache's length
+    (read from the first block) right, so generation with a KV cache follows the masked dense model."""
+    dense = make_model(kind)
+    model, masked = copy.deepcopy(dense), copy.deepcopy(dense)
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    prune_attention(model.get_submodule(spec.blocks)[0], spec, torch.tensor([], dtype=torch.long), n_rep=n_rep,
+                    head_dim=head_dim, num_groups=m)
+    with torch.no_grad():
+        masked.get_submodule(spec.blocks)[0].get_submodule(f"{spec.attention}.{spec.o_proj}").weight.zero_()
+    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = _generate(model), _generate(masked)
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
+    _assert_cached_step_is(model, _logits(masked)[:, -1])
+    update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
+    remote = _load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
+    _assert_cached_step_is(remote, _logits(masked)[:, -1])
+
+
+@pytest.mark.parametrize("attention_bias", [True, False])
+def test_flap_on_gpt_neox_gives_the_masked_dense_model_and_reloads(attention_bias, tmp_path, tokenizer,
+                                                                   calibration_texts):
+    """GPT-NeoX's consumers have biases (the attention's when ``attention_bias``, which FLAP switches on when not)."""
+    dense = make_model("gpt_neox", attention_bias=attention_bias)
+    pruner = OsscarPruner(OsscarConfig(attention_sparsity=0.5, mlp_sparsity=0.5, method="flap",
+                                       dataset=calibration_texts, **SMALL))
+    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
+    assert model.config.attention_bias
+    torch.testing.assert_close(_logits(model), _logits(_masked(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / "out"), model))
