@@ -1,11 +1,21 @@
 """Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
 
-from .registry import GEMMA_FAMILY, LLAMA_FAMILY, OPT, PHI3, get_spec, register_architecture, supported_model_types
+from .registry import (
+    GEMMA_FAMILY,
+    GPT_NEOX,
+    LLAMA_FAMILY,
+    OPT,
+    PHI3,
+    get_spec,
+    register_architecture,
+    supported_model_types,
+)
 from .spec import ArchSpec, Producer, get_submodule, set_submodule
 
 __all__ = [
     "ArchSpec",
     "GEMMA_FAMILY",
+    "GPT_NEOX",
     "LLAMA_FAMILY",
     "OPT",
     "PHI3",

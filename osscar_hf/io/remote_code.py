@@ -16,7 +16,9 @@ rebuilds every block at its own shape without osscar_hf installed. ``config.json
   ``num_attention_heads``, ``num_key_value_heads``, ``ffn_dim``) and ``osscar_layout`` (module paths of the
   blocks and the attention; the attention's and the MLP's producers, each with its row layout (a
   :class:`~osscar_hf.arch.Producer` as a dict, or a bare path for an MLP producer whose rows are the neurons in
-  order), and consumers; module attributes holding a count; ``n_rep``; ``head_dim``) as plain config fields;
+  order), and consumers; module attributes holding a count; ``n_rep``; ``head_dim``; the family's
+  ``checkpoint_renames`` where it has any, which the model class registers with transformers) as plain config
+  fields;
 - ``osscar_pruning``: the pruning settings (an ``OsscarConfig`` dict without ``quant_method`` and
   ``block_shapes``), for provenance only, or ``null`` for a model osscar_hf did not prune. There is no
   ``quantization_config``, so osscar_hf's quantizer never acts on such a checkpoint.

@@ -11,7 +11,9 @@ the unpruned block shapes. The ``osscar_*`` fields say how ``modeling_osscar.py`
 - ``osscar_block_shapes``: one ``{"num_attention_heads", "num_key_value_heads", "ffn_dim"}`` per block.
 - ``osscar_layout``: where the blocks live and which linears make up a block (module paths), which output rows
   of each producer belong to which structure (see :func:`kept_rows`), the module attributes holding a count
-  (``{path: "heads" | "kv_heads" | "ffn"}``), ``n_rep`` (query heads per KV head) and ``head_dim``.
+  (``{path: "heads" | "kv_heads" | "ffn"}``), ``n_rep`` (query heads per KV head) and ``head_dim``; for a
+  family whose checkpoints name a tensor unlike its model (GPT-NeoX's ``embed_out``), ``checkpoint_renames``
+  (``{prefix in the checkpoint: prefix in the model}``).
 - ``osscar_base_model_type``: the stock ``model_type`` of the family; ``osscar_format_version``: the layout of
   these fields; ``osscar_pruning``: the pruning settings, for provenance only.
 """
