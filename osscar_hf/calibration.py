@@ -264,38 +264,42 @@ def check_dataset_source(dataset: Any) -> None:
     sampled from the model) is always accepted. Other values (lists, tensors, ``datasets.Dataset``) are checked
     when they are read. Raises ``CalibrationDataError``.
     """
+    if isinstance(dataset, (str, os.PathLike)):
+        _named_source(dataset)
+
+
+def _named_source(dataset: str | os.PathLike) -> str:
+    """What a dataset given by name or path is, ``"self"``, ``"file"`` or ``"hub"``, once checked as above."""
     if dataset == SELF_DATASET:
-        return
-    if isinstance(dataset, os.PathLike) or isinstance(dataset, str) and os.path.exists(dataset):
+        return "self"
+    if isinstance(dataset, os.PathLike) or os.path.exists(dataset):
         _check_file(Path(dataset))
-    elif isinstance(dataset, str):
-        if dataset in HUB_DATASETS:
-            _check_hub_reachable(dataset)
-            return
-        names = ", ".join(repr(n) for n in HUB_DATASETS)
-        if _looks_like_path(dataset):
-            raise CalibrationDataError(
-                f"calibration file {dataset!r} does not exist; give an existing .txt, .jsonl or .parquet "
-                f"file, or one of the dataset names {names}"
-            )
+        return "file"
+    if dataset in HUB_DATASETS:
+        _check_hub_reachable(dataset)
+        return "hub"
+    names = ", ".join(repr(n) for n in HUB_DATASETS)
+    if _looks_like_path(dataset):
         raise CalibrationDataError(
-            f"dataset {dataset!r} is neither an existing file nor a known dataset name; known names: {names}; "
-            "or give a path to a .txt, .jsonl or .parquet file, or a list of strings"
+            f"calibration file {dataset!r} does not exist; give an existing .txt, .jsonl or .parquet "
+            f"file, or one of the dataset names {names}"
         )
+    raise CalibrationDataError(
+        f"dataset {dataset!r} is neither an existing file nor a known dataset name; known names: {names}; "
+        "or give a path to a .txt, .jsonl or .parquet file, or a list of strings"
+    )
 
 
 def _load_texts(dataset: Any, text_column: str) -> list[str]:
-    if dataset == SELF_DATASET:
-        raise CalibrationDataError(
-            "dataset 'self' is text sampled from the model being pruned, which needs the model: use "
-            "OsscarPruner(OsscarConfig(dataset='self')).prune(model) or "
-            "osscar_hf.self_calibration.sample_token_windows(model, ...)"
-        )
     if isinstance(dataset, (str, os.PathLike)):
-        check_dataset_source(dataset)
-        if isinstance(dataset, str) and dataset in HUB_DATASETS and not os.path.exists(dataset):
-            return _texts_from_hub(dataset)
-        return _texts_from_path(Path(dataset), text_column)
+        kind = _named_source(dataset)
+        if kind == "self":
+            raise CalibrationDataError(
+                "dataset 'self' is text sampled from the model being pruned, which needs the model: use "
+                "OsscarPruner(OsscarConfig(dataset='self')).prune(model) or "
+                "osscar_hf.self_calibration.sample_token_windows(model, ...)"
+            )
+        return _texts_from_hub(dataset) if kind == "hub" else _texts_from_path(Path(dataset), text_column)
     if isinstance(dataset, (list, tuple)):
         if not dataset:
             raise CalibrationDataError("the calibration dataset is an empty list; give at least one text")
@@ -440,7 +444,7 @@ def _hub_endpoint() -> str:
     return endpoint
 
 
-def _hub_unreachable_reason() -> str | None:
+def hub_unreachable_reason() -> str | None:
     """Why the Hub cannot be reached, or None when it looks reachable.
 
     Checks the offline environment variables, then opens a TCP connection to the endpoint host in a
@@ -476,14 +480,8 @@ def _hub_unreachable_reason() -> str | None:
     return None
 
 
-def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (an offline variable is set, or no connection within
-    ``HUB_PROBE_TIMEOUT_S``), or None when it looks reachable."""
-    return _hub_unreachable_reason()
-
-
 def _check_hub_reachable(name: str) -> None:
-    reason = _hub_unreachable_reason()
+    reason = hub_unreachable_reason()
     if reason is not None:
         raise CalibrationDataError(
             f"calibration dataset {name!r} ({HUB_DATASETS[name].path}) needs the Hugging Face Hub, which cannot "

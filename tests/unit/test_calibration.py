@@ -377,7 +377,7 @@ def test_hub_names_resolve_through_load_dataset(tokenizer, monkeypatch, name, ar
         calls.append((a, kw))
         return datasets.Dataset.from_dict({column: TEXTS})
 
-    monkeypatch.setattr(calibration, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(calibration, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     w = build_calibration_windows(name, tokenizer, num_samples=4, seq_len=30, seed=0)
     assert calls == [(args, kwargs)]
@@ -391,7 +391,7 @@ def test_hub_load_failure_is_wrapped(tokenizer, monkeypatch):
     def failing(*a, **kw):
         raise ConnectionError("boom")
 
-    monkeypatch.setattr(calibration, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(calibration, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(CalibrationDataError, match=r"could not load calibration dataset 'ptb'.*boom.*list of strings"):
         build_calibration_windows("ptb", tokenizer, num_samples=1, seq_len=4, seed=0)
