@@ -81,11 +81,16 @@ def part_producers(block: nn.Module, spec: ArchSpec) -> dict[str, list[tuple[Pro
     return {part: [(p, get_submodule(root, p.path)) for p in spec.producers(part)] for part, root in roots.items()}
 
 
+def block_consumers(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The two consumer linears of a block: the attention output projection and the MLP down projection."""
+    return {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"),
+            "mlp": get_submodule(block, spec.mlp_consumer)}
+
+
 def part_linears(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Linear]]:
     """The linears of a block's attention and MLP: the producers, then the consumer (last)."""
     producers = part_producers(block, spec)
-    consumers = {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"),
-                 "mlp": get_submodule(block, spec.mlp_consumer)}
+    consumers = block_consumers(block, spec)
     return {part: [linear for _, linear in producers[part]] + [consumers[part]] for part in consumers}
 
 

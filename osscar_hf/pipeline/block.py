@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 
 from ..activations import ActivationSpace, ActivationStore
-from ..arch.spec import ArchSpec, get_submodule
+from ..arch.spec import ArchSpec
 from ..capture import CapturedInputs, call_block, move_to
 from ..host_memory import peak_host_rss_bytes, release_freed_memory
 from ..methods import LayerProblem, LayerStatistics, Selection
 from ..report import BlockReport, ConsumerReport
-from ..surgery import add_part_biases, prune_attention, prune_mlp
+from ..surgery import add_part_biases, block_consumers, prune_attention, prune_mlp
 from .settings import LoopSettings
 from .statistics import InputStatistics, input_hooks
 
@@ -36,12 +36,6 @@ PARTS = ("attention", "mlp")
 
 def block_device(block: nn.Module) -> torch.device:
     return next((p.device for p in block.parameters()), torch.device("cpu"))
-
-
-def block_consumers(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
-    """The two consumer linears of a block: the attention output projection and the MLP down projection."""
-    return {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"),
-            "mlp": get_submodule(block, spec.mlp_consumer)}
 
 
 def _consumer_report(m: int, selection: Selection | None, seconds: float) -> ConsumerReport:
