@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from osscar_hf.solver.partitions import partition_ids, pick_within_quota
 from osscar_hf.solver.sweep import (
     SweptSystem,
     apply_pivot,
@@ -57,10 +58,20 @@ def remove_groups(system: SweptSystem, groups: torch.Tensor, group_size: int) ->
     return pivot.delta
 
 
+def _cheapest(scores: torch.Tensor, kept: torch.Tensor, size: int, partitions: int, share: int) -> torch.Tensor:
+    """The ``size`` kept groups of lowest removal score, none from a partition already down to its ``share``."""
+    if partitions == 1:
+        return torch.topk(scores, size, largest=False, sorted=True).indices
+    ids = partition_ids(kept.numel(), partitions, kept.device)
+    quota = torch.zeros(partitions, dtype=torch.int64, device=kept.device).index_add_(0, ids, kept.long()) - share
+    return pick_within_quota(scores, ids, quota, size, largest=False)
+
+
 def eliminate(
-    system: SweptSystem, *, group_size: int, num_keep: int, step: int, objective_start: float
+    system: SweptSystem, *, group_size: int, num_keep: int, step: int, objective_start: float, partitions: int = 1
 ) -> EliminationResult:
-    """Run stage A in place on the swept system with every channel kept, ``[-Hb^{-1} | W_dense]``."""
+    """Run stage A in place on the swept system with every channel kept, ``[-Hb^{-1} | W_dense]``; with
+    ``partitions`` (see :mod:`.partitions`) every partition ends with ``num_keep / partitions`` groups."""
     device = system.packed.device
     m = system.packed.shape[0] // group_size
     kept = torch.ones(m, dtype=torch.bool, device=device)
@@ -70,7 +81,7 @@ def eliminate(
     counts = [m]
     for size in elimination_schedule(m, num_keep, step):
         scores = removal_scores(system, kept, group_size)
-        cheapest = torch.topk(scores, size, largest=False, sorted=True).indices
+        cheapest = _cheapest(scores, kept, size, partitions, num_keep // partitions)
         objective += remove_groups(system, cheapest, group_size)
         kept[cheapest] = False
         removed.append(cheapest)

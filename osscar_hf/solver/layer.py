@@ -11,6 +11,7 @@ import torch
 
 from osscar_hf.solver.elimination import EliminationResult, eliminate
 from osscar_hf.solver.local_search import local_search
+from osscar_hf.solver.partitions import check_partitions
 from osscar_hf.solver.packed import (
     inner,
     is_row_major,
@@ -70,6 +71,7 @@ class _Options:
     swap_size: int
     cross_gram: torch.Tensor | None
     halve_on_failure: bool
+    partitions: int = 1
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def solve_layer(
     cross_gram: torch.Tensor | None = None,
     halve_on_failure: bool = False,
     in_place: bool = False,
+    partitions: int = 1,
 ) -> LayerSolution:
     """Keep ``num_keep`` of the ``m = p / group_size`` input groups of a linear layer and refit its weights.
 
@@ -140,6 +143,10 @@ def solve_layer(
             triangle and diagonal (bit for bit the H passed in when that was exactly symmetric, which
             ``X^T X`` from a matrix product need not be, by rounding). The solution does not depend on
             ``in_place``. Do not read H from another thread during the call.
+        partitions: the groups split into this many equal, contiguous partitions (group ``j`` in partition
+            ``j // (m / partitions)``), and every partition keeps ``num_keep / partitions`` of its groups (query heads
+            inside KV groups: see :mod:`osscar_hf.solver.partitions`). Stage A never removes a group from a
+            partition down to its share, and a stage-B swap stays inside partitions. 1: no constraint.
 
     Memory: besides H (or its copy), ``O(p q)``: about two ``(p, q)`` tensors in ``dtype`` (three with
     ``cross_gram``) plus ``O(p * max(256, p / 16))`` temporaries; no other ``p x p`` matrix is ever allocated.
@@ -151,7 +158,7 @@ def solve_layer(
     started = time.perf_counter()
     options = _Options(group_size=group_size, num_keep=num_keep, damping=damping, step=step,
                        local_search_iters=local_search_iters, swap_size=swap_size, cross_gram=cross_gram,
-                       halve_on_failure=halve_on_failure)
+                       halve_on_failure=halve_on_failure, partitions=partitions)
     m = _check_inputs(H, W_hat, options, dtype=dtype)
     if num_keep == m and cross_gram is None:
         return _keep_everything(H, W_hat, num_groups=m, damping=damping, dtype=dtype, started=started)
@@ -173,6 +180,7 @@ def _check_inputs(H: torch.Tensor, W_hat: torch.Tensor, options: _Options, *, dt
         dtype=dtype,
         cross_gram=options.cross_gram,
     )
+    check_partitions(m, options.num_keep, options.partitions)
     check_finite(H, "H (the Gram matrix)")
     check_gram_diagonal(H)
     check_finite(W_hat, "W_hat (the dense weight)")
@@ -321,7 +329,7 @@ def _select_support(system: SweptSystem, options: _Options, *, objective_dense: 
     """Stage A, then stage B when ``options.local_search_iters > 0``, on the swept system (updated in place)."""
     device = system.packed.device
     stage_a = eliminate(system, group_size=options.group_size, num_keep=options.num_keep, step=options.step,
-                        objective_start=0.0)
+                        objective_start=0.0, partitions=options.partitions)
     _synchronize(device)
     stage_a_finished = time.perf_counter()
     objective_stage_a = objective_dense + float(stage_a.objective_curve[-1])
@@ -337,6 +345,7 @@ def _select_support(system: SweptSystem, options: _Options, *, objective_dense: 
             max_iters=options.local_search_iters,
             objective_start=objective_stage_a,
             halve_on_failure=options.halve_on_failure,
+            partitions=options.partitions,
         )
         kept, swaps = search.kept, search.swaps_accepted
     _synchronize(device)

@@ -13,12 +13,14 @@ full matrix, with one rank-|T| pivot. A rejected round therefore costs nothing t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from osscar_hf.errors import SolverError
 from osscar_hf.solver.packed import symmetric_rows
+from osscar_hf.solver.partitions import partition_ids
 from osscar_hf.solver.sweep import (
     NOT_PD_ADVICE,
     SweptSystem,
@@ -95,6 +97,27 @@ def gains_after_drop(
     return torch.cat([pruned, drop]), torch.cat(gains)
 
 
+def _swap(kept: torch.Tensor, drop: torch.Tensor, add: torch.Tensor, group_size: int, dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(channels of T = D xor A, signs, new kept mask) of the swap of ``drop`` for ``add``, None when it is none."""
+    new_kept = kept.clone()
+    new_kept[drop] = False
+    new_kept[add] = True
+    leaving = torch.nonzero(kept & ~new_kept).flatten()
+    entering = torch.nonzero(new_kept & ~kept).flatten()
+    if leaving.numel() == 0:
+        return None
+    g = group_size
+    channels = torch.cat([channels_of(leaving, g), channels_of(entering, g)])
+    sign = torch.cat(
+        [
+            torch.full((leaving.numel() * g,), -1.0, dtype=dtype, device=kept.device),
+            torch.full((entering.numel() * g,), 1.0, dtype=dtype, device=kept.device),
+        ]
+    )
+    return channels, sign, new_kept
+
+
 def _swap_round(
     system: SweptSystem, kept: torch.Tensor, k: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -105,25 +128,44 @@ def _swap_round(
     best = torch.topk(gains, k, largest=True, sorted=True)
     if bool((best.values == NOT_ADDABLE).any()):
         return None  # fewer than k groups can be added back
-    add = candidates[best.indices]
+    return _swap(kept, drop, candidates[best.indices], group_size, system.packed.dtype)
 
-    new_kept = kept.clone()
-    new_kept[drop] = False
-    new_kept[add] = True
-    leaving = torch.nonzero(kept & ~new_kept).flatten()
-    entering = torch.nonzero(new_kept & ~kept).flatten()
-    if leaving.numel() == 0:
-        return None
-    g = group_size
-    packed = system.packed
-    channels = torch.cat([channels_of(leaving, g), channels_of(entering, g)])
-    sign = torch.cat(
-        [
-            torch.full((leaving.numel() * g,), -1.0, dtype=packed.dtype, device=packed.device),
-            torch.full((entering.numel() * g,), 1.0, dtype=packed.dtype, device=packed.device),
-        ]
-    )
-    return channels, sign, new_kept
+
+def _partition_rounds(
+    system: SweptSystem, kept: torch.Tensor, k: int, group_size: int, partitions: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The swaps of one round under equal counts per partition: in each partition (the one holding the kept group
+    of lowest removal score first), its ``k`` kept groups of lowest score for the ``k`` of its groups with the
+    largest gains, w.r.t. the support without them."""
+    scores = removal_scores(system, kept, group_size)
+    ids = partition_ids(kept.numel(), partitions, kept.device)
+    lowest = torch.full((partitions,), float("inf"), dtype=scores.dtype, device=scores.device)
+    lowest.scatter_reduce_(0, ids, scores, reduce="amin")
+    for p in torch.sort(lowest, stable=True).indices.tolist():
+        inside = ids == p
+        count = min(k, int((kept & inside).sum()))
+        if count == 0:
+            continue
+        drop = torch.topk(scores.masked_fill(~inside, float("inf")), count, largest=False, sorted=True).indices
+        candidates, gains = gains_after_drop(system, kept, drop, group_size)
+        best = torch.topk(gains.masked_fill(ids[candidates] != p, NOT_ADDABLE), count, largest=True, sorted=True)
+        if bool((best.values == NOT_ADDABLE).any()):
+            continue  # fewer than count groups of the partition can be added back
+        swap = _swap(kept, drop, candidates[best.indices], group_size, system.packed.dtype)
+        if swap is not None:
+            yield swap
+
+
+def _proposals(
+    system: SweptSystem, kept: torch.Tensor, k: int, group_size: int, partitions: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The swaps one round proposes, best first: one (free selection), or one per partition."""
+    if partitions > 1:
+        yield from _partition_rounds(system, kept, k, group_size, partitions)
+        return
+    proposal = _swap_round(system, kept, k, group_size)
+    if proposal is not None:
+        yield proposal
 
 
 def local_search(
@@ -135,8 +177,11 @@ def local_search(
     max_iters: int,
     objective_start: float,
     halve_on_failure: bool = False,
+    partitions: int = 1,
 ) -> LocalSearchResult:
-    """Run stage B on the swept system for the support ``kept`` (both updated in place).
+    """Run stage B on the swept system for the support ``kept`` (both updated in place). With ``partitions`` (see
+    :mod:`.partitions`) a round swaps groups inside one partition: the partitions are tried in turn (the one
+    holding the kept group of lowest removal score first) until a swap improves.
 
     A round is accepted only if it lowers f by more than a few ulps of |f|, so that rounding can never
     make the search cycle between supports of equal objective.
@@ -153,10 +198,8 @@ def local_search(
         return LocalSearchResult(kept=kept, objective=objective, swaps_accepted=0, rounds=0)
     while rounds < max_iters and k >= 1:
         rounds += 1
-        proposal = _swap_round(system, kept, k, group_size)
         improved = False
-        if proposal is not None:
-            channels, sign, new_kept = proposal
+        for channels, sign, new_kept in _proposals(system, kept, k, group_size, partitions):
             pivot = prepare_pivot(system, channels, sign)
             if pivot.delta < -tolerance * abs(objective):
                 apply_pivot(system, pivot)
@@ -164,6 +207,7 @@ def local_search(
                 objective += pivot.delta
                 accepted += 1
                 improved = True
+                break
         if not improved:
             if halve_on_failure and k > 1:
                 k //= 2
