@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from osscar_hf.arch.attention import ATTENTION_STRUCTURES
 from osscar_hf.errors import OsscarConfigError
 from osscar_hf.version import __version__
 
@@ -333,9 +334,15 @@ class OsscarConfig(QuantizationConfigMixin):
     """Settings of an OSSCAR structured-pruning run.
 
     Args:
-        attention_sparsity: fraction of attention heads (or KV groups, for grouped-query attention) removed
-            in every block, in [0, 1). The count removed is ``round(n * attention_sparsity)`` (see
-            :func:`keep_count`).
+        attention_sparsity: fraction of the attention structures (see ``attention_structure``) removed in every
+            block, in [0, 1). The count removed is ``round(n * attention_sparsity)`` (see :func:`keep_count`).
+        attention_structure: what the attention loses: ``"kv_groups"`` (the default: whole KV groups, each a key and
+            value head with the query heads that share it; a single head in a model without grouped-query
+            attention) or ``"query_heads"`` (query heads: every KV head is kept and the same number of query heads
+            is removed from every KV group, so the model keeps the stock grouped-query shape; needs a model with
+            more query heads than KV heads). With ``"query_heads"`` a block's attention structures, the unit of
+            ``attention_sparsity``, ``block_sizes`` and the budgets, are its query heads per KV head (a structure
+            is one query head of every KV group); a block that keeps none loses its KV heads too.
         mlp_sparsity: fraction of FFN neurons removed in every block, in [0, 1).
         sparsity: instead of the two per-block fractions, the fraction in [0, 1) of the decoder blocks' total
             parameters (or multiply-adds, see ``sparsity_target``) to remove, leaving osscar_hf to choose every
@@ -348,7 +355,8 @@ class OsscarConfig(QuantizationConfigMixin):
             ``"uniform"`` (every block loses the same fraction of its attention structures and the same number of
             neurons), or ``"auto"`` (the default: ``"global"`` for methods that have one, else ``"uniform"``).
         block_sizes: the caller's own allocation: one dict ``{"attention": kept structures, "mlp": kept neurons}``
-            per decoder block. Excludes the sparsities.
+            per decoder block (attention structures: KV groups, or query heads per KV group, see
+            ``attention_structure``). Excludes the sparsities.
         round_to: kept neuron counts are multiples of this (or the full width), for fast matmuls and for runtimes
             that need it; budgets are met as closely as the rounding allows. Default 1.
         min_part_keep: a global allocation keeps at least this fraction (rounded up) of each part's structures in
@@ -413,6 +421,7 @@ class OsscarConfig(QuantizationConfigMixin):
     sparsity_target: str = "params"
     allocation: str = "auto"
     block_sizes: list[dict[str, int]] | None = None
+    attention_structure: str = "kv_groups"
     round_to: int = 1
     min_part_keep: float = 0.05
     min_block_keep: float = 0.2
@@ -448,7 +457,7 @@ class OsscarConfig(QuantizationConfigMixin):
     # model pruned with the paper's settings records the config that earlier osscar_hf versions wrote and read.
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
-        "allocation_samples", "method",
+        "allocation_samples", "method", "attention_structure",
     )
 
     def __post_init__(self) -> None:
@@ -504,6 +513,8 @@ class OsscarConfig(QuantizationConfigMixin):
         self.sparsity_target = _check_choice("sparsity_target", self.sparsity_target, SPARSITY_TARGETS)
         self.allocation = _check_choice("allocation", self.allocation, ALLOCATIONS)
         self.block_sizes = _check_block_sizes(self.block_sizes)
+        self.attention_structure = _check_choice("attention_structure", self.attention_structure,
+                                                 ATTENTION_STRUCTURES)
         self.round_to = _check_int("round_to", self.round_to, 1)
         self.min_part_keep = _check_unit_interval("min_part_keep", self.min_part_keep)
         self.min_block_keep = _check_unit_interval("min_block_keep", self.min_block_keep)

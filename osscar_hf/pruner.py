@@ -239,7 +239,6 @@ def check_prunable_config(model_config: Any) -> ArchSpec:
 
 def _any_block_pruned(run: PruneRun) -> bool:
     settings = run.settings
-    dense = {"num_key_value_heads": settings.num_attention_groups,
-             "num_attention_heads": settings.num_attention_groups * settings.n_rep, "ffn_dim": settings.num_neurons}
+    dense = {**settings.attention_layout.dense_shape(), "ffn_dim": settings.num_neurons}
     return any(block_shape(block, run.spec, n_rep=settings.n_rep, head_dim=settings.head_dim) != dense
                for block in run.blocks)

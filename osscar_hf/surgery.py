@@ -14,7 +14,14 @@ import torch.nn as nn
 
 from .arch.spec import ArchSpec, Producer, get_submodule, set_submodule
 from .errors import SurgeryError
-from .remote_code.configuration_osscar import count_owner, kept_rows, set_count, structure_stride
+from .remote_code.configuration_osscar import (
+    count_owner,
+    kept_query_heads,
+    kept_rows,
+    rows_per_structure,
+    set_count,
+    structure_stride,
+)
 from .solver.sweep import channels_of
 
 
@@ -95,14 +102,30 @@ def part_linears(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Linear]]
 
 
 def producer_rows(producer: Producer, linear: nn.Linear, kept: torch.Tensor, total: int, *, n_rep: int,
-                  head_dim: int, what: str) -> torch.Tensor:
+                  head_dim: int, what: str, kept_heads: torch.Tensor | None = None) -> torch.Tensor:
     """The output rows of ``linear`` (laid out as ``producer`` says, for ``total`` structures) that the ``kept``
-    structures own; ``SurgeryError`` when the linear does not have the rows the layout implies."""
+    structures own (and, for the query rows, the ``kept_heads`` when given); ``SurgeryError`` when the linear does
+    not have the rows the layout implies."""
     stride = structure_stride(producer.segments, n_rep, head_dim)
     if linear.out_features != total * stride:
         raise SurgeryError(f"{what} has {linear.out_features} outputs, but its row layout {producer.segments} "
                            f"needs {stride} per structure for {total} structures")
-    return kept_rows(producer.segments, producer.interleaved, kept, total, n_rep, head_dim)
+    return kept_rows(producer.segments, producer.interleaved, kept, total, n_rep, head_dim, kept_heads)
+
+
+def _check_kept_heads(kept_heads: torch.Tensor | None, kept_groups: torch.Tensor, n_rep: int,
+                      num_groups: int) -> torch.Tensor:
+    """The kept query heads (every head of the kept groups when None), checked: increasing, inside the kept groups,
+    and the same number, at least one, in every kept group (the attention repeats each KV head that many times)."""
+    if kept_heads is None:
+        return kept_query_heads(kept_groups, n_rep)
+    heads = _check_indices(kept_heads, num_groups * n_rep, "kept query heads")
+    groups, counts = torch.unique_consecutive(heads // n_rep, return_counts=True)
+    if not torch.equal(groups, kept_groups) or (counts.numel() and bool((counts != counts[0]).any())):
+        raise SurgeryError(
+            f"kept query heads {heads.tolist()[:20]} must keep the same number (at least one) of the {n_rep} query "
+            f"heads of every kept KV group {kept_groups.tolist()[:20]}, and none of another group")
+    return heads
 
 
 def add_part_biases(block: nn.Module, spec: ArchSpec) -> None:
@@ -169,22 +192,26 @@ def prune_attention(
     n_rep: int,
     head_dim: int,
     num_groups: int,
+    kept_heads: torch.Tensor | None = None,
     o_weight: torch.Tensor | None = None,
     o_bias: torch.Tensor | None = None,
 ) -> None:
-    """Keep the KV groups ``kept_groups`` of ``block``'s attention.
+    """Keep the KV groups ``kept_groups`` of ``block``'s attention, and of their query heads ``kept_heads``.
 
-    ``o_weight`` (hidden x kept channels) replaces the output projection's kept columns (the refit);
-    ``None`` keeps the original columns. ``o_bias`` replaces the output projection's bias. With no group kept, the
-    attention becomes an :class:`EmptyAttention`.
+    ``kept_heads``: increasing query-head indices (among ``num_groups * n_rep``; head ``h`` belongs to group ``h //
+    n_rep``), the same number in every kept group; None keeps every query head of the kept groups. ``o_weight``
+    (hidden x kept channels) replaces the output projection's kept columns (the refit); ``None`` keeps the original
+    columns. ``o_bias`` replaces the output projection's bias. With no group kept, the attention becomes an
+    :class:`EmptyAttention`.
     """
     kept_groups = _check_indices(kept_groups, num_groups, "kept attention groups")
+    heads = _check_kept_heads(kept_heads, kept_groups, n_rep, num_groups)
     attention = get_submodule(block, spec.attention)
-    q_idx = group_channels(kept_groups, n_rep * head_dim)
+    q_idx = group_channels(heads, head_dim)
     o_proj = get_submodule(attention, spec.o_proj)
     # Validate everything before changing anything.
     rows = [(linear, producer_rows(p, linear, kept_groups, num_groups, n_rep=n_rep, head_dim=head_dim,
-                                   what=f"{spec.attention}.{p.path}"))
+                                   what=f"{spec.attention}.{p.path}", kept_heads=heads))
             for p, linear in part_producers(block, spec)["attention"]]
     _check_indices(q_idx, o_proj.in_features, f"{spec.attention}.{spec.o_proj} columns")
     if o_weight is not None and tuple(o_weight.shape) != (o_proj.out_features, q_idx.numel()):
@@ -199,7 +226,9 @@ def prune_attention(
     if kept_groups.numel() == 0:
         empty = EmptyAttention(dict(attention.named_children()), spec.o_proj, getattr(attention, "layer_idx", None))
         set_submodule(block, spec.attention, empty)
-    _set_count_attrs(block, spec, {"heads": int(kept_groups.numel()) * n_rep, "kv_heads": int(kept_groups.numel())})
+    kv = int(kept_groups.numel())
+    _set_count_attrs(block, spec, {"heads": int(heads.numel()), "kv_heads": kv,
+                                   "n_rep": int(heads.numel()) // kv if kv else n_rep})
 
 
 def prune_mlp(
@@ -230,34 +259,44 @@ def prune_mlp(
 
 
 def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> dict[str, int]:
-    """The current structure counts of a block, read from its weights."""
-    producer, linear = part_producers(block, spec)["attention"][0]
-    kv_heads = linear.out_features // structure_stride(producer.segments, n_rep, head_dim)
+    """The current structure counts of a block, read from its weights: the query heads from the output projection's
+    inputs, the KV heads from the rows of the producers that hold them (``n_rep`` is unused: a block may keep fewer
+    query heads per KV head than the model's ratio)."""
+    attention = get_submodule(block, spec.attention)
+    heads = get_submodule(attention, spec.o_proj).in_features // head_dim
+    kv_heads = 0
+    for producer, linear in part_producers(block, spec)["attention"]:
+        kv_rows = sum(rows_per_structure(kind, 1, head_dim) for kind in producer.segments if kind != "q")
+        if kv_rows:
+            kv_heads = (linear.out_features - producer.segments.count("q") * heads * head_dim) // kv_rows
+            break
     return {
         "num_key_value_heads": kv_heads,
-        "num_attention_heads": kv_heads * n_rep,
+        "num_attention_heads": heads,
         "ffn_dim": get_submodule(block, spec.mlp_consumer).in_features,
     }
 
 
 def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_rep: int, head_dim: int) -> None:
-    """Shrink ``block`` to ``shape`` (a :func:`block_shape` dict) by keeping its first structures.
+    """Shrink ``block`` to ``shape`` (a :func:`block_shape` dict) by keeping its first structures: the first
+    ``num_key_value_heads`` KV groups, the first ``num_attention_heads / num_key_value_heads`` query heads of each.
 
     Meant for a skeleton about to receive a pruned checkpoint's weights (on the meta device, where slicing
     costs nothing): the values are overwritten by the loaded weights, only the sizes matter. A block with no
     KV head left becomes an :class:`EmptyAttention`. Asking for more structures than the block has, or for a
-    head count that is not ``n_rep`` times the KV-head count, raises ``SurgeryError``.
+    head count that is not 1 to ``n_rep`` times the KV-head count, raises ``SurgeryError``.
     """
     current = block_shape(block, spec, n_rep=n_rep, head_dim=head_dim)
-    kv, ffn = int(shape["num_key_value_heads"]), int(shape["ffn_dim"])
-    if int(shape["num_attention_heads"]) != kv * n_rep:
+    heads, kv, ffn = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"]), int(shape["ffn_dim"])
+    if not (heads == kv == 0 or (kv > 0 and heads % kv == 0 and 1 <= heads // kv <= n_rep)):
         raise SurgeryError(
-            f"target shape {shape} does not have {n_rep} query heads per KV head, as the model's config implies"
-        )
+            f"target shape {shape} does not have the same number of query heads, 1 to {n_rep} as the model's config "
+            "implies, for every KV head")
     if kv > current["num_key_value_heads"] or ffn > current["ffn_dim"]:
         raise SurgeryError(f"cannot grow a block of shape {current} to {shape}: the config and the shapes disagree")
-    if kv < current["num_key_value_heads"]:
-        prune_attention(block, spec, torch.arange(kv, device="cpu"), n_rep=n_rep, head_dim=head_dim,
-                        num_groups=current["num_key_value_heads"])
+    if heads < current["num_attention_heads"]:
+        groups = torch.arange(kv, device="cpu")
+        prune_attention(block, spec, groups, n_rep=n_rep, head_dim=head_dim, num_groups=current["num_key_value_heads"],
+                        kept_heads=kept_query_heads(groups, n_rep, heads // kv if kv else 0))
     if ffn < current["ffn_dim"]:
         prune_mlp(block, spec, torch.arange(ffn, device="cpu"))

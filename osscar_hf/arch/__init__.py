@@ -1,5 +1,6 @@
 """Architecture support as data: one :class:`ArchSpec` per family, looked up by ``model_type``."""
 
+from .attention import ATTENTION_STRUCTURES, AttentionLayout, attention_layout
 from .registry import (
     GEMMA_FAMILY,
     GPT_NEOX,
@@ -13,13 +14,16 @@ from .registry import (
 from .spec import ArchSpec, Producer, get_submodule, set_submodule
 
 __all__ = [
+    "ATTENTION_STRUCTURES",
     "ArchSpec",
+    "AttentionLayout",
     "GEMMA_FAMILY",
     "GPT_NEOX",
     "LLAMA_FAMILY",
     "OPT",
     "PHI3",
     "Producer",
+    "attention_layout",
     "get_spec",
     "get_submodule",
     "register_architecture",

@@ -37,7 +37,7 @@ LLAMA_FAMILY = ArchSpec(
     o_proj="o_proj",
     mlp_producers=("mlp.gate_proj", "mlp.up_proj"),
     mlp_consumer="mlp.down_proj",
-    module_count_attrs={"mlp.intermediate_size": "ffn"},
+    module_count_attrs={"mlp.intermediate_size": "ffn", "self_attn.num_key_value_groups": "n_rep"},
     bias_switches={"attention": "attention_bias", "mlp": "mlp_bias"},
     final_modules=("model.norm", "lm_head"),
 )
@@ -67,7 +67,8 @@ PHI3 = ArchSpec(
     o_proj="o_proj",
     mlp_producers=(Producer("mlp.gate_up_proj", ("neurons", "neurons")),),
     mlp_consumer="mlp.down_proj",
-    module_count_attrs={"self_attn.num_key_value_heads": "kv_heads", "self_attn.config.num_attention_heads": "heads"},
+    module_count_attrs={"self_attn.num_key_value_heads": "kv_heads", "self_attn.config.num_attention_heads": "heads",
+                        "self_attn.num_key_value_groups": "n_rep"},
     config_has_head_dim=False,
     final_modules=("model.norm", "lm_head"),
 )

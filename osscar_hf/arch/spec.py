@@ -23,7 +23,7 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_submodule(root, parent_path), name, module)
 
 
-_COUNT_KINDS = ("heads", "kv_heads", "ffn")
+_COUNT_KINDS = ("heads", "kv_heads", "n_rep", "ffn")
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class ArchSpec:
     k_proj: str | None = None
     v_proj: str | None = None
     attention_producers: tuple[Producer, ...] = ()
-    # Module attributes that hold a head count, updated after slicing: {path from block: kind}, kind in
-    # {"heads", "kv_heads", "ffn"}.
+    # Module attributes that hold a count, updated after slicing: {path from block: kind}, kind in {"heads" (query
+    # heads), "kv_heads", "n_rep" (query heads per KV head, which query-head pruning lowers), "ffn"}.
     module_count_attrs: dict[str, str] = field(default_factory=dict)
     # Config fields: query heads, KV heads (None: MHA, same as heads), FFN width.
     config_heads: str = "num_attention_heads"

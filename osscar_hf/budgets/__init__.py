@@ -9,7 +9,7 @@ The measurements themselves run in the pipeline (:mod:`osscar_hf.pipeline.measur
 """
 
 from .allocate import PartCurve, allocate, lower_hull
-from .flap import flap_sizes, standardised_structure_scores
+from .flap import flap_sizes, level_scores, standardised_structure_scores
 from .geometry import BlockGeometry, block_geometries
 from .plan import (
     allowed_sizes,
@@ -27,6 +27,6 @@ from .sizes import BlockSize
 
 __all__ = [
     "BlockGeometry", "BlockSize", "PartCurve", "allocate", "allowed_sizes", "block_geometries", "check_budget",
-    "explicit_sizes", "flap_sizes", "global_sizes", "lower_hull", "part_floor", "part_floors", "plan_fixed_sizes",
-    "round_neurons", "standardised_structure_scores", "uniform_budget_sizes", "uses_global_allocation",
+    "explicit_sizes", "flap_sizes", "global_sizes", "level_scores", "lower_hull", "part_floor", "part_floors",
+    "plan_fixed_sizes", "round_neurons", "standardised_structure_scores", "uniform_budget_sizes", "uses_global_allocation",
 ]

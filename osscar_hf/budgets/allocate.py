@@ -22,7 +22,9 @@ class PartCurve:
     """The damage of one block part at each allowed kept size.
 
     ``sizes``: allowed kept counts, strictly decreasing, starting at the dense count; ``damage``: the same length,
-    ``damage[0] == 0``; ``unit``: cost of one structure; ``block``: the block index (for the block floor).
+    ``damage[0] == 0``; ``unit``: cost of one structure; ``base``: cost the part loses with its last structure besides
+    that structure's own (an attention's key and value heads when its structures are query heads); ``block``: the
+    block index (for the block floor).
     """
 
     block: int
@@ -30,6 +32,11 @@ class PartCurve:
     sizes: list[int]
     damage: list[float]
     unit: float
+    base: float = 0.0
+
+    def removed(self, j: int) -> float:
+        """Cost removed from the dense part at point ``j``."""
+        return (self.sizes[0] - self.sizes[j]) * self.unit + (self.base if self.sizes[j] == 0 < self.sizes[0] else 0.0)
 
 
 def lower_hull(curve: PartCurve) -> list[int]:
@@ -37,11 +44,11 @@ def lower_hull(curve: PartCurve) -> list[int]:
     collinear points are kept, so each hull step is the nearest point of smallest damage per unit of cost."""
     hull: list[int] = []
     for j in range(len(curve.sizes)):
-        x2, y2 = (curve.sizes[0] - curve.sizes[j]) * curve.unit, curve.damage[j]
+        x2, y2 = curve.removed(j), curve.damage[j]
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            x0, y0 = (curve.sizes[0] - curve.sizes[a]) * curve.unit, curve.damage[a]
-            x1, y1 = (curve.sizes[0] - curve.sizes[b]) * curve.unit, curve.damage[b]
+            x0, y0 = curve.removed(a), curve.damage[a]
+            x1, y1 = curve.removed(b), curve.damage[b]
             if (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0) >= 0:  # b is on or below the chord a -> j
                 break
             hull.pop()
@@ -54,7 +61,7 @@ def _segment(curve: PartCurve, at: int, after: dict[int, int]) -> tuple[float, i
     end = after.get(at)
     if end is None:
         return None
-    removed = (curve.sizes[at] - curve.sizes[end]) * curve.unit
+    removed = curve.removed(end) - curve.removed(at)
     return (curve.damage[end] - curve.damage[at]) / removed, end
 
 
@@ -72,7 +79,7 @@ def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, flo
         curve, at = curves[i], position[i]
         if at + 1 >= len(curve.sizes):
             return None
-        cost = (curve.sizes[at] - curve.sizes[at + 1]) * curve.unit
+        cost = curve.removed(at + 1) - curve.removed(at)
         floor = floors.get(curve.block)
         return None if floor is not None and lost[curve.block] + cost > floor + 1e-9 else cost
 
@@ -121,5 +128,5 @@ def allocate(curves: list[PartCurve], remove: float, block_floors: dict[int, flo
 
 
 def _step_slope(curve: PartCurve, at: int) -> float:
-    removed = (curve.sizes[at] - curve.sizes[at + 1]) * curve.unit
+    removed = curve.removed(at + 1) - curve.removed(at)
     return (curve.damage[at + 1] - curve.damage[at]) / removed

@@ -11,7 +11,7 @@ import torch
 from .geometry import BlockGeometry
 from .sizes import BlockSize
 
-__all__ = ["flap_sizes", "standardised_structure_scores"]
+__all__ = ["flap_sizes", "level_scores", "standardised_structure_scores"]
 
 
 def standardised_structure_scores(channel_scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -20,6 +20,13 @@ def standardised_structure_scores(channel_scores: torch.Tensor, group_size: int)
     std = scores.std() if scores.numel() > 1 else scores.new_tensor(0.0)
     standard = (scores - scores.mean()) / std if float(std) > 0 else torch.zeros_like(scores)
     return standard.reshape(-1, group_size).mean(1)
+
+
+def level_scores(head_scores: torch.Tensor, partitions: int) -> torch.Tensor:
+    """Scores of query-head structures (one query head of every KV group) from per-head scores: the ``j``-th
+    structure is every group's ``j``-th best head, scored by their mean (decreasing in ``j``)."""
+    per_group = head_scores.double().reshape(partitions, -1)
+    return torch.sort(per_group, dim=1, descending=True).values.mean(0)
 
 
 def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[BlockGeometry], *, sparsity: float,
@@ -36,18 +43,19 @@ def flap_sizes(scores: dict[tuple[int, str], torch.Tensor], geometries: list[Blo
     entries: list[tuple[float, int, int, str, float, int]] = []  # (-score, block, rank, part, cost, structures)
     kept = {}
     for block, geometry in enumerate(geometries):
-        units = geometry.unit_costs(target)
+        units, bases = geometry.unit_costs(target), geometry.base_costs(target)
         candidates = []
         for part, floor in zip(("attention", "mlp"), floors[block]):
             part_scores = scores[(block, part)]
             order = torch.sort(part_scores, descending=True, stable=True).indices.tolist()
             kept[(block, part)] = floor
-            budget -= floor * units[part]  # the floor is kept whatever its score
+            budget -= floor * units[part] + (bases[part] if floor else 0.0)  # the floor is kept whatever its score
             run = round_to if part == "mlp" else 1
             for rank in range(floor, len(order), run):
                 members = order[rank:rank + run]
+                # The first structure kept also brings the part's base (an attention's key and value heads).
                 candidates.append((-float(part_scores[members].mean()), block, rank, part,
-                                   units[part] * len(members), len(members)))
+                                   units[part] * len(members) + (bases[part] if rank == 0 else 0.0), len(members)))
         candidates.sort(key=lambda e: (e[0], e[2], e[3]))  # each part's structures stay in rank order
         block_cost = geometry.cost(target, *floors[block])
         least = min_block_keep * geometry.cost(target, geometry.attention_structures, geometry.mlp_structures)

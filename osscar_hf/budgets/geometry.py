@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..arch import ArchSpec, get_submodule
+from ..arch import ArchSpec, AttentionLayout, Producer, attention_layout, get_submodule
 from ..remote_code.configuration_osscar import structure_stride
 from ..surgery import part_linears, part_producers
 
@@ -24,10 +24,12 @@ class BlockGeometry:
 
     ``attention_params`` / ``mlp_params``: parameters of one attention structure (its q/k/v rows, biases included,
     and its output-projection columns) / one FFN neuron (its producer rows with biases, its consumer column).
+    ``attention_base_params``: parameters the attention has as long as it keeps any structure and loses with the
+    last one (the key and value heads, when the structures are query heads; 0 for KV groups, which own theirs).
     ``fixed_params``: the rest of the block (norms, the consumers' biases), which pruning never removes.
-    ``attention_flops`` / ``mlp_flops``: multiply-adds per token of one structure: its weights, plus for attention
-    the scores and the weighted sum of values over the context (``2 * query heads * head_dim * context``, with the
-    mean context of a causal window of ``seq_len`` tokens, ``(seq_len + 1) / 2``).
+    ``attention_flops`` / ``mlp_flops`` / ``attention_base_flops``: the same in multiply-adds per token: the
+    weights, plus for attention the scores and the weighted sum of values over the context (``2 * query heads *
+    head_dim * context``, with the mean context of a causal window of ``seq_len`` tokens, ``(seq_len + 1) / 2``).
     """
 
     attention_structures: int
@@ -37,38 +39,58 @@ class BlockGeometry:
     fixed_params: int
     attention_flops: float
     mlp_flops: float
+    attention_base_params: int = 0
+    attention_base_flops: float = 0.0
 
     def params(self, attention: int, mlp: int) -> int:
         """Parameters of the block when it keeps ``attention`` structures and ``mlp`` neurons."""
-        return self.fixed_params + attention * self.attention_params + mlp * self.mlp_params
+        base = self.attention_base_params if attention > 0 else 0
+        return self.fixed_params + base + attention * self.attention_params + mlp * self.mlp_params
 
     def flops(self, attention: int, mlp: int) -> float:
         """Multiply-adds per token of the block's linears and attention when it keeps those structures."""
-        return attention * self.attention_flops + mlp * self.mlp_flops
+        base = self.attention_base_flops if attention > 0 else 0.0
+        return base + attention * self.attention_flops + mlp * self.mlp_flops
 
     def cost(self, target: str, attention: int, mlp: int) -> float:
         """``params`` or ``flops`` (``target``) of the block at those sizes."""
         return self.params(attention, mlp) if target == "params" else self.flops(attention, mlp)
 
     def unit_costs(self, target: str) -> dict[str, float]:
-        """What one structure of each part costs under ``target``."""
+        """What one structure of each part costs under ``target`` (the attention's base aside)."""
         if target == "params":
             return {"attention": float(self.attention_params), "mlp": float(self.mlp_params)}
         return {"attention": self.attention_flops, "mlp": self.mlp_flops}
+
+    def base_costs(self, target: str) -> dict[str, float]:
+        """What each part loses with its last structure besides that structure's cost, under ``target``."""
+        base = self.attention_base_params if target == "params" else self.attention_base_flops
+        return {"attention": float(base), "mlp": 0.0}
 
 
 def _rows_cost(linear: nn.Linear, rows: int, with_bias: bool) -> int:
     return rows * (linear.in_features + (1 if (linear.bias is not None or with_bias) else 0))
 
 
-def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_biases: bool = False
-                     ) -> list[BlockGeometry]:
+def _attention_rows(producer: Producer, layout: AttentionLayout) -> tuple[int, int]:
+    """Output rows of an attention producer (per structure, and the base's): a KV group owns its q, k and v rows;
+    a query-head structure owns one q head of every KV group, and the k and v rows are the base."""
+    if not layout.query_heads:
+        return structure_stride(producer.segments, layout.n_rep, layout.head_dim), 0
+    q = producer.segments.count("q")
+    return q * layout.kv_heads * layout.head_dim, (len(producer.segments) - q) * layout.kv_heads * layout.head_dim
+
+
+def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_biases: bool = False,
+                     attention_structure: str = "kv_groups") -> list[BlockGeometry]:
     """The geometry of every decoder block of ``model`` (dense shapes; a meta skeleton will do).
 
     ``with_biases``: count the biases a bias-compensating method gives every linear (see
-    :func:`osscar_hf.surgery.add_part_biases`) as if they were there.
+    :func:`osscar_hf.surgery.add_part_biases`) as if they were there. ``attention_structure``: what one attention
+    structure is (:class:`~osscar_hf.arch.AttentionLayout`).
     """
-    m, n_rep, head_dim = spec.group_geometry(model.config)
+    layout = attention_layout(spec, model.config, attention_structure)
+    q_columns = layout.group_size * layout.solver_groups // layout.structures  # o_proj inputs per structure
     out = []
     for block in get_submodule(model, spec.blocks):
         linears = part_linears(block, spec)
@@ -76,24 +98,25 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
         o, consumer = linears["attention"][-1], linears["mlp"][-1]
         attention_bias = with_biases or o.bias is not None
         mlp_bias = with_biases or consumer.bias is not None
-        q_rows = n_rep * head_dim
-        # Rows one structure owns in each producer (a KV group's q, k and v heads; a neuron's row of each).
-        rows = {part: [(structure_stride(p.segments, n_rep, head_dim), lin) for p, lin in pairs]
-                for part, pairs in producers.items()}
-        attention_params = (sum(_rows_cost(lin, r, attention_bias) for r, lin in rows["attention"])
-                            + o.out_features * q_rows)
-        mlp_params = sum(_rows_cost(lin, r, mlp_bias) for r, lin in rows["mlp"]) + consumer.out_features
+        attention_rows = [(_attention_rows(p, layout), lin) for p, lin in producers["attention"]]
+        mlp_rows = [(structure_stride(p.segments, 1, 1), lin) for p, lin in producers["mlp"]]
+        attention_params = (sum(_rows_cost(lin, r, attention_bias) for (r, _), lin in attention_rows)
+                            + o.out_features * q_columns)
+        base_params = sum(_rows_cost(lin, b, attention_bias) for (_, b), lin in attention_rows)
+        mlp_params = sum(_rows_cost(lin, r, mlp_bias) for r, lin in mlp_rows) + consumer.out_features
         neurons = consumer.in_features
         total = sum(p.numel() for p in block.parameters())
         extra = 0
         if with_biases:  # biases the method will add to linears that have none yet
             extra = sum(lin.out_features for part in linears.values() for lin in part if lin.bias is None)
-        fixed = total + extra - m * attention_params - neurons * mlp_params
+        fixed = total + extra - layout.structures * attention_params - base_params - neurons * mlp_params
         context = (seq_len + 1) / 2
-        attention_weights = sum(lin.in_features * r for r, lin in rows["attention"]) + o.out_features * q_rows
+        attention_weights = sum(lin.in_features * r for (r, _), lin in attention_rows) + o.out_features * q_columns
         out.append(BlockGeometry(
-            attention_structures=m, mlp_structures=neurons, attention_params=attention_params, mlp_params=mlp_params,
-            fixed_params=fixed, attention_flops=attention_weights + 2 * q_rows * context,
-            mlp_flops=sum(lin.in_features * r for r, lin in rows["mlp"]) + consumer.out_features,
+            attention_structures=layout.structures, mlp_structures=neurons, attention_params=attention_params,
+            mlp_params=mlp_params, fixed_params=fixed, attention_flops=attention_weights + 2 * q_columns * context,
+            mlp_flops=sum(lin.in_features * r for r, lin in mlp_rows) + consumer.out_features,
+            attention_base_params=base_params,
+            attention_base_flops=float(sum(lin.in_features * b for (_, b), lin in attention_rows)),
         ))
     return out

@@ -164,8 +164,9 @@ def _most_removable(config: Any, geometries: list[BlockGeometry]) -> float:
     parts, blocks = _floors(config, geometries)
     most = 0.0
     for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
-        units = g.unit_costs(config.sparsity_target)
+        units, bases = g.unit_costs(config.sparsity_target), g.base_costs(config.sparsity_target)
         removable = (g.attention_structures - a_min) * units["attention"] + (g.mlp_structures - n_min) * units["mlp"]
+        removable += sum(bases[part] for part, floor in (("attention", a_min), ("mlp", n_min)) if floor == 0)
         most += min(removable, blocks[i])
     return most
 
@@ -176,11 +177,11 @@ def _part_curves(config: Any, geometries: list[BlockGeometry],
     parts, _ = _floors(config, geometries)
     curves = []
     for i, (g, (a_min, n_min)) in enumerate(zip(geometries, parts)):
-        units = g.unit_costs(config.sparsity_target)
+        units, bases = g.unit_costs(config.sparsity_target), g.base_costs(config.sparsity_target)
         for part, full, floor, step in (("attention", g.attention_structures, a_min, 1),
                                         ("mlp", g.mlp_structures, n_min, config.round_to)):
             sizes = allowed_sizes(full, floor, step)
-            curves.append(PartCurve(i, part, sizes, damage(i, part, sizes), units[part]))
+            curves.append(PartCurve(i, part, sizes, damage(i, part, sizes), units[part], bases[part]))
     return curves
 
 

@@ -62,6 +62,9 @@ class LayerProblem:
     num_keep: int
     statistics: LayerStatistics
     solve: SolveSettings
+    # The structures split into this many equal, contiguous partitions, each keeping num_keep / partitions of its
+    # structures (query heads inside KV groups); 1: a free selection.
+    partitions: int = 1
 
     @property
     def num_groups(self) -> int:
@@ -115,7 +118,15 @@ def group_sums(values: torch.Tensor, group_size: int) -> torch.Tensor:
     return values.reshape(-1, group_size).sum(1)
 
 
-def top_groups(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """Sorted int64 indices (on the CPU) of the ``num_keep`` largest scores; ties go to the lower index."""
-    order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+def top_groups(scores: torch.Tensor, num_keep: int, partitions: int = 1) -> torch.Tensor:
+    """Sorted int64 indices (on the CPU) of the ``num_keep`` largest scores; ties go to the lower index. With
+    ``partitions``, the ``num_keep / partitions`` largest of each of that many equal, contiguous partitions."""
+    scores = scores.double().cpu()
+    if partitions > 1:
+        per_group = scores.reshape(partitions, -1)
+        share = num_keep // partitions
+        order = torch.sort(per_group, dim=1, descending=True, stable=True).indices[:, :share]
+        kept = order + torch.arange(partitions).unsqueeze(1) * per_group.shape[1]
+        return kept.reshape(-1).sort().values.to(torch.int64)
+    order = torch.sort(scores, descending=True, stable=True).indices
     return order[:num_keep].sort().values.to(torch.int64)

@@ -55,7 +55,7 @@ class Osscar(PruningMethod):
         solution = solve_layer(
             H, problem.weight.detach().T, group_size=problem.group_size, num_keep=problem.num_keep,
             damping=settings.damping, dtype=settings.dtype, cross_gram=stats.cross_gram, in_place=True,
-            **self._solver_arguments(problem),
+            partitions=problem.partitions, **self._solver_arguments(problem),
         )
         channels = channels_of(solution.kept_groups.cpu(), problem.group_size).to(solution.weight.device)
         weight = solution.weight.index_select(0, channels).T.contiguous()

@@ -29,7 +29,7 @@ def _moments(problem: LayerProblem, name: str) -> tuple[torch.Tensor, torch.Tens
 class _ScoreMethod(PruningMethod):
     def select(self, problem: LayerProblem) -> Selection:
         scores = self.structure_scores(problem)
-        return Selection(top_groups(scores, problem.num_keep))
+        return Selection(top_groups(scores, problem.num_keep, problem.partitions))
 
 
 class Magnitude(_ScoreMethod):
@@ -68,7 +68,7 @@ class Flap(_ScoreMethod):
         return group_sums(self.channel_scores(problem), problem.group_size)
 
     def select(self, problem: LayerProblem) -> Selection:
-        kept = top_groups(self.structure_scores(problem), problem.num_keep)
+        kept = top_groups(self.structure_scores(problem), problem.num_keep, problem.partitions)
         mean, _ = _moments(problem, self.name)
         weight = problem.weight.detach()
         pruned = torch.ones(problem.num_groups, dtype=torch.bool)

@@ -124,16 +124,19 @@ def propagate_block(
 
 
 def _select(
-    part: str, consumer: nn.Module, stats: InputStatistics | None, settings: LoopSettings, num_keep: int
+    part: str, consumer: nn.Module, stats: InputStatistics | None, settings: LoopSettings, keep: int
 ) -> tuple[Selection, float]:
+    """The method's selection for one consumer that keeps ``keep`` structures (attention: of the budgets' unit)."""
     release_freed_memory()  # freed temporaries of the forward or of the last solve: not under its peak
     started = time.perf_counter()
     attention = part == "attention"
+    layout = settings.attention_layout
     problem = LayerProblem(
-        weight=consumer.weight, bias=consumer.bias, num_keep=num_keep,
-        group_size=settings.attention_group_size if attention else 1,
+        weight=consumer.weight, bias=consumer.bias, num_keep=layout.solver_keep(keep) if attention else keep,
+        group_size=layout.group_size if attention else 1,
         statistics=stats.take() if stats is not None else LayerStatistics(),
         solve=settings.attention if attention else settings.mlp,
+        partitions=layout.partitions if attention else 1,
     )
     selection = settings.method.select(problem)
     return selection, time.perf_counter() - started
@@ -155,7 +158,7 @@ def _prune_block(
     device, storage, method = settings.device, settings.storage_device, settings.method
     size = settings.size(index)
     keep = {"attention": size.attention, "mlp": size.mlp}
-    full = {"attention": settings.num_attention_groups, "mlp": settings.num_neurons}
+    full = {"attention": settings.attention_structures, "mlp": settings.num_neurons}
     consumers = block_consumers(block, spec)
     parts = [part for part in PARTS if keep[part] < full[part]]
     cross = settings.dense_targets and method.refits
@@ -172,8 +175,10 @@ def _prune_block(
         del stats
         if "attention" in selections:
             chosen = selections["attention"][0]
-            prune_attention(block, spec, chosen.kept_groups, n_rep=settings.n_rep, head_dim=settings.head_dim,
-                            num_groups=settings.num_attention_groups, o_weight=chosen.weight, o_bias=chosen.bias)
+            groups, heads = settings.attention_layout.selection(chosen.kept_groups)
+            prune_attention(block, spec, groups, n_rep=settings.n_rep, head_dim=settings.head_dim,
+                            num_groups=settings.num_attention_groups, kept_heads=heads, o_weight=chosen.weight,
+                            o_bias=chosen.bias)
         if "mlp" in selections:
             chosen = selections["mlp"][0]
             prune_mlp(block, spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
@@ -240,7 +245,8 @@ class BlockStream:
                     block, index, self.spec, settings, self.states, self.dense_states, self.kwargs[index], self.space
                 )
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            attention = _consumer_report(settings.num_attention_groups, *selections.get("attention", (None, 0.0)))
+            attention = _consumer_report(settings.attention_layout.solver_groups,
+                                         *selections.get("attention", (None, 0.0)))
             mlp = _consumer_report(settings.num_neurons, *selections.get("mlp", (None, 0.0)))
             del selections  # their tensors live on the device: gone before the cache is emptied
         finally:

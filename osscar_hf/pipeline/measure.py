@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..budgets import BlockSize, flap_sizes, part_floors, standardised_structure_scores
+from ..budgets import BlockSize, flap_sizes, level_scores, part_floors, standardised_structure_scores
 from ..capture import CapturedInputs, call_block, move_to
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
@@ -102,13 +102,18 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
     settings = run.settings
     scores: dict[tuple[int, str], torch.Tensor] = {}
 
+    layout = settings.attention_layout
+
     def on_block(index: int, block: nn.Module, stats: BlockStatistics) -> None:
         consumers = block_consumers(block, run.spec)
         for part in PARTS:
-            group = settings.attention_group_size if part == "attention" else 1
+            group = layout.group_size if part == "attention" else 1
             problem = LayerProblem(weight=consumers[part].weight, bias=None, group_size=group, num_keep=0,
                                    statistics=stats[part], solve=settings.mlp)
-            scores[(index, part)] = standardised_structure_scores(flap.channel_scores(problem).cpu(), group)
+            structure = standardised_structure_scores(flap.channel_scores(problem).cpu(), group)
+            if part == "attention" and layout.partitions > 1:  # query heads: one per KV group, ranked in each
+                structure = level_scores(structure, layout.partitions)
+            scores[(index, part)] = structure
 
     dense_pass(run, source, captured, flap.statistics, on_block, progress=progress, description="FLAP scores")
     return flap_sizes(scores, run.geometries, sparsity=run.config.sparsity, target=run.config.sparsity_target,

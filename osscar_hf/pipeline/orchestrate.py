@@ -89,7 +89,8 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
-                                  with_biases=settings.method.adds_bias)
+                                  with_biases=settings.method.adds_bias,
+                                  attention_structure=config.attention_structure)
     check_budget(config, geometries)
     fixed = plan_fixed_sizes(config, geometries)
     if fixed is not None:
@@ -160,7 +161,7 @@ def announce_plan(run: PruneRun) -> None:
     shapes = ", ".join(f"{s.attention}/{s.mlp}" for s in sizes[:8]) + (" ..." if len(sizes) > 8 else "")
     data = "" if run.windows is None else f"; {run.windows.shape[0]} windows of {run.windows.shape[1]} tokens"
     logger.info("%s (%s): %d blocks of %d attention structures and %d neurons; kept per block (attention/mlp): "
-                "%s%s", run.config.method, run.spec.name, len(sizes), settings.num_attention_groups,
+                "%s%s", run.config.method, run.spec.name, len(sizes), settings.attention_structures,
                 settings.num_neurons, shapes, data)
 
 
@@ -270,7 +271,7 @@ def _allocation_name(config: OsscarConfig) -> str:
 def check_sizes(sizes: list[BlockSize], settings: LoopSettings) -> None:
     """Refuse sizes outside a block's structure counts (a plan bug or a bad explicit list)."""
     for i, size in enumerate(sizes):
-        if not (0 <= size.attention <= settings.num_attention_groups and 0 <= size.mlp <= settings.num_neurons):
+        if not (0 <= size.attention <= settings.attention_structures and 0 <= size.mlp <= settings.num_neurons):
             raise OsscarConfigError(f"block {i}: kept sizes {size.to_dict()} outside the block's "
-                                    f"{settings.num_attention_groups} attention structures and "
+                                    f"{settings.attention_structures} attention structures and "
                                     f"{settings.num_neurons} neurons")

@@ -230,8 +230,13 @@ def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Mom
     out = {}
     consumers = block_consumers(dense, run.spec)
     floors = part_floors(config, geometry)
-    for part, full, group, round_to in (("attention", geometry.attention_structures, settings.attention_group_size, 1),
-                                        ("mlp", geometry.mlp_structures, 1, config.round_to)):
+    layout = settings.attention_layout
+    # Per part: the solver's groups per structure of the budgets (query heads: a structure is one head of every KV
+    # group), the channels per solver group, the partitions, the neurons' rounding.
+    for part, full, per, group, partitions, round_to in (
+            ("attention", geometry.attention_structures, layout.solver_keep(1), layout.group_size, layout.partitions,
+             1),
+            ("mlp", geometry.mlp_structures, 1, 1, 1, config.round_to)):
         sizes = allowed_sizes(full, getattr(floors, part), round_to)
         if moments[part].tokens == 0 or len(sizes) == 1:  # a part the loss does not reach: free to remove
             out[(index, part)] = {k: 0.0 for k in sizes}
@@ -239,9 +244,10 @@ def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Mom
         gram, output = moments[part].result()
         step = 1 if part == "attention" else max(1, full // CURVE_POINTS)
         kept, damage = damage_curve(gram.to(settings.device), consumers[part].weight.detach().T, group_size=group,
-                                    floor=min(sizes[-1], full), step=step, output_gram=output.to(settings.device),
-                                    damping=config.damping, dtype=PLANNING_DTYPE or settings.attention.dtype)
-        out[(index, part)] = dict(zip(sizes, interpolate_curve(kept, damage, sizes)))
+                                    floor=min(sizes[-1], full) * per, step=step, output_gram=output.to(settings.device),
+                                    damping=config.damping, dtype=PLANNING_DTYPE or settings.attention.dtype,
+                                    partitions=partitions)
+        out[(index, part)] = dict(zip(sizes, interpolate_curve([k // per for k in kept], damage, sizes)))
     return out
 
 

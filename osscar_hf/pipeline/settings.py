@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, AttentionLayout, attention_layout
 from ..budgets import BlockSize
 from ..methods import PruningMethod, SolveSettings, get_method
 
@@ -25,9 +25,7 @@ class LoopSettings:
     method: PruningMethod
     attention: SolveSettings
     mlp: SolveSettings
-    num_attention_groups: int
-    n_rep: int
-    head_dim: int
+    attention_layout: AttentionLayout
     num_neurons: int
     device: torch.device
     storage_device: torch.device
@@ -38,9 +36,23 @@ class LoopSettings:
     sizes: tuple[BlockSize, ...] = ()
 
     @property
-    def attention_group_size(self) -> int:
-        """Input channels of the attention output projection per structure."""
-        return self.n_rep * self.head_dim
+    def num_attention_groups(self) -> int:
+        """KV groups of a dense block."""
+        return self.attention_layout.kv_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head in the dense model."""
+        return self.attention_layout.n_rep
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_layout.head_dim
+
+    @property
+    def attention_structures(self) -> int:
+        """Attention structures of a dense block, the unit of :attr:`sizes` (see :class:`AttentionLayout`)."""
+        return self.attention_layout.structures
 
     def size(self, index: int) -> BlockSize:
         """The kept sizes of block ``index``."""
@@ -54,7 +66,7 @@ class LoopSettings:
 
 def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSettings:
     """The :class:`LoopSettings` of ``config`` (an OsscarConfig) for a model of ``model_config`` (sizes not set)."""
-    m, n_rep, head_dim = spec.group_geometry(model_config)
+    layout = attention_layout(spec, model_config, config.attention_structure)
     dtype = config.torch_solver_dtype()
     iters = config.local_search_iters if config.local_search else 0
     attention = SolveSettings(step=config.attention_step, swap_size=config.attention_swap_size,
@@ -62,8 +74,8 @@ def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSetting
     mlp = SolveSettings(step=config.mlp_step, swap_size=config.mlp_swap_size, local_search_iters=iters,
                         damping=config.damping, dtype=dtype)
     return LoopSettings(
-        method=get_method(config.method), attention=attention, mlp=mlp, num_attention_groups=m, n_rep=n_rep,
-        head_dim=head_dim, num_neurons=spec.ffn_dim(model_config), device=config.resolved_device(),
+        method=get_method(config.method), attention=attention, mlp=mlp, attention_layout=layout,
+        num_neurons=spec.ffn_dim(model_config), device=config.resolved_device(),
         storage_device=torch.device("cpu"), propagate=config.propagate, dense_targets=config.dense_targets,
         activation_storage=config.activation_storage, activation_dir=config.activation_dir,
     )

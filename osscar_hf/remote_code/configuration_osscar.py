@@ -11,7 +11,8 @@ the unpruned block shapes. The ``osscar_*`` fields say how ``modeling_osscar.py`
 - ``osscar_block_shapes``: one ``{"num_attention_heads", "num_key_value_heads", "ffn_dim"}`` per block.
 - ``osscar_layout``: where the blocks live and which linears make up a block (module paths), which output rows
   of each producer belong to which structure (see :func:`kept_rows`), the module attributes holding a count
-  (``{path: "heads" | "kv_heads" | "ffn"}``), ``n_rep`` (query heads per KV head) and ``head_dim``; for a
+  (``{path: "heads" | "kv_heads" | "n_rep" | "ffn"}``), ``n_rep`` (query heads per KV head in the unpruned model; a
+  block may keep fewer, the same number for each of its KV heads) and ``head_dim``; for a
   family whose checkpoints name a tensor unlike its model (GPT-NeoX's ``embed_out``), ``checkpoint_renames``
   (``{prefix in the checkpoint: prefix in the model}``).
 - ``osscar_base_model_type``: the stock ``model_type`` of the family; ``osscar_format_version``: the layout of
@@ -30,7 +31,7 @@ BASE_MODEL_TYPE = "llama"
 OSSCAR_FORMAT_VERSION = 1
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
 LAYOUT_PATH_KEYS = ("blocks", "attention", "o_proj", "mlp_consumer")
-COUNT_KINDS = ("heads", "kv_heads", "ffn")
+COUNT_KINDS = ("heads", "kv_heads", "n_rep", "ffn")
 # The kinds of output rows a producer holds, by the part whose structures they belong to.
 ROW_KINDS = {"q": "attention", "k": "attention", "v": "attention", "neurons": "mlp"}
 
@@ -49,8 +50,16 @@ def structure_stride(segments: Any, n_rep: int, head_dim: int) -> int:
     return sum(rows_per_structure(kind, n_rep, head_dim) for kind in segments)
 
 
+def kept_query_heads(kept: torch.Tensor, n_rep: int, per_group: int | None = None) -> torch.Tensor:
+    """The query heads (int64 indices among ``total * n_rep``, on the CPU, increasing) of the ``kept`` KV groups:
+    each group's first ``per_group`` heads (all ``n_rep`` when None)."""
+    kept = torch.as_tensor(kept, dtype=torch.int64, device="cpu")
+    per_group = n_rep if per_group is None else per_group
+    return (kept.unsqueeze(1) * n_rep + torch.arange(per_group, dtype=torch.int64, device="cpu")).reshape(-1)
+
+
 def kept_rows(segments: Any, interleaved: bool, kept: torch.Tensor, total: int, n_rep: int,
-              head_dim: int) -> torch.Tensor:
+              head_dim: int, kept_heads: torch.Tensor | None = None) -> torch.Tensor:
     """The output rows (int64, on the CPU, increasing) of a producer that belong to the ``kept`` structures
     (increasing indices among ``total``).
 
@@ -58,18 +67,30 @@ def kept_rows(segments: Any, interleaved: bool, kept: torch.Tensor, total: int, 
     (kind-major): all structures' rows of the first segment, then of the next, e.g. ``["q", "k", "v"]`` for a
     fused ``[q heads | k heads | v heads]`` projection, ``["neurons", "neurons"]`` for a fused ``[gate | up]``.
     ``interleaved`` (structure-major): every structure's rows of all segments together, e.g. per head ``[q|k|v]``.
+    ``kept_heads``: for an attention producer whose KV groups keep only some of their query heads, the kept query
+    heads (increasing indices among ``total * n_rep``, each in a kept group): the ``"q"`` rows are theirs; None
+    keeps every query head of the kept groups.
     """
     kept = torch.as_tensor(kept, dtype=torch.int64, device="cpu")
+    heads = kept_query_heads(kept, n_rep) if kept_heads is None else torch.as_tensor(
+        kept_heads, dtype=torch.int64, device="cpu")
     widths = [rows_per_structure(kind, n_rep, head_dim) for kind in segments]
-    if interleaved:
-        stride = sum(widths)
-        return (kept.unsqueeze(1) * stride + torch.arange(stride, dtype=torch.int64, device="cpu")).reshape(-1)
+    span = torch.arange(head_dim, dtype=torch.int64, device="cpu")
+    stride = sum(widths) if interleaved else 0
     parts, offset = [], 0
-    for width in widths:
-        rows = kept.unsqueeze(1) * width + torch.arange(width, dtype=torch.int64, device="cpu")
+    for kind, width in zip(segments, widths):
+        if kind == "q":  # a query head's rows: head_dim of them, at its place within its group's n_rep heads
+            base = (heads // n_rep) * stride + (heads % n_rep) * head_dim if interleaved else heads * head_dim
+            rows = base.unsqueeze(1) + span
+        else:
+            start = kept * (stride if interleaved else width)
+            rows = start.unsqueeze(1) + torch.arange(width, dtype=torch.int64, device="cpu")
         parts.append(offset + rows.reshape(-1))
-        offset += total * width
-    return torch.cat(parts) if parts else kept
+        offset += width if interleaved else total * width
+    if not parts:
+        return kept
+    rows = torch.cat(parts)
+    return rows.sort().values if interleaved else rows
 
 
 def producer_entries(entries: Any, default_kind: str) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -203,10 +224,11 @@ def check_block_shapes(shapes: Any, num_blocks: int, n_rep: int) -> None:
             )
         if not all(_is_count(shape[key], 0) for key in BLOCK_SHAPE_KEYS):
             raise ValueError(f"osscar_block_shapes[{index}] must hold ints >= 0, got {shape!r}")
-        if shape["num_attention_heads"] != shape["num_key_value_heads"] * n_rep:
+        heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        if not (heads == kv == 0 or (kv > 0 and heads % kv == 0 and 1 <= heads // kv <= n_rep)):
             raise ValueError(
-                f"osscar_block_shapes[{index}] = {shape!r} does not have n_rep = {n_rep} query heads per "
-                "KV head"
+                f"osscar_block_shapes[{index}] = {shape!r} does not have the same number of query heads, 1 to "
+                f"n_rep = {n_rep}, for every KV head (or no head at all)"
             )
 
 
@@ -252,6 +274,7 @@ __all__ = [
     "OsscarCountView",
     "OsscarLlamaConfig",
     "count_owner",
+    "kept_query_heads",
     "kept_rows",
     "producer_entries",
     "rows_per_structure",

@@ -3,7 +3,8 @@
 Written beside the weights by osscar_hf (``save_pruned(model, folder, format="remote_code")``); needs only
 torch and transformers. The model is built from the stock fields of the config (the unpruned shapes), then
 every block listed in ``config.osscar_block_shapes`` keeps its first ``num_key_value_heads`` KV groups (with
-their ``n_rep`` query heads each) and its first ``ffn_dim`` FFN neurons: the linears that produce those
+the first ``num_attention_heads / num_key_value_heads`` of their ``n_rep`` query heads each) and its first ``ffn_dim``
+FFN neurons: the linears that produce those
 structures lose the output rows ``osscar_layout`` assigns them (``kept_rows``, whatever the projections' row
 layout: separate, fused, interleaved), the ones that consume them lose input columns. Which values are kept does not
 matter (the checkpoint's weights replace them); inside ``from_pretrained`` the model is built on the meta
@@ -24,6 +25,7 @@ from transformers import LlamaForCausalLM
 from .configuration_osscar import (
     OsscarLlamaConfig,
     count_owner,
+    kept_query_heads,
     kept_rows,
     producer_entries,
     set_count,
@@ -109,16 +111,18 @@ def _set_counts(block: nn.Module, counts_at: dict[str, str], counts: dict[str, i
 
 
 def _producers(root: nn.Module, entries: list[Any], kind: str, built: int, kept: int,
-               n_rep: int, head_dim: int) -> list[tuple[nn.Linear, torch.Tensor]]:
-    """Every producer of a part with the rows its first ``kept`` structures (of ``built``) own."""
+               n_rep: int, head_dim: int, per_group: int | None = None) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """Every producer of a part with the rows its first ``kept`` structures (of ``built``) own; for the attention,
+    the first ``per_group`` query heads of each kept KV group (all when None)."""
     out = []
     keep = torch.arange(kept, device="cpu")
+    heads = kept_query_heads(keep, n_rep, per_group) if kind == "q" else None
     for path, segments, interleaved in producer_entries(entries, kind):
         linear = _linear(root, path)
         if linear.out_features != built * structure_stride(segments, n_rep, head_dim):
             raise ValueError(f"osscar_layout: {path!r} has {linear.out_features} outputs, which its row layout "
                              f"{list(segments)} does not split into {built} structures")
-        out.append((linear, kept_rows(segments, interleaved, keep, built, n_rep, head_dim)))
+        out.append((linear, kept_rows(segments, interleaved, keep, built, n_rep, head_dim, heads)))
     return out
 
 
@@ -127,26 +131,27 @@ def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]
     n_rep, head_dim = layout["n_rep"], layout["head_dim"]
     attention = block.get_submodule(layout["attention"])
     o_proj, consumer = _linear(attention, layout["o_proj"]), _linear(block, layout["mlp_consumer"])
-    kv_heads, ffn_dim = shape["num_key_value_heads"], shape["ffn_dim"]
+    heads, kv_heads, ffn_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["ffn_dim"]
     built = {"num_key_value_heads": o_proj.in_features // (n_rep * head_dim), "ffn_dim": consumer.in_features}
     if kv_heads > built["num_key_value_heads"] or ffn_dim > built["ffn_dim"]:
         raise ValueError(
             f"cannot shrink a block built with {built} to {shape}: the stock fields of the config and "
             "osscar_block_shapes disagree"
         )
+    per_group = heads // kv_heads if kv_heads else n_rep
     producers = _producers(attention, layout["attention_producers"], "q", built["num_key_value_heads"], kv_heads,
-                           n_rep, head_dim)
+                           n_rep, head_dim, per_group)
     producers += _producers(block, layout["mlp_producers"], "neurons", built["ffn_dim"], ffn_dim, 1, 1)
     for linear, rows in producers:
         _keep_rows(linear, rows)
-    _keep_columns(o_proj, kv_heads * n_rep * head_dim)
+    _keep_columns(o_proj, heads * head_dim)
     _keep_columns(consumer, ffn_dim)
     if kv_heads == 0:
         empty = OsscarEmptyAttention(dict(attention.named_children()), layout["o_proj"],
                                      getattr(attention, "layer_idx", None))
         parent_path, _, name = layout["attention"].rpartition(".")
         setattr(block.get_submodule(parent_path), name, empty)
-    counts = {"heads": kv_heads * n_rep, "kv_heads": kv_heads, "ffn": ffn_dim}
+    counts = {"heads": heads, "kv_heads": kv_heads, "n_rep": per_group, "ffn": ffn_dim}
     _set_counts(block, layout.get("count_attributes", {}), counts)
 
 

@@ -27,9 +27,15 @@ def damage_curve(
     output_gram: torch.Tensor | None = None,
     damping: float = 0.01,
     dtype: torch.dtype = torch.float64,
+    partitions: int = 1,
 ) -> tuple[list[int], list[float]]:
     """Kept group counts (from all ``m`` down to ``floor``, in steps of about ``step``) and the increase of the
-    (output-weighted) objective at each, from stage A's nested removal order. ``H`` is not modified."""
+    (output-weighted) objective at each, from stage A's nested removal order. ``H`` is not modified.
+
+    With ``partitions`` (equal counts per partition, see :mod:`osscar_hf.solver.partitions`) the counts are the
+    balanced ones, ``m``, ``m - partitions``, ... down to ``floor`` (a multiple of ``partitions``), each from its
+    own constrained stage A (a balanced support of one level need not hold the next level's), the damage made
+    non-decreasing."""
     W = W_hat.to(dtype)
     if output_gram is not None:
         G = output_gram.to(dtype)
@@ -40,10 +46,25 @@ def damage_curve(
     m = W.shape[0] // group_size
     if floor >= m:
         return [m], [0.0]
+    if partitions > 1:
+        return _balanced_curve(H, W, group_size=group_size, floor=floor, damping=damping, dtype=dtype,
+                               partitions=partitions)
     solution = solve_layer(H, W, group_size=group_size, num_keep=floor, step=step, local_search_iters=0,
                            swap_size=1, damping=damping, dtype=dtype)
     curve = solution.objective_curve.double()
     return [int(k) for k in solution.curve_num_kept.tolist()], (curve - curve[0]).tolist()
+
+
+def _balanced_curve(H: torch.Tensor, W: torch.Tensor, *, group_size: int, floor: int, damping: float,
+                    dtype: torch.dtype, partitions: int) -> tuple[list[int], list[float]]:
+    m = W.shape[0] // group_size
+    kept, damage = [m], [0.0]
+    for num_keep in range(m - partitions, floor - 1, -partitions):
+        solution = solve_layer(H, W, group_size=group_size, num_keep=num_keep, step=1, local_search_iters=0,
+                               swap_size=1, damping=damping, dtype=dtype, partitions=partitions)
+        kept.append(num_keep)
+        damage.append(max(damage[-1], solution.objective - solution.objective_dense))
+    return kept, damage
 
 
 def interpolate_curve(sizes: list[int], damage: list[float], at: list[int]) -> list[float]:

@@ -160,8 +160,7 @@ def _check_format(run: PruneRun, checkpoint_format: str) -> None:
         return
     with init_empty_weights():
         probe = AutoModelForCausalLM.from_config(copy.deepcopy(run.model.config))
-    shapes = [{"num_key_value_heads": s.attention, "num_attention_heads": s.attention * settings.n_rep,
-               "ffn_dim": s.mlp} for s in settings.sizes]
+    shapes = [{**settings.attention_layout.shape(s.attention), "ffn_dim": s.mlp} for s in settings.sizes]
     apply_block_shapes(probe, shapes, run.spec)
     if settings.method.adds_bias:
         for block in get_submodule(probe, run.spec.blocks):
@@ -281,8 +280,7 @@ class ShardBlocks:
             self.load(index, block)
             stream.replay(index, block, pruned=False)
             block.to("meta")
-        shape = {"num_key_value_heads": report.attention.kept, "ffn_dim": report.mlp.kept,
-                 "num_attention_heads": report.attention.kept * settings.n_rep}
+        shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept), "ffn_dim": report.mlp.kept}
         with torch.device("cpu"):
             resize_block(block, run.spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
             if settings.method.adds_bias:

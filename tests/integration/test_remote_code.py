@@ -297,8 +297,8 @@ def test_bad_osscar_fields_fail_with_the_field_named(saved, tmp_path):
     for key, value, match in (
         ("osscar_block_shapes", [{"num_attention_heads": 2, "num_key_value_heads": 1, "ffn_dim": 10}],
          "osscar_block_shapes must be a list of 2 block shapes"),
-        ("osscar_block_shapes", [{"num_attention_heads": 2, "num_key_value_heads": 2, "ffn_dim": 10}] * 2,
-         r"osscar_block_shapes\[0\] .* n_rep = 2"),
+        ("osscar_block_shapes", [{"num_attention_heads": 3, "num_key_value_heads": 2, "ffn_dim": 10}] * 2,
+         r"osscar_block_shapes\[0\] .* 1 to n_rep = 2"),
         ("osscar_format_version", 2, "osscar_format_version = 2.*newer osscar_hf"),
         ("osscar_layout", None, "osscar_layout is missing"),
     ):

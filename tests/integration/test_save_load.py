@@ -278,8 +278,10 @@ def test_inconsistent_shapes_fail_clearly(tmp_path):
         apply_block_shapes(model, [shape])
     with pytest.raises(SurgeryError, match="cannot grow a block"):
         apply_block_shapes(model, [{**shape, "ffn_dim": 64}] * 2)
-    with pytest.raises(SurgeryError, match="2 query heads per KV head"):
-        apply_block_shapes(model, [{**shape, "num_attention_heads": 1}] * 2)
+    with pytest.raises(SurgeryError, match="same number of query heads, 1 to 2"):
+        apply_block_shapes(model, [{**shape, "num_attention_heads": 3}] * 2)
+    with pytest.raises(SurgeryError, match="same number of query heads, 1 to 2"):
+        apply_block_shapes(model, [{**shape, "num_attention_heads": 0}] * 2)
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     data["quantization_config"] = {"quant_method": "osscar"}
