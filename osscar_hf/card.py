@@ -175,7 +175,8 @@ def _size_fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
     before = int(budget.get("block_params_before", 0))
     after = int(budget.get("block_params_after", 0))
     return dict(
-        attention_unit="heads (or KV groups)",
+        attention_unit=("query heads (the same number in every KV group)"
+                        if config.attention_structure == "query_heads" else "heads (or KV groups)"),
         parameters_before=f"{report.parameters_before:,}",
         parameters_after=f"{report.parameters_after:,}",
         parameters_removed=f"{removed / report.parameters_before:.1%}" if report.parameters_before else "0%",

@@ -275,12 +275,14 @@ def check_model_source(name: str) -> None:
         raise CommandError(f"model folder {name} does not exist")
 
 
-def check_model_config(name: str, *, revision: str | None = None, token: str | bool | None = None) -> None:
+def check_model_config(name: str, *, revision: str | None = None, token: str | bool | None = None,
+                       attention_structure: str = "kv_groups") -> None:
     """Refuse, from its ``config.json`` alone, a model osscar_hf cannot prune (an unsupported ``model_type``,
-    quantized, already pruned), before any weight is loaded. A config that cannot be fetched is left for the
-    load to report."""
+    quantized, already pruned, or without grouped-query attention for ``--attention-structure query_heads``), before
+    any weight is loaded. A config that cannot be fetched is left for the load to report."""
     from transformers import AutoConfig
 
+    from osscar_hf.arch import attention_layout
     from osscar_hf.pruner import check_prunable_config
 
     try:
@@ -290,7 +292,7 @@ def check_model_config(name: str, *, revision: str | None = None, token: str | b
     except OSError as exc:  # not reachable or not there: loading says so in full
         logger.debug("config of %s not read before loading: %s", name, exc)
         return
-    check_prunable_config(model_config)
+    attention_layout(check_prunable_config(model_config), model_config, attention_structure)
 
 
 def check_output_dir(output: Path, source: str, *, overwrite: bool) -> Path:
@@ -357,13 +359,16 @@ def _commit_url(commit: Any, repo_id: str) -> str:
 # --------------------------------------------------------------------------- prune
 def _add_size_options(parser: argparse.ArgumentParser) -> None:
     """How much to remove, and how the budget is spent (see docs/budgets.md)."""
+    from osscar_hf.arch import ATTENTION_STRUCTURES
+
     sizes = parser.add_argument_group(
         "how much to remove (one of: --sparsity; --attention-sparsity with --mlp-sparsity; --block-sizes)")
     sizes.add_argument("--sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of the decoder blocks' parameters (or --sparsity-target flops) to remove in "
                        "total; osscar_hf chooses every block's sizes (see --allocation)")
     sizes.add_argument("--attention-sparsity", type=sparsity, default=None, metavar="F",
-                       help="fraction of attention heads / KV groups removed in every block, in [0, 1)")
+                       help="fraction of the attention structures (see --attention-structure) removed in every block, "
+                       "in [0, 1)")
     sizes.add_argument("--mlp-sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of FFN neurons removed in every block, in [0, 1)")
     sizes.add_argument("--block-sizes", default=None, metavar="JSON",
@@ -375,6 +380,10 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                        help="how --sparsity is spent: global (per-block sizes from damage measured on held-out "
                        "calibration windows), uniform (the same fraction in every block), auto (default: global for "
                        "methods that have an allocation, else uniform)")
+    sizes.add_argument("--attention-structure", choices=ATTENTION_STRUCTURES, default="kv_groups",
+                       help="what the attention loses: whole KV groups (default) or query heads, the same number "
+                       "from every KV group (the stock GQA shape is kept; a structure is then one query head of "
+                       "every KV group)")
     sizes.add_argument("--round-to", type=positive_int, default=1, metavar="N",
                        help="kept neuron counts are multiples of N (or the full width), e.g. 64 or 128 for GPUs")
     sizes.add_argument("--min-part-keep", type=unit_fraction, default=None, metavar="F",
@@ -493,7 +502,8 @@ def _read_block_sizes(text: str) -> Any:
 
 def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
     """The OsscarConfig fields of the size options that were given."""
-    options: dict[str, Any] = {"method": args.method, "round_to": args.round_to}
+    options: dict[str, Any] = {"method": args.method, "round_to": args.round_to,
+                               "attention_structure": args.attention_structure}
     if args.sparsity is not None:
         options.update(sparsity=args.sparsity, sparsity_target=args.sparsity_target, allocation=args.allocation)
         for name in ("min_part_keep", "min_block_keep", "allocation_samples"):
@@ -556,7 +566,8 @@ def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
     pruner = OsscarPruner(config)  # checks the method against the other fields
     _check_stock_format(config, args.format)
     check_dataset_source(config.dataset)
-    check_model_config(args.model, revision=args.revision, token=args.token)
+    check_model_config(args.model, revision=args.revision, token=args.token,
+                       attention_structure=config.attention_structure)
     return pruner, output
 
 

@@ -184,3 +184,20 @@ def test_a_streamed_run_refuses_a_spec_that_does_not_describe_the_checkpoint(reg
     with pytest.raises(UnsupportedModelError, match="which lacks a count attribute model.layers.0.mlp.intermediate"):
         pruner.prune_checkpoint(tmp_path / "dense", tmp_path / "pruned", progress=False)
     assert not list(tmp_path.glob("pruned/*.safetensors"))
+
+
+def test_attention_layout_maps_structures_to_heads_for_both_structures():
+    from osscar_hf.arch import AttentionLayout
+
+    groups = AttentionLayout(kv_heads=2, n_rep=3, head_dim=4)
+    heads = AttentionLayout(kv_heads=2, n_rep=3, head_dim=4, structure="query_heads")
+    assert (groups.structures, groups.solver_groups, groups.group_size, groups.partitions) == (2, 2, 12, 1)
+    assert (heads.structures, heads.solver_groups, heads.group_size, heads.partitions) == (3, 6, 4, 2)
+    assert groups.shape(1) == {"num_attention_heads": 3, "num_key_value_heads": 1}
+    assert heads.shape(2) == {"num_attention_heads": 4, "num_key_value_heads": 2}
+    assert heads.shape(0) == {"num_attention_heads": 0, "num_key_value_heads": 0}
+    assert heads.solver_keep(2) == 4 and heads.shape_of_solver_kept(4) == heads.shape(2)
+    kept_groups, kept_heads = heads.selection(torch.tensor([1, 2, 3, 5]))
+    assert kept_groups.tolist() == [0, 1] and kept_heads.tolist() == [1, 2, 3, 5]
+    kept_groups, kept_heads = groups.selection(torch.tensor([1]))
+    assert kept_groups.tolist() == [1] and kept_heads.tolist() == [3, 4, 5]

@@ -9,6 +9,7 @@ import torch
 
 from osscar_hf.arch import get_spec
 from osscar_hf.budgets import (
+    BlockGeometry,
     BlockSize,
     PartCurve,
     allocate,
@@ -49,6 +50,28 @@ def test_geometry_counts_every_parameter_a_structure_takes_with_it(kind):
     prune_attention(block, spec, torch.tensor([0]), n_rep=n_rep, head_dim=head_dim, num_groups=m)
     prune_mlp(block, spec, torch.arange(10))
     assert _block_params(model) == total - (m - 1) * g0.attention_params - (g0.mlp_structures - 10) * g0.mlp_params
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "phi3"])
+@pytest.mark.parametrize("per_group", [0, 1, 2])
+def test_query_head_geometry_counts_the_heads_and_the_kv_heads_that_go_with_the_last(kind, per_group):
+    """With query heads as structures, a block keeping ``per_group`` heads of each KV group has exactly the
+    geometry's parameters: the KV heads (the base) go only with the last query head."""
+    import torch
+
+    from osscar_hf.remote_code.configuration_osscar import kept_query_heads
+
+    model = make_model(kind)
+    spec = get_spec(model)
+    kv, n_rep, head_dim = spec.group_geometry(model.config)
+    g = block_geometries(model, spec, seq_len=64, attention_structure="query_heads")[0]
+    assert g.attention_structures == n_rep and g.params(n_rep, g.mlp_structures) == _block_params(model) // 2
+    block = model.get_submodule(spec.blocks)[0]
+    groups = torch.arange(kv) if per_group else torch.tensor([], dtype=torch.long)
+    prune_attention(block, spec, groups, n_rep=n_rep, head_dim=head_dim, num_groups=kv,
+                    kept_heads=kept_query_heads(groups, n_rep, per_group))
+    assert sum(p.numel() for p in block.parameters()) == g.params(per_group, g.mlp_structures)
+    assert (g.flops(per_group, 0) > 0) == (per_group > 0) and g.attention_base_params > 0
 
 
 def test_geometry_flops_include_the_attention_scores_of_the_context():
@@ -246,3 +269,30 @@ def test_a_budget_only_fractions_of_a_structure_could_meet_is_refused_before_any
     # ... while each block's floor alone, counted in fractions, would allow exactly that much
     caps = sum(0.45 * x.params(x.attention_structures, x.mlp_structures) for x in geometries)
     assert caps == pytest.approx(0.45 * dense)
+
+
+# --------------------------------------------------------------------------- query heads
+def test_a_curve_base_is_removed_with_the_last_structure_only():
+    curve = PartCurve(0, "attention", [3, 2, 1, 0], [0.0, 1.0, 2.0, 3.0], unit=10.0, base=25.0)
+    assert [curve.removed(j) for j in range(4)] == [0.0, 10.0, 20.0, 55.0]
+    mlp = PartCurve(0, "mlp", [4, 3, 2, 1, 0], [0.0, 10.0, 20.0, 30.0, 40.0], unit=10.0)
+    # The attention's hull runs straight to 0 (3 damage for 55 removed, the base included): removing 55 takes it all;
+    # removing 30, its last step (35 with the base) no longer fits, and a neuron makes up the rest.
+    assert allocate([curve, mlp], 55.0) == {(0, "attention"): 0, (0, "mlp"): 4}
+    assert allocate([curve, mlp], 30.0) == {(0, "attention"): 1, (0, "mlp"): 3}
+
+
+def test_flap_levels_rank_every_groups_heads_and_average_by_rank():
+    from osscar_hf.budgets import level_scores
+
+    heads = torch.tensor([1.0, 5.0, 3.0, 2.0, 0.0, 4.0])  # two KV groups of three query heads
+    assert level_scores(heads, 2).tolist() == [4.5, 2.5, 0.5]
+
+
+def test_flap_counts_the_base_with_the_first_structure_it_keeps():
+    geometry = BlockGeometry(attention_structures=2, mlp_structures=2, attention_params=10, mlp_params=10,
+                             fixed_params=0, attention_flops=0.0, mlp_flops=0.0, attention_base_params=20)
+    scores = {(0, "attention"): torch.tensor([1.0, 0.5]), (0, "mlp"): torch.tensor([0.9, 0.8])}
+    # 60 params dense; keep 50%: the first head (10 + base 20) outranks the neurons and fills the budget.
+    sizes = flap_sizes(scores, [geometry], sparsity=0.5, target="params", floors=[(0, 0)])
+    assert sizes[0].to_dict() == {"attention": 1, "mlp": 0}

@@ -719,3 +719,27 @@ def test_prune_refuses_an_already_pruned_model_before_loading(workdir, tmp_path,
     assert _run(["prune", str(folder), *PRUNE_OPTIONS, "--dataset", str(workdir / "calib.txt"),
                  "--output", str(tmp_path / "o")]) == 1
     assert "already pruned by osscar_hf" in _one_error_line(capsys.readouterr().err)
+
+
+def test_prune_refuses_query_heads_for_a_model_without_gqa_before_loading(workdir, tmp_path, capsys,
+                                                                         no_loading) -> None:
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "mha"
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, num_key_value_heads=2).save_pretrained(
+        folder)  # config.json only: no weights at all
+    assert _run(["prune", str(folder), *PRUNE_OPTIONS, "--attention-structure", "query_heads", "--dataset",
+                 str(workdir / "calib.txt"), "--output", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "one query head per KV head" in line and "attention_structure='kv_groups'" in line
+
+
+def test_prune_with_query_heads_keeps_every_kv_head(workdir, tmp_path) -> None:
+    out = tmp_path / "pruned"
+    assert _run(["prune", str(workdir / "src"), "--attention-sparsity", "0.5", "--mlp-sparsity", "0.25",
+                 "--attention-structure", "query_heads", "--dataset", str(workdir / "calib.txt"), "--num-samples",
+                 "4", "--seq-len", "16", "--device", "cpu", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
+    assert report["config"]["attention_structure"] == "query_heads"
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)

@@ -171,3 +171,13 @@ def test_a_method_that_cannot_do_what_the_fields_ask_is_refused_before_any_work(
 
     with pytest.raises(OsscarConfigError, match=message):
         OsscarPruner(OsscarConfig(**fields))
+
+
+def test_top_groups_with_partitions_keeps_the_best_of_every_partition():
+    from osscar_hf.methods.base import top_groups
+
+    scores = torch.tensor([9.0, 1.0, 2.0, 8.0, 7.0, 0.0])  # two partitions of three
+    assert top_groups(scores, 2).tolist() == [0, 3]  # free: both from different partitions by chance
+    assert top_groups(scores, 2, partitions=2).tolist() == [0, 3]
+    assert top_groups(torch.tensor([9.0, 8.0, 2.0, 1.0, 7.0, 0.0]), 2, partitions=2).tolist() == [0, 4]
+    assert top_groups(torch.tensor([9.0, 8.0, 2.0, 1.0, 7.0, 0.0]), 4, partitions=2).tolist() == [0, 1, 3, 4]

@@ -36,6 +36,26 @@ def test_kept_rows_are_the_rows_of_the_kept_structures(segments, interleaved, ke
     assert [labels[r] for r in rows.tolist()] == [label for label in labels if label[1] in kept]
 
 
+@pytest.mark.parametrize("segments,interleaved", [(("q",), False), (("k",), False), (("q", "k", "v"), False),
+                                                  (("q", "k", "v"), True)])
+@pytest.mark.parametrize("kept,heads", [([0, 2], [1, 5]), ([1], [2, 3]), ([0, 1, 2], [0, 2, 4]), ([], [])])
+def test_kept_rows_of_kept_query_heads_are_those_heads_and_the_groups_kv_rows(segments, interleaved, kept, heads):
+    """With some query heads of each kept group: the q rows of exactly those heads (head h is the (h % n_rep)-th
+    of group h // n_rep), every k and v row of the kept groups."""
+    labels = _labels(segments, interleaved, M, N_REP, HD)
+    rows = kept_rows(segments, interleaved, torch.tensor(kept, dtype=torch.int64), M, N_REP, HD,
+                     torch.tensor(heads, dtype=torch.int64))
+    assert rows.tolist() == sorted(rows.tolist())
+
+    def wanted(label):
+        kind, structure, offset = label
+        if kind == "q":
+            return structure * N_REP + offset // HD in heads
+        return structure in kept
+
+    assert [labels[r] for r in rows.tolist()] == [label for label in labels if wanted(label)]
+
+
 def test_separate_projections_keep_what_they_always_kept():
     kept = torch.tensor([0, 2])
     assert torch.equal(kept_rows(("q",), False, kept, M, N_REP, HD), group_channels(kept, N_REP * HD))
