@@ -72,6 +72,8 @@ class _Window:
 def default_seq_len(model: torch.nn.Module) -> int:
     """The model's context length (``max_position_embeddings``, or ``n_positions``) capped at 2048."""
     config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", None)
+    config = text() if callable(text) else config  # a multimodal model's decoder config
     context = None
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)

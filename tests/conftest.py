@@ -11,6 +11,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GPTNeoXConfig,
     GemmaConfig,
@@ -60,6 +61,12 @@ def _config(kind: str, **overrides) -> object:
         cfg = Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                                head_dim=8, query_pre_attn_scalar=12, sliding_window=6,
                                layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    elif kind == "gemma3":  # the multimodal Gemma 3: a vision tower, the text blocks under model.language_model
+        text = dict(common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8,
+                    query_pre_attn_scalar=12, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+        cfg = Gemma3Config(text_config=text, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                           vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14))
     elif kind == "phi3":  # fused qkv_proj and gate_up_proj; GQA; half the head dims rotated (partial rotary)
         cfg = Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})

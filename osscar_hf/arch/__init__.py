@@ -2,6 +2,7 @@
 
 from .attention import ATTENTION_STRUCTURES, AttentionLayout, attention_layout
 from .registry import (
+    GEMMA3_MULTIMODAL,
     GEMMA_FAMILY,
     GPT_NEOX,
     LLAMA_FAMILY,
@@ -17,6 +18,7 @@ __all__ = [
     "ATTENTION_STRUCTURES",
     "ArchSpec",
     "AttentionLayout",
+    "GEMMA3_MULTIMODAL",
     "GEMMA_FAMILY",
     "GPT_NEOX",
     "LLAMA_FAMILY",

@@ -67,9 +67,13 @@ class AttentionLayout:
             return {"num_attention_heads": kept * self.kv_heads, "num_key_value_heads": self.kv_heads if kept else 0}
         return {"num_attention_heads": kept * self.n_rep, "num_key_value_heads": kept}
 
+    def structures_of_solver_kept(self, kept_groups: int) -> int:
+        """Structures kept (the budgets' unit) from the number of solver groups kept (what a block report records)."""
+        return kept_groups // self.kv_heads if self.query_heads else kept_groups
+
     def shape_of_solver_kept(self, kept_groups: int) -> dict[str, int]:
         """:meth:`shape` from the number of solver groups kept (what a block report records)."""
-        return self.shape(kept_groups // self.kv_heads if self.query_heads else kept_groups)
+        return self.shape(self.structures_of_solver_kept(kept_groups))
 
     def selection(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept KV groups, kept query heads) of the solver's kept groups ``kept`` (increasing indices)."""

@@ -52,6 +52,22 @@ GEMMA_FAMILY = dataclasses.replace(
     config_final_logit_softcap="final_logit_softcapping",
 )
 
+# Gemma 3 with its vision tower (``model_type`` ``gemma3``, ``Gemma3ForConditionalGeneration``): the language model's
+# blocks are Gemma 3 text blocks under ``model.language_model``, their fields in ``config.text_config``. Only the
+# decoder is pruned; the vision tower and the projector are kept as they are. Checkpoints keep the names of the
+# original release (``language_model.model.layers...``), which transformers renames on load for its stock class.
+GEMMA3_MULTIMODAL = dataclasses.replace(
+    GEMMA_FAMILY,
+    name="gemma3",
+    model_types=("gemma3",),
+    blocks="model.language_model.layers",
+    final_modules=("model.language_model.norm", "lm_head"),
+    config_path="text_config",
+    checkpoint_renames={"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                        "vision_tower.": "model.vision_tower.",
+                        "multi_modal_projector.": "model.multi_modal_projector."},
+)
+
 # Phi-3 (and Phi-3.5-mini, Phi-4-mini): fused projections. ``qkv_proj``'s rows are [q heads | k heads | v heads],
 # ``gate_up_proj``'s [gate | up]. The attention reads the query head count from the config it shares with every block
 # (``self.config.num_attention_heads``), which a pruned block overrides in a view of its own. Phi3Config has no
@@ -138,5 +154,6 @@ def get_spec(model_or_config: Any) -> ArchSpec:
 register_architecture(OPT)
 register_architecture(LLAMA_FAMILY)
 register_architecture(GEMMA_FAMILY)
+register_architecture(GEMMA3_MULTIMODAL)
 register_architecture(PHI3)
 register_architecture(GPT_NEOX)

@@ -109,6 +109,10 @@ class ArchSpec:
     # Config field of a soft cap the ``*ForCausalLM`` applies to the logits after ``final_modules``
     # (``cap * tanh(logits / cap)``; Gemma 2), or None; a config whose field is None or absent has no cap.
     config_final_logit_softcap: str | None = None
+    # The sub-config that holds the decoder's fields (heads, KV heads, FFN width, head_dim, bias switches, the logit
+    # soft cap, the context length), or None when they are the model config's own: a multimodal model's
+    # ``text_config`` (Gemma 3's). Read through :meth:`shape_config`.
+    config_path: str | None = None
     # Checkpoints whose tensor names differ from the ``*ForCausalLM``'s parameter names, as {prefix in the
     # checkpoint: prefix in the model} (GPT-NeoX: ``{"embed_out.": "lm_head."}``, which transformers renames on load
     # for the stock class only): what a streamed run (reading tensors by name) renames on read and back on write,
@@ -139,7 +143,7 @@ class ArchSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 found.append(f"{name} must be a non-empty str, got {value!r}")
-        for name in ("config_kv_heads", "config_final_logit_softcap"):
+        for name in ("config_kv_heads", "config_final_logit_softcap", "config_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 found.append(f"{name} must be None or a non-empty str, got {value!r}")
@@ -177,8 +181,13 @@ class ArchSpec:
         count attribute the spec names exists in ``model`` (each linear an ``nn.Linear``): checked before any work,
         so a spec that does not describe the model never leaves it half pruned."""
         config = getattr(model, "config", None)
+        if self.config_path is not None and getattr(config, self.config_path, None) is None:
+            raise UnsupportedModelError(
+                f"architecture spec {self.name!r} reads the decoder's fields from config.{self.config_path}, which "
+                f"this {type(model).__name__}'s config lacks")
+        fields = self.shape_config(config)
         missing = [f"config field {name!r}" for name in (self.config_heads, self.config_kv_heads, self.config_ffn)
-                   if name is not None and not hasattr(config, name)]
+                   if name is not None and not hasattr(fields, name)]
         try:
             blocks = list(get_submodule(model, self.blocks))
         except (AttributeError, TypeError):
@@ -219,25 +228,34 @@ class ArchSpec:
         return tuple(p if isinstance(p, Producer) else Producer(p, ("neurons",)) for p in self.mlp_producers)
 
     # -- shapes read from a config --------------------------------------------------------------------
+    def shape_config(self, config: Any) -> Any:
+        """The config that holds the decoder's fields: ``config`` itself, or its :attr:`config_path` sub-config
+        (a config that already is that sub-config is returned as it is)."""
+        if self.config_path is None:
+            return config
+        return getattr(config, self.config_path, None) or config
+
     def num_heads(self, config: Any) -> int:
-        return int(getattr(config, self.config_heads))
+        return int(getattr(self.shape_config(config), self.config_heads))
 
     def num_kv_heads(self, config: Any) -> int:
         if self.config_kv_heads is None:
             return self.num_heads(config)
-        value = getattr(config, self.config_kv_heads, None)
+        value = getattr(self.shape_config(config), self.config_kv_heads, None)
         return self.num_heads(config) if value is None else int(value)
 
     def head_dim(self, config: Any) -> int:
-        explicit = getattr(config, "head_dim", None) if self.config_has_head_dim else None
-        return int(explicit) if explicit else int(config.hidden_size) // self.num_heads(config)
+        fields = self.shape_config(config)
+        explicit = getattr(fields, "head_dim", None) if self.config_has_head_dim else None
+        return int(explicit) if explicit else int(fields.hidden_size) // self.num_heads(config)
 
     def ffn_dim(self, config: Any) -> int:
-        return int(getattr(config, self.config_ffn))
+        return int(getattr(self.shape_config(config), self.config_ffn))
 
     def final_logit_softcap(self, config: Any) -> float | None:
         """The soft cap of the logits (``config_final_logit_softcap``'s value), or None when there is none."""
-        value = getattr(config, self.config_final_logit_softcap, None) if self.config_final_logit_softcap else None
+        fields = self.shape_config(config)
+        value = getattr(fields, self.config_final_logit_softcap, None) if self.config_final_logit_softcap else None
         return float(value) if value else None
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:

@@ -23,7 +23,7 @@ def switch_on_part_biases(model: nn.Module, spec: ArchSpec) -> None:
     for part, linears in part_linears(blocks[0], spec).items():
         switch = spec.bias_switches.get(part)
         if switch is not None and all(linear.bias is not None for linear in linears):
-            setattr(model.config, switch, True)
+            setattr(spec.shape_config(model.config), switch, True)
 
 
 def update_model_config(
@@ -44,18 +44,19 @@ def update_model_config(
     ``save_pretrained`` refuses the folder the dense model was loaded from.
     """
     config = model.config
+    fields = spec.shape_config(config)  # the decoder's fields (a multimodal model's text_config)
     switch_on_part_biases(model, spec)
     blocks = get_submodule(model, spec.blocks)
     shapes = [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in blocks]
     if all(shape == shapes[0] for shape in shapes):
         shape = shapes[0]
-        setattr(config, spec.config_ffn, shape["ffn_dim"])
+        setattr(fields, spec.config_ffn, shape["ffn_dim"])
         heads = shape["num_attention_heads"]
-        if spec.config_has_head_dim and heads > 0 and config.hidden_size % heads == 0:
-            config.head_dim = head_dim
-            setattr(config, spec.config_heads, heads)
+        if spec.config_has_head_dim and heads > 0 and fields.hidden_size % heads == 0:
+            fields.head_dim = head_dim
+            setattr(fields, spec.config_heads, heads)
             if spec.config_kv_heads is not None:
-                setattr(config, spec.config_kv_heads, shape["num_key_value_heads"])
+                setattr(fields, spec.config_kv_heads, shape["num_key_value_heads"])
     record = (osscar_config if osscar_config is not None else OsscarConfig()).for_model_config(shapes)
     if stock_config_expresses(config, shapes, spec):
         if getattr(config, "quantization_config", None) is not None:

@@ -80,7 +80,7 @@ class RemoteCodeNames:
 
     @property
     def prefix(self) -> str:
-        return self.base_model_class.removesuffix("ForCausalLM")
+        return self.base_model_class.removesuffix("ForCausalLM").removesuffix("ForConditionalGeneration")
 
     @property
     def model_type(self) -> str:
@@ -92,7 +92,7 @@ class RemoteCodeNames:
 
     @property
     def model_class(self) -> str:
-        return f"Osscar{self.prefix}ForCausalLM"
+        return f"Osscar{self.base_model_class}"
 
     @property
     def auto_map(self) -> dict[str, str]:
@@ -124,9 +124,11 @@ def remote_code_names(base: str) -> RemoteCodeNames:
 
     config_class = CONFIG_MAPPING_NAMES.get(base)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base)
-    if not config_class or not isinstance(model_class, str) or not model_class.endswith("ForCausalLM"):
+    # A causal LM, or a multimodal model whose causal-LM class is its *ForConditionalGeneration (Gemma 3).
+    if not config_class or not isinstance(model_class, str) or not model_class.endswith(
+            ("ForCausalLM", "ForConditionalGeneration")):
         raise RemoteCodeError(
-            f"transformers {transformers.__version__} has no config and *ForCausalLM class for model_type {base!r}: "
+            f"transformers {transformers.__version__} has no config and causal-LM class for model_type {base!r}: "
             "the remote-code format cannot be written for it"
         )
     missing = [name for name in (config_class, model_class) if not hasattr(transformers, name)]

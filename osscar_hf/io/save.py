@@ -222,7 +222,8 @@ def _why_not_stock(model: nn.Module, shapes: list[dict[str, int]]) -> str:
             reason += " (no stock attention has zero heads)"
         else:
             reason += (
-                f" (transformers requires hidden_size={model.config.hidden_size} to be a multiple of "
+                f" (transformers requires hidden_size={spec_of(model).shape_config(model.config).hidden_size} to be "
+                "a multiple of "
                 f"num_attention_heads={shape['num_attention_heads']})"
             )
     return reason

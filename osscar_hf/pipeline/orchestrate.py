@@ -57,7 +57,7 @@ def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) ->
         return
     blocks = get_submodule(model, spec.blocks)
     for part, linears in part_linears(blocks[0], spec).items():
-        if linears[-1].bias is None and not hasattr(model.config, spec.bias_switches.get(part, "")):
+        if linears[-1].bias is None and not hasattr(spec.shape_config(model.config), spec.bias_switches.get(part, "")):
             raise UnsupportedModelError(
                 f"method {method_name!r} gives the {part} output projection a bias, but model_type "
                 f"{model.config.model_type!r} has no config field that switches such biases on (llama's "
@@ -65,6 +65,8 @@ def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) ->
 
 
 def _context_length(config: Any) -> int | None:
+    text = getattr(config, "get_text_config", None)
+    config = text() if callable(text) else config  # a multimodal model's decoder config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -245,7 +247,8 @@ def budget_summary(run: PruneRun, reports: list[BlockReport]) -> dict[str, Any]:
     """What the plan asked for and what the blocks got: the method, how sizes were chosen, the decoder blocks'
     parameters and multiply-adds per token before and after."""
     config, geometries = run.config, run.geometries
-    kept = [(r.attention.kept, r.mlp.kept) for r in reports]
+    layout = run.settings.attention_layout  # a report counts the solver's groups (query heads, or KV groups)
+    kept = [(layout.structures_of_solver_kept(r.attention.kept), r.mlp.kept) for r in reports]
     dense = [(g.attention_structures, g.mlp_structures) for g in geometries]
     summary: dict[str, Any] = {"method": config.method, "allocation": _allocation_name(config)}
     for target in ("params", "flops"):

@@ -267,7 +267,9 @@ class OsscarLlamaConfig(LlamaConfig):
                 "osscar_block_shapes is set but osscar_layout is missing: the blocks cannot be resized"
             )
         check_layout(self.osscar_layout)
-        check_block_shapes(self.osscar_block_shapes, self.num_hidden_layers, self.osscar_layout["n_rep"])
+        # The decoder's own config (a multimodal model's text_config) counts the blocks.
+        check_block_shapes(self.osscar_block_shapes, self.get_text_config().num_hidden_layers,
+                           self.osscar_layout["n_rep"])
 
 
 __all__ = [

@@ -215,6 +215,7 @@ class ShardBlocks:
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     scratch_modules: dict[int, nn.Module] = field(default_factory=dict)
+    spec: ArchSpec | None = None  # the family's checkpoint names (ArchSpec.stored_name) for the written shards
 
     def load(self, index: int, block: nn.Module) -> None:
         _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.")
@@ -226,7 +227,8 @@ class ShardBlocks:
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
         block_prefix = f"{self.prefix}{index}."
         name = _shard_name(index + 2, self.num_shards)
-        out = {block_prefix + k: v for k, v in block.state_dict().items()}
+        stored = self.spec.stored_name if self.spec is not None else str
+        out = {stored(block_prefix + k): v for k, v in block.state_dict().items()}
         size = _save_shard(out, self.tmp / name)
         self._add(out, name, size)
         self.done.append({"report": asdict(report), "shard": name, "tensors": sorted(out), "bytes": size})
@@ -288,7 +290,11 @@ class ShardBlocks:
         if stream is not None:  # (else only the block's new shape is needed, for config.json)
             if settings.propagate:
                 pruned = ShardReader(self.tmp, {k: entry["shard"] for k in entry["tensors"]})
-                _materialise(block, pruned, entry["tensors"], f"{self.prefix}{index}.")
+                names = entry["tensors"]
+                if self.spec is not None and self.spec.checkpoint_renames:  # the shard holds checkpoint names
+                    pruned.rename(self.spec.model_name)
+                    names = [self.spec.model_name(k) for k in names]
+                _materialise(block, pruned, names, f"{self.prefix}{index}.")
                 stream.replay(index, block, pruned=True)
                 block.to("meta")
             stream.finish_replay()
@@ -462,7 +468,7 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
     files.keep_record(tmp, earlier_downloads)
     source = ShardBlocks(reader=reader, files=files, block_keys=block_keys, prefix=prefix, tmp=tmp,
                          fingerprint=fingerprint, num_shards=len(block_keys) + 1,
-                         last_uses=_last_uses(reader, other_keys, block_keys), done=done, plan=plan)
+                         last_uses=_last_uses(reader, other_keys, block_keys), done=done, plan=plan, spec=spec)
     if plan is not None and not run.settings.sizes:
         run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in plan])
     try:

@@ -145,6 +145,7 @@ def test_global_budgets_spend_query_heads_within_one_structure_of_the_target(met
     after = sum(p.numel() for block in blocks for p in block.parameters())
     largest = max(max(g.attention_params + g.attention_base_params, g.mlp_params) for g in geometries)
     assert abs(after - 0.4 * before) <= largest
+    assert (pruner.report.budget["block_params_before"], pruner.report.budget["block_params_after"]) == (before, after)
     kept = []
     for shape, block, g in zip(read_block_shapes(model), blocks, geometries):
         per_group = shape["num_attention_heads"] // 2
