@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..errors import GGUFExportError
 
 __all__ = [
+    "DTYPES",
     "FAMILY_ARCHS",
     "LayerShape",
     "Layout",
@@ -36,6 +37,8 @@ __all__ = [
     "interleave_halves",
 ]
 
+#: Accepted ``dtype`` values of the export (the storage type of the matrices).
+DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: model_type -> the family's own llama.cpp architecture (uniform shapes).
 FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 #: Architectures whose rope rotates consecutive channel pairs (q/k rows must be interleaved).

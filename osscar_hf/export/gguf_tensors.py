@@ -17,15 +17,13 @@ import torch
 from torch import nn
 
 from ..errors import GGUFExportError
-from .gguf_layout import LayerShape, Layout, interleave_halves
+from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BLOCK_TENSORS", "DTYPES", "LlamaParts", "encode", "file_type", "gguf_tensors", "llama_parts",
            "read_layer_shapes"]
 
-#: Accepted ``dtype`` values of the export.
-DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
 BLOCK_TENSORS = {
     "input_layernorm": "attn_norm",
