@@ -46,14 +46,22 @@ def check_dtype(dtype: Any) -> str:
     return name
 
 
+def require_gguf() -> None:
+    """``GGUFExportError`` saying how to install the ``gguf`` package when it is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GGUFExportError("GGUF export needs the gguf package: pip install 'osscar-hf[gguf]'") from None
+
+
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The absolute output path; refuses a folder, a missing parent folder, or an existing file unless
+    """The absolute output path; refuses a folder, a parent that is a file, or an existing file unless
     ``overwrite``."""
     target = Path(path).expanduser().absolute()
     if target.is_dir():
         raise GGUFExportError(f"{str(target)!r} is a folder: give the path of the .gguf file to write")
-    if not target.parent.is_dir():
-        raise GGUFExportError(f"the folder {str(target.parent)!r} of the output file does not exist")
+    if any(parent.exists() and not parent.is_dir() for parent in target.parents):
+        raise GGUFExportError(f"cannot write {str(target)!r}: a parent of it is a file")
     if target.exists() and not overwrite:
         raise GGUFExportError(f"refusing to overwrite {str(target)!r}: pass overwrite=True (--overwrite)")
     return target
@@ -186,7 +194,7 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
     Args:
         model_or_folder: a ``*ForCausalLM`` in memory, or a folder saved by osscar_hf in any format (stock, osscar,
             remote_code; the last needs ``trust_remote_code=True``, as loading it runs its modeling file).
-        path: the ``.gguf`` file to write.
+        path: the ``.gguf`` file to write (missing parent folders are created).
         dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the matrices (norms and biases stay float32;
             Q8_0 matrices whose rows are not a multiple of 32 values are written as f16).
         tokenizer: the tokenizer (a fast byte-level BPE one) or a folder holding it; needed for a model in
@@ -200,6 +208,7 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
         written.
     """
     dtype = check_dtype(dtype)
+    require_gguf()
     target = check_output(path, overwrite)
     model, tokenizer, model_type = _load(model_or_folder, tokenizer, trust_remote_code)
     _, _, head_dim = spec_of(model).group_geometry(model.config)
@@ -222,6 +231,7 @@ def _write_file(target: Path, model: nn.Module, layout: Layout, head_dim: int, d
                 rope: dict[str, Any], model_type: str, tensors: Any, overwrite: bool) -> None:
     import gguf
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.osscar-tmp-{secrets.token_hex(6)}"
     try:
         writer = gguf.GGUFWriter(tmp, layout.arch)

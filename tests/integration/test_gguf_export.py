@@ -385,9 +385,12 @@ def test_never_overwrites_unless_asked_and_leaves_no_partial_file(bpe, tmp_path,
         export_gguf(model, target, tokenizer=bpe, overwrite=True)
     assert target.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     monkeypatch.undo()
+    with pytest.raises(GGUFExportError, match="a parent of it is a file"):
+        export_gguf(model, target / "inside.gguf", tokenizer=bpe)
     export_gguf(model, target, "f32", tokenizer=bpe, overwrite=True)
     assert fields(gguf.GGUFReader(target))["general.architecture"] == "llama"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert export_gguf(model, tmp_path / "new" / "folder" / "m.gguf", tokenizer=bpe).is_file()  # parents made
 
 
 def test_a_file_appearing_meanwhile_is_not_replaced(bpe, tmp_path, monkeypatch):
