@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -68,16 +69,15 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _folder_model_type(folder: Path, trust_remote_code: bool) -> str:
+    """The family (stock ``model_type``) of a model folder, read from its ``config.json``."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise GGUFExportError(f"{str(folder)!r} is not a model folder (no config.json)")
-    data = json.loads(config_file.read_text(encoding="utf-8"))
-    model_type = data.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith("osscar_"):
-        if not trust_remote_code:
-            raise GGUFExportError(f"{str(folder)!r} is a remote-code checkpoint ({model_type}): loading it runs its "
-                                  "modeling_osscar.py; pass trust_remote_code=True (--trust-remote-code) to allow that")
-        model_type = data.get("osscar_base_model_type")
+    config = SimpleNamespace(**json.loads(config_file.read_text(encoding="utf-8")))
+    model_type = base_model_type(config)
+    if model_type != getattr(config, "model_type", None) and not trust_remote_code:
+        raise GGUFExportError(f"{str(folder)!r} is a remote-code checkpoint ({config.model_type}): loading it runs "
+                              "its modeling code; pass trust_remote_code=True (--trust-remote-code) to allow that")
     return str(model_type)
 
 
@@ -260,3 +260,8 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     except FileExistsError:
         raise GGUFExportError(f"refusing to overwrite {str(target)!r}: it appeared while the GGUF file was being "
                               "written; pass overwrite=True (--overwrite)") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race instead of none)
+        if target.exists():
+            raise GGUFExportError(f"refusing to overwrite {str(target)!r}: it appeared while the GGUF file was "
+                                  "being written; pass overwrite=True (--overwrite)") from None
+        os.replace(tmp, target)
