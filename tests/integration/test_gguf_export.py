@@ -444,3 +444,25 @@ def test_command_line(bpe, tmp_path, capsys):
         main(["export-gguf", str(tmp_path / "saved"), str(out), "--dtype", "q4_k"])
     assert "invalid choice: 'q4_k'" in capsys.readouterr().err
     assert os.path.getsize(out) > 0
+
+
+def test_query_heads_are_read_apart_from_kv_heads(bpe, tmp_path):
+    """A block that keeps fewer query heads per KV head than the config's ratio (query-head pruning) is written with
+    its own head and KV-head counts, and llama.cpp's grouping (query head h -> KV head h // ratio) computes what the
+    model with those heads' output columns zeroed computes."""
+    model = make_model("llama-gqa", vocab_size=VOCAB)  # 4 query heads, 2 KV heads, head_dim 8
+    attention = model.model.layers[0].self_attn
+    kept = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])  # query heads 0 and 2: one per KV head
+    with torch.no_grad():
+        dropped = torch.cat([torch.arange(8, 16), torch.arange(24, 32)])
+        attention.o_proj.weight[:, dropped] = 0
+    expected = _hf_logits(model)
+    with torch.no_grad():
+        attention.q_proj.weight = torch.nn.Parameter(attention.q_proj.weight[kept])
+        attention.o_proj.weight = torch.nn.Parameter(attention.o_proj.weight[:, kept])
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
+    meta = fields(gguf.GGUFReader(path))
+    assert meta["general.architecture"] == "deci"
+    assert meta["deci.attention.head_count"] == [2, 4] and meta["deci.attention.head_count_kv"] == 2
+    for row, ids in enumerate(IDS.tolist()):
+        np.testing.assert_allclose(llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
