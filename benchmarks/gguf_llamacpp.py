@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="where checkpoints and GGUF files go (temp)")
     parser.add_argument("--runs", default="dense,uniform,global,edge",
                         help="which models (rows of an earlier run of the others are kept)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="run the tiny models of tests/integration/test_gguf_export.py (CASES, every dtype) in "
+                        "llama.cpp instead, against transformers' logits")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json and exit")
     return parser.parse_args(argv)
 
@@ -161,6 +164,51 @@ def measure(name: str, folder: Path, args: argparse.Namespace, data: dict[str, A
     return rows
 
 
+def tiny_cases(args: argparse.Namespace) -> int:
+    """The tiny models the CI tests check against a numpy model of llama.cpp, run in llama.cpp itself."""
+    sys.path.insert(0, str(HERE.parent))
+    from osscar_hf import export_gguf
+    from tests.integration.test_gguf_export import CASES, IDS, make_bpe_tokenizer
+
+    import osscar_hf.export.gguf_tensors as tensors_module
+
+    tokenizer, lines = make_bpe_tokenizer(), ["| case | llama.cpp arch | dtype | max abs logit diff | max abs logit |",
+                                              "|---|---|---|---:|---:|"]
+    results = []
+    control = "control: llama uniform WITHOUT the q/k rope reordering (must differ)"
+    cases = {**CASES, control: CASES["llama uniform"]}
+    interleave = tensors_module.interleave_halves
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, (build, arch, _) in cases.items():
+            model = build()
+            with torch.no_grad():
+                expected = model(IDS).logits
+            tensors_module.interleave_halves = (lambda rows, heads: rows) if case == control else interleave
+            for dtype in ("f32",) if case == control else ("f32", "f16", "bf16", "q8_0"):
+                path = export_gguf(model, Path(tmp) / "m.gguf", dtype, tokenizer=tokenizer, overwrite=True)
+                job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+                job.write_text(json.dumps({"gguf": str(path), "logits_of": IDS.tolist()}))
+                subprocess.run([args.llama_python, str(WORKER), str(job), str(out)], check=True,
+                               env={"OMP_WAIT_POLICY": "PASSIVE", "PATH": "/usr/bin:/bin"})
+                got = torch.tensor(json.loads(out.read_text())["logits"])
+                diff = float((got - expected).abs().max())
+                results.append({"case": case, "arch": arch, "dtype": dtype, "max_abs_diff": diff,
+                                "max_abs_logit": float(expected.abs().max())})
+                lines.append(f"| {case} | {arch} | {dtype} | {diff:.2e} | {expected.abs().max():.2f} |")
+                print(lines[-1], flush=True)
+    tensors_module.interleave_halves = interleave
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gguf_llamacpp_tiny.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "gguf_llamacpp_tiny.md").write_text(
+        "# Tiny models of tests/integration/test_gguf_export.py in llama.cpp (llama-cpp-python, f16 KV cache)\n\n"
+        "Logits of 2 sequences of 12 random ids, llama.cpp against transformers (float32). These random models' "
+        "logits are small, so the differences are too: the control row (q/k rows not reordered for llama's pairwise "
+        "rope) shows the size of a real mistake; the f32 rows lie 10-300x below it, and the f16 ones well below. "
+        "The bf16 and q8_0 rows show storage rounding (the files load and run), not a sensitive check.\n\n"
+        + "\n".join(lines) + "\n")
+    return 0
+
+
 def load_data(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     from osscar_hf.demo.texts import load_wikitext2_test
 
@@ -202,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     from osscar_hf.demo.models import fetch_smollm2
 
     args = parse_args(argv)
+    if args.tiny:
+        return tiny_cases(args)
     if args.render_only:
         saved = json.loads((RESULTS / "gguf_llamacpp.json").read_text())
         print(write_results(saved["rows"], saved["settings"]))

@@ -38,10 +38,22 @@ def greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
     return out
 
 
+def logits(llm, ids: list[int]) -> list[list[float]]:
+    """Every position's logits for one sequence."""
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)], dtype=np.float32).tolist()
+
+
 def main(job_path: str, result_path: str) -> None:
     import llama_cpp
 
     job = json.loads(open(job_path, encoding="utf-8").read())
+    if "logits_of" in job:  # tiny models: raw logits of a few sequences
+        llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+        with open(result_path, "w", encoding="utf-8") as handle:
+            json.dump({"logits": [logits(llm, ids) for ids in job["logits_of"]]}, handle)
+        return
     n_ctx = max(len(w) for w in job["windows"] + job["prompts"]) + job["new_tokens"]
     llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
                           n_threads=job.get("threads", 2), seed=0)

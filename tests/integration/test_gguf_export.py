@@ -25,8 +25,7 @@ VOCAB = 304  # the BPE tokenizer's 300 tokens, padded as models often are
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def bpe():
+def make_bpe_tokenizer():
     """A tiny byte-level BPE tokenizer (digits split one by one, as SmolLM2's), trained in-process."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -42,6 +41,11 @@ def bpe():
     hf.add_tokens(["<tool>"])
     hf.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     return hf
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return make_bpe_tokenizer()
 
 
 def shaped(kind: str, groups: list, neurons: list, **overrides) -> torch.nn.Module:
