@@ -31,6 +31,7 @@ _LAZY = {
     "build_model_card": "osscar_hf.card",
     "push_pruned": "osscar_hf.hub",
     "pruning_record": "osscar_hf.io.save",
+    "export_gguf": "osscar_hf.export.gguf",
 }
 
 __all__ = ["__version__", *_ERROR_NAMES, *_LAZY]

@@ -736,9 +736,39 @@ def run_push_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_export_gguf(subparsers: argparse._SubParsersAction) -> None:
+    from osscar_hf.export.gguf_layout import DTYPES  # imports nothing heavy
+
+    parser = subparsers.add_parser(
+        "export-gguf",
+        help="write a (pruned) Llama-family model as a GGUF file for llama.cpp",
+        description="Write a model folder saved by osscar_hf (stock, osscar or remote-code format; Llama, Mistral, "
+        "Qwen2, Qwen3) and its tokenizer as one GGUF file for llama.cpp, Ollama, LM Studio or llama-cpp-python. "
+        "Per-block shapes are written in llama.cpp's 'deci' architecture. See docs/deploy.md.",
+    )
+    parser.add_argument("folder", type=Path, metavar="DIR", help="the model folder")
+    parser.add_argument("output", type=Path, metavar="OUT.gguf", help="the GGUF file to write")
+    parser.add_argument("--dtype", default="f16", choices=DTYPES,
+                        help="storage type of the matrices (default: f16; norms and biases stay f32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow loading a checkpoint saved with prune --format remote-code (runs its modeling "
+                        "code)")
+
+    def run_export_gguf_command(args: argparse.Namespace) -> int:
+        from osscar_hf.export import export_gguf
+
+        written = export_gguf(args.folder, args.output, args.dtype, overwrite=args.overwrite,
+                              trust_remote_code=args.trust_remote_code)
+        print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
+        return 0
+
+    parser.set_defaults(handler=run_export_gguf_command)
+
+
 # --------------------------------------------------------------------------- entry point
 REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    register_demo, register_prune, register_eval, register_push,
+    register_demo, register_prune, register_eval, register_push, register_export_gguf,
 )
 
 

@@ -23,7 +23,8 @@ branches) or the usual ``ValueError``/``RuntimeError``/``OSError``::
     ├── CheckpointError(ValueError)           a checkpoint cannot be streamed
     ├── ResumeError(ValueError)               an interrupted streamed run cannot be resumed as asked
     ├── ConcurrentRunError(RuntimeError)      another run holds the output folder's lock
-    └── CommandError(ValueError)              the command line was asked for something impossible
+    ├── CommandError(ValueError)              the command line was asked for something impossible
+    └── GGUFExportError(ValueError)           a model cannot be written as a GGUF file for llama.cpp (or not as asked)
 
 The modules that raise these also re-export them under their old names (``osscar_hf.hub.HubPushError``,
 ``osscar_hf.io.save.SaveError``, ``osscar_hf.streaming.CheckpointError``...), and ``osscar_hf`` exports them all.
@@ -34,8 +35,8 @@ from __future__ import annotations
 
 __all__ = [
     "ActivationStorageError", "CalibrationDataError", "CardError", "CheckpointError", "CommandError",
-    "ConcurrentRunError", "HubAuthenticationError", "HubConnectionError", "HubPermissionError", "HubPushError",
-    "ModelFetchError", "NotDequantizableError", "OsscarConfigError", "OsscarError", "OutputConflictError",
+    "ConcurrentRunError", "GGUFExportError", "HubAuthenticationError", "HubConnectionError", "HubPermissionError",
+    "HubPushError", "ModelFetchError", "NotDequantizableError", "OsscarConfigError", "OsscarError", "OutputConflictError",
     "RemoteCodeError", "ResumeError", "SaveError", "SolverError", "SurgeryError", "UnsupportedModelError",
 ]
 
@@ -128,3 +129,10 @@ class ConcurrentRunError(OsscarError, RuntimeError):
 # --------------------------------------------------------------------------- the command line
 class CommandError(OsscarError, ValueError):
     """A problem with what the user asked for, found by a command handler: printed as one line, exit 1."""
+
+
+# --------------------------------------------------------------------------- exporting to other runtimes
+class GGUFExportError(OsscarError, ValueError):
+    """A model cannot be written as a GGUF file for llama.cpp: an unsupported family, dtype, tokenizer or shape that
+    llama.cpp cannot express, or an output path that exists or cannot be written (the message names the value and
+    what is accepted)."""

@@ -1,0 +1,174 @@
+"""The tensors of a Llama-family model under llama.cpp's GGUF names, and their encoding in the file's dtype.
+
+:func:`read_layer_shapes` reads every decoder layer's query heads, KV heads and FFN width from the weights (query
+and KV heads independently: ``q_proj`` rows / head_dim and ``k_proj`` rows / head_dim). :func:`gguf_tensors`
+yields ``(name, float32 array)`` in the order they are written, following a :class:`~.gguf_layout.Layout`.
+:func:`encode` turns one array into what the file stores for the asked dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import GGUFExportError
+from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BLOCK_TENSORS", "DTYPES", "LlamaParts", "encode", "file_type", "gguf_tensors", "llama_parts",
+           "read_layer_shapes"]
+
+#: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
+BLOCK_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm")
+_FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class LlamaParts:
+    """The embedding, final norm, output head and per-block parameters of a Llama-family causal LM."""
+
+    def __init__(self, embed: torch.Tensor, norm: torch.Tensor, output: torch.Tensor | None,
+                 blocks: list[dict[str, torch.Tensor]]) -> None:
+        self.embed, self.norm, self.output, self.blocks = embed, norm, output, blocks
+
+    def has_bias(self, gguf_name: str) -> bool:
+        return any(f"{gguf_name}.bias" in block for block in self.blocks)
+
+
+def llama_parts(model: nn.Module) -> LlamaParts:
+    """Split ``model`` (a ``*ForCausalLM`` of the Llama family, stock, osscar or remote-code) into its parts, with
+    block parameters keyed by GGUF name (``attn_q.weight``...). A parameter the GGUF layout has no place for raises
+    ``GGUFExportError`` (nothing is dropped silently). ``output`` is ``None`` when the head is tied to the
+    embedding (llama.cpp then reuses ``token_embd``)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    norm = output = None
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is embed or (tied and param is head.weight):
+            continue
+        if name == "model.norm.weight":
+            norm = param
+        elif name == "lm_head.weight":
+            output = param
+        elif name.startswith("model.layers."):
+            index, _, rest = name[len("model.layers."):].partition(".")
+            stem, _, kind = rest.rpartition(".")
+            if stem not in BLOCK_TENSORS:
+                raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for {stem!r} "
+                                      f"(known: {', '.join(BLOCK_TENSORS)})")
+            blocks.setdefault(int(index), {})[f"{BLOCK_TENSORS[stem]}.{kind}"] = param
+        else:
+            raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for this parameter")
+    if norm is None or (output is None and not tied):
+        raise GGUFExportError("the model has no model.norm.weight or no lm_head.weight: not a Llama-family "
+                              "causal LM as transformers builds it")
+    return LlamaParts(embed, norm, output, [blocks.get(i, {}) for i in range(len(blocks))])
+
+
+def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
+    """Every block's query heads (``q`` rows / head_dim), KV heads (``k`` rows / head_dim) and FFN width (``down``
+    columns), checked against the other projections."""
+    shapes = []
+    for index, block in enumerate(parts.blocks):
+        q, k, v = (block[f"attn_{x}.weight"].shape[0] for x in "qkv")
+        o_in, ffn = block["attn_output.weight"].shape[1], block["ffn_down.weight"].shape[1]
+        problems = [f"{what} has {rows} rows, not a multiple of head_dim {head_dim}"
+                    for what, rows in (("q_proj", q), ("k_proj", k)) if rows % head_dim]
+        if v != k or o_in != q:
+            problems.append(f"q/k/v/o sizes disagree (q {q}, k {k}, v {v}, o inputs {o_in})")
+        if any(block[f"ffn_{x}.weight"].shape[0] != ffn for x in ("gate", "up")):
+            problems.append(f"gate/up rows differ from down_proj's {ffn} inputs")
+        if problems:
+            raise GGUFExportError(f"layer {index}: " + "; ".join(problems))
+        shapes.append(LayerShape(heads=q // head_dim, kv_heads=k // head_dim, ffn=ffn))
+    return shapes
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy()
+
+
+def _layer_tensors(block: dict[str, torch.Tensor], layout: Layout, index: int,
+                   head_dim: int) -> Iterator[tuple[str, np.ndarray]]:
+    written = layout.layers[index]
+    for key, tensor in block.items():
+        stem = key.split(".")[0]
+        if (stem in _ATTENTION and written.heads == 0) or (stem in _FFN and written.ffn == 0):
+            continue
+        padded = (stem in _ATTENTION and layout.padded_attention(index)) or (stem in _FFN and layout.padded_ffn(index))
+        array = _array(tensor)
+        if padded and array.size == 0:
+            array = _zero_padding(stem, key, array, written, head_dim)
+            if array is None:
+                continue
+        elif layout.interleave_qk and stem in ("attn_q", "attn_k"):
+            array = interleave_halves(array, written.heads if stem == "attn_q" else written.kv_heads)
+        yield f"blk.{index}.{key}", array
+
+
+def _zero_padding(stem: str, key: str, array: np.ndarray, written: LayerShape, head_dim: int) -> np.ndarray | None:
+    """Zeros of the written (padded) size for an empty weight; ``None`` for an empty bias (not written)."""
+    if key.endswith(".bias"):
+        return None
+    width = written.ffn if stem in _FFN else written.heads * head_dim
+    shape = (array.shape[0], width) if stem in ("attn_output", "ffn_down") else (width, array.shape[1])
+    return np.zeros(shape, dtype=np.float32)
+
+
+def gguf_tensors(parts: LlamaParts, layout: Layout, head_dim: int,
+                 rope_factors: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(GGUF name, float32 array)`` for every tensor of the file, in writing order."""
+    yield "token_embd.weight", _array(parts.embed)
+    if rope_factors is not None:
+        yield "rope_freqs.weight", rope_factors.astype(np.float32)
+    for index, block in enumerate(parts.blocks):
+        yield from _layer_tensors(block, layout, index, head_dim)
+    yield "output_norm.weight", _array(parts.norm)
+    if parts.output is not None:
+        yield "output.weight", _array(parts.output)
+
+
+def file_type(dtype: str) -> Any:
+    """The ``general.file_type`` of a file written in ``dtype``."""
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+
+def encode(name: str, array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """``(data, raw_dtype)`` for ``GGUFWriter.add_tensor``: vectors (norms, biases, rope factors) stay float32;
+    matrices are float32, float16, bfloat16 or Q8_0. Q8_0 needs rows whose length is a multiple of its block size
+    (32): other matrices (a pruned FFN of odd width) are written as float16, logged."""
+    import gguf
+
+    if array.ndim < 2 or dtype == "f32":
+        return np.ascontiguousarray(array, dtype=np.float32), None
+    if dtype == "f16":
+        return array.astype(np.float16), None
+    kind = gguf.GGMLQuantizationType.BF16 if dtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if array.shape[-1] % block:
+        logger.info("%s: rows of %d values are not a multiple of %d, written as f16", name, array.shape[-1], block)
+        return array.astype(np.float16), None
+    return gguf.quants.quantize(np.ascontiguousarray(array), kind), kind
