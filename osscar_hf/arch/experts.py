@@ -96,3 +96,80 @@ def expert_block_problems(block: nn.Module, experts: Experts, producers: list[tu
             found.append(f"a 3-D per-expert tensor at {where}.{path} with {stride} rows per neuron of each of the "
                          f"{down.shape[0]} experts")
     return found
+
+
+def _block_relative(spec: Any, name: str) -> tuple[str, str] | None:
+    """``(block prefix, name inside the block)`` of a full parameter name inside a decoder block, else None."""
+    prefix = spec.blocks + "."
+    if not name.startswith(prefix):
+        return None
+    index, _, rest = name[len(prefix):].partition(".")
+    return (f"{prefix}{index}.", rest) if index.isdigit() else None
+
+
+def _stored_parts(experts: Experts) -> tuple[str, str]:
+    """(the MLP module's path in the model, in the checkpoint): Mixtral's ``mlp`` is ``block_sparse_moe``."""
+    stored = experts.checkpoint_module or experts.path
+    return experts.path.rpartition(".")[0], stored.rpartition(".")[0]
+
+
+def checkpoint_tensors(spec: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (full model names) under the names the family's checkpoints use: each fused per-expert parameter
+    split into its experts' tensors (``Experts.checkpoint_names``), the MLP module renamed where the checkpoint names
+    it otherwise. Other tensors pass unchanged. (Meta tensors will do, for the shapes.)"""
+    experts = spec.experts
+    if experts is None or experts.checkpoint_names is None:
+        return dict(state)
+    model_mlp, stored_mlp = _stored_parts(experts)
+    stored_experts = experts.checkpoint_module or experts.path
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        where = _block_relative(spec, name)
+        if where is None:
+            out[name] = tensor
+            continue
+        prefix, rest = where
+        param = expert_parameter_name(experts, rest)
+        if param != rest and param in experts.checkpoint_names:
+            formats = experts.checkpoint_names[param]
+            for e in range(tensor.shape[0]):
+                for fmt, piece in zip(formats, tensor[e].chunk(len(formats), dim=0)):
+                    out[f"{prefix}{stored_experts}.{fmt.format(e=e)}"] = piece.clone()
+        elif model_mlp and rest.startswith(model_mlp + "."):
+            out[f"{prefix}{stored_mlp}{rest[len(model_mlp):]}"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def model_tensors(spec: Any, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`checkpoint_tensors`: the checkpoint's per-expert tensors of ``stored`` (full names)
+    stacked into the model's fused parameters, the MLP module renamed back. Every expert's tensors must be there."""
+    experts = spec.experts
+    if experts is None or experts.checkpoint_names is None:
+        return dict(stored)
+    model_mlp, stored_mlp = _stored_parts(experts)
+    stored_experts = (experts.checkpoint_module or experts.path) + "."
+    out: dict[str, torch.Tensor] = {}
+    pieces: dict[tuple[str, str], dict[tuple[int, int], torch.Tensor]] = {}
+    patterns = {(fmt.format(e="").split(".", 1)[1], param, f): (param, f) for param, formats in
+                experts.checkpoint_names.items() for f, fmt in enumerate(formats)}
+    for name, tensor in stored.items():
+        where = _block_relative(spec, name)
+        rest = where[1] if where is not None else ""
+        if where is not None and rest.startswith(stored_experts):
+            index, _, tail = rest[len(stored_experts):].partition(".")
+            match = next(((p, f) for (t, p, f) in patterns if t == tail), None)
+            if index.isdigit() and match is not None:
+                pieces.setdefault((where[0], match[0]), {})[(int(index), match[1])] = tensor
+                continue
+        if where is not None and stored_mlp and rest.startswith(stored_mlp + "."):
+            out[f"{where[0]}{model_mlp}{rest[len(stored_mlp):]}"] = tensor
+        else:
+            out[name] = tensor
+    for (prefix, param), parts in pieces.items():
+        count = 1 + max(e for e, _ in parts)
+        width = len(experts.checkpoint_names[param])
+        out[f"{prefix}{experts.path}.{param}"] = torch.stack(
+            [torch.cat([parts[(e, f)] for f in range(width)], dim=0) for e in range(count)])
+    return out
