@@ -68,12 +68,12 @@ def _config(kind: str, **overrides) -> object:
     elif kind == "gpt_neox":  # interleaved query_key_value, parallel residual, a quarter of the head dims rotated
         cfg = GPTNeoXConfig(**common, num_attention_heads=4, intermediate_size=48, rotary_pct=0.25,
                             use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0)
-    elif kind == "mixtral":  # 4 experts of 16 neurons, 2 per token; GQA
-        cfg = MixtralConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=16,
+    elif kind == "mixtral":  # 4 experts of 32 neurons, 2 per token; GQA
+        cfg = MixtralConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=32,
                             num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     elif kind == "qwen3_moe":  # q/k norms; every layer sparse; a dense intermediate_size that is never used
         cfg = Qwen3MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=40,
-                             moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+                             moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -24,11 +25,15 @@ from ..surgery import expert_neurons
 from .settings import LoopSettings
 from .statistics import ExpertStatistics
 
-__all__ = ["FEW_TOKENS_DAMPING", "check_experts_fit", "expert_statistics", "routed_producer", "select_experts"]
+__all__ = ["EXPERT_ALIGNMENT", "FEW_TOKENS_DAMPING", "aligned_experts_config", "check_experts_fit", "expert_statistics",
+           "routed_producer", "select_experts"]
 
 logger = logging.getLogger(__name__)
 
 FEW_TOKENS_DAMPING = 10.0  # damping factor for an expert with fewer calibration tokens than neurons
+# Kept neurons per expert are multiples of this (or the full width): transformers' grouped_mm experts kernels (the
+# default on CPU and GPU) need rows of a multiple of 16 bytes, 8 values in bfloat16/float16 and 4 in float32.
+EXPERT_ALIGNMENT = 8
 
 
 def check_experts_fit(config: Any, spec: ArchSpec) -> None:
@@ -49,6 +54,23 @@ def check_experts_fit(config: Any, spec: ArchSpec) -> None:
     if config.sparsity is not None and config.block_sizes is None and config.resolved_allocation() != "uniform":
         raise OsscarConfigError(f"allocation={config.allocation!r} (a global allocation) is not supported for "
                                 f"{family}; use allocation='uniform', attention_sparsity/mlp_sparsity or block_sizes")
+
+
+def aligned_experts_config(config: Any, spec: ArchSpec, model_config: Any) -> Any:
+    """``config`` with ``round_to`` a multiple of :data:`EXPERT_ALIGNMENT` for a mixture of experts (logged when it
+    changes); explicit ``block_sizes`` whose neuron counts are not are refused, naming the alignment."""
+    if spec.experts is None or config.round_to % EXPERT_ALIGNMENT == 0:
+        return config
+    round_to = math.lcm(config.round_to, EXPERT_ALIGNMENT)
+    for i, entry in enumerate(config.block_sizes or []):
+        if entry["mlp"] % round_to and entry["mlp"] != spec.ffn_dim(model_config):
+            raise OsscarConfigError(
+                f"block_sizes[{i}]['mlp'] = {entry['mlp']}: the experts of spec {spec.name!r} keep a multiple of "
+                f"{round_to} neurons each (transformers' grouped_mm experts need rows of a multiple of 16 bytes; "
+                f"round_to={config.round_to}) or all of them")
+    logger.info("mixture of experts: kept neurons per expert rounded to multiples of %d (round_to=%d; transformers' "
+                "grouped_mm experts need rows of a multiple of 16 bytes)", round_to, round_to)
+    return dataclasses.replace(config, round_to=round_to)
 
 
 def routed_producer(module: nn.Module, spec: ArchSpec) -> str:

@@ -39,7 +39,7 @@ from ..self_calibration import is_self_dataset, self_sampling_provenance
 from ..surgery import part_linears
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
 from .block import BlockStream, announce_block
-from .experts import check_experts_fit
+from .experts import aligned_experts_config, check_experts_fit
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .settings import LoopSettings, loop_settings
 
@@ -88,6 +88,7 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     fit."""
     config.check_method()
     check_experts_fit(config, spec)
+    config = aligned_experts_config(config, spec, model.config)
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
