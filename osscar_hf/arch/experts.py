@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["Experts", "expert_block_problems", "expert_parameter", "expert_parameter_name", "sparse_layer_fields"]
+__all__ = ["Experts", "checkpoint_tensors", "dense_layers_problem", "expert_block_problems", "expert_parameter",
+           "expert_parameter_name", "model_tensors", "sparse_layer_fields"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Experts:
     path: str = "mlp.experts"
     config_count: str = "num_local_experts"
     config_per_token: str = "num_experts_per_tok"
-    config_sparse_layers: tuple[str, ...] = ()
+    config_sparse_layers: dict[str, Any] | None = None
     checkpoint_names: dict[str, tuple[str, ...]] | None = None
     checkpoint_module: str | None = None
 
@@ -47,9 +48,9 @@ class Experts:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 found.append(f"experts.{name} must be a non-empty str, got {value!r}")
-        if not isinstance(self.config_sparse_layers, tuple) or not all(
-                isinstance(v, str) and v for v in self.config_sparse_layers):
-            found.append(f"experts.config_sparse_layers must be a tuple of str, got {self.config_sparse_layers!r}")
+        layers = self.config_sparse_layers
+        if layers is not None and (not isinstance(layers, dict) or not all(isinstance(k, str) and k for k in layers)):
+            found.append(f"experts.config_sparse_layers must be None or a dict of config fields, got {layers!r}")
         names = self.checkpoint_names
         if names is not None and (not isinstance(names, dict) or not all(
                 isinstance(k, str) and isinstance(v, tuple) and v and all(isinstance(s, str) and "{e}" in s for s in v)
@@ -74,7 +75,18 @@ def expert_parameter(block: nn.Module, experts: Experts, path: str) -> nn.Parame
 
 def sparse_layer_fields(config: Any, experts: Experts) -> str:
     """``"field=value, ..."`` of the config fields that decide which blocks have experts (for messages)."""
-    return ", ".join(f"{name}={getattr(config, name, None)!r}" for name in experts.config_sparse_layers)
+    return ", ".join(f"{name}={getattr(config, name, None)!r}" for name in experts.config_sparse_layers or {})
+
+
+def dense_layers_problem(config: Any, experts: Experts) -> str | None:
+    """Why a config gives some blocks a dense MLP instead of experts (``Experts.config_sparse_layers``), or None."""
+    layers = experts.config_sparse_layers or {}
+    wrong = [name for name, value in layers.items() if getattr(config, name, value) not in (value, None)]
+    if not wrong:
+        return None
+    wanted = ", ".join(f"{name}={value!r}" for name, value in layers.items())
+    return (f"only checkpoints whose every layer has experts are supported ({wanted}); this config has "
+            f"{sparse_layer_fields(config, experts)}, which gives some layers a dense MLP")
 
 
 def expert_block_problems(block: nn.Module, experts: Experts, producers: list[tuple[str, int]], consumer: str,

@@ -119,7 +119,7 @@ QWEN3_MOE = dataclasses.replace(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     config_ffn="moe_intermediate_size",
-    experts=Experts(config_count="num_experts", config_sparse_layers=("mlp_only_layers", "decoder_sparse_step"),
+    experts=Experts(config_count="num_experts", config_sparse_layers={"mlp_only_layers": [], "decoder_sparse_step": 1},
                     checkpoint_names={"gate_up_proj": ("{e}.gate_proj.weight", "{e}.up_proj.weight"),
                                       "down_proj": ("{e}.down_proj.weight",)}),
 )

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from ..remote_code.configuration_osscar import ROW_KINDS, count_owner
-from .experts import Experts, expert_block_problems, sparse_layer_fields
+from .experts import Experts, dense_layers_problem, expert_block_problems
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -221,13 +221,12 @@ class ArchSpec:
 
     def _expert_problems(self, config: Any, blocks: list[nn.Module]) -> list[str]:
         assert self.experts is not None
+        dense = dense_layers_problem(config, self.experts)
+        if dense is not None:
+            return [f"experts in every block: {dense}"]
         producers = [(p.path, len(p.segments)) for p in self.producers("mlp")]
-        found = [problem for i, block in enumerate(blocks) for problem in expert_block_problems(
+        return [problem for i, block in enumerate(blocks) for problem in expert_block_problems(
             block, self.experts, producers, self.mlp_consumer, f"{self.blocks}.{i}")]
-        if found and self.experts.config_sparse_layers:
-            found[0] += (f" (only checkpoints whose every layer has experts are supported; the config has "
-                         f"{sparse_layer_fields(config, self.experts)})")
-        return found
 
     def producers(self, part: str) -> tuple[Producer, ...]:
         """The producers of ``part`` (``"attention"``: paths from the attention; ``"mlp"``: from the block), with

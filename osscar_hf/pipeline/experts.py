@@ -52,8 +52,10 @@ def check_experts_fit(config: Any, spec: ArchSpec) -> None:
         raise OsscarConfigError(f"dense_targets=True is not supported for {family} (the dense and pruned streams "
                                 "route tokens to different experts); use dense_targets=False")
     if config.sparsity is not None and config.block_sizes is None and config.resolved_allocation() != "uniform":
-        raise OsscarConfigError(f"allocation={config.allocation!r} (a global allocation) is not supported for "
-                                f"{family}; use allocation='uniform', attention_sparsity/mlp_sparsity or block_sizes")
+        raise OsscarConfigError(
+            f"allocation={config.allocation!r} with sparsity= (method {config.method!r}'s global allocation, whose "
+            f"damage curves are per consumer) is not supported for {family}; use allocation='uniform', "
+            "attention_sparsity/mlp_sparsity or block_sizes")
 
 
 def aligned_experts_config(config: Any, spec: ArchSpec, model_config: Any) -> Any:

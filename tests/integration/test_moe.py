@@ -22,7 +22,9 @@ import osscar_hf  # noqa: F401 - registers the osscar quantizer
 from osscar_hf import OsscarConfig, OsscarConfigError, OsscarPruner, UnsupportedModelError, save_pruned
 from osscar_hf.arch import get_spec
 from osscar_hf.io import read_block_shapes
+from osscar_hf.pipeline import BlockStream
 from osscar_hf.pipeline.statistics import ExpertStatistics, routed_input_hooks
+from osscar_hf.pruner import check_prunable_config
 from tests.conftest import MOE_KINDS, VOCAB, make_model
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
@@ -208,7 +210,8 @@ def test_few_tokens_raise_the_damping_with_a_log_line(caplog, tokenizer, calibra
 @pytest.mark.parametrize("fields, match", [
     (dict(method="flap", mlp_sparsity=0.5), "method='flap'.*use method='wanda_sp'"),
     (dict(dense_targets=True, mlp_sparsity=0.5), "dense_targets=True.*dense_targets=False"),
-    (dict(sparsity=0.3), "allocation=.*global allocation.*allocation='uniform'"),
+    (dict(sparsity=0.3), "allocation='auto' with sparsity=.*global allocation.*allocation='uniform'"),
+    (dict(sparsity=0.3, allocation='global', method='obs_greedy'), "allocation='global'.*allocation='uniform'"),
     (dict(block_sizes=[{"attention": 2, "mlp": 12}] * 2), r"block_sizes\[0\]\['mlp'\] = 12.*multiple of 8"),
 ])
 def test_what_experts_cannot_take_is_refused_before_any_data_is_read(fields, match):
@@ -221,7 +224,52 @@ def test_what_experts_cannot_take_is_refused_before_any_data_is_read(fields, mat
         pruner.prune(make_model("mixtral"), progress=False)
 
 
-def test_qwen3_moe_with_dense_mlp_layers_is_refused_naming_the_fields(tmp_path):
-    model = make_model("qwen3_moe", mlp_only_layers=[1])
-    with pytest.raises(UnsupportedModelError, match=r"mlp_only_layers=\[1\], decoder_sparse_step=1"):
+@pytest.mark.parametrize("fields", [dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2)])
+def test_qwen3_moe_with_dense_mlp_layers_is_refused_naming_the_fields(fields, tmp_path):
+    model = make_model("qwen3_moe", **fields)
+    match = r"every layer has experts.*this config has mlp_only_layers=.*, decoder_sparse_step="
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_prunable_config(model.config)  # config.json alone (the CLI's check before loading)
+    with pytest.raises(UnsupportedModelError, match=match):
         OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dataset=["unused"], **SMALL)).prune(model, progress=False)
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(UnsupportedModelError, match=match):
+        OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dataset=["unused"], **SMALL)).prune_checkpoint(
+            tmp_path / "dense", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def test_an_interrupted_streamed_run_resumes_with_identical_output(tmp_path, tokenizer, calibration_texts,
+                                                                   monkeypatch):
+    """The finished block is replayed at its per-expert size (the report's kept_per_expert), not solved again."""
+    make_model("mixtral").save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    config = OsscarConfig(block_sizes=[{"attention": 1, "mlp": 8}, {"attention": 2, "mlp": 24}],
+                          dataset=calibration_texts, **SMALL)
+    reference = OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "reference", progress=False)
+    real, solved = BlockStream.prune, []
+
+    def prune(self, index, module):
+        if index == 1 and "resumed" not in solved:
+            raise KeyboardInterrupt
+        solved.append(index)
+        return real(self, index, module)
+
+    monkeypatch.setattr(BlockStream, "prune", prune)
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    solved.clear()
+    solved.append("resumed")
+    OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    assert solved == ["resumed", 1]  # block 0 was not solved again
+    a, b = _tensors(reference), _tensors(tmp_path / "out")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "out" / "config.json").read_text() == (reference / "config.json").read_text()
