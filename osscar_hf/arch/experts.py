@@ -53,10 +53,11 @@ class Experts:
             found.append(f"experts.config_sparse_layers must be None or a dict of config fields, got {layers!r}")
         names = self.checkpoint_names
         if names is not None and (not isinstance(names, dict) or not all(
-                isinstance(k, str) and isinstance(v, tuple) and v and all(isinstance(s, str) and "{e}" in s for s in v)
+                isinstance(k, str) and isinstance(v, tuple) and v
+                and all(isinstance(s, str) and s.startswith("{e}.") for s in v)
                 for k, v in names.items())):
-            found.append(f"experts.checkpoint_names must map parameter names to tuples of names with '{{e}}', "
-                         f"got {names!r}")
+            found.append(f"experts.checkpoint_names must map parameter names to tuples of names starting with "
+                         f"'{{e}}.', got {names!r}")
         return found
 
 
@@ -164,16 +165,17 @@ def model_tensors(spec: Any, stored: dict[str, torch.Tensor]) -> dict[str, torch
     stored_experts = (experts.checkpoint_module or experts.path) + "."
     out: dict[str, torch.Tensor] = {}
     pieces: dict[tuple[str, str], dict[tuple[int, int], torch.Tensor]] = {}
-    patterns = {(fmt.format(e="").split(".", 1)[1], param, f): (param, f) for param, formats in
-                experts.checkpoint_names.items() for f, fmt in enumerate(formats)}
+    # An expert's stored name after "{e}." -> (the parameter it is part of, its place among the parameter's parts).
+    tails = {fmt.replace("{e}.", "", 1): (param, f) for param, formats in experts.checkpoint_names.items()
+             for f, fmt in enumerate(formats)}
     for name, tensor in stored.items():
         where = _block_relative(spec, name)
         rest = where[1] if where is not None else ""
         if where is not None and rest.startswith(stored_experts):
             index, _, tail = rest[len(stored_experts):].partition(".")
-            match = next(((p, f) for (t, p, f) in patterns if t == tail), None)
-            if index.isdigit() and match is not None:
-                pieces.setdefault((where[0], match[0]), {})[(int(index), match[1])] = tensor
+            if index.isdigit() and tail in tails:
+                param, part = tails[tail]
+                pieces.setdefault((where[0], param), {})[(int(index), part)] = tensor
                 continue
         if where is not None and stored_mlp and rest.startswith(stored_mlp + "."):
             out[f"{where[0]}{model_mlp}{rest[len(stored_mlp):]}"] = tensor

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..arch.experts import expert_parameter, expert_parameter_name
 from ..arch.spec import ArchSpec
 from ..errors import OsscarConfigError
+from ..methods import get_method
 from ..methods.base import LayerProblem, LayerStatistics, Selection, group_sums, top_groups
 from ..surgery import expert_neurons
 from .settings import LoopSettings
@@ -42,8 +43,6 @@ def check_experts_fit(config: Any, spec: ArchSpec) -> None:
     curves are per consumer, the experts are many)."""
     if spec.experts is None:
         return
-    from ..methods import get_method
-
     family = f"the mixture of experts of spec {spec.name!r}"
     if get_method(config.method).adds_bias:
         raise OsscarConfigError(f"method={config.method!r} compensates with an output bias, which {family} has no "

@@ -145,7 +145,7 @@ def test_a_taken_model_type_is_refused_unless_overwrite(registry):
     ({"experts": "mlp.experts"}, "experts must be None or an Experts, got 'mlp.experts'"),
     ({"experts": Experts(config_count="")}, "experts.config_count must be a non-empty str"),
     ({"experts": Experts(checkpoint_names={"down_proj": ("w2.weight",)})},
-     "experts.checkpoint_names must map parameter names to tuples of names with '{e}'"),
+     "experts.checkpoint_names must map parameter names to tuples of names starting with '{e}.'"),
 ])
 def test_a_malformed_spec_is_refused_and_nothing_is_registered(registry, change, message):
     spec = dataclasses.replace(LLAMA_FAMILY, **{"name": "bad", "model_types": (RENAMED,), **change})
