@@ -86,7 +86,7 @@ def _accumulate(
     outputs = space.store() if keep_outputs else None
     next_dense = space.store() if dense_states is not None else None
     crossing = {name for name, st in stats.items() if st.cross_gram is not None}
-    routed = {n: (consumers[n], routed_producer(consumers[n], spec)) for n, st in stats.items()
+    routed = {n: (consumers[n], routed_producer(spec)) for n, st in stats.items()
               if isinstance(st, ExpertStatistics)}
     plain = {n: consumers[n] for n in stats if n not in routed}
     dense_iter = iter(dense_states) if dense_states is not None else None

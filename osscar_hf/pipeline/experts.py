@@ -74,7 +74,7 @@ def aligned_experts_config(config: Any, spec: ArchSpec, model_config: Any) -> An
     return dataclasses.replace(config, round_to=round_to)
 
 
-def routed_producer(module: nn.Module, spec: ArchSpec) -> str:
+def routed_producer(spec: ArchSpec) -> str:
     """The name, in the experts module, of the [gate | up] parameter whose outputs feed the down projection."""
     assert spec.experts is not None
     return expert_parameter_name(spec.experts, spec.producers("mlp")[0].path)

@@ -283,7 +283,8 @@ class ShardBlocks:
             self.load(index, block)
             stream.replay(index, block, pruned=False)
             block.to("meta")
-        shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept), "ffn_dim": report.mlp.kept_per_expert}
+        shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept),
+                 "ffn_dim": report.mlp.kept_per_expert}
         with torch.device("cpu"):
             resize_block(block, run.spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
             if settings.method.adds_bias:
