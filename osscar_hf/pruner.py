@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ArchSpec, get_spec, get_submodule
+from .arch.experts import dense_layers_problem
 from .calibration import build_window_sets
 from .config import OsscarConfig
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
@@ -234,6 +235,9 @@ def check_prunable_config(model_config: Any) -> ArchSpec:
         raise UnsupportedModelError(f"{exc}; osscar_hf prunes full-precision models") from None
     if record is not None:
         raise UnsupportedModelError(_ALREADY_PRUNED)
+    dense = dense_layers_problem(model_config, spec.experts) if spec.experts is not None else None
+    if dense is not None:  # a mixture of experts with dense-MLP blocks
+        raise UnsupportedModelError(f"model_type {model_config.model_type!r}: {dense}")
     return spec
 
 

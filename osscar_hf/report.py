@@ -26,6 +26,14 @@ class ConsumerReport:
     swaps_accepted: int = 0
     damping: float | None = None
     seconds: float = 0.0
+    # A mixture of experts' MLP: the experts, each keeping kept / experts of its structures / experts neurons
+    # (``kept_indices``: expert * neurons per expert + neuron).
+    experts: int = 1
+
+    @property
+    def kept_per_expert(self) -> int:
+        """The structures each expert keeps (``kept`` when there are no experts)."""
+        return self.kept // self.experts
 
 
 @dataclass
@@ -71,7 +79,7 @@ class PruneReport:
     @property
     def block_shapes(self) -> list[dict[str, int]]:
         """Kept attention structures and neurons of each block."""
-        return [{"attention": b.attention.kept, "mlp": b.mlp.kept} for b in self.blocks]
+        return [{"attention": b.attention.kept, "mlp": b.mlp.kept_per_expert} for b in self.blocks]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .arch.experts import expert_parameter, expert_parameter_name
 from .arch.spec import ArchSpec, Producer, get_submodule, set_submodule
 from .errors import SurgeryError
 from .remote_code.configuration_osscar import (
@@ -83,22 +84,27 @@ def _check_bias(linear: nn.Linear, bias: torch.Tensor | None) -> None:
 
 
 def part_producers(block: nn.Module, spec: ArchSpec) -> dict[str, list[tuple[Producer, nn.Linear]]]:
-    """The producers of a block's attention and MLP (:meth:`ArchSpec.producers`), each with its linear."""
-    roots = {"attention": get_submodule(block, spec.attention), "mlp": block}
+    """The producers of a block's attention and MLP (:meth:`ArchSpec.producers`), each with its linear; a mixture of
+    experts (``spec.experts``: no linears) has no ``"mlp"`` entry."""
+    roots = {"attention": get_submodule(block, spec.attention)}
+    if spec.experts is None:
+        roots["mlp"] = block
     return {part: [(p, get_submodule(root, p.path)) for p in spec.producers(part)] for part, root in roots.items()}
 
 
 def block_consumers(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
-    """The two consumer linears of a block: the attention output projection and the MLP down projection."""
-    return {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"),
-            "mlp": get_submodule(block, spec.mlp_consumer)}
+    """The two consumers of a block: the attention output projection and the MLP down projection (the experts
+    module, for a mixture of experts)."""
+    mlp = spec.mlp_consumer if spec.experts is None else spec.experts.path
+    return {"attention": get_submodule(block, f"{spec.attention}.{spec.o_proj}"), "mlp": get_submodule(block, mlp)}
 
 
 def part_linears(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Linear]]:
-    """The linears of a block's attention and MLP: the producers, then the consumer (last)."""
+    """The linears of a block's attention and MLP: the producers, then the consumer (last); a mixture of experts
+    has no ``"mlp"`` entry."""
     producers = part_producers(block, spec)
     consumers = block_consumers(block, spec)
-    return {part: [linear for _, linear in producers[part]] + [consumers[part]] for part in consumers}
+    return {part: [linear for _, linear in producers[part]] + [consumers[part]] for part in producers}
 
 
 def producer_rows(producer: Producer, linear: nn.Linear, kept: torch.Tensor, total: int, *, n_rep: int,
@@ -240,7 +246,12 @@ def prune_mlp(
     consumer_bias: torch.Tensor | None = None,
 ) -> None:
     """Keep the FFN neurons ``kept_neurons``: producer rows and consumer columns (refit if given; the consumer's
-    bias replaced by ``consumer_bias`` if given)."""
+    bias replaced by ``consumer_bias`` if given). For a mixture of experts see :func:`prune_experts`."""
+    if spec.experts is not None:
+        if consumer_bias is not None:
+            raise SurgeryError(f"the experts of spec {spec.name!r} have no bias to replace")
+        prune_experts(block, spec, kept_neurons, consumer_weight=consumer_weight)
+        return
     consumer = get_submodule(block, spec.mlp_consumer)
     kept_neurons = _check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
     total = consumer.in_features
@@ -258,6 +269,57 @@ def prune_mlp(
     _set_count_attrs(block, spec, {"ffn": int(kept_neurons.numel())})
 
 
+def expert_neurons(local: torch.Tensor, neurons: int) -> torch.Tensor:
+    """Flat structure indices ``e * neurons + j`` of each expert's kept neurons ``local[e]`` (experts x kept)."""
+    local = torch.as_tensor(local, dtype=torch.int64, device="cpu")
+    offsets = torch.arange(local.shape[0], dtype=torch.int64, device="cpu").unsqueeze(1) * neurons
+    return (local + offsets).reshape(-1)
+
+
+def _local_neurons(kept: torch.Tensor, experts: int, neurons: int, what: str) -> torch.Tensor:
+    """``kept`` (flat indices among ``experts * neurons``, checked) as each expert's neurons (experts x kept), the
+    same number in every expert."""
+    kept = _check_indices(kept, experts * neurons, what)
+    if kept.numel() % experts or not bool(
+            (kept.reshape(experts, -1) // neurons == torch.arange(experts).unsqueeze(1)).all()):
+        raise SurgeryError(f"{what}: {kept.tolist()[:20]} must keep the same number of neurons in each of the "
+                           f"{experts} experts (flat indices expert * {neurons} + neuron)")
+    return kept.reshape(experts, -1) % neurons
+
+
+def prune_experts(block: nn.Module, spec: ArchSpec, kept_neurons: torch.Tensor, *,
+                  consumer_weight: torch.Tensor | None = None) -> None:
+    """Keep, in every expert of ``block``'s mixture of experts, the neurons ``kept_neurons`` (flat indices ``e * I +
+    j``, the same number per expert, see :func:`expert_neurons`): each expert's producer rows (its layout's
+    :func:`kept_rows`) and consumer columns, or ``consumer_weight`` (experts x out x kept: the refit)."""
+    experts = spec.experts
+    assert experts is not None
+    module = get_submodule(block, experts.path)
+    down = expert_parameter(block, experts, spec.mlp_consumer)
+    num, out, total = down.shape
+    local = _local_neurons(kept_neurons, num, total, f"kept neurons of {spec.mlp_consumer}")
+    per = local.shape[1]
+    if consumer_weight is not None and tuple(consumer_weight.shape) != (num, out, per):
+        raise SurgeryError(f"{spec.mlp_consumer} refit weight has shape {tuple(consumer_weight.shape)}, "
+                           f"expected {(num, out, per)}")
+    new = {}
+    for p in spec.producers("mlp"):
+        param = expert_parameter(block, experts, p.path)
+        if param.shape[1] != structure_stride(p.segments, 1, 1) * total:
+            raise SurgeryError(f"{p.path} has {param.shape[1]} rows per expert, but its row layout {p.segments} "
+                               f"needs {structure_stride(p.segments, 1, 1)} per neuron for {total} neurons")
+        rows = [kept_rows(p.segments, p.interleaved, local[e], total, 1, 1).to(param.device) for e in range(num)]
+        new[p.path] = torch.stack([param[e].index_select(0, rows[e]) for e in range(num)])
+    idx = local.to(down.device)
+    new[spec.mlp_consumer] = (torch.stack([down[e].index_select(1, idx[e]) for e in range(num)])
+                              if consumer_weight is None else consumer_weight.to(down))
+    with torch.no_grad():
+        for path, tensor in new.items():
+            old = expert_parameter(block, experts, path)
+            setattr(module, expert_parameter_name(experts, path), nn.Parameter(tensor.contiguous(), old.requires_grad))
+    _set_count_attrs(block, spec, {"ffn": per})
+
+
 def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> dict[str, int]:
     """The current structure counts of a block, read from its weights: the query heads from the output projection's
     inputs, the KV heads from the rows of the producers that hold them (``n_rep`` is unused: a block may keep fewer
@@ -273,7 +335,8 @@ def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) 
     return {
         "num_key_value_heads": kv_heads,
         "num_attention_heads": heads,
-        "ffn_dim": get_submodule(block, spec.mlp_consumer).in_features,
+        "ffn_dim": (get_submodule(block, spec.mlp_consumer).in_features if spec.experts is None
+                    else expert_parameter(block, spec.experts, spec.mlp_consumer).shape[2]),
     }
 
 
@@ -299,4 +362,8 @@ def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_r
         prune_attention(block, spec, groups, n_rep=n_rep, head_dim=head_dim, num_groups=current["num_key_value_heads"],
                         kept_heads=kept_query_heads(groups, n_rep, heads // kv if kv else 0))
     if ffn < current["ffn_dim"]:
-        prune_mlp(block, spec, torch.arange(ffn, device="cpu"))
+        kept = torch.arange(ffn, device="cpu")
+        if spec.experts is not None:  # the first ffn neurons of every expert
+            num = expert_parameter(block, spec.experts, spec.mlp_consumer).shape[0]
+            kept = expert_neurons(kept.expand(num, ffn), current["ffn_dim"])
+        prune_mlp(block, spec, kept)

@@ -17,11 +17,13 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 96
@@ -73,6 +75,12 @@ def _config(kind: str, **overrides) -> object:
     elif kind == "gpt_neox":  # interleaved query_key_value, parallel residual, a quarter of the head dims rotated
         cfg = GPTNeoXConfig(**common, num_attention_heads=4, intermediate_size=48, rotary_pct=0.25,
                             use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0)
+    elif kind == "mixtral":  # 4 experts of 32 neurons, 2 per token; GQA
+        cfg = MixtralConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=32,
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    elif kind == "qwen3_moe":  # q/k norms; every layer sparse; a dense intermediate_size that is never used
+        cfg = Qwen3MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=40,
+                             moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -87,8 +95,10 @@ MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "ge
 # Families with fused projections, proved in a file of their own (tests/integration/test_fused.py), not in every
 # MODEL_KINDS-wide test.
 FUSED_KINDS = ("phi3", "gpt_neox")
+# Mixtures of experts, proved in tests/integration/test_moe.py.
+MOE_KINDS = ("mixtral", "qwen3_moe")
 # Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
-RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text")
+RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text", "qwen3_moe")
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import UnsupportedModelError
+from .experts import Experts
 from .spec import ArchSpec, Producer
 
 OPT = ArchSpec(
@@ -111,6 +112,34 @@ GPT_NEOX = ArchSpec(
     checkpoint_renames={"embed_out.": "lm_head."},
 )
 
+# Mixture of experts (transformers 5: the experts of a block are one module of 3-D tensors, ``gate_up_proj`` with each
+# expert's rows [gate | up] and ``down_proj``): Mixtral and Qwen3-MoE (every layer sparse: ``mlp_only_layers`` empty
+# and ``decoder_sparse_step`` 1, as in the published checkpoints; no shared expert). The attention is the Llama layout
+# (Qwen3-MoE's q/k norms act per head). Checkpoints store each expert's linears apart, which a streamed run reads and
+# writes under those names. (OLMoE has the same experts, but its q/k norms span the whole projection, so its heads
+# cannot be removed: not registered.)
+MIXTRAL = dataclasses.replace(
+    LLAMA_FAMILY,
+    name="mixtral",
+    model_types=("mixtral",),
+    mlp_producers=(Producer("mlp.experts.gate_up_proj", ("neurons", "neurons")),),
+    mlp_consumer="mlp.experts.down_proj",
+    module_count_attrs={"mlp.experts.intermediate_dim": "ffn", "self_attn.num_key_value_groups": "n_rep"},
+    bias_switches={},
+    experts=Experts(checkpoint_module="block_sparse_moe.experts",
+                    checkpoint_names={"gate_up_proj": ("{e}.w1.weight", "{e}.w3.weight"),
+                                      "down_proj": ("{e}.w2.weight",)}),
+)
+QWEN3_MOE = dataclasses.replace(
+    MIXTRAL,
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    config_ffn="moe_intermediate_size",
+    experts=Experts(config_count="num_experts", config_sparse_layers={"mlp_only_layers": [], "decoder_sparse_step": 1},
+                    checkpoint_names={"gate_up_proj": ("{e}.gate_proj.weight", "{e}.up_proj.weight"),
+                                      "down_proj": ("{e}.down_proj.weight",)}),
+)
+
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
@@ -157,3 +186,5 @@ register_architecture(GEMMA_FAMILY)
 register_architecture(GEMMA3_MULTIMODAL)
 register_architecture(PHI3)
 register_architecture(GPT_NEOX)
+register_architecture(MIXTRAL)
+register_architecture(QWEN3_MOE)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from ..remote_code.configuration_osscar import ROW_KINDS, count_owner
+from .experts import Experts, dense_layers_problem, expert_block_problems
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -118,6 +119,9 @@ class ArchSpec:
     # for the stock class only): what a streamed run (reading tensors by name) renames on read and back on write,
     # and what the remote-code class registers as its checkpoint conversion.
     checkpoint_renames: dict[str, str] = field(default_factory=dict)
+    # Mixture of experts (:class:`~osscar_hf.arch.experts.Experts`): the MLP is one module of 3-D per-expert tensors,
+    # ``mlp_producers`` and ``mlp_consumer`` its parameters; None: a dense MLP of linears.
+    experts: Experts | None = None
 
     # -- checks ----------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -160,6 +164,9 @@ class ArchSpec:
         if not isinstance(renames, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in renames.items()):
             found.append(f"checkpoint_renames must map non-empty str prefixes to non-empty str, got {renames!r}")
+        if self.experts is not None:
+            found += (self.experts.problems() if isinstance(self.experts, Experts)
+                      else [f"experts must be None or an Experts, got {self.experts!r}"])
         return found
 
     def model_name(self, stored: str) -> str:
@@ -194,7 +201,11 @@ class ArchSpec:
             blocks = []
             missing.append(f"a list of blocks at {self.blocks!r}")
         linears = [f"{self.attention}.{p.path}" for p in self.producers("attention")]
-        linears += [f"{self.attention}.{self.o_proj}", *(p.path for p in self.producers("mlp")), self.mlp_consumer]
+        linears.append(f"{self.attention}.{self.o_proj}")
+        if self.experts is None:
+            linears += [*(p.path for p in self.producers("mlp")), self.mlp_consumer]
+        else:
+            missing += self._expert_problems(config, blocks)
         for i, block in enumerate(blocks):
             for path in linears:
                 try:
@@ -216,6 +227,15 @@ class ArchSpec:
             raise UnsupportedModelError(
                 f"architecture spec {self.name!r} (for model_type {getattr(config, 'model_type', None)!r}) does not "
                 f"describe this {type(model).__name__}, which lacks {'; '.join(missing[:3])}{more}")
+
+    def _expert_problems(self, config: Any, blocks: list[nn.Module]) -> list[str]:
+        assert self.experts is not None
+        dense = dense_layers_problem(config, self.experts)
+        if dense is not None:
+            return [f"experts in every block: {dense}"]
+        producers = [(p.path, len(p.segments)) for p in self.producers("mlp")]
+        return [problem for i, block in enumerate(blocks) for problem in expert_block_problems(
+            block, self.experts, producers, self.mlp_consumer, f"{self.blocks}.{i}")]
 
     def producers(self, part: str) -> tuple[Producer, ...]:
         """The producers of ``part`` (``"attention"``: paths from the attention; ``"mlp"``: from the block), with

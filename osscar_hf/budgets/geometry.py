@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..arch import ArchSpec, AttentionLayout, Producer, attention_layout, get_submodule
+from ..arch.experts import expert_parameter
 from ..remote_code.configuration_osscar import structure_stride
 from ..surgery import part_linears, part_producers
 
@@ -81,6 +82,26 @@ def _attention_rows(producer: Producer, layout: AttentionLayout) -> tuple[int, i
     return q * layout.kv_heads * layout.head_dim, (len(producer.segments) - q) * layout.kv_heads * layout.head_dim
 
 
+def _mlp_costs(block: nn.Module, spec: ArchSpec, config: object, with_biases: bool) -> tuple[int, int, float]:
+    """(neurons, parameters of one, its multiply-adds per token) of a block's MLP. A mixture of experts' structure
+    is one neuron of every expert (each keeps the same count): its parameters in every expert, its multiply-adds in
+    the experts a token is routed to."""
+    if spec.experts is None:
+        producers = part_producers(block, spec)["mlp"]
+        consumer = get_submodule(block, spec.mlp_consumer)
+        bias = with_biases or consumer.bias is not None
+        rows = [(structure_stride(p.segments, 1, 1), lin) for p, lin in producers]
+        params = sum(_rows_cost(lin, r, bias) for r, lin in rows) + consumer.out_features
+        flops = sum(lin.in_features * r for r, lin in rows) + consumer.out_features
+        return consumer.in_features, params, float(flops)
+    down = expert_parameter(block, spec.experts, spec.mlp_consumer)
+    experts, hidden, neurons = down.shape
+    one = sum(expert_parameter(block, spec.experts, p.path).shape[2] * structure_stride(p.segments, 1, 1)
+              for p in spec.producers("mlp")) + hidden
+    per_token = int(getattr(config, spec.experts.config_per_token))
+    return neurons, experts * one, float(per_token * one)
+
+
 def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_biases: bool = False,
                      attention_structure: str = "kv_groups") -> list[BlockGeometry]:
     """The geometry of every decoder block of ``model`` (dense shapes; a meta skeleton will do).
@@ -95,16 +116,13 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
     for block in get_submodule(model, spec.blocks):
         linears = part_linears(block, spec)
         producers = part_producers(block, spec)
-        o, consumer = linears["attention"][-1], linears["mlp"][-1]
+        o = linears["attention"][-1]
         attention_bias = with_biases or o.bias is not None
-        mlp_bias = with_biases or consumer.bias is not None
         attention_rows = [(_attention_rows(p, layout), lin) for p, lin in producers["attention"]]
-        mlp_rows = [(structure_stride(p.segments, 1, 1), lin) for p, lin in producers["mlp"]]
         attention_params = (sum(_rows_cost(lin, r, attention_bias) for (r, _), lin in attention_rows)
                             + o.out_features * q_columns)
         base_params = sum(_rows_cost(lin, b, attention_bias) for (_, b), lin in attention_rows)
-        mlp_params = sum(_rows_cost(lin, r, mlp_bias) for r, lin in mlp_rows) + consumer.out_features
-        neurons = consumer.in_features
+        neurons, mlp_params, mlp_flops = _mlp_costs(block, spec, model.config, with_biases)
         total = sum(p.numel() for p in block.parameters())
         extra = 0
         if with_biases:  # biases the method will add to linears that have none yet
@@ -115,7 +133,7 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
         out.append(BlockGeometry(
             attention_structures=layout.structures, mlp_structures=neurons, attention_params=attention_params,
             mlp_params=mlp_params, fixed_params=fixed, attention_flops=attention_weights + 2 * q_columns * context,
-            mlp_flops=sum(lin.in_features * r for r, lin in mlp_rows) + consumer.out_features,
+            mlp_flops=mlp_flops,
             attention_base_params=base_params,
             attention_base_flops=float(sum(lin.in_features * b for (_, b), lin in attention_rows)),
         ))

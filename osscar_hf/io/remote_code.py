@@ -195,6 +195,8 @@ def block_layout(spec: ArchSpec, config: Any) -> dict[str, Any]:
     """``osscar_layout``: what ``modeling_osscar.py`` needs to shrink a block of this family."""
     _, n_rep, head_dim = spec.group_geometry(config)
     renames = {"checkpoint_renames": dict(spec.checkpoint_renames)} if spec.checkpoint_renames else {}
+    if spec.experts is not None:  # the MLP's producers and consumer are this module's 3-D per-expert tensors
+        renames["experts"] = spec.experts.path
     return {
         "blocks": spec.blocks,
         "attention": spec.attention,

@@ -24,8 +24,9 @@ from ..host_memory import peak_host_rss_bytes, release_freed_memory
 from ..methods import LayerProblem, LayerStatistics, Selection
 from ..report import BlockReport, ConsumerReport
 from ..surgery import add_part_biases, block_consumers, prune_attention, prune_mlp
+from .experts import expert_statistics, routed_producer, select_experts
 from .settings import LoopSettings
-from .statistics import InputStatistics, input_hooks
+from .statistics import ExpertStatistics, InputStatistics, input_hooks, routed_input_hooks
 
 __all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "propagate_block"]
 
@@ -38,12 +39,14 @@ def block_device(block: nn.Module) -> torch.device:
     return next((p.device for p in block.parameters()), torch.device("cpu"))
 
 
-def _consumer_report(m: int, selection: Selection | None, seconds: float) -> ConsumerReport:
+def _consumer_report(m: int, selection: Selection | None, seconds: float, experts: int = 1) -> ConsumerReport:
+    """``m`` structures (of every expert together: ``experts`` times each one's)."""
     if selection is None:
-        return ConsumerReport(structures=m, kept=m, kept_indices=list(range(m)), solved=False)
+        return ConsumerReport(structures=m, kept=m, kept_indices=list(range(m)), solved=False, experts=experts)
     fields = {"seconds": seconds, **(selection.report or {})}
     return ConsumerReport(structures=m, kept=int(selection.kept_groups.numel()),
-                          kept_indices=[int(i) for i in selection.kept_groups.tolist()], solved=True, **fields)
+                          kept_indices=[int(i) for i in selection.kept_groups.tolist()], solved=True,
+                          experts=experts, **fields)
 
 
 @contextmanager
@@ -61,8 +64,9 @@ def _closed_on_error(*stores: ActivationStore | None) -> Iterator[None]:
 
 def _accumulate(
     block: nn.Module,
+    spec: ArchSpec,
     consumers: dict[str, nn.Module],
-    stats: dict[str, InputStatistics],
+    stats: dict[str, InputStatistics | ExpertStatistics],
     states: ActivationStore,
     kwargs: list[dict[str, Any]],
     dense_states: ActivationStore | None,
@@ -82,6 +86,9 @@ def _accumulate(
     outputs = space.store() if keep_outputs else None
     next_dense = space.store() if dense_states is not None else None
     crossing = {name for name, st in stats.items() if st.cross_gram is not None}
+    routed = {n: (consumers[n], routed_producer(spec)) for n, st in stats.items()
+              if isinstance(st, ExpertStatistics)}
+    plain = {n: consumers[n] for n in stats if n not in routed}
     dense_iter = iter(dense_states) if dense_states is not None else None
     with _closed_on_error(outputs, next_dense):
         for b, state in enumerate(states):
@@ -96,7 +103,7 @@ def _accumulate(
             def cross(name: str, x: torch.Tensor) -> None:
                 stats[name].add_cross(pruned_inputs.pop(name), x)
 
-            with input_hooks({n: consumers[n] for n in stats}, keep):
+            with input_hooks(plain, keep), routed_input_hooks(routed, lambda n, e, x: stats[n].add(e, x)):
                 out = call_block(block, state.to(device), kw)
             del state
             if outputs is not None:
@@ -162,15 +169,20 @@ def _prune_block(
     consumers = block_consumers(block, spec)
     parts = [part for part in PARTS if keep[part] < full[part]]
     cross = settings.dense_targets and method.refits
-    stats = {part: InputStatistics(consumers[part].in_features, device, method.statistics, cross)
-             for part in parts} if method.statistics else {}
+    stats: dict[str, InputStatistics | ExpertStatistics] = {
+        part: (expert_statistics(block, spec, settings) if part == "mlp" and spec.experts is not None
+               else InputStatistics(consumers[part].in_features, device, method.statistics, cross))
+        for part in parts} if method.statistics else {}
     # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
     dense_outputs = next_dense = None
     if stats or dense_states is not None or not settings.propagate:
-        dense_outputs, next_dense = _accumulate(block, consumers, stats, states, kwargs, dense_states, device,
+        dense_outputs, next_dense = _accumulate(block, spec, consumers, stats, states, kwargs, dense_states, device,
                                                 storage, space, keep_outputs=not settings.propagate)
     with _closed_on_error(dense_outputs, next_dense):
-        selections = {part: _select(part, consumers[part], stats.pop(part, None), settings, keep[part])
+        selections = {part: (select_experts(block, spec, stats.pop(part, None), settings, keep[part],
+                                            f"block {index}")
+                             if part == "mlp" and spec.experts is not None
+                             else _select(part, consumers[part], stats.pop(part, None), settings, keep[part]))
                       for part in parts}
         del stats
         if "attention" in selections:
@@ -247,7 +259,8 @@ class BlockStream:
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             attention = _consumer_report(settings.attention_layout.solver_groups,
                                          *selections.get("attention", (None, 0.0)))
-            mlp = _consumer_report(settings.num_neurons, *selections.get("mlp", (None, 0.0)))
+            mlp = _consumer_report(settings.num_neurons * settings.num_experts, *selections.get("mlp", (None, 0.0)),
+                                   experts=settings.num_experts)
             del selections  # their tensors live on the device: gone before the cache is emptied
         finally:
             block.to(home)

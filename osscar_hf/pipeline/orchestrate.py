@@ -39,6 +39,7 @@ from ..self_calibration import is_self_dataset, self_sampling_provenance
 from ..surgery import part_linears
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
 from .block import BlockStream, announce_block
+from .experts import aligned_experts_config, check_experts_fit
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .settings import LoopSettings, loop_settings
 
@@ -88,6 +89,8 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     Raises before any data is read when the method is unknown, the budget is impossible or the method does not
     fit."""
     config.check_method()
+    check_experts_fit(config, spec)
+    config = aligned_experts_config(config, spec, model.config)
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
@@ -248,7 +251,7 @@ def budget_summary(run: PruneRun, reports: list[BlockReport]) -> dict[str, Any]:
     parameters and multiply-adds per token before and after."""
     config, geometries = run.config, run.geometries
     layout = run.settings.attention_layout  # a report counts the solver's groups (query heads, or KV groups)
-    kept = [(layout.structures_of_solver_kept(r.attention.kept), r.mlp.kept) for r in reports]
+    kept = [(layout.structures_of_solver_kept(r.attention.kept), r.mlp.kept_per_expert) for r in reports]
     dense = [(g.attention_structures, g.mlp_structures) for g in geometries]
     summary: dict[str, Any] = {"method": config.method, "allocation": _allocation_name(config)}
     for target in ("params", "flops"):

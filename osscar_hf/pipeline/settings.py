@@ -34,6 +34,7 @@ class LoopSettings:
     activation_storage: str = "memory"     # "auto", "memory" or "disk" (see osscar_hf.activations)
     activation_dir: str | None = None      # parent folder of the on-disk activations (None: the temp folder)
     sizes: tuple[BlockSize, ...] = ()
+    num_experts: int = 1                   # experts of a mixture of experts, each with num_neurons neurons
 
     @property
     def num_attention_groups(self) -> int:
@@ -78,4 +79,5 @@ def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSetting
         num_neurons=spec.ffn_dim(model_config), device=config.resolved_device(),
         storage_device=torch.device("cpu"), propagate=config.propagate, dense_targets=config.dense_targets,
         activation_storage=config.activation_storage, activation_dir=config.activation_dir,
+        num_experts=int(getattr(model_config, spec.experts.config_count)) if spec.experts is not None else 1,
     )

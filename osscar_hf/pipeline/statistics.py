@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..methods import GRAM, MOMENTS, LayerStatistics
 from ..solver import accumulate_cross_gram, accumulate_gram, new_gram
 
-__all__ = ["InputStatistics", "input_hooks"]
+__all__ = ["ExpertStatistics", "InputStatistics", "expert_inputs", "input_hooks", "routed_input_hooks"]
 
 
 class InputStatistics:
@@ -50,6 +50,64 @@ class InputStatistics:
             stats.mean_square = self.sum_square / self.tokens
         self.gram = self.cross_gram = self.sum = self.sum_square = None
         return stats
+
+
+class ExpertStatistics:
+    """One :class:`InputStatistics` per expert of a mixture of experts, each fed only the tokens routed to it."""
+
+    def __init__(self, experts: int, p: int, device: torch.device, needs: frozenset[str]) -> None:
+        self.experts = [InputStatistics(p, device, needs, False) for _ in range(experts)]
+        self.cross_gram = None  # no dense targets: the dense stream routes its tokens elsewhere
+
+    def add(self, expert: int, x: torch.Tensor) -> None:
+        self.experts[expert].add(x)
+
+    def take(self, expert: int) -> LayerStatistics:
+        return self.experts[expert].take()
+
+
+def expert_inputs(module: nn.Module, producer: str, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(e, x_e)`` for every expert ``e`` that gets a token: ``x_e`` is the input of its down projection for those
+    tokens, ``act(gate) * up``, each row scaled by the token's routing weight for ``e`` (the expert's output joins the
+    residual stream scaled by it, so the reconstruction error that matters is the scaled one)."""
+    weights = getattr(module, producer)
+    gate = getattr(module, "_apply_gate", None)
+    for e in range(weights.shape[0]):
+        position, token = torch.where(top_k_index.T == e)
+        if token.numel() == 0:
+            continue
+        projected = nn.functional.linear(hidden[token], weights[e])
+        if gate is not None:
+            x = gate(projected)
+        else:
+            first, second = projected.chunk(2, dim=-1)
+            x = module.act_fn(first) * second
+        yield e, x * top_k_weights[token, position].unsqueeze(-1).to(x.dtype)
+
+
+@contextmanager
+def routed_input_hooks(modules: dict[str, tuple[nn.Module, str]],
+                       callback: Callable[[str, int, torch.Tensor], None]) -> Iterator[None]:
+    """Forward pre-hooks on experts modules (``{name: (module, name of its [gate | up] parameter)}``) that hand every
+    routed expert's down-projection input (:func:`expert_inputs`) to ``callback(name, expert, input)``."""
+
+    def make_hook(name: str, producer: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights")[len(args):]]
+            hidden, index, weights = (v.detach() for v in values[:3])
+            for e, x in expert_inputs(module, producer, hidden, index, weights):
+                callback(name, e, x)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name, producer), with_kwargs=True)
+               for name, (module, producer) in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -126,13 +126,42 @@ def _producers(root: nn.Module, entries: list[Any], kind: str, built: int, kept:
     return out
 
 
+def _expert_tensor(block: nn.Module, path: str) -> tuple[nn.Module, str, torch.Tensor]:
+    """(module, name, 3-D per-expert tensor) of a mixture of experts' parameter at ``path`` from the block."""
+    owner, _, name = path.rpartition(".")
+    module = block.get_submodule(owner)
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+        raise ValueError(f"osscar_layout names {path!r} as a per-expert tensor, but the block has none there")
+    return module, name, tensor
+
+
+def _keep_expert_neurons(block: nn.Module, layout: dict[str, Any], built: int, kept: int) -> None:
+    """Keep the first ``kept`` neurons (of ``built``) of every expert: their rows of each producer (its layout's
+    :func:`kept_rows`) and the consumer's columns."""
+    if kept == built:
+        return
+    keep = torch.arange(kept, device="cpu")
+    for path, segments, interleaved in producer_entries(layout["mlp_producers"], "neurons"):
+        module, name, tensor = _expert_tensor(block, path)
+        rows = kept_rows(segments, interleaved, keep, built, 1, 1).to(tensor.device)
+        new = tensor.index_select(1, rows).clone(memory_format=torch.contiguous_format)
+        setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+    module, name, tensor = _expert_tensor(block, layout["mlp_consumer"])
+    new = tensor[:, :, :kept].clone(memory_format=torch.contiguous_format)
+    setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+
+
 def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]) -> None:
     """Shrink one decoder block to ``shape`` (see the module docstring)."""
     n_rep, head_dim = layout["n_rep"], layout["head_dim"]
     attention = block.get_submodule(layout["attention"])
-    o_proj, consumer = _linear(attention, layout["o_proj"]), _linear(block, layout["mlp_consumer"])
+    experts = layout.get("experts")  # a mixture of experts: the MLP's producers and consumer are 3-D tensors
+    o_proj = _linear(attention, layout["o_proj"])
+    consumer = None if experts else _linear(block, layout["mlp_consumer"])
     heads, kv_heads, ffn_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["ffn_dim"]
-    built = {"num_key_value_heads": o_proj.in_features // (n_rep * head_dim), "ffn_dim": consumer.in_features}
+    built_ffn = _expert_tensor(block, layout["mlp_consumer"])[2].shape[2] if experts else consumer.in_features
+    built = {"num_key_value_heads": o_proj.in_features // (n_rep * head_dim), "ffn_dim": built_ffn}
     if kv_heads > built["num_key_value_heads"] or ffn_dim > built["ffn_dim"]:
         raise ValueError(
             f"cannot shrink a block built with {built} to {shape}: the stock fields of the config and "
@@ -141,11 +170,14 @@ def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]
     per_group = heads // kv_heads if kv_heads else n_rep
     producers = _producers(attention, layout["attention_producers"], "q", built["num_key_value_heads"], kv_heads,
                            n_rep, head_dim, per_group)
-    producers += _producers(block, layout["mlp_producers"], "neurons", built["ffn_dim"], ffn_dim, 1, 1)
+    if experts:
+        _keep_expert_neurons(block, layout, built["ffn_dim"], ffn_dim)
+    else:
+        producers += _producers(block, layout["mlp_producers"], "neurons", built["ffn_dim"], ffn_dim, 1, 1)
+        _keep_columns(consumer, ffn_dim)
     for linear, rows in producers:
         _keep_rows(linear, rows)
     _keep_columns(o_proj, heads * head_dim)
-    _keep_columns(consumer, ffn_dim)
     if kv_heads == 0:
         empty = OsscarEmptyAttention(dict(attention.named_children()), layout["o_proj"],
                                      getattr(attention, "layer_idx", None))
@@ -167,21 +199,26 @@ def apply_block_shapes(model: nn.Module, config: OsscarLlamaConfig) -> None:
         resize_block(block, config.osscar_layout, shape)
 
 
-def register_checkpoint_renames(class_name: str, renames: dict[str, str] | None) -> None:
+def register_checkpoint_renames(class_name: str, renames: dict[str, str] | None, base: str | None = None) -> None:
     """Have transformers rename the checkpoint's tensors for the class ``class_name`` on load (and back on save):
     ``renames`` maps a prefix in the checkpoint to one in the model (``osscar_layout["checkpoint_renames"]``;
-    GPT-NeoX's ``embed_out.`` -> ``lm_head.``). transformers applies the stock family's own renaming to the stock
-    class only, never to custom code. A transformers without conversion mappings names the modules as the
-    checkpoint does, and needs none."""
-    if not renames:
+    GPT-NeoX's ``embed_out.`` -> ``lm_head.``); with ``base`` (a mixture of experts' stock ``model_type``), the stock
+    family's own conversions too (each expert's tensors stacked into the fused parameters). transformers applies the
+    stock family's conversions to the stock class only, never to custom code. A transformers without conversion
+    mappings names the modules as the checkpoint does, and needs none."""
+    if not renames and not base:
         return
     try:
-        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
         from transformers.core_model_loading import WeightRenaming
     except ImportError:
         return
     mapping = [WeightRenaming(source_patterns="^" + old.replace(".", "\\."), target_patterns=new)
-               for old, new in renames.items()]
+               for old, new in (renames or {}).items()]
+    mapping += (get_checkpoint_conversion_mapping(base) or []) if base else []
     register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
 
 
@@ -194,7 +231,9 @@ class OsscarLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         apply_block_shapes(self, config)
         # Before from_pretrained reads the checkpoint's names (it builds the model first).
-        register_checkpoint_renames(type(self).__name__, (config.osscar_layout or {}).get("checkpoint_renames"))
+        layout = config.osscar_layout or {}
+        register_checkpoint_renames(type(self).__name__, layout.get("checkpoint_renames"),
+                                    config.osscar_base_model_type if layout.get("experts") else None)
 
 
 __all__ = ["OsscarEmptyAttention", "OsscarLlamaForCausalLM"]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_spec, get_submodule
+from ..arch.experts import checkpoint_tensors, model_tensors
 from ..budgets import BlockSize
 from ..config import OsscarConfig
 from ..errors import OsscarError, UnsupportedModelError
@@ -91,8 +92,9 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, files:
                               f"config.json: {exc}") from None
 
 
-def _materialise(block: nn.Module, reader: ShardReader, keys: list[str], block_prefix: str) -> None:
-    tensors = reader.read(keys)
+def _materialise(block: nn.Module, reader: ShardReader, keys: list[str], block_prefix: str,
+                 spec: ArchSpec) -> None:
+    tensors = model_tensors(spec, reader.read(keys))  # a mixture of experts' tensors stacked per parameter
     _load(block, {k[len(block_prefix):]: v for k, v in tensors.items()}, block_prefix.rstrip("."),
           reader.files(keys), strict=True)
 
@@ -210,15 +212,15 @@ class ShardBlocks:
     fingerprint: dict[str, Any]
     num_shards: int
     last_uses: dict[int, list[str]]
+    spec: ArchSpec
     done: list[dict[str, Any]] = field(default_factory=list)
     plan: list[dict[str, int]] | None = None
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     scratch_modules: dict[int, nn.Module] = field(default_factory=dict)
-    spec: ArchSpec | None = None  # the family's checkpoint names (ArchSpec.stored_name) for the written shards
 
     def load(self, index: int, block: nn.Module) -> None:
-        _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.")
+        _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.", self.spec)
 
     def release(self, index: int, block: nn.Module) -> None:
         block.to("meta")
@@ -227,8 +229,9 @@ class ShardBlocks:
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
         block_prefix = f"{self.prefix}{index}."
         name = _shard_name(index + 2, self.num_shards)
-        stored = self.spec.stored_name if self.spec is not None else str
-        out = {stored(block_prefix + k): v for k, v in block.state_dict().items()}
+        # The checkpoint's names: a mixture of experts' tensors split per expert, the family's prefixes renamed.
+        state = {block_prefix + k: v for k, v in block.state_dict().items()}
+        out = {self.spec.stored_name(k): v for k, v in checkpoint_tensors(self.spec, state).items()}
         size = _save_shard(out, self.tmp / name)
         self._add(out, name, size)
         self.done.append({"report": asdict(report), "shard": name, "tensors": sorted(out), "bytes": size})
@@ -282,7 +285,8 @@ class ShardBlocks:
             self.load(index, block)
             stream.replay(index, block, pruned=False)
             block.to("meta")
-        shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept), "ffn_dim": report.mlp.kept}
+        shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept),
+                 "ffn_dim": report.mlp.kept_per_expert}
         with torch.device("cpu"):
             resize_block(block, run.spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
             if settings.method.adds_bias:
@@ -291,10 +295,10 @@ class ShardBlocks:
             if settings.propagate:
                 pruned = ShardReader(self.tmp, {k: entry["shard"] for k in entry["tensors"]})
                 names = entry["tensors"]
-                if self.spec is not None and self.spec.checkpoint_renames:  # the shard holds checkpoint names
+                if self.spec.checkpoint_renames:  # the shard holds the checkpoint's names
                     pruned.rename(self.spec.model_name)
                     names = [self.spec.model_name(k) for k in names]
-                _materialise(block, pruned, names, f"{self.prefix}{index}.")
+                _materialise(block, pruned, names, f"{self.prefix}{index}.", self.spec)
                 stream.replay(index, block, pruned=True)
                 block.to("meta")
             stream.finish_replay()
@@ -383,7 +387,7 @@ def _split_keys(model: nn.Module, spec: ArchSpec, reader: ShardReader, files: Lo
     """The checkpoint's tensor names per block and outside the blocks, checked against the skeleton's shapes."""
     blocks = get_submodule(model, spec.blocks)
     prefix = f"{spec.blocks}."
-    expected = model.state_dict()
+    expected = checkpoint_tensors(spec, model.state_dict())  # per-expert tensors as the checkpoint stores them
     block_keys: list[list[str]] = [[] for _ in blocks]
     other_keys: list[str] = []
     for key in reader.weight_map:
@@ -401,7 +405,7 @@ def _split_keys(model: nn.Module, spec: ArchSpec, reader: ShardReader, files: Lo
         else:
             other_keys.append(key)
     for i, keys in enumerate(block_keys):
-        names = {f"{prefix}{i}.{n}" for n in blocks[i].state_dict()}
+        names = set(checkpoint_tensors(spec, {f"{prefix}{i}.{n}": v for n, v in blocks[i].state_dict().items()}))
         if names - set(keys):
             raise CheckpointError(
                 f"the checkpoint in {files.describe()} has no weights for {sorted(names - set(keys))[:5]} (block {i})")
@@ -468,7 +472,7 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
     files.keep_record(tmp, earlier_downloads)
     source = ShardBlocks(reader=reader, files=files, block_keys=block_keys, prefix=prefix, tmp=tmp,
                          fingerprint=fingerprint, num_shards=len(block_keys) + 1,
-                         last_uses=_last_uses(reader, other_keys, block_keys), done=done, plan=plan, spec=spec)
+                         last_uses=_last_uses(reader, other_keys, block_keys), spec=spec, done=done, plan=plan)
     if plan is not None and not run.settings.sizes:
         run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in plan])
     try:

@@ -6,6 +6,8 @@ import torch
 
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.arch import LLAMA_FAMILY, OPT, get_spec, register_architecture, supported_model_types
+from osscar_hf.arch.experts import Experts
+from osscar_hf.arch.registry import MIXTRAL
 from osscar_hf.errors import OsscarError, UnsupportedModelError
 from osscar_hf.io import read_block_shapes
 from tests.conftest import MODEL_KINDS, VOCAB, make_model
@@ -99,7 +101,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind,family", [("opt", OPT), ("llama-gqa", LLAMA_FAMILY)])
+@pytest.mark.parametrize("kind,family", [("opt", OPT), ("llama-gqa", LLAMA_FAMILY), ("mixtral", MIXTRAL)])
 def test_a_registered_spec_makes_a_new_model_type_prunable_end_to_end(registry, kind, family):
     model = _renamed_copy(kind)
     before = _state(model)
@@ -140,6 +142,10 @@ def test_a_taken_model_type_is_refused_unless_overwrite(registry):
     ({"o_proj": ""}, "o_proj must be a non-empty str"),
     ({"module_count_attrs": {"mlp.intermediate_size": "neurons"}}, "module_count_attrs must map"),
     ({"bias_switches": {"ffn": "mlp_bias"}}, "bias_switches must map 'attention'/'mlp'"),
+    ({"experts": "mlp.experts"}, "experts must be None or an Experts, got 'mlp.experts'"),
+    ({"experts": Experts(config_count="")}, "experts.config_count must be a non-empty str"),
+    ({"experts": Experts(checkpoint_names={"down_proj": ("w2.weight",)})},
+     "experts.checkpoint_names must map parameter names to tuples of names starting with '{e}.'"),
 ])
 def test_a_malformed_spec_is_refused_and_nothing_is_registered(registry, change, message):
     spec = dataclasses.replace(LLAMA_FAMILY, **{"name": "bad", "model_types": (RENAMED,), **change})
@@ -172,6 +178,18 @@ def test_a_spec_that_does_not_describe_the_model_is_refused_before_any_work(regi
     assert "architecture spec 'llama' (for model_type 'llama') does not describe this LlamaForCausalLM" in message
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("change,missing", [
+    ({"experts": Experts(path="mlp.moe")}, "an experts module at model.layers.0.mlp.moe (a dense MLP instead?)"),
+    ({"mlp_consumer": "mlp.experts.w2"}, "a 3-D per-expert tensor at model.layers.0.mlp.experts.w2"),
+    ({"mlp_producers": ("mlp.experts.gate_up_proj",)},
+     "a 3-D per-expert tensor at model.layers.0.mlp.experts.gate_up_proj with 1 rows per neuron of each of the 4"),
+])
+def test_an_experts_spec_that_does_not_describe_the_model_is_refused(registry, change, missing):
+    register_architecture(dataclasses.replace(MIXTRAL, **change), overwrite=True)
+    with pytest.raises(UnsupportedModelError, match=re.escape(missing)):
+        _prune(make_model("mixtral"))
 
 
 def test_a_streamed_run_refuses_a_spec_that_does_not_describe_the_checkpoint(registry, tmp_path):
