@@ -373,9 +373,11 @@ def test_any_model_of_a_supported_family_can_be_written(tmp_path):
     assert torch.equal(_logits(_load(cut)), _logits(model))
     with pytest.raises(SaveError, match=r"format must be one of \['auto', 'stock', 'osscar', 'remote_code'\]"):
         save_pruned(model, tmp_path / "bad", format="remote-code")
-    with pytest.raises(RemoteCodeError, match="no config and \\*ForCausalLM class for model_type 'bert'"):
+    with pytest.raises(RemoteCodeError, match="no config and causal-LM class for model_type 'bert'"):
         remote_code_names("bert")
     assert isinstance(remote_code_names("opt"), RemoteCodeNames)
+    gemma3 = remote_code_names("gemma3")  # a multimodal family: its causal LM is a *ForConditionalGeneration
+    assert (gemma3.model_class, gemma3.config_class) == ("OsscarGemma3ForConditionalGeneration", "OsscarGemma3Config")
 
 
 def test_a_remote_code_model_saves_back_to_the_other_formats(saved, tmp_path):
