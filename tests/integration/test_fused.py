@@ -12,73 +12,15 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 import osscar_hf  # noqa: F401 - registers the osscar quantizer
 from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
 from osscar_hf.arch import get_spec
 from osscar_hf.io import SaveError, read_block_shapes, update_model_config
 from osscar_hf.io.remote_code import remote_code_names, render_remote_code
-from osscar_hf.surgery import add_part_biases, group_channels, prune_attention, prune_mlp
-from tests.conftest import FUSED_KINDS, VOCAB, make_model
-
-SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
-IDS = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def _generate(model: torch.nn.Module):
-    return model.generate(IDS[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True,
-                          return_dict_in_generate=True)
-
-
-def _load(folder, like: torch.nn.Module | None = None, **kwargs) -> torch.nn.Module:
-    """``folder`` loaded with the attention implementation of ``like`` (bit-exact comparisons need the same)."""
-    if like is not None:
-        kwargs["attn_implementation"] = like.config._attn_implementation
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-
-
-def _tensor_names(folder) -> set[str]:
-    names = set()
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            names |= set(handle.keys())
-    return names
-
-
-def _assert_reloads_bit_exactly(model: torch.nn.Module, loaded: torch.nn.Module) -> None:
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert set(got) == set(expected)
-    assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert torch.equal(_logits(loaded), _logits(model))
-    assert torch.equal(_generate(loaded).sequences, _generate(model).sequences)
-
-
-def _masked(dense: torch.nn.Module, model: torch.nn.Module, report) -> torch.nn.Module:
-    """The dense model with the pruned structures' consumer columns zeroed, the kept ones (and the consumers'
-    biases, which bias compensation changes) the pruned model's."""
-    spec = get_spec(model)
-    _, n_rep, head_dim = spec.group_geometry(dense.config)
-    masked = copy.deepcopy(dense)
-    for b, (block, mblock) in enumerate(zip(model.get_submodule(spec.blocks), masked.get_submodule(spec.blocks))):
-        add_part_biases(mblock, spec)
-        cols = group_channels(torch.tensor(report.blocks[b].attention.kept_indices), n_rep * head_dim)
-        neurons = torch.tensor(report.blocks[b].mlp.kept_indices)
-        for path, idx in ((f"{spec.attention}.{spec.o_proj}", cols), (spec.mlp_consumer, neurons)):
-            source, target = block.get_submodule(path), mblock.get_submodule(path)
-            full = torch.zeros_like(target.weight)
-            full[:, idx] = source.weight.detach()
-            with torch.no_grad():
-                target.weight.copy_(full)
-                target.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(target.bias))
-    return masked
-
+from osscar_hf.surgery import prune_attention, prune_mlp
+from tests.conftest import FUSED_KINDS, make_model
+from tests.equivalence import IDS, SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
 
 @pytest.fixture(scope="module", params=FUSED_KINDS)
 def runs(request, tmp_path_factory, tokenizer, calibration_texts):
@@ -88,7 +30,7 @@ def runs(request, tmp_path_factory, tokenizer, calibration_texts):
     make_model(kind).save_pretrained(root / "dense", max_shard_size="20KB")
     tokenizer.save_pretrained(root / "dense")
     config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
-    dense = _load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
+    dense = load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
     pruner = OsscarPruner(OsscarConfig(**config))
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
@@ -101,25 +43,25 @@ def test_pruned_logits_are_the_masked_dense_models(runs):
     m, n_rep, head_dim = spec.group_geometry(dense.config)
     assert read_block_shapes(model) == [{"num_key_value_heads": m // 2, "num_attention_heads": m // 2 * n_rep,
                                          "ffn_dim": spec.ffn_dim(dense.config) // 2}] * 2
-    masked = _masked(dense, model, report)
-    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
-    out, reference = _generate(model), _generate(masked)  # with a KV cache
+    masked = masked_dense(dense, model, report)
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = generate(model), generate(masked)  # with a KV cache
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
 
 
 def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tmp_path, tokenizer):
     kind, _, model, _, streamed = runs
-    _assert_reloads_bit_exactly(model, _load(streamed, model))
+    assert_reloads_bit_exactly(model, load(streamed, model))
     saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
     assert json.loads((saved / "config.json").read_text()) == json.loads((streamed / "config.json").read_text())
-    assert _tensor_names(streamed) == _tensor_names(saved)  # the checkpoint's names (GPT-NeoX: embed_out)
-    _assert_reloads_bit_exactly(model, _load(saved, model))
+    assert tensor_names(streamed) == tensor_names(saved)  # the checkpoint's names (GPT-NeoX: embed_out)
+    assert_reloads_bit_exactly(model, load(saved, model))
     with pytest.raises(SaveError, match="stock"):  # the head count is not a stock Phi-3 config field
         save_pruned(model, tmp_path / "stock", format="stock")
-    remote = _load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
+    remote = load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
     assert type(remote).__name__ == f"Osscar{type(model).__name__}"
-    _assert_reloads_bit_exactly(model, remote)
+    assert_reloads_bit_exactly(model, remote)
 
 
 def test_a_pruned_ffn_alone_is_a_stock_checkpoint(tmp_path, tokenizer, calibration_texts):
@@ -129,7 +71,7 @@ def test_a_pruned_ffn_alone_is_a_stock_checkpoint(tmp_path, tokenizer, calibrati
         folder = save_pruned(model, tmp_path / kind, format="stock")
         data = json.loads((folder / "config.json").read_text())
         assert "quantization_config" not in data and data["intermediate_size"] == 24
-        _assert_reloads_bit_exactly(model, _load(folder, model))
+        assert_reloads_bit_exactly(model, load(folder, model))
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)
@@ -145,9 +87,9 @@ def test_per_block_shapes_and_a_block_without_heads_in_osscar_and_remote_code(ki
     assert model.config.num_attention_heads == m * n_rep  # the dense count: each block reads its own
     for fmt, kwargs, empty in (("osscar", {}, "EmptyAttention"),
                                ("remote_code", {"trust_remote_code": True}, "OsscarEmptyAttention")):
-        loaded = _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs)
+        loaded = load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs)
         assert type(loaded.get_submodule(spec.blocks)[1].get_submodule(spec.attention)).__name__ == empty
-        _assert_reloads_bit_exactly(model, loaded)
+        assert_reloads_bit_exactly(model, loaded)
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)
@@ -181,14 +123,14 @@ def test_a_first_block_without_heads_generates_as_the_masked_dense_model(kind, t
                     head_dim=head_dim, num_groups=m)
     with torch.no_grad():
         masked.get_submodule(spec.blocks)[0].get_submodule(f"{spec.attention}.{spec.o_proj}").weight.zero_()
-    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
-    out, reference = _generate(model), _generate(masked)
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = generate(model), generate(masked)
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
-    _assert_cached_step_is(model, _logits(masked)[:, -1])
+    _assert_cached_step_is(model, logits(masked)[:, -1])
     update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
-    remote = _load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
-    _assert_cached_step_is(remote, _logits(masked)[:, -1])
+    remote = load(save_pruned(model, tmp_path / "remote", format="remote_code"), model, trust_remote_code=True)
+    _assert_cached_step_is(remote, logits(masked)[:, -1])
 
 
 @pytest.mark.parametrize("attention_bias", [True, False])
@@ -200,5 +142,5 @@ def test_flap_on_gpt_neox_gives_the_masked_dense_model_and_reloads(attention_bia
                                        dataset=calibration_texts, **SMALL))
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     assert model.config.attention_bias
-    torch.testing.assert_close(_logits(model), _logits(_masked(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
-    _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / "out"), model))
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / "out"), model))

@@ -15,9 +15,8 @@ import torch
 from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
 from osscar_hf.io import read_block_shapes
 from tests.conftest import VOCAB, make_model
-from tests.integration.test_fused import _assert_reloads_bit_exactly, _generate, _load, _logits, _masked, _tensor_names
+from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
 
-SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 IMAGE_TOKEN = VOCAB - 1
 
 
@@ -27,7 +26,7 @@ def runs(tmp_path_factory, tokenizer, calibration_texts):
     make_model("gemma3").save_pretrained(root / "dense", max_shard_size="20KB")
     tokenizer.save_pretrained(root / "dense")
     config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
-    dense = _load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
+    dense = load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
     pruner = OsscarPruner(OsscarConfig(**config))
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
@@ -46,10 +45,10 @@ def test_pruned_text_blocks_give_the_masked_dense_models_logits_with_text_and_im
     text = model.config.text_config
     assert read_block_shapes(model) == [{"num_key_value_heads": 1, "num_attention_heads": 2, "ffn_dim": 24}] * 2
     assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (2, 1, 24)
-    masked = _masked(dense, model, report)
-    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
+    masked = masked_dense(dense, model, report)
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_with_image(model), _with_image(masked), rtol=1e-5, atol=1e-5)
-    out, reference = _generate(model), _generate(masked)  # with a KV cache
+    out, reference = generate(model), generate(masked)  # with a KV cache
     assert torch.equal(out.sequences, reference.sequences)
     vision = {k: v for k, v in dense.state_dict().items() if "vision_tower" in k or "multi_modal" in k}
     assert vision and all(torch.equal(model.state_dict()[k], v) for k, v in vision.items())
@@ -57,17 +56,17 @@ def test_pruned_text_blocks_give_the_masked_dense_models_logits_with_text_and_im
 
 def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tmp_path, tokenizer):
     root, _, model, _, streamed = runs
-    _assert_reloads_bit_exactly(model, _load(streamed, model))
+    assert_reloads_bit_exactly(model, load(streamed, model))
     saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
     data = json.loads((saved / "config.json").read_text())
     assert "quantization_config" not in data and data["text_config"]["num_attention_heads"] == 2  # stock
     assert data == json.loads((streamed / "config.json").read_text())
-    assert _tensor_names(saved) == _tensor_names(streamed)
-    assert any(name.startswith("language_model.model.layers.") for name in _tensor_names(saved))
-    _assert_reloads_bit_exactly(model, _load(saved, model))
+    assert tensor_names(saved) == tensor_names(streamed)
+    assert any(name.startswith("language_model.model.layers.") for name in tensor_names(saved))
+    assert_reloads_bit_exactly(model, load(saved, model))
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
-        loaded = _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs)
-        _assert_reloads_bit_exactly(model, loaded)
+        loaded = load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs)
+        assert_reloads_bit_exactly(model, loaded)
         torch.testing.assert_close(_with_image(loaded), _with_image(model), rtol=0, atol=0)
 
 
@@ -79,11 +78,7 @@ def test_a_global_budget_and_query_heads_prune_the_text_blocks(tokenizer, calibr
     budget = pruner.report.budget
     assert budget["allocation"] == "osscar" and budget["block_params_after"] < 0.75 * budget["block_params_before"]
     assert all(shape["num_key_value_heads"] in (0, 2) for shape in read_block_shapes(model))
-    torch.testing.assert_close(_logits(model), _logits(_masked_heads(dense, model, pruner.report)), rtol=1e-5,
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5,
                                atol=1e-5)
 
 
-def _masked_heads(dense, model, report):
-    from tests.integration.test_query_heads import _masked as masked_by_heads
-
-    return masked_by_heads(dense, model, report)

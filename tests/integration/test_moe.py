@@ -25,65 +25,8 @@ from osscar_hf.io import read_block_shapes
 from osscar_hf.pipeline import BlockStream
 from osscar_hf.pipeline.statistics import ExpertStatistics, routed_input_hooks
 from osscar_hf.pruner import check_prunable_config
-from tests.conftest import MOE_KINDS, VOCAB, make_model
-
-SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
-IDS = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def _generate(model: torch.nn.Module):
-    return model.generate(IDS[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True,
-                          return_dict_in_generate=True)
-
-
-def _load(folder, like: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=like.config._attn_implementation,
-                                                **kwargs).eval()
-
-
-def _tensor_names(folder) -> set[str]:
-    names = set()
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            names |= set(handle.keys())
-    return names
-
-
-def _assert_reloads_bit_exactly(model: torch.nn.Module, loaded: torch.nn.Module) -> None:
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert set(got) == set(expected)
-    assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert torch.equal(_logits(loaded), _logits(model))
-    assert torch.equal(_generate(loaded).sequences, _generate(model).sequences)
-
-
-def _masked(dense: torch.nn.Module, model: torch.nn.Module, report) -> torch.nn.Module:
-    """The dense model with the pruned query heads' o_proj columns and each expert's pruned neurons' down_proj
-    columns zeroed, the kept ones the pruned model's."""
-    spec = get_spec(model)
-    masked = copy.deepcopy(dense)
-    head_dim = spec.head_dim(dense.config)
-    for b, (block, mblock) in enumerate(zip(model.model.layers, masked.model.layers)):
-        heads = report.blocks[b].attention.kept_indices
-        per_head = block.self_attn.o_proj.in_features // head_dim // max(1, len(heads))
-        cols = torch.tensor([h * per_head * head_dim + c for h in heads for c in range(per_head * head_dim)])
-        o = torch.zeros_like(mblock.self_attn.o_proj.weight)
-        o[:, cols] = block.self_attn.o_proj.weight.detach()
-        down = mblock.mlp.experts.down_proj
-        full = torch.zeros_like(down)
-        kept = torch.tensor(report.blocks[b].mlp.kept_indices).reshape(down.shape[0], -1) % down.shape[2]
-        for e in range(down.shape[0]):
-            full[e][:, kept[e]] = block.mlp.experts.down_proj[e].detach()
-        with torch.no_grad():
-            mblock.self_attn.o_proj.weight.copy_(o)
-            down.copy_(full)
-    return masked
-
+from tests.conftest import MOE_KINDS, make_model
+from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
 
 @pytest.fixture(scope="module", params=MOE_KINDS)
 def runs(request, tmp_path_factory, tokenizer, calibration_texts):
@@ -108,26 +51,26 @@ def test_pruned_logits_are_the_masked_dense_models(runs):
     assert tuple(experts.gate_up_proj.shape) == (4, 32, 32) and experts.intermediate_dim == 16
     mlp = report.blocks[0].mlp
     assert (mlp.structures, mlp.kept, mlp.experts, mlp.kept_per_expert) == (128, 64, 4, 16)
-    masked = _masked(dense, model, report)
-    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
-    out, reference = _generate(model), _generate(masked)  # with a KV cache
+    masked = masked_dense(dense, model, report)
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = generate(model), generate(masked)  # with a KV cache
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
 
 
 def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tmp_path, tokenizer):
     kind, dense, model, _, streamed = runs
-    _assert_reloads_bit_exactly(model, _load(streamed, model))
+    assert_reloads_bit_exactly(model, load(streamed, model))
     saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
     data = json.loads((saved / "config.json").read_text())
     assert data == json.loads((streamed / "config.json").read_text())
     assert "quantization_config" not in data  # uniform: a stock checkpoint, the one intermediate size halved
     assert data[get_spec(model).config_ffn] == 16 and data["num_key_value_heads"] == 1
-    names = _tensor_names(saved)
-    assert names == _tensor_names(streamed) and names == _tensor_names(streamed.parent / "dense")  # per expert
-    _assert_reloads_bit_exactly(model, _load(saved, model))
+    names = tensor_names(saved)
+    assert names == tensor_names(streamed) and names == tensor_names(streamed.parent / "dense")  # per expert
+    assert_reloads_bit_exactly(model, load(saved, model))
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
-        _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
+        assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
 
 
 def test_per_block_sizes_with_query_heads_in_osscar_and_remote_code(tmp_path, tokenizer, calibration_texts):
@@ -139,9 +82,9 @@ def test_per_block_sizes_with_query_heads_in_osscar_and_remote_code(tmp_path, to
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     assert [s["ffn_dim"] for s in read_block_shapes(model)] == [8, 24]
     assert model.model.layers[0].self_attn.o_proj.in_features == 2 * get_spec(model).head_dim(dense.config)
-    torch.testing.assert_close(_logits(model), _logits(_masked(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
-        _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
+        assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda_sp"])
@@ -155,7 +98,7 @@ def test_score_methods_keep_the_same_count_per_expert_and_the_weights(method, to
         kept = torch.tensor(pruner.report.blocks[b].mlp.kept_indices).reshape(4, -1) % 32
         assert kept.shape[1] == 24  # 70% of 32, rounded to a multiple of 8 (grouped_mm's alignment)
         assert all(torch.equal(down[e], dense_down[e][:, kept[e]]) for e in range(4))  # no refit
-    torch.testing.assert_close(_logits(model), _logits(_masked(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
 
 
 def test_each_experts_gram_is_over_its_routed_tokens_scaled_by_their_weights():

@@ -17,35 +17,14 @@ from osscar_hf.arch import get_spec
 from osscar_hf.budgets import block_geometries
 from osscar_hf.errors import OsscarConfigError
 from osscar_hf.io import read_block_shapes, update_model_config
-from osscar_hf.surgery import add_part_biases, group_channels, prune_attention
+from osscar_hf.surgery import prune_attention
 from tests.conftest import make_model
-from tests.integration.test_fused import _assert_reloads_bit_exactly, _generate, _load, _logits
+from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense
 
-SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 # (kind, overrides): three query heads per KV head where the family's config allows it (Phi-3 derives head_dim from
 # the head count, so it keeps its two).
-KINDS = {"llama-gqa": {"num_attention_heads": 6, "hidden_size": 48}, "qwen3": {"num_attention_heads": 6, "hidden_size": 48},
-         "gemma3-text": {"num_attention_heads": 6, "hidden_size": 48}, "phi3": {}}
-
-
-def _masked(dense: torch.nn.Module, model: torch.nn.Module, report) -> torch.nn.Module:
-    """The dense model with the pruned query heads' o_proj columns (and pruned neurons' down columns) zeroed, the
-    kept ones the pruned model's."""
-    spec = get_spec(model)
-    _, _, head_dim = spec.group_geometry(dense.config)
-    masked = copy.deepcopy(dense)
-    for b, (block, mblock) in enumerate(zip(model.get_submodule(spec.blocks), masked.get_submodule(spec.blocks))):
-        add_part_biases(mblock, spec)
-        cols = group_channels(torch.tensor(report.blocks[b].attention.kept_indices), head_dim)
-        neurons = torch.tensor(report.blocks[b].mlp.kept_indices)
-        for path, idx in ((f"{spec.attention}.{spec.o_proj}", cols), (spec.mlp_consumer, neurons)):
-            source, target = block.get_submodule(path), mblock.get_submodule(path)
-            full = torch.zeros_like(target.weight)
-            full[:, idx] = source.weight.detach()
-            with torch.no_grad():
-                target.weight.copy_(full)
-                target.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(target.bias))
-    return masked
+THREE_PER_GROUP = {"num_attention_heads": 6, "hidden_size": 48}
+KINDS = {"llama-gqa": THREE_PER_GROUP, "qwen3": THREE_PER_GROUP, "gemma3-text": THREE_PER_GROUP, "phi3": {}}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -58,7 +37,7 @@ def runs(request, tmp_path_factory, tokenizer, calibration_texts):
     tokenizer.save_pretrained(root / "dense")
     config = dict(attention_sparsity=0.34, mlp_sparsity=0.5, attention_structure="query_heads",
                   dataset=calibration_texts, **SMALL)
-    dense = _load(root / "dense")
+    dense = load(root / "dense")
     pruner = OsscarPruner(OsscarConfig(**config))
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
@@ -76,16 +55,16 @@ def test_every_kv_group_keeps_the_same_query_heads_and_logits_are_the_masked_den
         assert block.attention.structures == kv * n_rep
         assert [sum(1 for h in block.attention.kept_indices if h // n_rep == g) for g in range(kv)] == [keep] * kv
     assert model.get_submodule(spec.blocks)[0].get_submodule(spec.attention).num_key_value_groups == keep
-    masked = _masked(dense, model, report)
-    torch.testing.assert_close(_logits(model), _logits(masked), rtol=1e-5, atol=1e-5)
-    out, reference = _generate(model), _generate(masked)  # with a KV cache
+    masked = masked_dense(dense, model, report)
+    torch.testing.assert_close(logits(model), logits(masked), rtol=1e-5, atol=1e-5)
+    out, reference = generate(model), generate(masked)  # with a KV cache
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
 
 
 def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tmp_path, tokenizer):
     kind, dense, model, _, streamed = runs
-    _assert_reloads_bit_exactly(model, _load(streamed, model))
+    assert_reloads_bit_exactly(model, load(streamed, model))
     saved = save_pruned(model, tmp_path / "auto", tokenizer=tokenizer)
     assert json.loads((saved / "config.json").read_text()) == json.loads((streamed / "config.json").read_text())
     data = json.loads((saved / "config.json").read_text())
@@ -95,10 +74,10 @@ def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tm
         assert "quantization_config" not in data
         assert (data["num_attention_heads"], data["num_key_value_heads"]) == (4, 2)
         assert data["head_dim"] == get_spec(dense).head_dim(dense.config)
-    _assert_reloads_bit_exactly(model, _load(saved, model))
+    assert_reloads_bit_exactly(model, load(saved, model))
     assert "attention query heads (the same number in every KV group)" in (saved / "README.md").read_text()
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
-        _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
+        assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "phi3"])
@@ -114,7 +93,7 @@ def test_per_block_query_head_counts_and_a_block_without_heads(kind, tmp_path):
     update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
     assert read_block_shapes(model)[0]["num_attention_heads"] == kv
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
-        _assert_reloads_bit_exactly(model, _load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
+        assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
 
 
 def test_unbalanced_query_heads_are_refused_before_any_change():
@@ -153,7 +132,7 @@ def test_global_budgets_spend_query_heads_within_one_structure_of_the_target(met
         assert g.params(per_group, shape["ffn_dim"]) == sum(p.numel() for p in block.parameters())
         kept.append(per_group)
     assert kept != [3, 3]  # the budget reached the attention
-    assert torch.isfinite(_logits(model)).all()
+    assert torch.isfinite(logits(model)).all()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda_sp", "flap", "obs_greedy"])
@@ -164,7 +143,7 @@ def test_every_method_keeps_the_same_query_heads_in_every_group(method, tokenize
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     for block in pruner.report.blocks:
         assert [sum(1 for h in block.attention.kept_indices if h // 3 == g) for g in range(2)] == [2, 2]
-    torch.testing.assert_close(_logits(model), _logits(_masked(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama-mha", "gpt_neox"])
