@@ -69,17 +69,21 @@ class _Window:
     first_target: int  # absolute position of the first token scored in this window (> begin)
 
 
-def default_seq_len(model: torch.nn.Module) -> int:
-    """The model's context length (``max_position_embeddings``, or ``n_positions``) capped at 2048."""
-    config = getattr(model, "config", None)
+def context_length(config: Any) -> int | None:
+    """A model config's context length (``max_position_embeddings``, ``n_positions`` or ``max_sequence_length``; a
+    multimodal model's from its decoder config), or None when it gives none."""
     text = getattr(config, "get_text_config", None)
-    config = text() if callable(text) else config  # a multimodal model's decoder config
-    context = None
+    config = text() if callable(text) else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            context = value
-            break
+            return value
+    return None
+
+
+def default_seq_len(model: torch.nn.Module) -> int:
+    """The model's context length (:func:`context_length`) capped at 2048."""
+    context = context_length(getattr(model, "config", None))
     if context is None:
         logger.warning("The model config gives no context length; using %d tokens.", MAX_DEFAULT_SEQ_LEN)
         return MAX_DEFAULT_SEQ_LEN

@@ -31,7 +31,7 @@ from .. import capture as capture_module
 from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
 from ..errors import OsscarConfigError, UnsupportedModelError
-from ..evaluation import count_parameters
+from ..evaluation import context_length, count_parameters
 from ..io.model_config import update_model_config
 from ..methods import get_method
 from ..report import BlockReport, PruneReport
@@ -65,19 +65,9 @@ def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) ->
                 f"attention_bias/mlp_bias; opt has the biases already); use another method")
 
 
-def _context_length(config: Any) -> int | None:
-    text = getattr(config, "get_text_config", None)
-    config = text() if callable(text) else config  # a multimodal model's decoder config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def calibration_seq_len(config: OsscarConfig, model_config: Any) -> int:
     """``config.seq_len`` capped at the model's context length."""
-    context = _context_length(model_config)
+    context = context_length(model_config)
     return min(config.seq_len, context) if context else config.seq_len
 
 
