@@ -39,6 +39,8 @@ __all__ = ["OsscarConfig", "describe_dataset", "keep_count", "library_versions"]
 QUANT_METHOD = "osscar"
 # The keys of one entry of ``OsscarConfig.block_shapes`` (one decoder block's structure counts).
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
+# ... and the key a mixture of experts with a shared expert adds (its width).
+SHARED_SHAPE_KEY = "shared_ffn_dim"
 # The keys of one entry of ``OsscarConfig.block_sizes`` (kept attention structures and neurons of one block).
 BLOCK_SIZE_KEYS = ("attention", "mlp")
 SPARSITY_TARGETS = ("params", "flops")
@@ -256,12 +258,13 @@ def _check_block_shapes(value: Any) -> list[dict[str, int]] | None:
         )
     shapes = []
     for i, shape in enumerate(value):
-        if not isinstance(shape, dict) or set(shape) != set(BLOCK_SHAPE_KEYS):
+        if not isinstance(shape, dict) or set(shape) - {SHARED_SHAPE_KEY} != set(BLOCK_SHAPE_KEYS):
             raise OsscarConfigError(
-                f"block_shapes[{i}] must be a dict with exactly the keys {list(BLOCK_SHAPE_KEYS)}, got {_summarise(shape)}"
+                f"block_shapes[{i}] must be a dict with exactly the keys {list(BLOCK_SHAPE_KEYS)} (and "
+                f"{SHARED_SHAPE_KEY!r} for a shared expert), got {_summarise(shape)}"
             )
         counts = {}
-        for key in BLOCK_SHAPE_KEYS:
+        for key in shape:
             count = shape[key]
             if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
                 raise OsscarConfigError(f"block_shapes[{i}][{key!r}] must be an int >= 0, got {count!r}")

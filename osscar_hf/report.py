@@ -38,7 +38,7 @@ class ConsumerReport:
 
 @dataclass
 class BlockReport:
-    """What pruning one block did: its two layer-wise problems, its time and memory."""
+    """What pruning one block did: its layer-wise problems (two, three with a shared expert), its time and memory."""
 
     index: int
     attention: ConsumerReport
@@ -46,13 +46,15 @@ class BlockReport:
     seconds: float
     peak_device_memory_bytes: int | None = None   # during this block (CUDA only)
     peak_host_rss_bytes: int | None = None         # the process's peak resident memory so far (where known)
+    shared_expert: ConsumerReport | None = None    # a mixture of experts' shared expert (None without one)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockReport:
         """The report that ``dataclasses.asdict`` turned into ``data`` (as a streamed run's progress file keeps it)."""
         fields = dict(data)
-        fields["attention"] = ConsumerReport(**fields["attention"])
-        fields["mlp"] = ConsumerReport(**fields["mlp"])
+        for name in ("attention", "mlp", "shared_expert"):
+            if fields.get(name) is not None:
+                fields[name] = ConsumerReport(**fields[name])
         return cls(**fields)
 
 

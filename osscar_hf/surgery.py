@@ -323,7 +323,7 @@ def prune_experts(block: nn.Module, spec: ArchSpec, kept_neurons: torch.Tensor, 
 def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) -> dict[str, int]:
     """The current structure counts of a block, read from its weights: the query heads from the output projection's
     inputs, the KV heads from the rows of the producers that hold them (``n_rep`` is unused: a block may keep fewer
-    query heads per KV head than the model's ratio)."""
+    query heads per KV head than the model's ratio); with a shared expert, its width too (``shared_ffn_dim``)."""
     attention = get_submodule(block, spec.attention)
     heads = get_submodule(attention, spec.o_proj).in_features // head_dim
     kv_heads = 0
@@ -332,17 +332,22 @@ def block_shape(block: nn.Module, spec: ArchSpec, *, n_rep: int, head_dim: int) 
         if kv_rows:
             kv_heads = (linear.out_features - producer.segments.count("q") * heads * head_dim) // kv_rows
             break
-    return {
+    shape = {
         "num_key_value_heads": kv_heads,
         "num_attention_heads": heads,
         "ffn_dim": (get_submodule(block, spec.mlp_consumer).in_features if spec.experts is None
                     else expert_parameter(block, spec.experts, spec.mlp_consumer).shape[2]),
     }
+    shared = spec.shared_expert_spec()
+    if shared is not None:
+        shape["shared_ffn_dim"] = get_submodule(block, shared.mlp_consumer).in_features
+    return shape
 
 
 def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_rep: int, head_dim: int) -> None:
     """Shrink ``block`` to ``shape`` (a :func:`block_shape` dict) by keeping its first structures: the first
-    ``num_key_value_heads`` KV groups, the first ``num_attention_heads / num_key_value_heads`` query heads of each.
+    ``num_key_value_heads`` KV groups, the first ``num_attention_heads / num_key_value_heads`` query heads of each,
+    the first neurons (of every expert, and of a shared expert).
 
     Meant for a skeleton about to receive a pruned checkpoint's weights (on the meta device, where slicing
     costs nothing): the values are overwritten by the loaded weights, only the sizes matter. A block with no
@@ -355,7 +360,10 @@ def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_r
         raise SurgeryError(
             f"target shape {shape} does not have the same number of query heads, 1 to {n_rep} as the model's config "
             "implies, for every KV head")
-    if kv > current["num_key_value_heads"] or ffn > current["ffn_dim"]:
+    if set(shape) != set(current):
+        raise SurgeryError(f"target shape {shape} must have exactly the keys {sorted(current)} of spec {spec.name!r}")
+    if kv > current["num_key_value_heads"] or any(shape[k] > current[k] for k in ("ffn_dim", "shared_ffn_dim")
+                                                   if k in current):
         raise SurgeryError(f"cannot grow a block of shape {current} to {shape}: the config and the shapes disagree")
     if heads < current["num_attention_heads"]:
         groups = torch.arange(kv, device="cpu")
@@ -367,3 +375,6 @@ def resize_block(block: nn.Module, spec: ArchSpec, shape: dict[str, int], *, n_r
             num = expert_parameter(block, spec.experts, spec.mlp_consumer).shape[0]
             kept = expert_neurons(kept.expand(num, ffn), current["ffn_dim"])
         prune_mlp(block, spec, kept)
+    shared = spec.shared_expert_spec()
+    if shared is not None and shape["shared_ffn_dim"] < current["shared_ffn_dim"]:
+        prune_mlp(block, shared, torch.arange(int(shape["shared_ffn_dim"]), device="cpu"))

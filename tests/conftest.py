@@ -22,6 +22,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -81,6 +82,10 @@ def _config(kind: str, **overrides) -> object:
     elif kind == "qwen3_moe":  # q/k norms; every layer sparse; a dense intermediate_size that is never used
         cfg = Qwen3MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=40,
                              moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+    elif kind == "qwen2_moe":  # q/k/v biases; a shared expert of 48 neurons beside the 4 experts of 32, gated
+        cfg = Qwen2MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                             num_experts_per_tok=2, qkv_bias=True)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -96,7 +101,7 @@ MODEL_KINDS = ("opt", "llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "ge
 # MODEL_KINDS-wide test.
 FUSED_KINDS = ("phi3", "gpt_neox")
 # Mixtures of experts, proved in tests/integration/test_moe.py.
-MOE_KINDS = ("mixtral", "qwen3_moe")
+MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 # Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
 RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text", "qwen3_moe")
 

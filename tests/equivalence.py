@@ -71,7 +71,7 @@ def _mask_consumer(source: torch.nn.Linear, target: torch.nn.Linear, kept: torch
 def masked_dense(dense: torch.nn.Module, model: torch.nn.Module, report) -> torch.nn.Module:
     """The dense model with the structures ``report`` pruned zeroed in the consumers: the attention's kept structures
     (KV groups or query heads: the report's kept indices, each ``in_features / structures`` columns wide), the MLP's
-    kept neurons, each expert's own. The consumers' biases are the pruned model's."""
+    kept neurons, each expert's own, and a shared expert's. The consumers' biases are the pruned model's."""
     spec = get_spec(model)
     masked = copy.deepcopy(dense)
     o_path = f"{spec.attention}.{spec.o_proj}"
@@ -89,4 +89,9 @@ def masked_dense(dense: torch.nn.Module, model: torch.nn.Module, report) -> torc
         kept = torch.tensor(entry.mlp.kept_indices).reshape(target.shape[0], -1) % target.shape[2]
         for e in range(target.shape[0]):
             _mask_columns(source[e], target[e], kept[e])
+        shared = spec.shared_expert_spec()
+        if shared is not None:  # a dense MLP of its own
+            neurons = torch.tensor(entry.shared_expert.kept_indices, dtype=torch.long)
+            _mask_columns(block.get_submodule(shared.mlp_consumer).weight,
+                          mblock.get_submodule(shared.mlp_consumer).weight, neurons)
     return masked

@@ -16,8 +16,58 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["Experts", "checkpoint_tensors", "dense_layers_problem", "expert_block_problems", "expert_parameter",
-           "expert_parameter_name", "model_tensors", "sparse_layer_fields"]
+__all__ = ["EXPERT_ALIGNMENT", "Experts", "SharedExpert", "checkpoint_tensors", "dense_layers_problem", "expert_block_problems", "expert_parameter",
+           "expert_parameter_name", "model_tensors", "shared_expert_keep", "sparse_layer_fields"]
+
+# Kept neurons per expert are multiples of this (or the full width): transformers' grouped_mm experts kernels (the
+# default on CPU and GPU) need rows of a multiple of 16 bytes, 8 values in bfloat16/float16 and 4 in float32. A shared
+# expert's kept width is a multiple of it too.
+EXPERT_ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """A dense MLP beside the routed experts that every token goes through (Qwen1.5/2-MoE's ``shared_expert``), its
+    output scaled per token by ``sigmoid(gate(x))``.
+
+    ``path``: the MLP, from the block; ``producers`` and ``consumer``: its linears, from the MLP (an ``nn.Linear``
+    each, one row / column per neuron); ``gate``: the linear (hidden -> 1) whose sigmoid scales its output, from the
+    block; ``config_ffn``: the config field of its width; ``count_attr``: the MLP's attribute that holds the width.
+    It is pruned like a dense MLP (its own Gram, each token's input scaled by its gate) and keeps the same fraction of
+    its neurons as every routed expert (:func:`osscar_hf.pipeline.experts.shared_expert_keep`).
+    """
+
+    path: str = "mlp.shared_expert"
+    producers: tuple[str, ...] = ("gate_proj", "up_proj")
+    consumer: str = "down_proj"
+    gate: str = "mlp.shared_expert_gate"
+    config_ffn: str = "shared_expert_intermediate_size"
+    count_attr: str = "intermediate_size"
+
+    def problems(self) -> list[str]:
+        found = [f"experts.shared.{name} must be a non-empty str, got {getattr(self, name)!r}"
+                 for name in ("path", "consumer", "gate", "config_ffn", "count_attr")
+                 if not isinstance(getattr(self, name), str) or not getattr(self, name)]
+        if not isinstance(self.producers, tuple) or not self.producers or not all(
+                isinstance(p, str) and p for p in self.producers):
+            found.append(f"experts.shared.producers must be a non-empty tuple of str, got {self.producers!r}")
+        return found
+
+    def linears(self) -> list[str]:
+        """Paths from the block of every linear of the shared expert: producers, consumer, gate."""
+        return [*(f"{self.path}.{p}" for p in self.producers), f"{self.path}.{self.consumer}", self.gate]
+
+
+def shared_expert_keep(kept: int, full: int, shared_full: int) -> int:
+    """Neurons a shared expert of ``shared_full`` keeps when every routed expert keeps ``kept`` of its ``full``: the
+    same fraction, rounded to a multiple of :data:`EXPERT_ALIGNMENT` (at least one multiple while any routed neuron is
+    kept); all of them when the routed experts keep all theirs, none when they keep none."""
+    if kept >= full or shared_full == 0:
+        return shared_full
+    if kept <= 0:
+        return 0
+    step = min(EXPERT_ALIGNMENT, shared_full)
+    return min(shared_full, max(step, step * round(shared_full * kept / (full * step))))
 
 
 @dataclass(frozen=True)
@@ -32,7 +82,8 @@ class Experts:
     ``checkpoint_names``: how the family's checkpoints store one expert's tensors, ``{parameter name: (stored
     names, with "{e}" for the expert, each holding a slice of the parameter's rows in order)}``; the stored names
     are relative to the experts module's stored prefix, which ``checkpoint_module`` gives when it differs from
-    ``path`` (Mixtral stores ``block_sparse_moe.experts``).
+    ``path`` (Mixtral stores ``block_sparse_moe.experts``). ``shared``: a dense expert every token goes through
+    (:class:`SharedExpert`), or None.
     """
 
     path: str = "mlp.experts"
@@ -41,9 +92,13 @@ class Experts:
     config_sparse_layers: dict[str, Any] | None = None
     checkpoint_names: dict[str, tuple[str, ...]] | None = None
     checkpoint_module: str | None = None
+    shared: SharedExpert | None = None
 
     def problems(self) -> list[str]:
         found = []
+        if self.shared is not None:
+            found += (self.shared.problems() if isinstance(self.shared, SharedExpert)
+                      else [f"experts.shared must be None or a SharedExpert, got {self.shared!r}"])
         for name in ("path", "config_count", "config_per_token"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import UnsupportedModelError
-from .experts import Experts
+from .experts import Experts, SharedExpert
 from .spec import ArchSpec, Producer
 
 OPT = ArchSpec(
@@ -140,6 +140,15 @@ QWEN3_MOE = dataclasses.replace(
                                       "down_proj": ("{e}.down_proj.weight",)}),
 )
 
+# Qwen1.5/2-MoE: Qwen3-MoE's experts (without q/k norms; q/k/v biases) plus a shared expert, a dense MLP every token
+# goes through, scaled by sigmoid(shared_expert_gate(x)).
+QWEN2_MOE = dataclasses.replace(
+    QWEN3_MOE,
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    experts=dataclasses.replace(QWEN3_MOE.experts, shared=SharedExpert()),
+)
+
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
@@ -188,3 +197,4 @@ register_architecture(PHI3)
 register_architecture(GPT_NEOX)
 register_architecture(MIXTRAL)
 register_architecture(QWEN3_MOE)
+register_architecture(QWEN2_MOE)

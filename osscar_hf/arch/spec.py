@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -206,6 +206,12 @@ class ArchSpec:
             linears += [*(p.path for p in self.producers("mlp")), self.mlp_consumer]
         else:
             missing += self._expert_problems(config, blocks)
+            shared = self.experts.shared
+            if shared is not None:
+                linears += shared.linears()
+                missing += [f"config field {shared.config_ffn!r}"] if not hasattr(fields, shared.config_ffn) else []
+        shared_spec = self.shared_expert_spec()
+        counts = {**self.module_count_attrs, **(shared_spec.module_count_attrs if shared_spec is not None else {})}
         for i, block in enumerate(blocks):
             for path in linears:
                 try:
@@ -214,7 +220,7 @@ class ArchSpec:
                     module = None
                 if not isinstance(module, nn.Linear):
                     missing.append(f"an nn.Linear at {self.blocks}.{i}.{path}")
-            for path in self.module_count_attrs:
+            for path in counts:
                 try:
                     module, holder, attr = count_owner(block, path)
                     found = hasattr(module if holder is None else getattr(module, holder), attr)
@@ -236,6 +242,17 @@ class ArchSpec:
         producers = [(p.path, len(p.segments)) for p in self.producers("mlp")]
         return [problem for i, block in enumerate(blocks) for problem in expert_block_problems(
             block, self.experts, producers, self.mlp_consumer, f"{self.blocks}.{i}")]
+
+    def shared_expert_spec(self) -> ArchSpec | None:
+        """A mixture of experts' shared expert (:class:`~osscar_hf.arch.experts.SharedExpert`) as the MLP of a dense
+        spec (its linears, its width's config field and count attribute), which the dense MLP's surgery and
+        statistics take as they are; None when there is none."""
+        shared = self.experts.shared if self.experts is not None else None
+        if shared is None:
+            return None
+        return replace(self, mlp_producers=tuple(f"{shared.path}.{p}" for p in shared.producers),
+                       mlp_consumer=f"{shared.path}.{shared.consumer}", config_ffn=shared.config_ffn, experts=None,
+                       module_count_attrs={f"{shared.path}.{shared.count_attr}": "ffn"}, bias_switches={})
 
     def producers(self, part: str) -> tuple[Producer, ...]:
         """The producers of ``part`` (``"attention"``: paths from the attention; ``"mlp"``: from the block), with

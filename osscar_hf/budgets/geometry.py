@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..arch import ArchSpec, AttentionLayout, Producer, attention_layout, get_submodule
-from ..arch.experts import expert_parameter
+from ..arch.experts import expert_parameter, shared_expert_keep
 from ..remote_code.configuration_osscar import structure_stride
 from ..surgery import part_linears, part_producers
 
@@ -31,6 +31,9 @@ class BlockGeometry:
     ``attention_flops`` / ``mlp_flops`` / ``attention_base_flops``: the same in multiply-adds per token: the
     weights, plus for attention the scores and the weighted sum of values over the context (``2 * query heads *
     head_dim * context``, with the mean context of a causal window of ``seq_len`` tokens, ``(seq_len + 1) / 2``).
+    ``shared_structures`` / ``shared_params`` / ``shared_flops``: a mixture of experts' shared expert (0 without one):
+    its neurons and what one costs; it keeps the routed experts' fraction of them (:meth:`shared_kept`), so
+    :meth:`unit_costs` counts its share in an MLP structure.
     """
 
     attention_structures: int
@@ -42,16 +45,24 @@ class BlockGeometry:
     mlp_flops: float
     attention_base_params: int = 0
     attention_base_flops: float = 0.0
+    shared_structures: int = 0
+    shared_params: int = 0
+    shared_flops: float = 0.0
+
+    def shared_kept(self, mlp: int) -> int:
+        """Neurons a shared expert keeps beside ``mlp`` per routed expert (:func:`shared_expert_keep`)."""
+        return shared_expert_keep(mlp, self.mlp_structures, self.shared_structures)
 
     def params(self, attention: int, mlp: int) -> int:
         """Parameters of the block when it keeps ``attention`` structures and ``mlp`` neurons."""
         base = self.attention_base_params if attention > 0 else 0
-        return self.fixed_params + base + attention * self.attention_params + mlp * self.mlp_params
+        shared = self.shared_kept(mlp) * self.shared_params
+        return self.fixed_params + base + attention * self.attention_params + mlp * self.mlp_params + shared
 
     def flops(self, attention: int, mlp: int) -> float:
         """Multiply-adds per token of the block's linears and attention when it keeps those structures."""
         base = self.attention_base_flops if attention > 0 else 0.0
-        return base + attention * self.attention_flops + mlp * self.mlp_flops
+        return base + attention * self.attention_flops + mlp * self.mlp_flops + self.shared_kept(mlp) * self.shared_flops
 
     def cost(self, target: str, attention: int, mlp: int) -> float:
         """``params`` or ``flops`` (``target``) of the block at those sizes."""
@@ -59,9 +70,10 @@ class BlockGeometry:
 
     def unit_costs(self, target: str) -> dict[str, float]:
         """What one structure of each part costs under ``target`` (the attention's base aside)."""
+        ratio = self.shared_structures / self.mlp_structures if self.mlp_structures else 0.0  # a shared expert's share
         if target == "params":
-            return {"attention": float(self.attention_params), "mlp": float(self.mlp_params)}
-        return {"attention": self.attention_flops, "mlp": self.mlp_flops}
+            return {"attention": float(self.attention_params), "mlp": self.mlp_params + ratio * self.shared_params}
+        return {"attention": self.attention_flops, "mlp": self.mlp_flops + ratio * self.shared_flops}
 
     def base_costs(self, target: str) -> dict[str, float]:
         """What each part loses with its last structure besides that structure's cost, under ``target``."""
@@ -123,11 +135,14 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
                             + o.out_features * q_columns)
         base_params = sum(_rows_cost(lin, b, attention_bias) for (_, b), lin in attention_rows)
         neurons, mlp_params, mlp_flops = _mlp_costs(block, spec, model.config, with_biases)
+        shared_spec = spec.shared_expert_spec()
+        shared = _mlp_costs(block, shared_spec, model.config, False) if shared_spec is not None else (0, 0, 0.0)
         total = sum(p.numel() for p in block.parameters())
         extra = 0
         if with_biases:  # biases the method will add to linears that have none yet
             extra = sum(lin.out_features for part in linears.values() for lin in part if lin.bias is None)
-        fixed = total + extra - layout.structures * attention_params - base_params - neurons * mlp_params
+        fixed = (total + extra - layout.structures * attention_params - base_params - neurons * mlp_params
+                 - shared[0] * shared[1])
         context = (seq_len + 1) / 2
         attention_weights = sum(lin.in_features * r for (r, _), lin in attention_rows) + o.out_features * q_columns
         out.append(BlockGeometry(
@@ -136,5 +151,6 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
             mlp_flops=mlp_flops,
             attention_base_params=base_params,
             attention_base_flops=float(sum(lin.in_features * b for (_, b), lin in attention_rows)),
+            shared_structures=shared[0], shared_params=shared[1], shared_flops=shared[2],
         ))
     return out

@@ -51,6 +51,9 @@ def update_model_config(
     if all(shape == shapes[0] for shape in shapes):
         shape = shapes[0]
         setattr(fields, spec.config_ffn, shape["ffn_dim"])
+        shared = spec.shared_expert_spec()
+        if shared is not None:
+            setattr(fields, shared.config_ffn, shape["shared_ffn_dim"])
         heads = shape["num_attention_heads"]
         if spec.config_has_head_dim and heads > 0 and fields.hidden_size % heads == 0:
             fields.head_dim = head_dim

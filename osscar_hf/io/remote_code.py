@@ -197,6 +197,10 @@ def block_layout(spec: ArchSpec, config: Any) -> dict[str, Any]:
     renames = {"checkpoint_renames": dict(spec.checkpoint_renames)} if spec.checkpoint_renames else {}
     if spec.experts is not None:  # the MLP's producers and consumer are this module's 3-D per-expert tensors
         renames["experts"] = spec.experts.path
+    shared = spec.shared_expert_spec()
+    if shared is not None:  # a dense MLP beside the experts, with a width of its own (shared_ffn_dim)
+        renames["shared_expert"] = {"producers": list(shared.mlp_producers), "consumer": shared.mlp_consumer,
+                                    "count_attributes": list(shared.module_count_attrs)}
     return {
         "blocks": spec.blocks,
         "attention": spec.attention,

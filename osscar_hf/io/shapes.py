@@ -50,7 +50,11 @@ def config_block_shape(config: Any, spec: ArchSpec | None = None) -> dict[str, i
     """The block shape a stock model built from ``config`` has."""
     spec = spec or spec_of(config)
     kv, n_rep, _ = spec.group_geometry(config)
-    return {"num_key_value_heads": kv, "num_attention_heads": kv * n_rep, "ffn_dim": spec.ffn_dim(config)}
+    shape = {"num_key_value_heads": kv, "num_attention_heads": kv * n_rep, "ffn_dim": spec.ffn_dim(config)}
+    shared = spec.shared_expert_spec()
+    if shared is not None:
+        shape["shared_ffn_dim"] = shared.ffn_dim(config)
+    return shape
 
 
 def stock_config_expresses(config: Any, shapes: list[dict[str, int]], spec: ArchSpec | None = None) -> bool:

@@ -23,16 +23,19 @@ from ..capture import CapturedInputs, call_block, move_to
 from ..host_memory import peak_host_rss_bytes, release_freed_memory
 from ..methods import LayerProblem, LayerStatistics, Selection
 from ..report import BlockReport, ConsumerReport
+from ..arch import get_submodule
+from ..arch.experts import shared_expert_keep
 from ..surgery import add_part_biases, block_consumers, prune_attention, prune_mlp
 from .experts import expert_statistics, routed_producer, select_experts
 from .settings import LoopSettings
-from .statistics import ExpertStatistics, InputStatistics, input_hooks, routed_input_hooks
+from .statistics import ExpertStatistics, InputStatistics, gated_input_hooks, input_hooks, routed_input_hooks
 
 __all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "propagate_block"]
 
 logger = logging.getLogger(__name__)
 
 PARTS = ("attention", "mlp")
+SHARED = "shared_expert"  # a mixture of experts' shared expert: a third consumer, sized from the MLP's
 
 
 def block_device(block: nn.Module) -> torch.device:
@@ -74,13 +77,15 @@ def _accumulate(
     storage: torch.device,
     space: ActivationSpace,
     keep_outputs: bool,
+    gates: dict[str, nn.Module] | None = None,
 ) -> tuple[ActivationStore | None, ActivationStore | None]:
     """Run the (still dense) block on every batch and fold the consumers' inputs into ``stats`` (a Gram is one
     ``addmm_`` per batch and consumer).
 
     Returns the block's outputs on ``states`` when ``keep_outputs``, and, with ``dense_states`` (dense
     targets), the dense stream's next inputs, as new stores of ``space`` written batch by batch; the block then
-    also runs on the dense stream and the cross-Gram X_pruned^T X_dense is accumulated. Keyword arguments are
+    also runs on the dense stream and the cross-Gram X_pruned^T X_dense is accumulated. A consumer named in ``gates``
+    (a shared expert's) has each token's input scaled by ``sigmoid(gate(x))``. Keyword arguments are
     moved to the device one batch at a time, so no batch's masks or rotary tables stay there.
     """
     outputs = space.store() if keep_outputs else None
@@ -88,7 +93,9 @@ def _accumulate(
     crossing = {name for name, st in stats.items() if st.cross_gram is not None}
     routed = {n: (consumers[n], routed_producer(spec)) for n, st in stats.items()
               if isinstance(st, ExpertStatistics)}
-    plain = {n: consumers[n] for n in stats if n not in routed}
+    gates = gates or {}
+    gated = {n: (consumers[n], gates[n]) for n in stats if n in gates}
+    plain = {n: consumers[n] for n in stats if n not in routed and n not in gated}
     dense_iter = iter(dense_states) if dense_states is not None else None
     with _closed_on_error(outputs, next_dense):
         for b, state in enumerate(states):
@@ -103,7 +110,8 @@ def _accumulate(
             def cross(name: str, x: torch.Tensor) -> None:
                 stats[name].add_cross(pruned_inputs.pop(name), x)
 
-            with input_hooks(plain, keep), routed_input_hooks(routed, lambda n, e, x: stats[n].add(e, x)):
+            with input_hooks(plain, keep), routed_input_hooks(routed, lambda n, e, x: stats[n].add(e, x)), \
+                    gated_input_hooks(gated, keep):
                 out = call_block(block, state.to(device), kw)
             del state
             if outputs is not None:
@@ -167,7 +175,13 @@ def _prune_block(
     keep = {"attention": size.attention, "mlp": size.mlp}
     full = {"attention": settings.attention_structures, "mlp": settings.num_neurons}
     consumers = block_consumers(block, spec)
-    parts = [part for part in PARTS if keep[part] < full[part]]
+    shared_spec, gates = spec.shared_expert_spec(), {}
+    if shared_spec is not None:
+        consumers[SHARED] = block_consumers(block, shared_spec)["mlp"]
+        gates[SHARED] = get_submodule(block, spec.experts.shared.gate)
+        full[SHARED] = consumers[SHARED].in_features
+        keep[SHARED] = shared_expert_keep(size.mlp, settings.num_neurons, full[SHARED])
+    parts = [part for part in keep if keep[part] < full[part]]
     cross = settings.dense_targets and method.refits
     stats: dict[str, InputStatistics | ExpertStatistics] = {
         part: (expert_statistics(block, spec, settings) if part == "mlp" and spec.experts is not None
@@ -177,12 +191,13 @@ def _prune_block(
     dense_outputs = next_dense = None
     if stats or dense_states is not None or not settings.propagate:
         dense_outputs, next_dense = _accumulate(block, spec, consumers, stats, states, kwargs, dense_states, device,
-                                                storage, space, keep_outputs=not settings.propagate)
+                                                storage, space, keep_outputs=not settings.propagate, gates=gates)
     with _closed_on_error(dense_outputs, next_dense):
         selections = {part: (select_experts(block, spec, stats.pop(part, None), settings, keep[part],
                                             f"block {index}")
                              if part == "mlp" and spec.experts is not None
-                             else _select(part, consumers[part], stats.pop(part, None), settings, keep[part]))
+                             else _select("mlp" if part == SHARED else part, consumers[part], stats.pop(part, None),
+                                          settings, keep[part]))
                       for part in parts}
         del stats
         if "attention" in selections:
@@ -194,6 +209,9 @@ def _prune_block(
         if "mlp" in selections:
             chosen = selections["mlp"][0]
             prune_mlp(block, spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
+        if SHARED in selections:
+            chosen = selections[SHARED][0]
+            prune_mlp(block, shared_spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
         if settings.propagate:
             next_states = propagate_block(block, states, kwargs, device, storage, space)
         else:
@@ -246,6 +264,8 @@ class BlockStream:
         device = settings.device
         start = time.perf_counter()
         home = block_device(block)
+        shared_spec = self.spec.shared_expert_spec()
+        shared_full = get_submodule(block, shared_spec.mlp_consumer).in_features if shared_spec is not None else None
         try:
             block.to(device)
             if settings.method.adds_bias:
@@ -261,6 +281,8 @@ class BlockStream:
                                          *selections.get("attention", (None, 0.0)))
             mlp = _consumer_report(settings.num_neurons * settings.num_experts, *selections.get("mlp", (None, 0.0)),
                                    experts=settings.num_experts)
+            shared = (_consumer_report(shared_full, *selections.get(SHARED, (None, 0.0)))
+                      if shared_full is not None else None)
             del selections  # their tensors live on the device: gone before the cache is emptied
         finally:
             block.to(home)
@@ -274,6 +296,7 @@ class BlockStream:
             seconds=time.perf_counter() - start,
             peak_device_memory_bytes=peak,
             peak_host_rss_bytes=peak_host_rss_bytes(),
+            shared_expert=shared,
         )
 
     def _advance(self, states: ActivationStore, dense: ActivationStore | None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..arch.experts import expert_parameter, expert_parameter_name
+from ..arch.experts import EXPERT_ALIGNMENT, expert_parameter, expert_parameter_name
 from ..arch.spec import ArchSpec
 from ..errors import OsscarConfigError
 from ..methods import get_method
@@ -32,9 +32,6 @@ __all__ = ["EXPERT_ALIGNMENT", "FEW_TOKENS_DAMPING", "aligned_experts_config", "
 logger = logging.getLogger(__name__)
 
 FEW_TOKENS_DAMPING = 10.0  # damping factor for an expert with fewer calibration tokens than neurons
-# Kept neurons per expert are multiples of this (or the full width): transformers' grouped_mm experts kernels (the
-# default on CPU and GPU) need rows of a multiple of 16 bytes, 8 values in bfloat16/float16 and 4 in float32.
-EXPERT_ALIGNMENT = 8
 
 
 def check_experts_fit(config: Any, spec: ArchSpec) -> None:

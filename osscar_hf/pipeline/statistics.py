@@ -12,7 +12,8 @@ import torch.nn as nn
 from ..methods import GRAM, MOMENTS, LayerStatistics
 from ..solver import accumulate_cross_gram, accumulate_gram, new_gram
 
-__all__ = ["ExpertStatistics", "InputStatistics", "expert_inputs", "input_hooks", "routed_input_hooks"]
+__all__ = ["ExpertStatistics", "InputStatistics", "expert_inputs", "gated_input_hooks", "input_hooks",
+           "routed_input_hooks"]
 
 
 class InputStatistics:
@@ -121,6 +122,37 @@ def input_hooks(modules: dict[str, nn.Module], callback: Callable[[str, torch.Te
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def gated_input_hooks(modules: dict[str, tuple[nn.Module, nn.Module]],
+                      callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Hooks on consumers whose output joins the residual stream scaled per token by ``sigmoid(gate(x))`` (a shared
+    expert's down projection, ``{name: (consumer, gate)}``): each batch's consumer input, every token's row scaled by
+    its gate, goes to ``callback(name, input)``, whichever of the two modules runs first."""
+    pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+
+    def arrived(name: str, key: str, value: torch.Tensor) -> None:
+        seen = pending[name]
+        seen[key] = value
+        if len(seen) == 2:
+            x, gate = seen.pop("input"), seen.pop("gate")
+            callback(name, x * torch.sigmoid(gate).reshape(*x.shape[:-1], 1).to(x.dtype))
+
+    def input_hook(name: str) -> Callable[..., None]:
+        return lambda _module, args: arrived(name, "input", args[0].detach())
+
+    def gate_hook(name: str) -> Callable[..., None]:
+        return lambda _module, _args, output: arrived(name, "gate", output.detach())
+
+    handles = [handle for name, (consumer, gate) in modules.items()
+               for handle in (consumer.register_forward_pre_hook(input_hook(name)),
+                              gate.register_forward_hook(gate_hook(name)))]
     try:
         yield
     finally:

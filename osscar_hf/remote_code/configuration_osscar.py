@@ -30,6 +30,7 @@ from transformers import LlamaConfig
 BASE_MODEL_TYPE = "llama"
 OSSCAR_FORMAT_VERSION = 1
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
+SHARED_SHAPE_KEY = "shared_ffn_dim"  # a shared expert's width, in the shapes of a model that has one
 LAYOUT_PATH_KEYS = ("blocks", "attention", "o_proj", "mlp_consumer")
 COUNT_KINDS = ("heads", "kv_heads", "n_rep", "ffn")
 # The kinds of output rows a producer holds, by the part whose structures they belong to.
@@ -205,6 +206,14 @@ def check_layout(layout: Any) -> None:
             "osscar_layout['count_attributes'] must map module attribute paths to one of "
             f"{list(COUNT_KINDS)}, got {counts!r}"
         )
+    shared = layout.get("shared_expert")
+    if shared is not None and not (
+            isinstance(shared, dict) and isinstance(shared.get("producers"), list) and shared["producers"]
+            and all(_is_path(p) for p in shared["producers"]) and _is_path(shared.get("consumer"))
+            and isinstance(shared.get("count_attributes"), list)
+            and all(_is_path(p) for p in shared["count_attributes"])):
+        raise ValueError("osscar_layout['shared_expert'] must be {'producers': [paths], 'consumer': path, "
+                         f"'count_attributes': [paths]}}, got {shared!r}")
     for key in ("n_rep", "head_dim"):
         if not _is_count(layout.get(key), 1):
             raise ValueError(f"osscar_layout[{key!r}] must be an int >= 1, got {layout.get(key)!r}")
@@ -217,12 +226,12 @@ def check_block_shapes(shapes: Any, num_blocks: int, n_rep: int) -> None:
             f"osscar_block_shapes must be a list of {num_blocks} block shapes (one per block), got {shapes!r}"
         )
     for index, shape in enumerate(shapes):
-        if not isinstance(shape, dict) or sorted(shape) != sorted(BLOCK_SHAPE_KEYS):
+        if not isinstance(shape, dict) or set(shape) - {SHARED_SHAPE_KEY} != set(BLOCK_SHAPE_KEYS):
             raise ValueError(
-                f"osscar_block_shapes[{index}] must have exactly the keys {list(BLOCK_SHAPE_KEYS)}, "
-                f"got {shape!r}"
+                f"osscar_block_shapes[{index}] must have exactly the keys {list(BLOCK_SHAPE_KEYS)} (and "
+                f"{SHARED_SHAPE_KEY!r} with a shared expert), got {shape!r}"
             )
-        if not all(_is_count(shape[key], 0) for key in BLOCK_SHAPE_KEYS):
+        if not all(_is_count(shape[key], 0) for key in shape):
             raise ValueError(f"osscar_block_shapes[{index}] must hold ints >= 0, got {shape!r}")
         heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         if not (heads == kv == 0 or (kv > 0 and heads % kv == 0 and 1 <= heads // kv <= n_rep)):

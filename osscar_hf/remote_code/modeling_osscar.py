@@ -185,6 +185,20 @@ def resize_block(block: nn.Module, layout: dict[str, Any], shape: dict[str, int]
         setattr(block.get_submodule(parent_path), name, empty)
     counts = {"heads": heads, "kv_heads": kv_heads, "n_rep": per_group, "ffn": ffn_dim}
     _set_counts(block, layout.get("count_attributes", {}), counts)
+    if layout.get("shared_expert") is not None:
+        _shrink_shared_expert(block, layout["shared_expert"], shape["shared_ffn_dim"])
+
+
+def _shrink_shared_expert(block: nn.Module, shared: dict[str, Any], width: int) -> None:
+    """Keep the first ``width`` neurons of a mixture of experts' shared expert (a dense MLP of linears)."""
+    consumer = _linear(block, shared["consumer"])
+    if width > consumer.in_features:
+        raise ValueError(f"cannot grow the shared expert of {consumer.in_features} neurons to {width}: the stock "
+                         "fields of the config and osscar_block_shapes disagree")
+    for path in shared["producers"]:
+        _keep_rows(_linear(block, path), torch.arange(width, device="cpu"))
+    _keep_columns(consumer, width)
+    _set_counts(block, {path: "ffn" for path in shared["count_attributes"]}, {"ffn": width})
 
 
 def apply_block_shapes(model: nn.Module, config: OsscarLlamaConfig) -> None:

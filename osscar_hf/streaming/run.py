@@ -287,6 +287,8 @@ class ShardBlocks:
             block.to("meta")
         shape = {**settings.attention_layout.shape_of_solver_kept(report.attention.kept),
                  "ffn_dim": report.mlp.kept_per_expert}
+        if report.shared_expert is not None:
+            shape["shared_ffn_dim"] = report.shared_expert.kept
         with torch.device("cpu"):
             resize_block(block, run.spec, shape, n_rep=settings.n_rep, head_dim=settings.head_dim)
             if settings.method.adds_bias:

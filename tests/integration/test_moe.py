@@ -1,5 +1,5 @@
-"""Mixtures of experts (Mixtral, Qwen3-MoE; transformers 5's fused experts): each family's proof on a tiny random
-model of 4 experts of 32 neurons, 2 per token. Pruned logits equal the masked dense model's (each expert's pruned
+"""Mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert; transformers 5's fused experts): each
+family's proof on a tiny random model of 4 experts of 32 neurons, 2 per token (and a shared expert of 48). Pruned logits equal the masked dense model's (each expert's pruned
 neurons zeroed in its down projection; with and without a KV cache), every format reloads bit-exactly (stock for
 uniform shapes, osscar, remote code; also per-block shapes with query heads), a streamed run writes the in-memory
 result under the checkpoint's per-expert names; every expert's Gram is accumulated over its routed tokens only,
@@ -23,7 +23,7 @@ from osscar_hf import OsscarConfig, OsscarConfigError, OsscarPruner, Unsupported
 from osscar_hf.arch import get_spec
 from osscar_hf.io import read_block_shapes
 from osscar_hf.pipeline import BlockStream
-from osscar_hf.pipeline.statistics import ExpertStatistics, routed_input_hooks
+from osscar_hf.pipeline.statistics import ExpertStatistics, InputStatistics, gated_input_hooks, routed_input_hooks
 from osscar_hf.pruner import check_prunable_config
 from tests.conftest import MOE_KINDS, make_model
 from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
@@ -47,7 +47,16 @@ def runs(request, tmp_path_factory, tokenizer, calibration_texts):
 def test_pruned_logits_are_the_masked_dense_models(runs):
     kind, dense, model, report, _ = runs
     experts = model.model.layers[0].mlp.experts
-    assert read_block_shapes(model) == [{"num_key_value_heads": 1, "num_attention_heads": 2, "ffn_dim": 16}] * 2
+    shape = {"num_key_value_heads": 1, "num_attention_heads": 2, "ffn_dim": 16}
+    if kind == "qwen2_moe":  # the shared expert keeps the routed experts' fraction: 24 of its 48 neurons
+        shape["shared_ffn_dim"] = 24
+        shared = model.model.layers[0].mlp.shared_expert
+        assert tuple(shared.gate_proj.weight.shape) == (24, 32) and shared.intermediate_size == 24
+        entry = report.blocks[0].shared_expert
+        assert (entry.structures, entry.kept, entry.solved) == (48, 24, True)
+    else:
+        assert report.blocks[0].shared_expert is None
+    assert read_block_shapes(model) == [shape] * 2
     assert tuple(experts.gate_up_proj.shape) == (4, 32, 32) and experts.intermediate_dim == 16
     mlp = report.blocks[0].mlp
     assert (mlp.structures, mlp.kept, mlp.experts, mlp.kept_per_expert) == (128, 64, 4, 16)
@@ -66,6 +75,7 @@ def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tm
     assert data == json.loads((streamed / "config.json").read_text())
     assert "quantization_config" not in data  # uniform: a stock checkpoint, the one intermediate size halved
     assert data[get_spec(model).config_ffn] == 16 and data["num_key_value_heads"] == 1
+    assert data.get("shared_expert_intermediate_size") == (24 if kind == "qwen2_moe" else None)
     names = tensor_names(saved)
     assert names == tensor_names(streamed) and names == tensor_names(streamed.parent / "dense")  # per expert
     assert_reloads_bit_exactly(model, load(saved, model))
@@ -73,14 +83,18 @@ def test_streamed_equals_in_memory_and_every_format_reloads_bit_exactly(runs, tm
         assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
 
 
-def test_per_block_sizes_with_query_heads_in_osscar_and_remote_code(tmp_path, tokenizer, calibration_texts):
-    """Per-block sizes (one family: the other's formats are proved above with uniform sizes)."""
-    dense = make_model("mixtral")
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_per_block_sizes_with_query_heads_in_osscar_and_remote_code(kind, tmp_path, tokenizer, calibration_texts):
+    """Per-block sizes (Qwen3-MoE's formats are proved above with uniform sizes); a shared expert's width follows
+    each block's routed experts."""
+    dense = make_model(kind)
     pruner = OsscarPruner(OsscarConfig(block_sizes=[{"attention": 1, "mlp": 8}, {"attention": 2, "mlp": 24}],
                                        attention_structure="query_heads", method="obs_greedy",
                                        dataset=calibration_texts, **SMALL))
     model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
     assert [s["ffn_dim"] for s in read_block_shapes(model)] == [8, 24]
+    assert [s.get("shared_ffn_dim") for s in read_block_shapes(model)] == ([16, 32] if kind == "qwen2_moe"
+                                                                             else [None, None])
     assert model.model.layers[0].self_attn.o_proj.in_features == 2 * get_spec(model).head_dim(dense.config)
     torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
     for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
@@ -119,6 +133,46 @@ def test_each_experts_gram_is_over_its_routed_tokens_scaled_by_their_weights():
         torch.testing.assert_close(got.gram.double(), (inputs.T @ inputs).double() / token.numel(), rtol=1e-4,
                                    atol=1e-7)
         torch.testing.assert_close(got.mean, inputs.double().mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_the_shared_experts_gram_scales_every_token_by_its_gate():
+    model = make_model("qwen2_moe")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(1))
+    stats = InputStatistics(48, torch.device("cpu"), frozenset({"gram"}), False)
+    with torch.no_grad(), gated_input_hooks({"shared": (mlp.shared_expert.down_proj, mlp.shared_expert_gate)},
+                                            lambda n, h: stats.add(h)):
+        mlp(x)
+        h, shared = x[0], mlp.shared_expert
+        inputs = F.silu(shared.gate_proj(h)) * shared.up_proj(h) * torch.sigmoid(mlp.shared_expert_gate(h))
+    got = stats.take()
+    assert got.tokens == 24
+    torch.testing.assert_close(got.gram.double(), (inputs.T @ inputs).double() / 24, rtol=1e-4, atol=1e-7)
+
+
+def test_the_pipeline_gives_the_shared_expert_its_gated_inputs(monkeypatch, tokenizer, calibration_texts):
+    """Every block's shared expert is solved on its down projection's inputs scaled by its own gate."""
+    from osscar_hf.pipeline import block as block_module
+
+    hooked, real = [], block_module.gated_input_hooks
+
+    def spy(modules, callback):
+        hooked.append({name: pair for name, pair in modules.items()})
+        return real(modules, callback)
+
+    monkeypatch.setattr(block_module, "gated_input_hooks", spy)
+    model = make_model("qwen2_moe")
+    pruner = OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dataset=calibration_texts, **SMALL))
+    pruner.prune(model, tokenizer, progress=False)
+    batches = len(hooked) // 2
+    assert batches > 0 and len(hooked) == 2 * batches
+    for b, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        for modules in hooked[b * batches:(b + 1) * batches]:
+            assert list(modules) == ["shared_expert"]
+            assert modules["shared_expert"][0] is mlp.shared_expert.down_proj
+            assert modules["shared_expert"][1] is mlp.shared_expert_gate
+    assert all(b.shared_expert.solved and b.shared_expert.relative_error is not None for b in pruner.report.blocks)
 
 
 def _never_route_to_expert_3(module, args):
@@ -190,10 +244,12 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_an_interrupted_streamed_run_resumes_with_identical_output(tmp_path, tokenizer, calibration_texts,
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_an_interrupted_streamed_run_resumes_with_identical_output(kind, tmp_path, tokenizer, calibration_texts,
                                                                    monkeypatch):
-    """The finished block is replayed at its per-expert size (the report's kept_per_expert), not solved again."""
-    make_model("mixtral").save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    """The finished block is replayed at its per-expert size (the report's kept_per_expert, and its shared expert's
+    width), not solved again."""
+    make_model(kind).save_pretrained(tmp_path / "dense", max_shard_size="20KB")
     tokenizer.save_pretrained(tmp_path / "dense")
     config = OsscarConfig(block_sizes=[{"attention": 1, "mlp": 8}, {"attention": 2, "mlp": 24}],
                           dataset=calibration_texts, **SMALL)
@@ -216,3 +272,17 @@ def test_an_interrupted_streamed_run_resumes_with_identical_output(tmp_path, tok
     a, b = _tensors(reference), _tensors(tmp_path / "out")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "out" / "config.json").read_text() == (reference / "config.json").read_text()
+
+
+def test_a_spec_naming_a_shared_expert_the_model_lacks_is_refused():
+    import dataclasses
+
+    from osscar_hf.arch.experts import SharedExpert
+
+    model = make_model("qwen3_moe")  # no shared expert
+    spec = get_spec(model)
+    wrong = dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, shared=SharedExpert()))
+    with pytest.raises(UnsupportedModelError, match=r"lacks .*nn.Linear at model.layers.0.mlp.shared_expert.gate_proj"):
+        wrong.check_model(model)
+    assert SharedExpert(producers=()).problems() == [
+        "experts.shared.producers must be a non-empty tuple of str, got ()"]

@@ -52,6 +52,26 @@ def test_geometry_counts_every_parameter_a_structure_takes_with_it(kind):
     assert _block_params(model) == total - (m - 1) * g0.attention_params - (g0.mlp_structures - 10) * g0.mlp_params
 
 
+def test_moe_geometry_counts_the_experts_and_the_shared_expert_at_the_routed_fraction():
+    """A structure of a mixture of experts is one neuron of every expert; a shared expert keeps the routed fraction
+    of its own neurons (rounded to a multiple of 8), and the geometry counts exactly what that leaves."""
+    import torch
+
+    from osscar_hf.surgery import expert_neurons
+
+    model = make_model("qwen2_moe")
+    spec = get_spec(model)
+    geometries = block_geometries(model, spec, seq_len=64)
+    g0, g1 = geometries
+    assert (g0.mlp_structures, g0.shared_structures, g0.shared_params) == (32, 48, 3 * 32)
+    assert sum(g.params(g.attention_structures, g.mlp_structures) for g in geometries) == _block_params(model)
+    assert [g0.shared_kept(k) for k in (0, 1, 8, 16, 31, 32)] == [0, 8, 16, 24, 48, 48]
+    block = model.get_submodule(spec.blocks)[0]
+    prune_mlp(block, spec, expert_neurons(torch.arange(8).expand(4, 8), 32))
+    prune_mlp(block, spec.shared_expert_spec(), torch.arange(g0.shared_kept(8)))
+    assert _block_params(model) == g0.params(g0.attention_structures, 8) + g1.params(g1.attention_structures, 32)
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "phi3"])
 @pytest.mark.parametrize("per_group", [0, 1, 2])
 def test_query_head_geometry_counts_the_heads_and_the_kv_heads_that_go_with_the_last(kind, per_group):
