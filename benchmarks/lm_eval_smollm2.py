@@ -42,29 +42,10 @@ quiet_idle_threads()  # before torch is imported
 
 import torch  # noqa: E402
 
+from osscar_hf.integrations.lm_eval_task import write_perplexity_task  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASK = "wikitext2_local_ppl"
-TASK_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: byte_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: bits_per_byte
-    aggregation: bits_per_byte
-    higher_is_better: false
-"""
 
 
 def wikitext_articles(raw_path: Path) -> list[str]:
@@ -72,15 +53,6 @@ def wikitext_articles(raw_path: Path) -> list[str]:
     lines = raw_path.read_text(encoding="utf-8").splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if re.fullmatch(r" = [^=].* = \n", line)]
     return ["".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
-
-
-def write_task(folder: Path, documents: list[str]) -> Path:
-    data = folder / "documents.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents), encoding="utf-8")
-    tasks = folder / "tasks"
-    tasks.mkdir(exist_ok=True)
-    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data), encoding="utf-8")
-    return tasks
 
 
 def run_lm_eval(folder: Path, tasks: Path, tokenizer: Any, documents: list[str], max_length: int) -> dict[str, Any]:
@@ -263,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "lm_eval": lm_eval.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "bos_prefix": tokenizer.bos_token}, "models": {}}
     with tempfile.TemporaryDirectory() as work:
-        tasks = write_task(Path(work), documents)
+        tasks = write_perplexity_task(Path(work), documents, TASK)
         models = [("dense", dense)]
         if not args.no_pruned:
             pruned = Path(work) / "pruned"

@@ -30,6 +30,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import osscar_hf  # noqa: E402
 from osscar_hf import OsscarConfig, OsscarPruner, evaluate_perplexity  # noqa: E402
+from osscar_hf.integrations.lm_eval_task import write_perplexity_task  # noqa: E402
 from tests.conftest import make_model, make_text, make_tokenizer  # noqa: E402
 
 TASK = "osscar_tiny_ppl"
@@ -37,29 +38,6 @@ SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 DOC_WORDS = 64  # every word is one token of the tiny tokenizer: 64 tokens a document
 WINDOW = 16  # lm-eval's max_length for the rolling-window comparison (64 = 4 windows of 16)
 PREFIX = "[EOS]"  # the tiny tokenizer has no BOS: lm-eval conditions a document's first token on EOS (id 2)
-
-TASK_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: byte_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: bits_per_byte
-    aggregation: bits_per_byte
-    higher_is_better: false
-"""
 
 # Run in a fresh interpreter: stock and remote-code checkpoints evaluate with lm-eval alone.
 WITHOUT_OSSCAR_HF = """
@@ -109,12 +87,9 @@ def setup(tmp_path_factory) -> dict[str, Any]:
     for fmt in ("osscar", "remote_code"):
         osscar_hf.save_pruned(per_block, root / f"per_block_{fmt}", tokenizer=tokenizer, format=fmt)
     documents = _documents()
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents))
-    (root / "tasks").mkdir()
-    (root / "tasks" / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data, cache=root / "cache"))
+    tasks = write_perplexity_task(root, documents, TASK, cache_dir=root / "cache")
     return dict(root=root, tokenizer=tokenizer, uniform=uniform, per_block=per_block, documents=documents,
-                manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False))
+                manager=TaskManager(include_path=str(tasks), include_defaults=False))
 
 
 def _evaluate(setup: dict[str, Any], folder: str, extra: str = "") -> tuple[dict[str, float], list[float]]:
