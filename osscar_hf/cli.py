@@ -276,13 +276,16 @@ def check_model_source(name: str) -> None:
 
 
 def check_model_config(name: str, *, revision: str | None = None, token: str | bool | None = None,
-                       attention_structure: str = "kv_groups") -> None:
+                       attention_structure: str = "kv_groups", config: Any = None) -> None:
     """Refuse, from its ``config.json`` alone, a model osscar_hf cannot prune (an unsupported ``model_type``,
-    quantized, already pruned, or without grouped-query attention for ``--attention-structure query_heads``), before
-    any weight is loaded. A config that cannot be fetched is left for the load to report."""
+    quantized, already pruned, or without grouped-query attention for ``--attention-structure query_heads``), and
+    with ``config`` (the OsscarConfig) what the family cannot take (attention pruning where its attention is fixed,
+    what a mixture of experts refuses), before any weight is loaded. A config that cannot be fetched is left for the
+    load to report."""
     from transformers import AutoConfig
 
     from osscar_hf.arch import attention_layout
+    from osscar_hf.pipeline import check_config_fits
     from osscar_hf.pruner import check_prunable_config
 
     try:
@@ -292,7 +295,10 @@ def check_model_config(name: str, *, revision: str | None = None, token: str | b
     except OSError as exc:  # not reachable or not there: loading says so in full
         logger.debug("config of %s not read before loading: %s", name, exc)
         return
-    attention_layout(check_prunable_config(model_config), model_config, attention_structure)
+    spec = check_prunable_config(model_config)
+    if config is not None:
+        check_config_fits(config, spec, model_config)
+    attention_layout(spec, model_config, attention_structure)
 
 
 def check_output_dir(output: Path, source: str, *, overwrite: bool) -> Path:
@@ -567,7 +573,7 @@ def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
     _check_stock_format(config, args.format)
     check_dataset_source(config.dataset)
     check_model_config(args.model, revision=args.revision, token=args.token,
-                       attention_structure=config.attention_structure)
+                       attention_structure=config.attention_structure, config=config)
     return pruner, output
 
 

@@ -18,6 +18,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OlmoeConfig,
     OPTConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
@@ -86,6 +87,9 @@ def _config(kind: str, **overrides) -> object:
         cfg = Qwen2MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
                              moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
                              num_experts_per_tok=2, qkv_bias=True)
+    elif kind == "olmoe":  # q/k norms over the whole projections (its attention cannot be pruned); GQA
+        cfg = OlmoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_experts=4,
+                          num_experts_per_tok=2)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -103,7 +107,7 @@ FUSED_KINDS = ("phi3", "gpt_neox")
 # Mixtures of experts, proved in tests/integration/test_moe.py.
 MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 # Kinds whose norm weights are randomised too (the q/k norms over head_dim must survive the slicing of heads).
-RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text", "qwen3_moe")
+RANDOM_NORM_KINDS = ("qwen3", "gemma", "gemma2", "gemma3-text", "qwen3_moe", "olmoe")
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:

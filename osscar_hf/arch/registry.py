@@ -116,8 +116,7 @@ GPT_NEOX = ArchSpec(
 # expert's rows [gate | up] and ``down_proj``): Mixtral and Qwen3-MoE (every layer sparse: ``mlp_only_layers`` empty
 # and ``decoder_sparse_step`` 1, as in the published checkpoints; no shared expert). The attention is the Llama layout
 # (Qwen3-MoE's q/k norms act per head). Checkpoints store each expert's linears apart, which a streamed run reads and
-# writes under those names. (OLMoE has the same experts, but its q/k norms span the whole projection, so its heads
-# cannot be removed: not registered.)
+# writes under those names. (OLMoE, below, has the same experts, but its q/k norms span the whole projection.)
 MIXTRAL = dataclasses.replace(
     LLAMA_FAMILY,
     name="mixtral",
@@ -147,6 +146,18 @@ QWEN2_MOE = dataclasses.replace(
     name="qwen2_moe",
     model_types=("qwen2_moe",),
     experts=dataclasses.replace(QWEN3_MOE.experts, shared=SharedExpert()),
+)
+
+# OLMoE: Qwen3-MoE's experts and checkpoint names (every layer sparse, no shared expert), but q/k norms over the whole
+# projection: only its MLP is pruned.
+OLMOE = dataclasses.replace(
+    QWEN3_MOE,
+    name="olmoe",
+    model_types=("olmoe",),
+    config_ffn="intermediate_size",
+    experts=dataclasses.replace(QWEN3_MOE.experts, config_sparse_layers=None),
+    attention_fixed="its q/k norms normalise the whole query and key projections, not each head, so removing a head "
+                    "changes every other head's output",
 )
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -198,3 +209,4 @@ register_architecture(GPT_NEOX)
 register_architecture(MIXTRAL)
 register_architecture(QWEN3_MOE)
 register_architecture(QWEN2_MOE)
+register_architecture(OLMOE)

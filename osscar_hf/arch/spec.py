@@ -122,6 +122,9 @@ class ArchSpec:
     # Mixture of experts (:class:`~osscar_hf.arch.experts.Experts`): the MLP is one module of 3-D per-expert tensors,
     # ``mlp_producers`` and ``mlp_consumer`` its parameters; None: a dense MLP of linears.
     experts: Experts | None = None
+    # Why the attention cannot be pruned in this family (its outputs would change in a way no slicing reproduces), or
+    # None: with a reason, only the MLP is pruned and a config that asks for attention pruning is refused with it.
+    attention_fixed: str | None = None
 
     # -- checks ----------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -147,7 +150,7 @@ class ArchSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 found.append(f"{name} must be a non-empty str, got {value!r}")
-        for name in ("config_kv_heads", "config_final_logit_softcap", "config_path"):
+        for name in ("config_kv_heads", "config_final_logit_softcap", "config_path", "attention_fixed"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 found.append(f"{name} must be None or a non-empty str, got {value!r}")

@@ -33,7 +33,8 @@ class BlockGeometry:
     head_dim * context``, with the mean context of a causal window of ``seq_len`` tokens, ``(seq_len + 1) / 2``).
     ``shared_structures`` / ``shared_params`` / ``shared_flops``: a mixture of experts' shared expert (0 without one):
     its neurons and what one costs; it keeps the routed experts' fraction of them (:meth:`shared_kept`), so
-    :meth:`unit_costs` counts its share in an MLP structure.
+    :meth:`unit_costs` counts its share in an MLP structure. ``attention_fixed``: the family's attention cannot be
+    pruned (``ArchSpec.attention_fixed``): every plan keeps all its structures.
     """
 
     attention_structures: int
@@ -48,6 +49,7 @@ class BlockGeometry:
     shared_structures: int = 0
     shared_params: int = 0
     shared_flops: float = 0.0
+    attention_fixed: bool = False
 
     def shared_kept(self, mlp: int) -> int:
         """Neurons a shared expert keeps beside ``mlp`` per routed expert (:func:`shared_expert_keep`)."""
@@ -152,5 +154,6 @@ def block_geometries(model: nn.Module, spec: ArchSpec, *, seq_len: int, with_bia
             attention_base_params=base_params,
             attention_base_flops=float(sum(lin.in_features * b for (_, b), lin in attention_rows)),
             shared_structures=shared[0], shared_params=shared[1], shared_flops=shared[2],
+            attention_fixed=spec.attention_fixed is not None,
         ))
     return out

@@ -96,7 +96,8 @@ def uniform_budget_sizes(config: Any, geometries: list[BlockGeometry]) -> list[B
     target = config.sparsity_target
     dense = sum(g.cost(target, g.attention_structures, g.mlp_structures) for g in geometries)
     goal = (1.0 - config.sparsity) * dense
-    attention = [keep_count(g.attention_structures, config.sparsity) for g in geometries]
+    attention = [g.attention_structures if g.attention_fixed else keep_count(g.attention_structures, config.sparsity)
+                 for g in geometries]
     with_full_mlp = sum(g.cost(target, a, g.mlp_structures) for g, a in zip(geometries, attention))
     per_neuron = sum(g.unit_costs(target)["mlp"] for g in geometries)
     widest = max(g.mlp_structures for g in geometries)
@@ -120,9 +121,10 @@ def plan_fixed_sizes(config: Any, geometries: list[BlockGeometry]) -> list[Block
 
 def part_floors(config: Any, geometry: BlockGeometry) -> BlockSize:
     """The fewest attention structures and neurons a global allocation may leave in a block (``min_part_keep``;
-    neurons rounded up to ``round_to``)."""
-    return BlockSize(part_floor(geometry.attention_structures, config.min_part_keep),
-                     part_floor(geometry.mlp_structures, config.min_part_keep, config.round_to))
+    neurons rounded up to ``round_to``; every attention structure when the family's attention is fixed)."""
+    attention = (geometry.attention_structures if geometry.attention_fixed
+                 else part_floor(geometry.attention_structures, config.min_part_keep))
+    return BlockSize(attention, part_floor(geometry.mlp_structures, config.min_part_keep, config.round_to))
 
 
 def _floors(config: Any, geometries: list[BlockGeometry]) -> tuple[list[tuple[int, int]], dict[int, float]]:

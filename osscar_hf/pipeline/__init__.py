@@ -8,6 +8,7 @@ from .orchestrate import (
     build_report,
     calibration_seq_len,
     capture,
+    check_config_fits,
     check_sizes,
     finish_run,
     plan_sizes,
@@ -21,6 +22,6 @@ from .statistics import InputStatistics, input_hooks
 __all__ = [
     "PARTS", "BlockSource", "BlockStream", "InMemoryBlocks", "InputStatistics", "LoopSettings", "PruneRun",
     "activation_space", "announce_block", "block_consumers", "block_device", "build_report", "calibration_seq_len",
-    "capture", "check_sizes", "finish_run", "input_hooks", "loop_settings", "plan_sizes", "prune_blocks",
+    "capture", "check_config_fits", "check_sizes", "finish_run", "input_hooks", "loop_settings", "plan_sizes", "prune_blocks",
     "scratch_copy", "start_run", "switch_on_part_biases", "update_model_config",
 ]

@@ -44,7 +44,8 @@ from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-expor
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
-    "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "finish_run", "measures_on_held_out",
+    "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "check_config_fits", "finish_run",
+    "measures_on_held_out",
     "plan_sizes", "prune_blocks", "scratch_copy", "start_run",
 ]
 
@@ -65,6 +66,31 @@ def check_method_fits(config: OsscarConfig, model: nn.Module, spec: ArchSpec) ->
                 f"attention_bias/mlp_bias; opt has the biases already); use another method")
 
 
+def check_attention_fits(config: OsscarConfig, spec: ArchSpec, model_config: Any) -> None:
+    """Refuse attention pruning for a family whose attention cannot be pruned (``spec.attention_fixed``), naming what
+    asked for it and what to give instead."""
+    if spec.attention_fixed is None:
+        return
+    full = spec.num_kv_heads(model_config)
+    asks = [f"attention_sparsity={config.attention_sparsity}"] if config.attention_sparsity else []
+    if config.attention_structure != "kv_groups":
+        asks.append(f"attention_structure={config.attention_structure!r}")
+    asks += [f"block_sizes[{i}]['attention'] = {entry['attention']}"
+             for i, entry in enumerate(config.block_sizes or []) if entry["attention"] != full][:1]
+    if asks:
+        raise OsscarConfigError(
+            f"{', '.join(asks)}: the attention of spec {spec.name!r} cannot be pruned ({spec.attention_fixed}); prune "
+            f"its MLP only: attention_sparsity=0, block_sizes with 'attention': {full}, or sparsity= (which then "
+            "spends the whole budget on the MLP)")
+
+
+def check_config_fits(config: OsscarConfig, spec: ArchSpec, model_config: Any) -> None:
+    """What the config and the model's ``config.json`` alone refuse (before any weight is loaded): what a mixture of
+    experts cannot take, and attention pruning where the family's attention is fixed."""
+    check_experts_fit(config, spec)
+    check_attention_fits(config, spec, model_config)
+
+
 def calibration_seq_len(config: OsscarConfig, model_config: Any) -> int:
     """``config.seq_len`` capped at the model's context length."""
     context = context_length(model_config)
@@ -79,7 +105,7 @@ def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
     Raises before any data is read when the method is unknown, the budget is impossible or the method does not
     fit."""
     config.check_method()
-    check_experts_fit(config, spec)
+    check_config_fits(config, spec, model.config)
     config = aligned_experts_config(config, spec, model.config)
     check_method_fits(config, model, spec)
     settings = loop_settings(config, model.config, spec)

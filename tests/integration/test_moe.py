@@ -286,3 +286,52 @@ def test_a_spec_naming_a_shared_expert_the_model_lacks_is_refused():
         wrong.check_model(model)
     assert SharedExpert(producers=()).problems() == [
         "experts.shared.producers must be a non-empty tuple of str, got ()"]
+
+
+def test_olmoe_prunes_its_experts_and_keeps_its_attention(tmp_path, tokenizer, calibration_texts):
+    """OLMoE's q/k norms span whole projections: its MLP is pruned like Qwen3-MoE's, its attention stays bit-equal,
+    and a budget given as sparsity= is spent on the MLP alone."""
+    make_model("olmoe").save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    config = dict(mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
+    pruner = OsscarPruner(OsscarConfig(**config))
+    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
+    assert read_block_shapes(model) == [{"num_key_value_heads": 2, "num_attention_heads": 4, "ffn_dim": 16}] * 2
+    for b, block in enumerate(model.model.layers):
+        for name, p in block.self_attn.named_parameters():
+            assert torch.equal(p, dense.model.layers[b].self_attn.get_parameter(name)), name
+    torch.testing.assert_close(logits(model), logits(masked_dense(dense, model, pruner.report)), rtol=1e-5, atol=1e-5)
+    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(tmp_path / "dense", tmp_path / "streamed",
+                                                                     progress=False)
+    assert_reloads_bit_exactly(model, load(streamed, model))
+    saved = save_pruned(model, tmp_path / "stock", tokenizer=tokenizer)
+    assert json.loads((saved / "config.json").read_text())["intermediate_size"] == 16
+    assert tensor_names(saved) == tensor_names(tmp_path / "dense")  # per expert, as the checkpoint stores them
+    assert_reloads_bit_exactly(model, load(saved, model))
+    for fmt, kwargs in (("osscar", {}), ("remote_code", {"trust_remote_code": True})):
+        assert_reloads_bit_exactly(model, load(save_pruned(model, tmp_path / fmt, format=fmt), model, **kwargs))
+    budget = OsscarPruner(OsscarConfig(sparsity=0.4, allocation="uniform", dataset=calibration_texts, **SMALL))
+    budget.prune(make_model("olmoe"), tokenizer, progress=False)
+    assert all((b.attention.kept, b.mlp.kept_per_expert) == (2, 16) for b in budget.report.blocks)
+
+
+@pytest.mark.parametrize("fields, asked", [
+    (dict(attention_sparsity=0.5), "attention_sparsity=0.5"),
+    (dict(mlp_sparsity=0.5, attention_structure="query_heads"), "attention_structure='query_heads'"),
+    (dict(block_sizes=[{"attention": 2, "mlp": 16}, {"attention": 1, "mlp": 16}]),
+     r"block_sizes\[1\]\['attention'\] = 1"),
+])
+def test_olmoe_attention_pruning_is_refused_with_the_reason(fields, asked):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read")
+
+    model = make_model("olmoe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = OsscarPruner(OsscarConfig(dataset=["unused"], **dict(SMALL, **fields)))
+    pruner.calibration_window_sets = no_data
+    with pytest.raises(OsscarConfigError, match=f"{asked}: the attention of spec 'olmoe' cannot be pruned "
+                                                r"\(its q/k norms .*attention_sparsity=0, block_sizes with "
+                                                "'attention': 2"):
+        pruner.prune(model, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -205,7 +205,7 @@ def test_unsupported_model_raises_and_is_untouched(tokenizer, calibration_texts)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
     before = _state(model)
     pruner = OsscarPruner(OsscarConfig(mlp_sparsity=0.5, dataset=calibration_texts, **SMALL))
-    supported = "gemma, gemma2, gemma3, gemma3_text, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"
+    supported = "gemma, gemma2, gemma3, gemma3_text, gpt_neox, llama, mistral, mixtral, olmoe, opt, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"
     with pytest.raises(UnsupportedModelError, match=f"supported model types: {supported}$"):
         pruner.prune(model, tokenizer, progress=False)
     _assert_untouched(model, before)

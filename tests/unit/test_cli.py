@@ -734,6 +734,24 @@ def test_prune_refuses_query_heads_for_a_model_without_gqa_before_loading(workdi
     assert "one query head per KV head" in line and "attention_structure='kv_groups'" in line
 
 
+@pytest.mark.parametrize("options, refused", [
+    (["--attention-sparsity", "0.5", "--mlp-sparsity", "0.5"],
+     "attention_sparsity=0.5: the attention of spec 'olmoe' cannot be pruned"),
+    (["--attention-sparsity", "0", "--mlp-sparsity", "0.5", "--method", "flap"],
+     "method='flap' compensates with an output bias"),
+])
+def test_prune_refuses_what_a_family_cannot_take_before_loading(options, refused, workdir, tmp_path, capsys,
+                                                                no_loading) -> None:
+    from transformers import OlmoeConfig
+
+    folder = tmp_path / "olmoe"
+    OlmoeConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8,
+                num_experts=2).save_pretrained(folder)  # config.json only: no weights at all
+    assert _run(["prune", str(folder), *options, "--dataset", str(workdir / "calib.txt"), "--output",
+                 str(tmp_path / "o")]) == 1
+    assert refused in _one_error_line(capsys.readouterr().err)
+
+
 def test_prune_with_query_heads_keeps_every_kv_head(workdir, tmp_path) -> None:
     out = tmp_path / "pruned"
     assert _run(["prune", str(workdir / "src"), "--attention-sparsity", "0.5", "--mlp-sparsity", "0.25",
