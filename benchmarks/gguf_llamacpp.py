@@ -168,7 +168,7 @@ def tiny_cases(args: argparse.Namespace) -> int:
     """The tiny models the CI tests check against a numpy model of llama.cpp, run in llama.cpp itself."""
     sys.path.insert(0, str(HERE.parent))
     from osscar_hf import export_gguf
-    from tests.integration.test_gguf_export import CASES, IDS, make_bpe_tokenizer
+    from tests.integration.test_gguf_export import CASES, GEMMA3_CASES, IDS, make_bpe_tokenizer
 
     import osscar_hf.export.gguf_tensors as tensors_module
 
@@ -176,7 +176,9 @@ def tiny_cases(args: argparse.Namespace) -> int:
                                               "|---|---|---|---:|---:|"]
     results = []
     control = "control: llama uniform WITHOUT the q/k rope reordering (must differ)"
-    cases = {**CASES, control: CASES["llama uniform"]}
+    gemma_control = "control: gemma3 dense WITHOUT the norms' 1 + weight (must differ)"
+    gemma = {f"gemma3 {name}": (build, "gemma3", None) for name, build in GEMMA3_CASES.items()}
+    cases = {**CASES, **gemma, control: CASES["llama uniform"], gemma_control: gemma["gemma3 dense"]}
     interleave = tensors_module.interleave_halves
     with tempfile.TemporaryDirectory() as tmp:
         for case, (build, arch, _) in cases.items():
@@ -184,7 +186,8 @@ def tiny_cases(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 expected = model(IDS).logits
             tensors_module.interleave_halves = (lambda rows, heads: rows) if case == control else interleave
-            for dtype in ("f32",) if case == control else ("f32", "f16", "bf16", "q8_0"):
+            tensors_module.NORM_SHIFT["gemma3_text"] = 0.0 if case == gemma_control else 1.0
+            for dtype in ("f32",) if case.startswith("control") else ("f32", "f16", "bf16", "q8_0"):
                 path = export_gguf(model, Path(tmp) / "m.gguf", dtype, tokenizer=tokenizer, overwrite=True)
                 job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
                 job.write_text(json.dumps({"gguf": str(path), "logits_of": IDS.tolist()}))
@@ -202,8 +205,9 @@ def tiny_cases(args: argparse.Namespace) -> int:
     (RESULTS / "gguf_llamacpp_tiny.md").write_text(
         "# Tiny models of tests/integration/test_gguf_export.py in llama.cpp (llama-cpp-python, f16 KV cache)\n\n"
         "Logits of 2 sequences of 12 random ids, llama.cpp against transformers (float32). These random models' "
-        "logits are small, so the differences are too: the control row (q/k rows not reordered for llama's pairwise "
-        "rope) shows the size of a real mistake; the f32 rows lie 10-300x below it, and the f16 ones well below. "
+        "logits are small, so the differences are too: the control rows (q/k rows not reordered for llama's pairwise "
+        "rope; Gemma's norms written without their 1 + weight) show the size of a real mistake; the f32 rows lie "
+        "far below them, and the f16 ones well below. "
         "The bf16 and q8_0 rows show storage rounding (the files load and run), not a sensitive check.\n\n"
         + "\n".join(lines) + "\n")
     return 0

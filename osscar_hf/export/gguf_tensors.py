@@ -21,7 +21,7 @@ from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_TENSORS", "DTYPES", "LlamaParts", "encode", "file_type", "gguf_tensors", "llama_parts",
+__all__ = ["BLOCK_TENSORS", "DTYPES", "FAMILY_TENSORS", "GEMMA3_BLOCK_TENSORS", "LlamaParts", "encode", "file_type", "gguf_tensors", "llama_parts",
            "read_layer_shapes"]
 
 #: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
@@ -38,26 +38,41 @@ BLOCK_TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm")
-_FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+#: Gemma 3's block: the same projections, q/k norms, and a norm after the attention and after the FFN; its
+#: ``post_attention_layernorm`` is that post-norm (the FFN's input norm is ``pre_feedforward_layernorm``).
+GEMMA3_BLOCK_TENSORS = {
+    **{k: v for k, v in BLOCK_TENSORS.items() if k != "post_attention_layernorm"},
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+#: model_type -> its block's tensor names (Llama's when absent).
+FAMILY_TENSORS = {"gemma3_text": GEMMA3_BLOCK_TENSORS}
+#: model_type -> what llama.cpp's norms need added to the stored weights (Gemma's RMSNorm scales by 1 + weight).
+NORM_SHIFT = {"gemma3_text": 1.0}
+_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
+              "post_attention_norm")
+_FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
 
 
 class LlamaParts:
     """The embedding, final norm, output head and per-block parameters of a Llama-family causal LM."""
 
     def __init__(self, embed: torch.Tensor, norm: torch.Tensor, output: torch.Tensor | None,
-                 blocks: list[dict[str, torch.Tensor]]) -> None:
+                 blocks: list[dict[str, torch.Tensor]], norm_shift: float = 0.0) -> None:
         self.embed, self.norm, self.output, self.blocks = embed, norm, output, blocks
+        self.norm_shift = norm_shift  # added to every norm weight as written (Gemma's 1 + weight)
 
     def has_bias(self, gguf_name: str) -> bool:
         return any(f"{gguf_name}.bias" in block for block in self.blocks)
 
 
-def llama_parts(model: nn.Module) -> LlamaParts:
-    """Split ``model`` (a ``*ForCausalLM`` of the Llama family, stock, osscar or remote-code) into its parts, with
-    block parameters keyed by GGUF name (``attn_q.weight``...). A parameter the GGUF layout has no place for raises
-    ``GGUFExportError`` (nothing is dropped silently). ``output`` is ``None`` when the head is tied to the
-    embedding (llama.cpp then reuses ``token_embd``)."""
+def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
+    """Split ``model`` (a ``*ForCausalLM`` of the Llama family or Gemma 3, stock, osscar or remote-code) into its
+    parts, with block parameters keyed by GGUF name (``attn_q.weight``...; the family's names, ``FAMILY_TENSORS``). A
+    parameter the GGUF layout has no place for raises ``GGUFExportError`` (nothing is dropped silently). ``output``
+    is ``None`` when the head is tied to the embedding (llama.cpp then reuses ``token_embd``)."""
+    names = FAMILY_TENSORS.get(model_type, BLOCK_TENSORS)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
@@ -73,16 +88,17 @@ def llama_parts(model: nn.Module) -> LlamaParts:
         elif name.startswith("model.layers."):
             index, _, rest = name[len("model.layers."):].partition(".")
             stem, _, kind = rest.rpartition(".")
-            if stem not in BLOCK_TENSORS:
-                raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for {stem!r} "
-                                      f"(known: {', '.join(BLOCK_TENSORS)})")
-            blocks.setdefault(int(index), {})[f"{BLOCK_TENSORS[stem]}.{kind}"] = param
+            if stem not in names:
+                raise GGUFExportError(f"{name}: llama.cpp's {model_type} layout has no tensor for {stem!r} "
+                                      f"(known: {', '.join(names)})")
+            blocks.setdefault(int(index), {})[f"{names[stem]}.{kind}"] = param
         else:
             raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for this parameter")
     if norm is None or (output is None and not tied):
         raise GGUFExportError("the model has no model.norm.weight or no lm_head.weight: not a Llama-family "
                               "causal LM as transformers builds it")
-    return LlamaParts(embed, norm, output, [blocks.get(i, {}) for i in range(len(blocks))])
+    return LlamaParts(embed, norm, output, [blocks.get(i, {}) for i in range(len(blocks))],
+                      NORM_SHIFT.get(model_type, 0.0))
 
 
 def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
@@ -104,19 +120,20 @@ def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
     return shapes
 
 
-def _array(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy()
+def _array(tensor: torch.Tensor, shift: float = 0.0) -> np.ndarray:
+    array = tensor.detach().to("cpu", torch.float32).numpy()
+    return array + np.float32(shift) if shift else array
 
 
 def _layer_tensors(block: dict[str, torch.Tensor], layout: Layout, index: int,
-                   head_dim: int) -> Iterator[tuple[str, np.ndarray]]:
+                   head_dim: int, norm_shift: float) -> Iterator[tuple[str, np.ndarray]]:
     written = layout.layers[index]
     for key, tensor in block.items():
         stem = key.split(".")[0]
         if (stem in _ATTENTION and written.heads == 0) or (stem in _FFN and written.ffn == 0):
             continue
         padded = (stem in _ATTENTION and layout.padded_attention(index)) or (stem in _FFN and layout.padded_ffn(index))
-        array = _array(tensor)
+        array = _array(tensor, norm_shift if key.endswith("norm.weight") else 0.0)
         if padded and array.size == 0:
             array = _zero_padding(stem, key, array, written, head_dim)
             if array is None:
@@ -142,8 +159,8 @@ def gguf_tensors(parts: LlamaParts, layout: Layout, head_dim: int,
     if rope_factors is not None:
         yield "rope_freqs.weight", rope_factors.astype(np.float32)
     for index, block in enumerate(parts.blocks):
-        yield from _layer_tensors(block, layout, index, head_dim)
-    yield "output_norm.weight", _array(parts.norm)
+        yield from _layer_tensors(block, layout, index, head_dim, parts.norm_shift)
+    yield "output_norm.weight", _array(parts.norm, parts.norm_shift)
     if parts.output is not None:
         yield "output.weight", _array(parts.output)
 

@@ -1,7 +1,7 @@
 """GGUF export for llama.cpp, checked without llama.cpp: the file is read back with ``gguf.GGUFReader`` and run
 through a numpy re-implementation of what llama.cpp's ``llama``/``deci``/``qwen2``/``qwen3`` graphs compute from
 it (pairwise rope for llama/deci, half-split rope for qwen2/qwen3, per-layer heads, deci's rules for layers
-without heads or FFN), which must give transformers' logits. ``benchmarks/gguf_llamacpp.py`` runs real llama.cpp.
+without heads or FFN), and of its ``gemma3`` graph, which must give transformers' logits. ``benchmarks/gguf_llamacpp.py`` runs real llama.cpp.
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ def test_a_bad_dtype_is_refused_first(tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("qwen3 per-block", "Qwen3 model with per-block shapes"),
-    ("opt", "model_type 'opt'.*supported families are llama, mistral, qwen2, qwen3"),
+    ("opt", "model_type 'opt'.*supported families are gemma3_text, llama, mistral, qwen2, qwen3"),
     ("query heads not a multiple of KV heads", "layer 0 has 3 query heads and 2 KV heads"),
     ("no tokenizer", "needs its tokenizer"),
 ])
@@ -470,3 +470,130 @@ def test_query_heads_are_read_apart_from_kv_heads(bpe, tmp_path):
     assert meta["deci.attention.head_count"] == [2, 4] and meta["deci.attention.head_count_kv"] == 2
     for row, ids in enumerate(IDS.tolist()):
         np.testing.assert_allclose(llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- Gemma 3 (llama.cpp's gemma3)
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gemma3_llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """What llama.cpp's gemma3 graph computes from the file: the embedding scaled by sqrt(hidden), norms as written
+    (the 1 + weight of Gemma's RMSNorm is in the file), q/k norms, rope from freq_base_swa on the layers the pattern
+    marks sliding (with their window), queries scaled by 1/sqrt(key_length), a norm after attention and after the
+    GELU (tanh) FFN, and the soft cap of the logits when the file has one."""
+    reader = gguf.GGUFReader(path)
+    meta, w = fields(reader), tensors(reader)
+    a = "gemma3."
+    n, eps, d = meta[a + "block_count"], meta[a + "attention.layer_norm_rms_epsilon"], meta[a + "attention.key_length"]
+    heads, kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
+    pattern = meta.get(a + "attention.sliding_window_pattern", [False] * n)
+    t = len(ids)
+    x = w["token_embd.weight"][ids] * np.sqrt(meta[a + "embedding_length"])
+    for il in range(n):
+        p = f"blk.{il}."
+        h = _rms(x, w[p + "attn_norm.weight"], eps)
+        q, k, v = ((h @ w[f"{p}attn_{c}.weight"].T).reshape(t, -1, d) for c in "qkv")
+        q, k = _rms(q, w[p + "attn_q_norm.weight"], eps), _rms(k, w[p + "attn_k_norm.weight"], eps)
+        base = meta[a + "rope.freq_base_swa"] if pattern[il] else meta[a + "rope.freq_base"]
+        q, k = _rope(q, base, pairwise=False), _rope(k, base, pairwise=False)
+        k, v = np.repeat(k, heads // kv, axis=1), np.repeat(v, heads // kv, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+        distance = np.arange(t)[:, None] - np.arange(t)[None, :]
+        masked = (distance < 0) | (pattern[il] and distance >= meta[a + "attention.sliding_window"])
+        scores = np.where(masked, -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.einsum("hts,shd->thd", probs, v).reshape(t, -1) @ w[p + "attn_output.weight"].T
+        x = x + _rms(out, w[p + "post_attention_norm.weight"], eps)
+        h = _rms(x, w[p + "ffn_norm.weight"], eps)
+        ffn = (_gelu_tanh(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+        x = x + _rms(ffn, w[p + "post_ffw_norm.weight"], eps)
+    logits = _rms(x, w["output_norm.weight"], eps) @ w.get("output.weight", w["token_embd.weight"]).T
+    cap = meta.get(a + "final_logit_softcapping")
+    return np.tanh(logits / cap) * cap if cap else logits
+
+
+def gemma3(**overrides) -> torch.nn.Module:
+    """A tiny Gemma 3 text model llama.cpp can hold: the query scale it derives (1/sqrt(head_dim)), a window of 4
+    on its sliding layers (shorter than the 12 tokens scored)."""
+    return make_model("gemma3-text", vocab_size=VOCAB, query_pre_attn_scalar=8, sliding_window=4, **overrides).eval()
+
+
+def _query_heads(model, kept_per_group: int) -> torch.nn.Module:
+    spec = get_spec(model)
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    for block in model.model.layers:
+        heads = torch.tensor([g * n_rep + j for g in range(m) for j in range(kept_per_group)])
+        prune_attention(block, spec, torch.arange(m), n_rep=n_rep, head_dim=head_dim, num_groups=m, kept_heads=heads)
+        prune_mlp(block, spec, torch.arange(0, 48, 2))
+    update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
+    return model
+
+
+GEMMA3_CASES = {
+    "dense": lambda: gemma3(),
+    "one query head per KV group, half the neurons": lambda: _query_heads(gemma3(), 1),
+    "logit soft cap, untied head": lambda: gemma3(final_logit_softcapping=0.3, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("case", list(GEMMA3_CASES))
+def test_llama_cpp_gemma3_computes_the_models_logits(case, bpe, tmp_path):
+    model = GEMMA3_CASES[case]()
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
+    assert fields(gguf.GGUFReader(path))["general.architecture"] == "gemma3"
+    expected = _hf_logits(model)
+    for row, ids in enumerate(IDS.tolist()):
+        np.testing.assert_allclose(gemma3_llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
+
+
+def test_gemma3_metadata_norms_and_the_references_sensitivity(bpe, tmp_path):
+    import osscar_hf.export.gguf_tensors as tensors_module
+
+    model = gemma3()
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
+    reader = gguf.GGUFReader(path)
+    meta, w = fields(reader), tensors(reader)
+    assert meta["gemma3.attention.sliding_window"] == 4
+    assert meta["gemma3.attention.sliding_window_pattern"] == [True, False]  # the config's layer_types
+    assert (meta["gemma3.rope.freq_base"], meta["gemma3.rope.freq_base_swa"]) == (1e6, 1e4)
+    assert "output.weight" not in w  # tied
+    sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    for gguf_name, hf_name in (("post_attention_norm", "post_attention_layernorm"),
+                               ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+                               ("attn_q_norm", "self_attn.q_norm")):
+        np.testing.assert_allclose(w[f"blk.0.{gguf_name}.weight"], sd[f"model.layers.0.{hf_name}.weight"] + 1,
+                                   rtol=0, atol=1e-7)
+    # not vacuous: the 12 tokens reach past the window (a wider one changes the logits), and without the norms'
+    # shift the reference no longer matches
+    expected = _hf_logits(model)[0]
+    assert np.abs(gemma3_llama_cpp_logits(path, IDS[0].tolist()) - expected).max() < 2e-5
+    model.config.sliding_window = 100
+    assert np.abs(_hf_logits(model)[0] - expected).max() > 1e-3
+    model.config.sliding_window = 4
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tensors_module.NORM_SHIFT, "gemma3_text", 0.0)
+        unshifted = export_gguf(model, tmp_path / "unshifted.gguf", "f32", tokenizer=bpe)
+    assert np.abs(gemma3_llama_cpp_logits(unshifted, IDS[0].tolist()) - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(query_pre_attn_scalar=12), r"query_pre_attn_scalar=12 where llama.cpp scales queries by 1/sqrt\(8\)"),
+    (dict(attn_logit_softcapping=50.0), "attention logit soft-capping"),
+    (dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
+])
+def test_what_gemma3_in_llama_cpp_computes_otherwise_is_refused(overrides, match, bpe, tmp_path):
+    model = make_model("gemma3-text", vocab_size=VOCAB, **dict(dict(query_pre_attn_scalar=8), **overrides))
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gemma3_with_per_block_shapes_is_refused(bpe, tmp_path):
+    model = gemma3()
+    spec = get_spec(model)
+    prune_mlp(model.model.layers[0], spec, torch.arange(16))
+    with pytest.raises(GGUFExportError, match="Gemma 3 model with per-block shapes.*allocation='uniform'"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
