@@ -50,7 +50,9 @@ def main(job_path: str, result_path: str) -> None:
 
     job = json.loads(open(job_path, encoding="utf-8").read())
     if "logits_of" in job:  # tiny models: raw logits of a few sequences
-        llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+        # a float32 KV cache (GGML type 0): what is compared is the file, not the cache's f16 rounding
+        llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                              type_k=0, type_v=0)
         with open(result_path, "w", encoding="utf-8") as handle:
             json.dump({"logits": [logits(llm, ids) for ids in job["logits_of"]]}, handle)
         return

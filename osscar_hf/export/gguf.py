@@ -5,7 +5,8 @@
     export_gguf(model, "pruned.gguf", tokenizer=tokenizer)    # or a model in memory
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
-``qwen3``, ``gemma3`` for Gemma 3 text models), per-block shapes in ``deci`` (Llama, Mistral, Qwen2) (see :mod:`.gguf_layout` for what llama.cpp can hold and why). The
+``qwen3``, ``gemma3`` for Gemma 3 text models, ``qwen3moe``, ``qwen2moe``, ``olmoe`` and ``llama`` with experts for
+mixtures of experts), per-block shapes in ``deci`` (Llama, Mistral, Qwen2) (see :mod:`.gguf_layout` for what llama.cpp can hold and why). The
 tokenizer (byte-level BPE) and its chat template go along (:mod:`.gguf_tokenizer`). The file is written beside
 its final path under a temporary name and moved into place only when complete; an existing file is replaced
 only with ``overwrite=True``.
@@ -25,11 +26,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..arch import get_submodule
+from ..arch.experts import expert_parameter
 from ..errors import GGUFExportError
 from ..io.load import load_model_and_tokenizer
 from ..io.remote_code import base_model_type
 from ..io.shapes import spec_of
-from .gguf_layout import FAMILY_ARCHS, Layout, choose_layout
+from .gguf_layout import EXPERT_FAMILIES, FAMILY_ARCHS, Layout, choose_layout
 from .gguf_tensors import DTYPES, encode, file_type, gguf_tensors, llama_parts, read_layer_shapes
 from .gguf_tokenizer import TokenizerMetadata, check_tokenizer, tokenizer_metadata
 
@@ -165,6 +168,34 @@ def _gemma3_keys(writer: Any, config: Any, layout: Layout, head_dim: int) -> Non
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
+#: Whether an architecture's experts renormalise the routing weights of a token's chosen experts to sum to 1 (what
+#: llama.cpp hard-codes for each; transformers' ``norm_topk_prob``, always true for Mixtral).
+_NORMALISED_TOPK = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+
+
+def _check_experts(model: nn.Module, model_type: str, arch: str) -> None:
+    """Refuse a mixture of experts whose routing llama.cpp's architecture computes otherwise."""
+    normalised = bool(getattr(spec_of(model).shape_config(model.config), "norm_topk_prob", True))
+    if normalised != _NORMALISED_TOPK[arch]:
+        raise GGUFExportError(f"this {model_type} model has norm_topk_prob={normalised}, but llama.cpp's {arch!r} "
+                              f"{'renormalises' if _NORMALISED_TOPK[arch] else 'does not renormalise'} the chosen "
+                              "experts' routing weights: it would compute another model")
+
+
+def _expert_keys(writer: Any, model: nn.Module, arch: str) -> None:
+    """The experts (count, per token, width) and a shared expert's width, read from the model."""
+    spec = spec_of(model)
+    config = spec.shape_config(model.config)
+    block = get_submodule(model, spec.blocks)[0]
+    writer.add_expert_count(int(getattr(config, spec.experts.config_count)))
+    writer.add_expert_used_count(int(getattr(config, spec.experts.config_per_token)))
+    if arch in ("qwen2moe", "qwen3moe"):  # their feed_forward_length is the dense MLP's (none here)
+        writer.add_expert_feed_forward_length(int(expert_parameter(block, spec.experts, spec.mlp_consumer).shape[2]))
+    shared = spec.shared_expert_spec()
+    if shared is not None:
+        writer.add_expert_shared_feed_forward_length(int(get_submodule(block, shared.mlp_consumer).in_features))
+
+
 #: Architecture -> writer of its own metadata keys (beyond the shapes, rope and norms every architecture has), and
 #: the check, run before anything is written, of what llama.cpp computes otherwise in that architecture.
 _ARCH_KEYS = {"gemma3": _gemma3_keys}
@@ -199,6 +230,8 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if layout.arch in _ARCH_KEYS:
         _ARCH_KEYS[layout.arch](writer, config, layout, head_dim)
+    if model_type in EXPERT_FAMILIES:
+        _expert_keys(writer, model, layout.arch)
     writer.add_vocab_size(len(tokenizer.tokens))
     _tokenizer_keys(writer, tokenizer)
 
@@ -242,8 +275,8 @@ def _load(model_or_folder: Any, tokenizer: Any, trust_remote_code: bool) -> tupl
 
 def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, dtype: str = "f16", *,
                 tokenizer: Any = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3) or a Gemma 3 text model, pruned or dense, as a GGUF
-    file for llama.cpp.
+    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), a Gemma 3 text model or a mixture of experts
+    (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
 
     Args:
         model_or_folder: a ``*ForCausalLM`` in memory, or a folder saved by osscar_hf in any format (stock, osscar,
@@ -273,6 +306,8 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
                            head_dim=head_dim, biases=biases)
     if layout.arch in _ARCH_CHECKS:
         _ARCH_CHECKS[layout.arch](model.config, layout, head_dim)
+    if model_type in EXPERT_FAMILIES:
+        _check_experts(model, model_type, layout.arch)
     rope = _rope(model.config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
     meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))

@@ -30,6 +30,7 @@ from ..errors import GGUFExportError
 
 __all__ = [
     "DTYPES",
+    "EXPERT_FAMILIES",
     "FAMILY_ARCHS",
     "LayerShape",
     "Layout",
@@ -40,7 +41,12 @@ __all__ = [
 #: Accepted ``dtype`` values of the export (the storage type of the matrices).
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: model_type -> the family's own llama.cpp architecture (uniform shapes).
-FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+                "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+#: Mixtures of experts: one shape for every layer in llama.cpp (its ``deci`` has no experts).
+EXPERT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+#: Architectures that size the query projection (and OLMoE's key norm) hidden x hidden.
+_HIDDEN_SIZED_QUERIES = ("qwen2moe", "olmoe")
 #: Architectures whose rope rotates consecutive channel pairs (q/k rows must be interleaved).
 NORM_ROPE_ARCHS = ("llama", "deci")
 
@@ -107,6 +113,10 @@ def choose_layout(model_type: str, shapes: list[LayerShape], *, hidden: int, hea
         check_layer(index, shape)
     family = FAMILY_ARCHS[model_type]
     uniform = len(set(shapes)) == 1 and shapes[0].heads > 0 and shapes[0].ffn > 0
+    if model_type in EXPERT_FAMILIES:
+        _check_experts_layout(model_type, family, shapes, uniform, hidden, head_dim, biases)
+        return Layout(arch=family, model_layers=tuple(shapes), layers=tuple(shapes),
+                      interleave_qk=family in NORM_ROPE_ARCHS)
     if family == "qwen3":
         if not uniform or biases.get("o") or biases.get("ffn"):
             what = "per-block shapes (or a block with no head or no neuron)" if not uniform else "output/FFN biases"
@@ -131,6 +141,28 @@ def choose_layout(model_type: str, shapes: list[LayerShape], *, hidden: int, hea
         arch = "llama" if uniform else "deci"
     layers = tuple(shapes) if arch != "deci" else tuple(_deci_layers(shapes, biases))
     return Layout(arch=arch, model_layers=tuple(shapes), layers=layers, interleave_qk=arch in NORM_ROPE_ARCHS)
+
+
+def _check_experts_layout(model_type: str, arch: str, shapes: list[LayerShape], uniform: bool, hidden: int,
+                          head_dim: int, biases: dict[str, bool]) -> None:
+    """Refuse a mixture of experts llama.cpp's architecture for it cannot hold: per-block shapes, output/FFN biases,
+    pruned query heads where the query projection is sized hidden x hidden (``qwen2moe``, ``olmoe``), GQA in OLMoE
+    (its key norm spans hidden channels)."""
+    problems = []
+    if not uniform:
+        problems.append("per-block shapes (or a block with no head or no neuron): llama.cpp's mixture-of-experts "
+                        "architectures hold one shape for every layer, and 'deci' has no experts; prune it with uniform "
+                        "sizes")
+    if biases.get("o") or biases.get("ffn"):
+        problems.append("output or FFN biases")
+    if arch in _HIDDEN_SIZED_QUERIES and uniform and shapes[0].heads * head_dim != hidden:
+        problems.append(f"{shapes[0].heads} query heads of {head_dim} (llama.cpp's {arch!r} sizes the query and "
+                        f"output projections {hidden} x {hidden}: prune its MLP only)")
+    if arch == "olmoe" and uniform and shapes[0].kv_heads * head_dim != hidden:
+        problems.append(f"{shapes[0].kv_heads} KV heads of {head_dim} (llama.cpp's 'olmoe' normalises keys over "
+                        f"{hidden} channels)")
+    if problems:
+        raise GGUFExportError(f"a {model_type} model with " + "; ".join(problems) + " cannot be written for llama.cpp")
 
 
 def _deci_layers(shapes: list[LayerShape], biases: dict[str, bool]) -> list[LayerShape]:

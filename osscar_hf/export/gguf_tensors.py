@@ -21,7 +21,8 @@ from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_TENSORS", "DTYPES", "FAMILY_TENSORS", "GEMMA3_BLOCK_TENSORS", "LlamaParts", "encode", "file_type", "gguf_tensors", "llama_parts",
+__all__ = ["BLOCK_TENSORS", "DTYPES", "EXPERT_TENSORS", "FAMILY_TENSORS", "GEMMA3_BLOCK_TENSORS", "LlamaParts",
+           "MOE_BLOCK_TENSORS", "encode", "file_type", "gguf_tensors", "llama_parts",
            "read_layer_shapes"]
 
 #: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
@@ -46,13 +47,28 @@ GEMMA3_BLOCK_TENSORS = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+#: A mixture of experts' block (transformers 5's fused experts): the router, the shared expert (Qwen2-MoE) and its
+#: gate; the experts' 3-D tensors are :data:`EXPERT_TENSORS`.
+MOE_BLOCK_TENSORS = {
+    **{k: v for k, v in BLOCK_TENSORS.items() if not k.startswith("mlp.")},
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+#: The experts' parameters (experts x rows x columns, no ``.weight`` suffix) -> the GGUF tensors their row blocks
+#: become, in order: ``gate_up_proj`` holds every expert's [gate | up] rows.
+EXPERT_TENSORS = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": ("ffn_down_exps",)}
 #: model_type -> its block's tensor names (Llama's when absent).
-FAMILY_TENSORS = {"gemma3_text": GEMMA3_BLOCK_TENSORS}
+FAMILY_TENSORS = {"gemma3_text": GEMMA3_BLOCK_TENSORS, **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+                                                                      MOE_BLOCK_TENSORS)}
 #: model_type -> what llama.cpp's norms need added to the stored weights (Gemma's RMSNorm scales by 1 + weight).
 NORM_SHIFT = {"gemma3_text": 1.0}
 _ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
               "post_attention_norm")
-_FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
+_FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm", "ffn_gate_inp", "ffn_gate_exps",
+        "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp")
 
 
 class LlamaParts:
@@ -87,11 +103,7 @@ def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
             output = param
         elif name.startswith("model.layers."):
             index, _, rest = name[len("model.layers."):].partition(".")
-            stem, _, kind = rest.rpartition(".")
-            if stem not in names:
-                raise GGUFExportError(f"{name}: llama.cpp's {model_type} layout has no tensor for {stem!r} "
-                                      f"(known: {', '.join(names)})")
-            blocks.setdefault(int(index), {})[f"{names[stem]}.{kind}"] = param
+            blocks.setdefault(int(index), {}).update(_block_tensors(name, rest, param, names, model_type))
         else:
             raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for this parameter")
     if norm is None or (output is None and not tied):
@@ -101,18 +113,35 @@ def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
                       NORM_SHIFT.get(model_type, 0.0))
 
 
+def _block_tensors(name: str, rest: str, param: torch.Tensor, names: dict[str, str],
+                   model_type: str) -> dict[str, torch.Tensor]:
+    """The GGUF tensors (keyed ``gguf_name.weight``/``.bias``) of one block parameter ``rest``: an expert tensor
+    split into its row blocks, a shared expert's gate (1 x hidden) as the vector llama.cpp reads, others as they
+    are."""
+    if names is MOE_BLOCK_TENSORS and rest in EXPERT_TENSORS:
+        targets = EXPERT_TENSORS[rest]
+        return {f"{t}.weight": piece for t, piece in zip(targets, param.chunk(len(targets), dim=1))}
+    stem, _, kind = rest.rpartition(".")
+    if stem not in names:
+        raise GGUFExportError(f"{name}: llama.cpp's {model_type} layout has no tensor for {stem!r} "
+                              f"(known: {', '.join([*names, *(EXPERT_TENSORS if names is MOE_BLOCK_TENSORS else ())])})")
+    return {f"{names[stem]}.{kind}": param.reshape(-1) if names[stem] == "ffn_gate_inp_shexp" else param}
+
+
 def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
     """Every block's query heads (``q`` rows / head_dim), KV heads (``k`` rows / head_dim) and FFN width (``down``
     columns), checked against the other projections."""
     shapes = []
     for index, block in enumerate(parts.blocks):
         q, k, v = (block[f"attn_{x}.weight"].shape[0] for x in "qkv")
-        o_in, ffn = block["attn_output.weight"].shape[1], block["ffn_down.weight"].shape[1]
+        experts = "ffn_down_exps.weight" in block  # a mixture of experts: the width of one expert
+        o_in = block["attn_output.weight"].shape[1]
+        ffn = block["ffn_down_exps.weight"].shape[2] if experts else block["ffn_down.weight"].shape[1]
         problems = [f"{what} has {rows} rows, not a multiple of head_dim {head_dim}"
                     for what, rows in (("q_proj", q), ("k_proj", k)) if rows % head_dim]
         if v != k or o_in != q:
             problems.append(f"q/k/v/o sizes disagree (q {q}, k {k}, v {v}, o inputs {o_in})")
-        if any(block[f"ffn_{x}.weight"].shape[0] != ffn for x in ("gate", "up")):
+        if any(block[f"ffn_{x}{'_exps' if experts else ''}.weight"].shape[-2] != ffn for x in ("gate", "up")):
             problems.append(f"gate/up rows differ from down_proj's {ffn} inputs")
         if problems:
             raise GGUFExportError(f"layer {index}: " + "; ".join(problems))

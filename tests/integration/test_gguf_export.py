@@ -343,7 +343,8 @@ def test_a_bad_dtype_is_refused_first(tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("qwen3 per-block", "Qwen3 model with per-block shapes"),
-    ("opt", "model_type 'opt'.*supported families are gemma3_text, llama, mistral, qwen2, qwen3"),
+    ("opt", "model_type 'opt'.*supported families are gemma3_text, llama, mistral, mixtral, olmoe, qwen2, "
+            "qwen2_moe, qwen3, qwen3_moe"),
     ("query heads not a multiple of KV heads", "layer 0 has 3 query heads and 2 KV heads"),
     ("no tokenizer", "needs its tokenizer"),
 ])
@@ -595,5 +596,79 @@ def test_gemma3_with_per_block_shapes_is_refused(bpe, tmp_path):
     spec = get_spec(model)
     prune_mlp(model.model.layers[0], spec, torch.arange(16))
     with pytest.raises(GGUFExportError, match="Gemma 3 model with per-block shapes.*allocation='uniform'"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- mixtures of experts
+MOE_ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+
+
+def half_experts(kind: str, per_block: bool = False, **overrides) -> torch.nn.Module:
+    """A tiny mixture of experts with 16 of every expert's 32 neurons kept (block 1 keeps 24 with ``per_block``),
+    and 24 of a shared expert's 48. OLMoE without GQA (llama.cpp normalises its keys over hidden channels)."""
+    from osscar_hf.surgery import expert_neurons
+
+    overrides = dict(dict(num_key_value_heads=4) if kind == "olmoe" else {}, **overrides)
+    model = make_model(kind, vocab_size=VOCAB, **overrides).eval()
+    spec = get_spec(model)
+    for b, block in enumerate(model.model.layers):
+        kept = 24 if per_block and b == 1 else 16
+        prune_mlp(block, spec, expert_neurons(torch.arange(kept).expand(4, kept), 32))
+        if spec.shared_expert_spec() is not None:
+            prune_mlp(block, spec.shared_expert_spec(), torch.arange(24))
+    m, n_rep, head_dim = spec.group_geometry(model.config)
+    update_model_config(model, spec, n_rep=n_rep, head_dim=head_dim)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(MOE_ARCHS))
+def test_a_mixture_of_experts_writes_its_experts_router_and_shared_expert(kind, bpe, tmp_path):
+    """llama.cpp itself computes these files' logits to 1.5e-7 of transformers' (benchmarks/gguf_llamacpp.py
+    --tiny); here the metadata and every expert tensor are read back."""
+    model = half_experts(kind)
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe))
+    meta, w = fields(reader), tensors(reader)
+    arch = MOE_ARCHS[kind]
+    assert meta["general.architecture"] == arch
+    assert (meta[f"{arch}.expert_count"], meta[f"{arch}.expert_used_count"]) == (4, 2)
+    assert meta[f"{arch}.feed_forward_length"] == 16
+    if arch in ("qwen2moe", "qwen3moe"):
+        assert meta[f"{arch}.expert_feed_forward_length"] == 16
+    mlp = model.model.layers[1].mlp
+    gate_up, down = mlp.experts.gate_up_proj.detach().double().numpy(), mlp.experts.down_proj.detach().double().numpy()
+    assert np.array_equal(w["blk.1.ffn_gate_exps.weight"], gate_up[:, :16])  # experts x neurons x hidden
+    assert np.array_equal(w["blk.1.ffn_up_exps.weight"], gate_up[:, 16:])
+    assert np.array_equal(w["blk.1.ffn_down_exps.weight"], down)
+    assert np.array_equal(w["blk.1.ffn_gate_inp.weight"], mlp.gate.weight.detach().double().numpy())
+    shared = {n for n in w if "shexp" in n}
+    if kind == "qwen2_moe":
+        assert meta["qwen2moe.expert_shared_feed_forward_length"] == 24
+        assert np.array_equal(w["blk.1.ffn_down_shexp.weight"], mlp.shared_expert.down_proj.weight.detach().double().numpy())
+        assert w["blk.1.ffn_gate_inp_shexp.weight"].shape == (32,)  # a vector, as llama.cpp reads it
+        assert len(shared) == 8
+    else:
+        assert not shared
+
+
+@pytest.mark.parametrize("case, match", [
+    ("per-block", "qwen3_moe model with per-block shapes.*'deci' has no experts"),
+    ("qwen2_moe query heads", r"qwen2_moe model with 2 query heads of 8 .*sizes the query and output projections"),
+    ("olmoe gqa", "olmoe model with 2 KV heads of 8 .*normalises keys over 32 channels"),
+    ("qwen3_moe without renormalised routing", "norm_topk_prob=False, but llama.cpp's 'qwen3moe' renormalises"),
+])
+def test_what_llama_cpp_computes_otherwise_for_experts_is_refused(case, match, bpe, tmp_path):
+    if case == "per-block":
+        model = half_experts("qwen3_moe", per_block=True)
+    elif case == "qwen2_moe query heads":
+        model = half_experts("qwen2_moe")
+        spec = get_spec(model)
+        for block in model.model.layers:
+            prune_attention(block, spec, torch.tensor([0]), n_rep=2, head_dim=8, num_groups=2)
+    elif case == "olmoe gqa":
+        model = half_experts("olmoe", num_key_value_heads=2)
+    else:
+        model = half_experts("qwen3_moe", norm_topk_prob=False)
+    with pytest.raises(GGUFExportError, match=match):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
     assert list(tmp_path.iterdir()) == []
