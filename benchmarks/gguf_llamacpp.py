@@ -168,7 +168,8 @@ def tiny_cases(args: argparse.Namespace) -> int:
     """The tiny models the CI tests check against a numpy model of llama.cpp, run in llama.cpp itself."""
     sys.path.insert(0, str(HERE.parent))
     from osscar_hf import export_gguf
-    from tests.integration.test_gguf_export import CASES, GEMMA3_CASES, IDS, MOE_ARCHS, half_experts, make_bpe_tokenizer
+    from tests.integration.test_gguf_export import (CASES, GEMMA3_CASES, IDS, MOE_ARCHS, gemma_arch, half_experts,
+                                                    make_bpe_tokenizer)
 
     import osscar_hf.export.gguf_tensors as tensors_module
 
@@ -178,7 +179,8 @@ def tiny_cases(args: argparse.Namespace) -> int:
     control = "control: llama uniform WITHOUT the q/k rope reordering (must differ)"
     gemma_control = "control: gemma3 dense WITHOUT the norms' 1 + weight (must differ)"
     moe_control = "control: qwen3_moe WITH each expert's gate and up rows swapped (must differ)"
-    gemma = {f"gemma3 {name}": (build, "gemma3", None) for name, build in GEMMA3_CASES.items()}
+    gemma = {name if gemma_arch(name) != "gemma3" else f"gemma3 {name}": (build, gemma_arch(name), None)
+             for name, build in GEMMA3_CASES.items()}
     moe = {f"{kind}, half of every expert's neurons": (lambda kind=kind: half_experts(kind), arch, None)
            for kind, arch in MOE_ARCHS.items()}
     cases = {**CASES, **gemma, **moe, control: CASES["llama uniform"], gemma_control: gemma["gemma3 dense"],
@@ -208,7 +210,7 @@ def tiny_cases(args: argparse.Namespace) -> int:
                 print(lines[-1], flush=True)
     tensors_module.interleave_halves = interleave
     tensors_module.NORM_SHIFT["gemma3_text"] = 1.0
-    tensors_module.EXPERT_TENSORS.update(experts)
+    tensors_module.EXPERT_TENSORS.update(experts)  # (the controls changed them)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gguf_llamacpp_tiny.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "gguf_llamacpp_tiny.md").write_text(

@@ -1,22 +1,21 @@
-"""Export a (pruned) Llama-family model to one GGUF file for llama.cpp (and Ollama, LM Studio, llama-cpp-python).
+"""Export a (pruned) model to one GGUF file for llama.cpp (and Ollama, LM Studio, llama-cpp-python).
 
     from osscar_hf import export_gguf
     export_gguf("pruned/", "pruned.gguf", dtype="f16")        # a folder in any osscar_hf save format
     export_gguf(model, "pruned.gguf", tokenizer=tokenizer)    # or a model in memory
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
-``qwen3``, ``gemma3`` for Gemma 3 text models, ``qwen3moe``, ``qwen2moe``, ``olmoe`` and ``llama`` with experts for
-mixtures of experts), per-block shapes in ``deci`` (Llama, Mistral, Qwen2) (see :mod:`.gguf_layout` for what llama.cpp can hold and why). The
-tokenizer (byte-level BPE) and its chat template go along (:mod:`.gguf_tokenizer`). The file is written beside
-its final path under a temporary name and moved into place only when complete; an existing file is replaced
-only with ``overwrite=True``.
+``qwen3``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
+``qwen3moe``, ``qwen2moe`` and ``olmoe`` for mixtures of experts, :mod:`.gguf_experts`), per-block shapes in ``deci``
+(Llama, Mistral, Qwen2; see :mod:`.gguf_layout` for what llama.cpp can hold and why). The tokenizer and its chat
+template go along (:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and
+moved into place only when complete; an existing file is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 from pathlib import Path
@@ -26,12 +25,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..arch import get_submodule
-from ..arch.experts import expert_parameter
 from ..errors import GGUFExportError
 from ..io.load import load_model_and_tokenizer
 from ..io.remote_code import base_model_type
 from ..io.shapes import spec_of
+from .gguf_experts import check_experts, write_expert_keys
+from .gguf_gemma import GEMMA_ARCHS, check_gemma, gemma_rope_parameters, write_gemma_keys
 from .gguf_layout import EXPERT_FAMILIES, FAMILY_ARCHS, Layout, choose_layout
 from .gguf_tensors import DTYPES, encode, file_type, gguf_tensors, llama_parts, read_layer_shapes
 from .gguf_tokenizer import TokenizerMetadata, check_tokenizer, tokenizer_metadata
@@ -93,11 +92,11 @@ def _check_family(model_type: str) -> None:
 
 def _rope(config: Any, arch: str) -> dict[str, Any]:
     """``theta``, ``type`` and ``factor`` of the model's rope (of its full-attention layers when the rope differs by
-    layer type, as in Gemma 3: see :func:`_gemma3_keys` for the sliding layers'); ``GGUFExportError`` for what
+    layer type, as in Gemma 3: see :mod:`.gguf_gemma` for the sliding layers'); ``GGUFExportError`` for what
     llama.cpp's architectures cannot apply."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    if arch == "gemma3":
-        params = dict(params.get("full_attention", params))
+    if arch in GEMMA_ARCHS:
+        params = gemma_rope_parameters(config)[0]
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_TYPES or (kind == "llama3" and arch not in ("llama", "deci")):
@@ -127,81 +126,6 @@ def _context_length(config: Any, model_type: str) -> int:
     return length
 
 
-def _sliding_rope(config: Any) -> dict[str, Any]:
-    return dict((getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {})
-
-
-def _check_gemma3(config: Any, layout: Layout, head_dim: int) -> None:
-    """Refuse what llama.cpp's ``gemma3`` computes otherwise than transformers: another activation, attention
-    soft-capping, bidirectional attention, another rope on the sliding layers, and a query scale
-    (``query_pre_attn_scalar ** -0.5``) other than the one llama.cpp derives from the written shapes."""
-    problems = []
-    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        problems.append(f"hidden_activation={config.hidden_activation!r} (llama.cpp applies gelu_pytorch_tanh)")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        problems.append("attention logit soft-capping (llama.cpp's gemma3 has none)")
-    if getattr(config, "use_bidirectional_attention", False):
-        problems.append("bidirectional attention")
-    sliding = _sliding_rope(config)
-    if sliding.get("rope_type", "default") != "default":
-        problems.append(f"rope type {sliding['rope_type']!r} on the sliding-window layers (llama.cpp: default only)")
-    # llama.cpp's query scale: 1/sqrt(hidden / heads) for 62-layer models (Gemma 3 27B), else 1/sqrt(head_dim).
-    scale_dim = config.hidden_size / layout.layers[0].heads if len(layout.layers) == 62 else head_dim
-    if not math.isclose(float(getattr(config, "query_pre_attn_scalar", head_dim)), scale_dim, rel_tol=1e-6):
-        problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} where llama.cpp scales queries by "
-                        f"1/sqrt({scale_dim:g}) for these shapes")
-    if problems:
-        raise GGUFExportError("this Gemma 3 model cannot be written for llama.cpp's gemma3 architecture: "
-                              + "; ".join(problems))
-
-
-def _gemma3_keys(writer: Any, config: Any, layout: Layout, head_dim: int) -> None:
-    """Gemma 3's own keys: which layers attend through a sliding window (and its width), the sliding layers' rope
-    base, the logits' soft cap."""
-    sliding = _sliding_rope(config)
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
-        writer.add_sliding_window(int(config.sliding_window))
-        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
-        writer.add_rope_freq_base_swa(float(sliding.get("rope_theta", 10000.0)))
-    if getattr(config, "final_logit_softcapping", None):
-        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
-
-
-#: Whether an architecture's experts renormalise the routing weights of a token's chosen experts to sum to 1 (what
-#: llama.cpp hard-codes for each; transformers' ``norm_topk_prob``, always true for Mixtral).
-_NORMALISED_TOPK = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
-
-
-def _check_experts(model: nn.Module, model_type: str, arch: str) -> None:
-    """Refuse a mixture of experts whose routing llama.cpp's architecture computes otherwise."""
-    normalised = bool(getattr(spec_of(model).shape_config(model.config), "norm_topk_prob", True))
-    if normalised != _NORMALISED_TOPK[arch]:
-        raise GGUFExportError(f"this {model_type} model has norm_topk_prob={normalised}, but llama.cpp's {arch!r} "
-                              f"{'renormalises' if _NORMALISED_TOPK[arch] else 'does not renormalise'} the chosen "
-                              "experts' routing weights: it would compute another model")
-
-
-def _expert_keys(writer: Any, model: nn.Module, arch: str) -> None:
-    """The experts (count, per token, width) and a shared expert's width, read from the model."""
-    spec = spec_of(model)
-    config = spec.shape_config(model.config)
-    block = get_submodule(model, spec.blocks)[0]
-    writer.add_expert_count(int(getattr(config, spec.experts.config_count)))
-    writer.add_expert_used_count(int(getattr(config, spec.experts.config_per_token)))
-    if arch in ("qwen2moe", "qwen3moe"):  # their feed_forward_length is the dense MLP's (none here)
-        writer.add_expert_feed_forward_length(int(expert_parameter(block, spec.experts, spec.mlp_consumer).shape[2]))
-    shared = spec.shared_expert_spec()
-    if shared is not None:
-        writer.add_expert_shared_feed_forward_length(int(get_submodule(block, shared.mlp_consumer).in_features))
-
-
-#: Architecture -> writer of its own metadata keys (beyond the shapes, rope and norms every architecture has), and
-#: the check, run before anything is written, of what llama.cpp computes otherwise in that architecture.
-_ARCH_KEYS = {"gemma3": _gemma3_keys}
-_ARCH_CHECKS = {"gemma3": _check_gemma3}
-
-
 def _shape_keys(writer: Any, layout: Layout) -> None:
     for values, add in (([s.heads for s in layout.layers], writer.add_head_count),
                         ([s.kv_heads for s in layout.layers], writer.add_head_count_kv),
@@ -228,10 +152,10 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    if layout.arch in _ARCH_KEYS:
-        _ARCH_KEYS[layout.arch](writer, config, layout, head_dim)
+    if layout.arch in GEMMA_ARCHS:
+        write_gemma_keys(writer, layout.arch, config)
     if model_type in EXPERT_FAMILIES:
-        _expert_keys(writer, model, layout.arch)
+        write_expert_keys(writer, model, layout.arch)
     writer.add_vocab_size(len(tokenizer.tokens))
     _tokenizer_keys(writer, tokenizer)
 
@@ -275,7 +199,7 @@ def _load(model_or_folder: Any, tokenizer: Any, trust_remote_code: bool) -> tupl
 
 def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, dtype: str = "f16", *,
                 tokenizer: Any = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), a Gemma 3 text model or a mixture of experts
+    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), a Gemma model (1, 2, 3 text) or a mixture of experts
     (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
 
     Args:
@@ -304,10 +228,10 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
               "ffn": any(parts.has_bias(f"ffn_{x}") for x in ("gate", "up", "down"))}
     layout = choose_layout(model_type, read_layer_shapes(parts, head_dim), hidden=int(model.config.hidden_size),
                            head_dim=head_dim, biases=biases)
-    if layout.arch in _ARCH_CHECKS:
-        _ARCH_CHECKS[layout.arch](model.config, layout, head_dim)
+    if layout.arch in GEMMA_ARCHS:
+        check_gemma(layout.arch, model.config, layout, head_dim, tied=parts.output is None)
     if model_type in EXPERT_FAMILIES:
-        _check_experts(model, model_type, layout.arch)
+        check_experts(model, model_type, layout.arch)
     rope = _rope(model.config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
     meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))

@@ -41,7 +41,8 @@ __all__ = [
 #: Accepted ``dtype`` values of the export (the storage type of the matrices).
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: model_type -> the family's own llama.cpp architecture (uniform shapes).
-FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 #: Mixtures of experts: one shape for every layer in llama.cpp (its ``deci`` has no experts).
 EXPERT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -125,15 +126,15 @@ def choose_layout(model_type: str, shapes: list[LayerShape], *, hidden: int, hea
                 "q/k norms, and it holds one shape for every layer and no output or FFN biases"
             )
         arch = "qwen3"
-    elif family == "gemma3":
+    elif family in ("gemma", "gemma2", "gemma3"):
         if not uniform or any(biases.values()):
             what = "per-block shapes (or a block with no head or no neuron)" if not uniform else "biases"
             raise GGUFExportError(
-                f"a Gemma 3 model with {what} cannot be written for llama.cpp: its 'gemma3' architecture (the only one "
-                "with Gemma's q/k norms, post-norms and GELU) holds one shape for every layer and no biases; prune "
-                "it with uniform sizes (attention_sparsity/mlp_sparsity, or sparsity= with allocation='uniform')"
+                f"a {model_type} model with {what} cannot be written for llama.cpp: its {family!r} architecture (the "
+                "only one with that Gemma layer) holds one shape for every layer and no biases; prune it with uniform "
+                "sizes (attention_sparsity/mlp_sparsity, or sparsity= with allocation='uniform')"
             )
-        arch = "gemma3"
+        arch = family
     elif family == "qwen2" and uniform and not (biases.get("o") or biases.get("ffn")) \
             and shapes[0].heads * head_dim == hidden:
         arch = "qwen2"

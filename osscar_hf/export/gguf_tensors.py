@@ -39,8 +39,9 @@ BLOCK_TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-#: Gemma 3's block: the same projections, q/k norms, and a norm after the attention and after the FFN; its
-#: ``post_attention_layernorm`` is that post-norm (the FFN's input norm is ``pre_feedforward_layernorm``).
+#: Gemma 2's and 3's block (Gemma 1's is Llama's): the same projections (and q/k norms in Gemma 3), a norm after the
+#: attention and after the FFN; ``post_attention_layernorm`` is that post-norm (the FFN's input norm is
+#: ``pre_feedforward_layernorm``).
 GEMMA3_BLOCK_TENSORS = {
     **{k: v for k, v in BLOCK_TENSORS.items() if k != "post_attention_layernorm"},
     "post_attention_layernorm": "post_attention_norm",
@@ -61,10 +62,10 @@ MOE_BLOCK_TENSORS = {
 #: become, in order: ``gate_up_proj`` holds every expert's [gate | up] rows.
 EXPERT_TENSORS = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": ("ffn_down_exps",)}
 #: model_type -> its block's tensor names (Llama's when absent).
-FAMILY_TENSORS = {"gemma3_text": GEMMA3_BLOCK_TENSORS, **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+FAMILY_TENSORS = {"gemma2": GEMMA3_BLOCK_TENSORS, "gemma3_text": GEMMA3_BLOCK_TENSORS, **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                                                                       MOE_BLOCK_TENSORS)}
 #: model_type -> what llama.cpp's norms need added to the stored weights (Gemma's RMSNorm scales by 1 + weight).
-NORM_SHIFT = {"gemma3_text": 1.0}
+NORM_SHIFT = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0}
 _ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
               "post_attention_norm")
 _FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm", "ffn_gate_inp", "ffn_gate_exps",

@@ -343,8 +343,8 @@ def test_a_bad_dtype_is_refused_first(tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("qwen3 per-block", "Qwen3 model with per-block shapes"),
-    ("opt", "model_type 'opt'.*supported families are gemma3_text, llama, mistral, mixtral, olmoe, qwen2, "
-            "qwen2_moe, qwen3, qwen3_moe"),
+    ("opt", "model_type 'opt'.*supported families are gemma, gemma2, gemma3_text, llama, mistral, mixtral, olmoe, "
+            "qwen2, qwen2_moe, qwen3, qwen3_moe"),
     ("query heads not a multiple of KV heads", "layer 0 has 3 query heads and 2 KV heads"),
     ("no tokenizer", "needs its tokenizer"),
 ])
@@ -478,14 +478,15 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def gemma3_llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    """What llama.cpp's gemma3 graph computes from the file: the embedding scaled by sqrt(hidden), norms as written
-    (the 1 + weight of Gemma's RMSNorm is in the file), q/k norms, rope from freq_base_swa on the layers the pattern
-    marks sliding (with their window), queries scaled by 1/sqrt(key_length), a norm after attention and after the
-    GELU (tanh) FFN, and the soft cap of the logits when the file has one."""
+def gemma_llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """What llama.cpp's gemma, gemma2 and gemma3 graphs compute from the file: the embedding scaled by sqrt(hidden),
+    norms as written (the 1 + weight of Gemma's RMSNorm is in the file), q/k norms (gemma3), rope from freq_base_swa
+    on the layers the pattern marks sliding (with their window), queries scaled by 1/sqrt(key_length), the scores'
+    soft cap (gemma2), a norm after attention and after the GELU (tanh) FFN (gemma2, gemma3), and the soft cap of the
+    logits when the file has one."""
     reader = gguf.GGUFReader(path)
     meta, w = fields(reader), tensors(reader)
-    a = "gemma3."
+    a = meta["general.architecture"] + "."
     n, eps, d = meta[a + "block_count"], meta[a + "attention.layer_norm_rms_epsilon"], meta[a + "attention.key_length"]
     heads, kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
     pattern = meta.get(a + "attention.sliding_window_pattern", [False] * n)
@@ -495,21 +496,25 @@ def gemma3_llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
         p = f"blk.{il}."
         h = _rms(x, w[p + "attn_norm.weight"], eps)
         q, k, v = ((h @ w[f"{p}attn_{c}.weight"].T).reshape(t, -1, d) for c in "qkv")
-        q, k = _rms(q, w[p + "attn_q_norm.weight"], eps), _rms(k, w[p + "attn_k_norm.weight"], eps)
+        if p + "attn_q_norm.weight" in w:
+            q, k = _rms(q, w[p + "attn_q_norm.weight"], eps), _rms(k, w[p + "attn_k_norm.weight"], eps)
         base = meta[a + "rope.freq_base_swa"] if pattern[il] else meta[a + "rope.freq_base"]
         q, k = _rope(q, base, pairwise=False), _rope(k, base, pairwise=False)
         k, v = np.repeat(k, heads // kv, axis=1), np.repeat(v, heads // kv, axis=1)
         scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+        if a + "attn_logit_softcapping" in meta:
+            scores = np.tanh(scores / meta[a + "attn_logit_softcapping"]) * meta[a + "attn_logit_softcapping"]
         distance = np.arange(t)[:, None] - np.arange(t)[None, :]
         masked = (distance < 0) | (pattern[il] and distance >= meta[a + "attention.sliding_window"])
         scores = np.where(masked, -np.inf, scores)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         out = np.einsum("hts,shd->thd", probs, v).reshape(t, -1) @ w[p + "attn_output.weight"].T
-        x = x + _rms(out, w[p + "post_attention_norm.weight"], eps)
+        post = p + "post_attention_norm.weight" in w
+        x = x + (_rms(out, w[p + "post_attention_norm.weight"], eps) if post else out)
         h = _rms(x, w[p + "ffn_norm.weight"], eps)
         ffn = (_gelu_tanh(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
-        x = x + _rms(ffn, w[p + "post_ffw_norm.weight"], eps)
+        x = x + (_rms(ffn, w[p + "post_ffw_norm.weight"], eps) if post else ffn)
     logits = _rms(x, w["output_norm.weight"], eps) @ w.get("output.weight", w["token_embd.weight"]).T
     cap = meta.get(a + "final_logit_softcapping")
     return np.tanh(logits / cap) * cap if cap else logits
@@ -532,21 +537,26 @@ def _query_heads(model, kept_per_group: int) -> torch.nn.Module:
     return model
 
 
-GEMMA3_CASES = {
+GEMMA3_CASES = {  # Gemma 3 text, then Gemma 2 and Gemma 1 (see gemma_arch)
     "dense": lambda: gemma3(),
     "one query head per KV group, half the neurons": lambda: _query_heads(gemma3(), 1),
     "logit soft cap, untied head": lambda: gemma3(final_logit_softcapping=0.3, tie_word_embeddings=False),
+    # Gemma 2 (soft caps on the scores and the logits, a window on every other layer) and Gemma 1
+    "gemma2, one query head per KV group, half the neurons": lambda: _query_heads(
+        make_model("gemma2", vocab_size=VOCAB, query_pre_attn_scalar=8, sliding_window=4).eval(), 1),
+    "gemma, half the KV groups and neurons": lambda: shaped("gemma", [[1]] * 2, [range(0, 48, 2)] * 2).eval(),
 }
 
 
 @pytest.mark.parametrize("case", list(GEMMA3_CASES))
-def test_llama_cpp_gemma3_computes_the_models_logits(case, bpe, tmp_path):
+def test_llama_cpp_gemma_computes_the_models_logits(case, bpe, tmp_path):
     model = GEMMA3_CASES[case]()
     path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
-    assert fields(gguf.GGUFReader(path))["general.architecture"] == "gemma3"
+    arch = fields(gguf.GGUFReader(path))["general.architecture"]
+    assert arch == gemma_arch(case)
     expected = _hf_logits(model)
     for row, ids in enumerate(IDS.tolist()):
-        np.testing.assert_allclose(gemma3_llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(gemma_llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
 
 
 def test_gemma3_metadata_norms_and_the_references_sensitivity(bpe, tmp_path):
@@ -569,19 +579,19 @@ def test_gemma3_metadata_norms_and_the_references_sensitivity(bpe, tmp_path):
     # not vacuous: the 12 tokens reach past the window (a wider one changes the logits), and without the norms'
     # shift the reference no longer matches
     expected = _hf_logits(model)[0]
-    assert np.abs(gemma3_llama_cpp_logits(path, IDS[0].tolist()) - expected).max() < 2e-5
+    assert np.abs(gemma_llama_cpp_logits(path, IDS[0].tolist()) - expected).max() < 2e-5
     model.config.sliding_window = 100
     assert np.abs(_hf_logits(model)[0] - expected).max() > 1e-3
     model.config.sliding_window = 4
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(tensors_module.NORM_SHIFT, "gemma3_text", 0.0)
         unshifted = export_gguf(model, tmp_path / "unshifted.gguf", "f32", tokenizer=bpe)
-    assert np.abs(gemma3_llama_cpp_logits(unshifted, IDS[0].tolist()) - expected).max() > 1e-3
+    assert np.abs(gemma_llama_cpp_logits(unshifted, IDS[0].tolist()) - expected).max() > 1e-3
 
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(query_pre_attn_scalar=12), r"query_pre_attn_scalar=12 where llama.cpp scales queries by 1/sqrt\(8\)"),
-    (dict(attn_logit_softcapping=50.0), "attention logit soft-capping"),
+    (dict(attn_logit_softcapping=50.0), r"attn_logit_softcapping=50.0 \(llama.cpp's gemma3 has no attention soft cap"),
     (dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
 ])
 def test_what_gemma3_in_llama_cpp_computes_otherwise_is_refused(overrides, match, bpe, tmp_path):
@@ -591,11 +601,27 @@ def test_what_gemma3_in_llama_cpp_computes_otherwise_is_refused(overrides, match
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(final_logit_softcapping=None), r"no final_logit_softcapping \(llama.cpp's gemma2 always applies one"),
+    (dict(tie_word_embeddings=False), "an LM head of its own"),
+])
+def test_what_gemma2_in_llama_cpp_computes_otherwise_is_refused(overrides, match, bpe, tmp_path):
+    model = make_model("gemma2", vocab_size=VOCAB, query_pre_attn_scalar=8, **overrides)
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
+
+
+def gemma_arch(case: str) -> str:
+    """The llama.cpp architecture of a GEMMA3_CASES case."""
+    return {"gemma2": "gemma2", "gemma": "gemma"}.get(case.split(",")[0], "gemma3")
+
+
 def test_gemma3_with_per_block_shapes_is_refused(bpe, tmp_path):
     model = gemma3()
     spec = get_spec(model)
     prune_mlp(model.model.layers[0], spec, torch.arange(16))
-    with pytest.raises(GGUFExportError, match="Gemma 3 model with per-block shapes.*allocation='uniform'"):
+    with pytest.raises(GGUFExportError, match="gemma3_text model with per-block shapes.*allocation='uniform'"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
     assert list(tmp_path.iterdir()) == []
 
