@@ -5,7 +5,7 @@
     export_gguf(model, "pruned.gguf", tokenizer=tokenizer)    # or a model in memory
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
-``qwen3``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
+``qwen3``, ``phi3``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
 ``qwen3moe``, ``qwen2moe`` and ``olmoe`` for mixtures of experts, :mod:`.gguf_experts`), per-block shapes in ``deci``
 (Llama, Mistral, Qwen2; see :mod:`.gguf_layout` for what llama.cpp can hold and why). The tokenizer and its chat
 template go along (:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and
@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["DTYPES", "export_gguf"]
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+#: Architectures that rotate only the first channels of a head (``rope.dimension_count`` below ``head_dim``).
+PARTIAL_ROPE_ARCHS = ("phi3",)
+#: Families whose sliding window llama.cpp does not apply (its ``llama``; its ``phi3`` switches it off).
+WINDOW_IGNORED = ("mistral", "phi3")
 
 
 def check_dtype(dtype: Any) -> str:
@@ -102,9 +106,11 @@ def _rope(config: Any, arch: str) -> dict[str, Any]:
     if kind not in _ROPE_TYPES or (kind == "llama3" and arch not in ("llama", "deci")):
         raise GGUFExportError(f"rope type {kind!r} cannot be exported for architecture {arch!r} (supported: "
                               f"{', '.join(_ROPE_TYPES)}; llama3 only for Llama models)")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise GGUFExportError("a partial rotary factor cannot be expressed in llama.cpp's Llama-family architectures")
-    return {"theta": float(theta), "type": kind, "factor": params.get("factor")}
+    partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
+    if partial != 1.0 and arch not in PARTIAL_ROPE_ARCHS:
+        raise GGUFExportError(f"a partial rotary factor cannot be expressed in llama.cpp's {arch!r} architecture "
+                              f"(only in {', '.join(PARTIAL_ROPE_ARCHS)})")
+    return {"theta": float(theta), "type": kind, "factor": params.get("factor"), "partial": partial}
 
 
 def _rope_factors(model: nn.Module, head_dim: int, theta: float) -> np.ndarray:
@@ -119,7 +125,7 @@ def _context_length(config: Any, model_type: str) -> int:
     not apply: the file then declares only the context over which it computes what transformers computes."""
     length = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
-    if window and (model_type == "mistral" or getattr(config, "use_sliding_window", False)) and window < length:
+    if window and (model_type in WINDOW_IGNORED or getattr(config, "use_sliding_window", False)) and window < length:
         logger.warning("llama.cpp applies no sliding window to %s: the GGUF declares a context of %d tokens (the "
                        "window) instead of %d", model_type, window, length)
         return int(window)
@@ -137,8 +143,8 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
                     tokenizer: TokenizerMetadata, rope: dict[str, Any], model_type: str) -> None:
     import gguf
 
-    config = model.config
-    writer.add_name(str(getattr(config, "name_or_path", "") or model_type).rstrip("/").split("/")[-1] or model_type)
+    config = spec_of(model).shape_config(model.config)  # a multimodal model's text_config
+    writer.add_name(str(getattr(model.config, "name_or_path", "") or model_type).rstrip("/").split("/")[-1] or model_type)
     writer.add_file_type(file_type(dtype))
     writer.add_context_length(_context_length(config, model_type))
     writer.add_embedding_length(int(config.hidden_size))
@@ -146,7 +152,7 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
     _shape_keys(writer, layout)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope["partial"]))  # the rotated channels of a head
     writer.add_rope_freq_base(rope["theta"])
     if rope["type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -199,8 +205,8 @@ def _load(model_or_folder: Any, tokenizer: Any, trust_remote_code: bool) -> tupl
 
 def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, dtype: str = "f16", *,
                 tokenizer: Any = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), a Gemma model (1, 2, 3 text) or a mixture of experts
-    (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
+    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), Phi-3, a Gemma model (1, 2, 3 text) or a mixture of
+    experts (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
 
     Args:
         model_or_folder: a ``*ForCausalLM`` in memory, or a folder saved by osscar_hf in any format (stock, osscar,
@@ -226,13 +232,14 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
     parts = llama_parts(model, model_type)
     biases = {"qkv": parts.has_bias("attn_q"), "o": parts.has_bias("attn_output"),
               "ffn": any(parts.has_bias(f"ffn_{x}") for x in ("gate", "up", "down"))}
-    layout = choose_layout(model_type, read_layer_shapes(parts, head_dim), hidden=int(model.config.hidden_size),
+    config = spec_of(model).shape_config(model.config)  # the decoder's fields (a multimodal model's text_config)
+    layout = choose_layout(model_type, read_layer_shapes(parts, head_dim), hidden=int(config.hidden_size),
                            head_dim=head_dim, biases=biases)
     if layout.arch in GEMMA_ARCHS:
-        check_gemma(layout.arch, model.config, layout, head_dim, tied=parts.output is None)
+        check_gemma(layout.arch, config, layout, head_dim, tied=parts.output is None)
     if model_type in EXPERT_FAMILIES:
         check_experts(model, model_type, layout.arch)
-    rope = _rope(model.config, layout.arch)
+    rope = _rope(config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
     meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))
     logger.info("writing %s as llama.cpp architecture %r (%s layer shapes), %s", model_type, layout.arch,

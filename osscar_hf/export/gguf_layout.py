@@ -42,12 +42,12 @@ __all__ = [
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: model_type -> the family's own llama.cpp architecture (uniform shapes).
 FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                "gemma2": "gemma2", "gemma3_text": "gemma3",
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
                 "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 #: Mixtures of experts: one shape for every layer in llama.cpp (its ``deci`` has no experts).
 EXPERT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 #: Architectures that size the query projection (and OLMoE's key norm) hidden x hidden.
-_HIDDEN_SIZED_QUERIES = ("qwen2moe", "olmoe")
+_HIDDEN_SIZED_QUERIES = ("qwen2moe", "olmoe", "phi3")
 #: Architectures whose rope rotates consecutive channel pairs (q/k rows must be interleaved).
 NORM_ROPE_ARCHS = ("llama", "deci")
 
@@ -126,6 +126,16 @@ def choose_layout(model_type: str, shapes: list[LayerShape], *, hidden: int, hea
                 "q/k norms, and it holds one shape for every layer and no output or FFN biases"
             )
         arch = "qwen3"
+    elif family == "phi3":
+        if not uniform or any(biases.values()) or shapes[0].heads * head_dim != hidden:
+            what = ("per-block shapes (or a block with no head or no neuron)" if not uniform else "biases"
+                    if any(biases.values()) else f"{shapes[0].heads} query heads of {head_dim}")
+            raise GGUFExportError(
+                f"a phi3 model with {what} cannot be written for llama.cpp: its 'phi3' architecture (fused qkv and "
+                f"gate/up projections) holds one FFN width for every layer and sizes the query and output projections "
+                f"{hidden} x {hidden}; prune its MLP only, with uniform sizes"
+            )
+        arch = "phi3"
     elif family in ("gemma", "gemma2", "gemma3"):
         if not uniform or any(biases.values()):
             what = "per-block shapes (or a block with no head or no neuron)" if not uniform else "biases"

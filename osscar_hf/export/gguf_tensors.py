@@ -22,7 +22,7 @@ from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
 logger = logging.getLogger(__name__)
 
 __all__ = ["BLOCK_TENSORS", "DTYPES", "EXPERT_TENSORS", "FAMILY_TENSORS", "GEMMA3_BLOCK_TENSORS", "LlamaParts",
-           "MOE_BLOCK_TENSORS", "encode", "file_type", "gguf_tensors", "llama_parts",
+           "MOE_BLOCK_TENSORS", "PHI3_BLOCK_TENSORS", "encode", "file_type", "gguf_tensors", "llama_parts",
            "read_layer_shapes"]
 
 #: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
@@ -61,12 +61,29 @@ MOE_BLOCK_TENSORS = {
 #: The experts' parameters (experts x rows x columns, no ``.weight`` suffix) -> the GGUF tensors their row blocks
 #: become, in order: ``gate_up_proj`` holds every expert's [gate | up] rows.
 EXPERT_TENSORS = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": ("ffn_down_exps",)}
+#: Phi-3's block: fused q/k/v rows ([q heads | k heads | v heads], as llama.cpp's ``attn_qkv`` takes them) and fused
+#: [gate | up] rows (llama.cpp's ``ffn_up`` of twice the width, split the same way by its SwiGLU).
+PHI3_BLOCK_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 #: model_type -> its block's tensor names (Llama's when absent).
-FAMILY_TENSORS = {"gemma2": GEMMA3_BLOCK_TENSORS, "gemma3_text": GEMMA3_BLOCK_TENSORS, **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+FAMILY_TENSORS = {"gemma2": GEMMA3_BLOCK_TENSORS, "gemma3_text": GEMMA3_BLOCK_TENSORS, "gemma3": GEMMA3_BLOCK_TENSORS,
+                  "phi3": PHI3_BLOCK_TENSORS,
+                  **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                                                                       MOE_BLOCK_TENSORS)}
+#: model_type -> where its decoder lives when not under ``model.`` (Gemma 3 with its vision tower), and the
+#: parameters llama.cpp's text architecture has no place for, which are left out (logged): the vision tower and its
+#: projector, which llama.cpp reads from a separate "mmproj" file.
+DECODER_PREFIX = {"gemma3": "model.language_model."}
+NOT_WRITTEN = {"gemma3": ("model.vision_tower.", "model.multi_modal_projector.")}
 #: model_type -> what llama.cpp's norms need added to the stored weights (Gemma's RMSNorm scales by 1 + weight).
-NORM_SHIFT = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0}
-_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
+NORM_SHIFT = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0, "gemma3": 1.0}
+_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "attn_q_norm", "attn_k_norm",
               "post_attention_norm")
 _FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm", "ffn_gate_inp", "ffn_gate_exps",
         "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp")
@@ -90,26 +107,33 @@ def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
     parameter the GGUF layout has no place for raises ``GGUFExportError`` (nothing is dropped silently). ``output``
     is ``None`` when the head is tied to the embedding (llama.cpp then reuses ``token_embd``)."""
     names = FAMILY_TENSORS.get(model_type, BLOCK_TENSORS)
+    prefix, left_out = DECODER_PREFIX.get(model_type, "model."), NOT_WRITTEN.get(model_type, ())
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     norm = output = None
+    skipped = 0
     for name, param in model.named_parameters(remove_duplicate=False):
         if param is embed or (tied and param is head.weight):
             continue
-        if name == "model.norm.weight":
+        if name == f"{prefix}norm.weight":
             norm = param
         elif name == "lm_head.weight":
             output = param
-        elif name.startswith("model.layers."):
-            index, _, rest = name[len("model.layers."):].partition(".")
+        elif name.startswith(f"{prefix}layers."):
+            index, _, rest = name[len(f"{prefix}layers."):].partition(".")
             blocks.setdefault(int(index), {}).update(_block_tensors(name, rest, param, names, model_type))
+        elif name.startswith(left_out):
+            skipped += param.numel()
         else:
-            raise GGUFExportError(f"{name}: llama.cpp's Llama-family layout has no tensor for this parameter")
+            raise GGUFExportError(f"{name}: llama.cpp's {model_type} layout has no tensor for this parameter")
     if norm is None or (output is None and not tied):
-        raise GGUFExportError("the model has no model.norm.weight or no lm_head.weight: not a Llama-family "
-                              "causal LM as transformers builds it")
+        raise GGUFExportError(f"the model has no {prefix}norm.weight or no lm_head.weight: not a causal LM of "
+                              f"model_type {model_type!r} as transformers builds it")
+    if skipped:
+        logger.info("%s: the vision tower and projector (%d parameters) are not written: llama.cpp reads them from "
+                    "a separate mmproj file (its own converter's --mmproj)", model_type, skipped)
     return LlamaParts(embed, norm, output, [blocks.get(i, {}) for i in range(len(blocks))],
                       NORM_SHIFT.get(model_type, 0.0))
 
@@ -134,15 +158,22 @@ def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
     columns), checked against the other projections."""
     shapes = []
     for index, block in enumerate(parts.blocks):
-        q, k, v = (block[f"attn_{x}.weight"].shape[0] for x in "qkv")
         experts = "ffn_down_exps.weight" in block  # a mixture of experts: the width of one expert
         o_in = block["attn_output.weight"].shape[1]
         ffn = block["ffn_down_exps.weight"].shape[2] if experts else block["ffn_down.weight"].shape[1]
+        if "attn_qkv.weight" in block:  # fused [q | k | v] (Phi-3): the query rows are the output projection's inputs
+            k = v = (block["attn_qkv.weight"].shape[0] - o_in) // 2
+            q = o_in
+        else:
+            q, k, v = (block[f"attn_{x}.weight"].shape[0] for x in "qkv")
         problems = [f"{what} has {rows} rows, not a multiple of head_dim {head_dim}"
                     for what, rows in (("q_proj", q), ("k_proj", k)) if rows % head_dim]
         if v != k or o_in != q:
             problems.append(f"q/k/v/o sizes disagree (q {q}, k {k}, v {v}, o inputs {o_in})")
-        if any(block[f"ffn_{x}{'_exps' if experts else ''}.weight"].shape[-2] != ffn for x in ("gate", "up")):
+        if "ffn_gate.weight" not in block and not experts:  # fused [gate | up] (Phi-3)
+            if block["ffn_up.weight"].shape[0] != 2 * ffn:
+                problems.append(f"gate_up rows are not twice down_proj's {ffn} inputs")
+        elif any(block[f"ffn_{x}{'_exps' if experts else ''}.weight"].shape[-2] != ffn for x in ("gate", "up")):
             problems.append(f"gate/up rows differ from down_proj's {ffn} inputs")
         if problems:
             raise GGUFExportError(f"layer {index}: " + "; ".join(problems))

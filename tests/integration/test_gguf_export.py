@@ -101,11 +101,17 @@ def _rope(x: np.ndarray, base: float, pairwise: bool) -> np.ndarray:
 def _attention(w: dict, p: str, h: np.ndarray, heads: int, kv: int, meta: dict, arch: str) -> np.ndarray:
     d, eps, base = meta[f"{arch}.attention.key_length"], meta[f"{arch}.attention.layer_norm_rms_epsilon"], \
         meta[f"{arch}.rope.freq_base"]
-    proj = {x: h @ w[f"{p}attn_{x}.weight"].T + w.get(f"{p}attn_{x}.bias", 0) for x in "qkv"}
+    if f"{p}attn_qkv.weight" in w:  # phi3: fused [q heads | k heads | v heads]
+        fused = h @ w[f"{p}attn_qkv.weight"].T
+        proj = dict(zip("qkv", np.split(fused, [heads * d, (heads + kv) * d], axis=-1)))
+    else:
+        proj = {x: h @ w[f"{p}attn_{x}.weight"].T + w.get(f"{p}attn_{x}.bias", 0) for x in "qkv"}
     q, k, v = (proj[x].reshape(len(h), -1, d) for x in "qkv")
     if f"{p}attn_q_norm.weight" in w:
         q, k = _rms(q, w[f"{p}attn_q_norm.weight"], eps), _rms(k, w[f"{p}attn_k_norm.weight"], eps)
-    q, k = (_rope(x, base, pairwise=arch in ("llama", "deci")) for x in (q, k))
+    rot = meta[f"{arch}.rope.dimension_count"]  # phi3 may rotate only the first channels of a head
+    q, k = (np.concatenate([_rope(x[..., :rot], base, pairwise=arch in ("llama", "deci")), x[..., rot:]], -1)
+            for x in (q, k))
     group = heads // kv
     scores = np.einsum("thd,shd->hts", q, np.repeat(k, group, axis=1)) / np.sqrt(d)
     scores = scores + np.triu(np.full((len(h), len(h)), -np.inf), 1)
@@ -133,8 +139,11 @@ def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
             continue
         ffn_in = cur + x if heads[il] > 0 else cur
         h = _rms(ffn_in, w[f"{p}ffn_norm.weight"], eps)
-        gate = h @ w[f"{p}ffn_gate.weight"].T + w.get(f"{p}ffn_gate.bias", 0)
         up = h @ w[f"{p}ffn_up.weight"].T + w.get(f"{p}ffn_up.bias", 0)
+        if f"{p}ffn_gate.weight" in w:
+            gate = h @ w[f"{p}ffn_gate.weight"].T + w.get(f"{p}ffn_gate.bias", 0)
+        else:  # phi3: one [gate | up] projection
+            gate, up = np.split(up, 2, axis=-1)
         x = ffn_in + (gate / (1 + np.exp(-gate)) * up) @ w[f"{p}ffn_down.weight"].T + w.get(f"{p}ffn_down.bias", 0)
     out = w.get("output.weight", w["token_embd.weight"])
     return _rms(x, w["output_norm.weight"], eps) @ out.T
@@ -143,6 +152,13 @@ def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
 def _hf_logits(model) -> np.ndarray:
     with torch.no_grad():
         return model(IDS).logits.double().numpy()
+
+
+def phi3(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` under a name that does not start llama.cpp's Phi-3 tokenizer rules (which look for the real Phi-3
+    tokenizer's special tokens by name)."""
+    model.config.name_or_path = "tiny-random"
+    return model
 
 
 # --------------------------------------------------------------------------- llama.cpp computes the model
@@ -154,6 +170,8 @@ CASES = {
     "qwen2": (lambda: make_model("qwen2", vocab_size=VOCAB), "qwen2", None),
     "qwen2 pruned heads": (lambda: shaped("qwen2", [[1], [0]], [range(10), range(10, 20)]), "llama", None),
     "qwen3": (lambda: shaped("qwen3", [[1]] * 2, [range(30)] * 2), "qwen3", None),
+    # fused qkv_proj and gate_up_proj, half of every head rotated; its attention is never pruned for llama.cpp
+    "phi3, half the neurons": (lambda: phi3(shaped("phi3", [None] * 2, [range(0, 48, 2)] * 2)), "phi3", None),
     "llama per-block": (lambda: shaped("llama-gqa", [[1], [], [0, 1]], [range(0, 20, 2), range(24), None]), "deci",
                         [(2, 1, 10), (0, 0, 24), (4, 2, 48)]),
     # layer 0 without heads (padded: llama.cpp takes the head size from layer 0), FFNs of width 0 (padded: deci
@@ -343,8 +361,7 @@ def test_a_bad_dtype_is_refused_first(tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("qwen3 per-block", "Qwen3 model with per-block shapes"),
-    ("opt", "model_type 'opt'.*supported families are gemma, gemma2, gemma3_text, llama, mistral, mixtral, olmoe, "
-            "qwen2, qwen2_moe, qwen3, qwen3_moe"),
+    ("opt", "cannot export model_type 'opt' to GGUF: supported families are gemma, gemma2, .*, qwen3, qwen3_moe$"),
     ("query heads not a multiple of KV heads", "layer 0 has 3 query heads and 2 KV heads"),
     ("no tokenizer", "needs its tokenizer"),
 ])
@@ -537,7 +554,29 @@ def _query_heads(model, kept_per_group: int) -> torch.nn.Module:
     return model
 
 
+def gemma3_with_vision() -> torch.nn.Module:
+    """A tiny Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, the text blocks under
+    model.language_model): only the language model is written."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, max_position_embeddings=128, pad_token_id=1,
+                bos_token_id=2, eos_token_id=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        image_token_index=VOCAB - 1)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # Gemma's norms start at 0 (a scale of 1): randomise them, they are shifted on export
+                param.normal_(0, 0.2)
+    return model
+
+
 GEMMA3_CASES = {  # Gemma 3 text, then Gemma 2 and Gemma 1 (see gemma_arch)
+    "with its vision tower (the language model written)": gemma3_with_vision,
     "dense": lambda: gemma3(),
     "one query head per KV group, half the neurons": lambda: _query_heads(gemma3(), 1),
     "logit soft cap, untied head": lambda: gemma3(final_logit_softcapping=0.3, tie_word_embeddings=False),
@@ -615,6 +654,18 @@ def test_what_gemma2_in_llama_cpp_computes_otherwise_is_refused(overrides, match
 def gemma_arch(case: str) -> str:
     """The llama.cpp architecture of a GEMMA3_CASES case."""
     return {"gemma2": "gemma2", "gemma": "gemma"}.get(case.split(",")[0], "gemma3")
+
+
+def test_gemma3_with_its_vision_tower_writes_the_language_model_alone(bpe, tmp_path, caplog):
+    import logging
+
+    model = gemma3_with_vision()
+    with caplog.at_level(logging.INFO, logger="osscar_hf"):
+        reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe))
+    assert "the vision tower and projector" in caplog.text and "mmproj" in caplog.text
+    names = {t.name for t in reader.tensors}
+    assert len(names) == 2 + 2 * 13 and not any("vision" in n or "mm" in n for n in names)
+    assert fields(reader)["gemma3.embedding_length"] == 32  # the text config's
 
 
 def test_gemma3_with_per_block_shapes_is_refused(bpe, tmp_path):
@@ -696,5 +747,13 @@ def test_what_llama_cpp_computes_otherwise_for_experts_is_refused(case, match, b
     else:
         model = half_experts("qwen3_moe", norm_topk_prob=False)
     with pytest.raises(GGUFExportError, match=match):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_phi3_with_pruned_heads_is_refused(bpe, tmp_path):
+    model = phi3(shaped("phi3", [[1]] * 2, [None] * 2))
+    with pytest.raises(GGUFExportError, match=r"phi3 model with 2 query heads of 8 .*sizes the query and output "
+                                              r"projections 32 x 32; prune its MLP only"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
     assert list(tmp_path.iterdir()) == []
