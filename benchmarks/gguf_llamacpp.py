@@ -168,8 +168,8 @@ def tiny_cases(args: argparse.Namespace) -> int:
     """The tiny models the CI tests check against a numpy model of llama.cpp, run in llama.cpp itself."""
     sys.path.insert(0, str(HERE.parent))
     from osscar_hf import export_gguf
-    from tests.integration.test_gguf_export import (CASES, GEMMA3_CASES, IDS, MOE_ARCHS, gemma_arch, half_experts,
-                                                    make_bpe_tokenizer)
+    from tests.integration.test_gguf_export import (CASES, GEMMA3_CASES, IDS, MOE_ARCHS, NEOX_CASES, gemma_arch,
+                                                    half_experts, make_bpe_tokenizer)
 
     import osscar_hf.export.gguf_tensors as tensors_module
 
@@ -183,7 +183,8 @@ def tiny_cases(args: argparse.Namespace) -> int:
              for name, build in GEMMA3_CASES.items()}
     moe = {f"{kind}, half of every expert's neurons": (lambda kind=kind: half_experts(kind), arch, None)
            for kind, arch in MOE_ARCHS.items()}
-    cases = {**CASES, **gemma, **moe, control: CASES["llama uniform"], gemma_control: gemma["gemma3 dense"],
+    neox = {name: (build, "gptneox", None) for name, build in NEOX_CASES.items()}
+    cases = {**CASES, **gemma, **moe, **neox, control: CASES["llama uniform"], gemma_control: gemma["gemma3 dense"],
              moe_control: moe["qwen3_moe, half of every expert's neurons"]}
     experts = dict(tensors_module.EXPERT_TENSORS)
     interleave = tensors_module.interleave_halves

@@ -747,9 +747,9 @@ def register_export_gguf(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "export-gguf",
-        help="write a (pruned) Llama-family, Gemma, Phi-3 or mixture-of-experts model as a GGUF file for llama.cpp",
+        help="write a (pruned) model (Llama family, Gemma, Phi-3, GPT-NeoX, mixtures of experts) as GGUF for llama.cpp",
         description="Write a model folder saved by osscar_hf (stock, osscar or remote-code format; Llama, Mistral, "
-        "Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2/3-MoE, OLMoE) and its tokenizer as one GGUF file for llama.cpp, Ollama, LM Studio or llama-cpp-python. "
+        "Qwen2, Qwen3, Gemma 1/2/3, Phi-3, GPT-NeoX, Mixtral, Qwen2/3-MoE, OLMoE) and its tokenizer as one GGUF file for llama.cpp, Ollama, LM Studio or llama-cpp-python. "
         "Per-block shapes are written in llama.cpp's 'deci' architecture. See docs/deploy.md.",
     )
     parser.add_argument("folder", type=Path, metavar="DIR", help="the model folder")

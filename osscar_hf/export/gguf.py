@@ -5,7 +5,7 @@
     export_gguf(model, "pruned.gguf", tokenizer=tokenizer)    # or a model in memory
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
-``qwen3``, ``phi3``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
+``qwen3``, ``phi3``, ``gptneox``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
 ``qwen3moe``, ``qwen2moe`` and ``olmoe`` for mixtures of experts, :mod:`.gguf_experts`), per-block shapes in ``deci``
 (Llama, Mistral, Qwen2; see :mod:`.gguf_layout` for what llama.cpp can hold and why). The tokenizer and its chat
 template go along (:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and
@@ -41,7 +41,7 @@ __all__ = ["DTYPES", "export_gguf"]
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 #: Architectures that rotate only the first channels of a head (``rope.dimension_count`` below ``head_dim``).
-PARTIAL_ROPE_ARCHS = ("phi3",)
+PARTIAL_ROPE_ARCHS = ("phi3", "gptneox")
 #: Families whose sliding window llama.cpp does not apply (its ``llama``; its ``phi3`` switches it off).
 WINDOW_IGNORED = ("mistral", "phi3")
 
@@ -157,7 +157,11 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
     if rope["type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if layout.arch == "gptneox":  # LayerNorms, and whether attention and FFN read the same input
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+        writer.add_parallel_residual(bool(config.use_parallel_residual))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if layout.arch in GEMMA_ARCHS:
         write_gemma_keys(writer, layout.arch, config)
     if model_type in EXPERT_FAMILIES:
@@ -205,8 +209,8 @@ def _load(model_or_folder: Any, tokenizer: Any, trust_remote_code: bool) -> tupl
 
 def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, dtype: str = "f16", *,
                 tokenizer: Any = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), Phi-3, a Gemma model (1, 2, 3 text) or a mixture of
-    experts (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
+    """Write a Llama-family model (Llama, Mistral, Qwen2, Qwen3), Phi-3, GPT-NeoX, a Gemma model (1, 2, 3) or a
+    mixture of experts (Mixtral, Qwen3-MoE, Qwen1.5/2-MoE, OLMoE), pruned or dense, as a GGUF file for llama.cpp.
 
     Args:
         model_or_folder: a ``*ForCausalLM`` in memory, or a folder saved by osscar_hf in any format (stock, osscar,
@@ -239,6 +243,10 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
         check_gemma(layout.arch, config, layout, head_dim, tied=parts.output is None)
     if model_type in EXPERT_FAMILIES:
         check_experts(model, model_type, layout.arch)
+    if layout.arch == "gptneox" and getattr(config, "hidden_act", None) != "gelu_pytorch_tanh":
+        logger.warning("llama.cpp computes %s's GELU with the tanh approximation (from a float16 table), where "
+                       "transformers applies hidden_act=%r: the outputs differ slightly, as with llama.cpp's own "
+                       "converter", model_type, getattr(config, "hidden_act", None))
     rope = _rope(config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
     meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))

@@ -42,7 +42,7 @@ __all__ = [
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: model_type -> the family's own llama.cpp architecture (uniform shapes).
 FAMILY_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox",
                 "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 #: Mixtures of experts: one shape for every layer in llama.cpp (its ``deci`` has no experts).
 EXPERT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -126,16 +126,17 @@ def choose_layout(model_type: str, shapes: list[LayerShape], *, hidden: int, hea
                 "q/k norms, and it holds one shape for every layer and no output or FFN biases"
             )
         arch = "qwen3"
-    elif family == "phi3":
-        if not uniform or any(biases.values()) or shapes[0].heads * head_dim != hidden:
+    elif family in ("phi3", "gptneox"):
+        biased = family == "phi3" and any(biases.values())  # GPT-NeoX has its biases, which llama.cpp loads
+        if not uniform or biased or shapes[0].heads * head_dim != hidden:
             what = ("per-block shapes (or a block with no head or no neuron)" if not uniform else "biases"
-                    if any(biases.values()) else f"{shapes[0].heads} query heads of {head_dim}")
+                    if biased else f"{shapes[0].heads} query heads of {head_dim}")
             raise GGUFExportError(
-                f"a phi3 model with {what} cannot be written for llama.cpp: its 'phi3' architecture (fused qkv and "
-                f"gate/up projections) holds one FFN width for every layer and sizes the query and output projections "
-                f"{hidden} x {hidden}; prune its MLP only, with uniform sizes"
+                f"a {model_type} model with {what} cannot be written for llama.cpp: its {family!r} architecture (a "
+                f"fused qkv projection) holds one FFN width for every layer and sizes the query and output "
+                f"projections {hidden} x {hidden}; prune its MLP only, with uniform sizes"
             )
-        arch = "phi3"
+        arch = family
     elif family in ("gemma", "gemma2", "gemma3"):
         if not uniform or any(biases.values()):
             what = "per-block shapes (or a block with no head or no neuron)" if not uniform else "biases"

@@ -22,7 +22,7 @@ from .gguf_layout import DTYPES, LayerShape, Layout, interleave_halves
 logger = logging.getLogger(__name__)
 
 __all__ = ["BLOCK_TENSORS", "DTYPES", "EXPERT_TENSORS", "FAMILY_TENSORS", "GEMMA3_BLOCK_TENSORS", "LlamaParts",
-           "MOE_BLOCK_TENSORS", "PHI3_BLOCK_TENSORS", "encode", "file_type", "gguf_tensors", "llama_parts",
+           "MOE_BLOCK_TENSORS", "NEOX_BLOCK_TENSORS", "PHI3_BLOCK_TENSORS", "neox_qkv_rows", "encode", "file_type", "gguf_tensors", "llama_parts",
            "read_layer_shapes"]
 
 #: Hugging Face parameter name inside a decoder block (without ``.weight``/``.bias``) -> GGUF tensor name.
@@ -71,15 +71,30 @@ PHI3_BLOCK_TENSORS = {
     "mlp.gate_up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+#: GPT-NeoX's block: LayerNorms with biases, the per-head interleaved ``query_key_value`` (written kind-major, as
+#: llama.cpp's ``attn_qkv`` takes it: :func:`neox_qkv_rows`), biases on every linear, an ungated FFN.
+NEOX_BLOCK_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "attention.query_key_value": "attn_qkv",
+    "attention.dense": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.dense_h_to_4h": "ffn_up",
+    "mlp.dense_4h_to_h": "ffn_down",
+}
 #: model_type -> its block's tensor names (Llama's when absent).
 FAMILY_TENSORS = {"gemma2": GEMMA3_BLOCK_TENSORS, "gemma3_text": GEMMA3_BLOCK_TENSORS, "gemma3": GEMMA3_BLOCK_TENSORS,
-                  "phi3": PHI3_BLOCK_TENSORS,
+                  "phi3": PHI3_BLOCK_TENSORS, "gpt_neox": NEOX_BLOCK_TENSORS,
                   **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                                                                       MOE_BLOCK_TENSORS)}
 #: model_type -> where its decoder lives when not under ``model.`` (Gemma 3 with its vision tower), and the
 #: parameters llama.cpp's text architecture has no place for, which are left out (logged): the vision tower and its
 #: projector, which llama.cpp reads from a separate "mmproj" file.
-DECODER_PREFIX = {"gemma3": "model.language_model."}
+DECODER_PREFIX = {"gemma3": "model.language_model.", "gpt_neox": "gpt_neox."}
+#: model_type -> the final norm's module name under the decoder prefix (``norm`` when absent).
+FINAL_NORM = {"gpt_neox": "final_layer_norm"}
+#: model_type -> how its FFN's up rows come: ``"fused"`` [gate | up] (Phi-3), ``"plain"`` (no gate: GPT-NeoX); else
+#: separate gate and up projections.
+FFN_ROWS = {"phi3": "fused", "gpt_neox": "plain"}
 NOT_WRITTEN = {"gemma3": ("model.vision_tower.", "model.multi_modal_projector.")}
 #: model_type -> what llama.cpp's norms need added to the stored weights (Gemma's RMSNorm scales by 1 + weight).
 NORM_SHIFT = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0, "gemma3": 1.0}
@@ -93,9 +108,12 @@ class LlamaParts:
     """The embedding, final norm, output head and per-block parameters of a Llama-family causal LM."""
 
     def __init__(self, embed: torch.Tensor, norm: torch.Tensor, output: torch.Tensor | None,
-                 blocks: list[dict[str, torch.Tensor]], norm_shift: float = 0.0) -> None:
+                 blocks: list[dict[str, torch.Tensor]], norm_shift: float = 0.0, norm_bias: torch.Tensor | None = None,
+                 ffn_rows: str = "separate") -> None:
         self.embed, self.norm, self.output, self.blocks = embed, norm, output, blocks
         self.norm_shift = norm_shift  # added to every norm weight as written (Gemma's 1 + weight)
+        self.norm_bias = norm_bias  # the final norm's bias (a LayerNorm's), or None
+        self.ffn_rows = ffn_rows  # "separate" gate and up, "fused" [gate | up], "plain" (no gate)
 
     def has_bias(self, gguf_name: str) -> bool:
         return any(f"{gguf_name}.bias" in block for block in self.blocks)
@@ -112,14 +130,17 @@ def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
     blocks: dict[int, dict[str, torch.Tensor]] = {}
-    norm = output = None
+    norm = output = norm_bias = None
     skipped = 0
+    final_norm = f"{prefix}{FINAL_NORM.get(model_type, 'norm')}"
     for name, param in model.named_parameters(remove_duplicate=False):
         if param is embed or (tied and param is head.weight):
             continue
-        if name == f"{prefix}norm.weight":
+        if name == f"{final_norm}.weight":
             norm = param
-        elif name == "lm_head.weight":
+        elif name == f"{final_norm}.bias":
+            norm_bias = param
+        elif head is not None and param is head.weight:
             output = param
         elif name.startswith(f"{prefix}layers."):
             index, _, rest = name[len(f"{prefix}layers."):].partition(".")
@@ -129,13 +150,13 @@ def llama_parts(model: nn.Module, model_type: str = "llama") -> LlamaParts:
         else:
             raise GGUFExportError(f"{name}: llama.cpp's {model_type} layout has no tensor for this parameter")
     if norm is None or (output is None and not tied):
-        raise GGUFExportError(f"the model has no {prefix}norm.weight or no lm_head.weight: not a causal LM of "
+        raise GGUFExportError(f"the model has no {final_norm}.weight or no output head: not a causal LM of "
                               f"model_type {model_type!r} as transformers builds it")
     if skipped:
         logger.info("%s: the vision tower and projector (%d parameters) are not written: llama.cpp reads them from "
                     "a separate mmproj file (its own converter's --mmproj)", model_type, skipped)
     return LlamaParts(embed, norm, output, [blocks.get(i, {}) for i in range(len(blocks))],
-                      NORM_SHIFT.get(model_type, 0.0))
+                      NORM_SHIFT.get(model_type, 0.0), norm_bias, FFN_ROWS.get(model_type, "separate"))
 
 
 def _block_tensors(name: str, rest: str, param: torch.Tensor, names: dict[str, str],
@@ -170,9 +191,10 @@ def read_layer_shapes(parts: LlamaParts, head_dim: int) -> list[LayerShape]:
                     for what, rows in (("q_proj", q), ("k_proj", k)) if rows % head_dim]
         if v != k or o_in != q:
             problems.append(f"q/k/v/o sizes disagree (q {q}, k {k}, v {v}, o inputs {o_in})")
-        if "ffn_gate.weight" not in block and not experts:  # fused [gate | up] (Phi-3)
-            if block["ffn_up.weight"].shape[0] != 2 * ffn:
-                problems.append(f"gate_up rows are not twice down_proj's {ffn} inputs")
+        if parts.ffn_rows != "separate" and not experts:  # fused [gate | up] (Phi-3) or no gate (GPT-NeoX)
+            width = 2 * ffn if parts.ffn_rows == "fused" else ffn
+            if block["ffn_up.weight"].shape[0] != width:
+                problems.append(f"the up projection has {block['ffn_up.weight'].shape[0]} rows, not {width}")
         elif any(block[f"ffn_{x}{'_exps' if experts else ''}.weight"].shape[-2] != ffn for x in ("gate", "up")):
             problems.append(f"gate/up rows differ from down_proj's {ffn} inputs")
         if problems:
@@ -201,7 +223,16 @@ def _layer_tensors(block: dict[str, torch.Tensor], layout: Layout, index: int,
                 continue
         elif layout.interleave_qk and stem in ("attn_q", "attn_k"):
             array = interleave_halves(array, written.heads if stem == "attn_q" else written.kv_heads)
+        elif layout.arch == "gptneox" and stem == "attn_qkv":
+            array = neox_qkv_rows(array, written.heads)
         yield f"blk.{index}.{key}", array
+
+
+def neox_qkv_rows(rows: np.ndarray, head_count: int) -> np.ndarray:
+    """GPT-NeoX's ``query_key_value`` rows (or bias), per head [q | k | v], as llama.cpp's ``attn_qkv`` reads them:
+    every head's q rows, then every head's k rows, then v."""
+    shape = rows.shape
+    return rows.reshape(head_count, 3, shape[0] // (3 * head_count), *shape[1:]).swapaxes(0, 1).reshape(shape)
 
 
 def _zero_padding(stem: str, key: str, array: np.ndarray, written: LayerShape, head_dim: int) -> np.ndarray | None:
@@ -222,6 +253,8 @@ def gguf_tensors(parts: LlamaParts, layout: Layout, head_dim: int,
     for index, block in enumerate(parts.blocks):
         yield from _layer_tensors(block, layout, index, head_dim, parts.norm_shift)
     yield "output_norm.weight", _array(parts.norm, parts.norm_shift)
+    if parts.norm_bias is not None:
+        yield "output_norm.bias", _array(parts.norm_bias)
     if parts.output is not None:
         yield "output.weight", _array(parts.output)
 

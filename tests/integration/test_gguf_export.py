@@ -53,7 +53,7 @@ def shaped(kind: str, groups: list, neurons: list, **overrides) -> torch.nn.Modu
     model = make_model(kind, vocab_size=VOCAB, num_hidden_layers=len(groups), **overrides)
     spec = get_spec(model)
     m, n_rep, head_dim = spec.group_geometry(model.config)
-    for block, kept_groups, kept_neurons in zip(model.model.layers, groups, neurons):
+    for block, kept_groups, kept_neurons in zip(model.get_submodule(spec.blocks), groups, neurons):
         if kept_groups is not None:
             prune_attention(block, spec, torch.tensor(kept_groups, dtype=torch.long), n_rep=n_rep, head_dim=head_dim,
                             num_groups=m)
@@ -757,3 +757,77 @@ def test_phi3_with_pruned_heads_is_refused(bpe, tmp_path):
                                               r"projections 32 x 32; prune its MLP only"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- GPT-NeoX (llama.cpp's gptneox)
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+def gptneox_llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """What llama.cpp's gptneox graph computes from the file: LayerNorms with biases, the fused [q | k | v] rows
+    (kind-major in the file), half-split rope on the first rope.dimension_count channels, biases everywhere, a GELU
+    (tanh) FFN, attention and FFN on the same input when the file says parallel residual."""
+    reader = gguf.GGUFReader(path)
+    meta, w = fields(reader), tensors(reader)
+    a = "gptneox."
+    n, eps, heads = meta[a + "block_count"], meta[a + "attention.layer_norm_epsilon"], meta[a + "attention.head_count"]
+    hidden, rot, base = meta[a + "embedding_length"], meta[a + "rope.dimension_count"], meta[a + "rope.freq_base"]
+    d, t = hidden // heads, len(ids)
+    x = w["token_embd.weight"][ids]
+    for il in range(n):
+        p = f"blk.{il}."
+        h = _layer_norm(x, w[p + "attn_norm.weight"], w[p + "attn_norm.bias"], eps)
+        q, k, v = (z.reshape(t, heads, d) for z in np.split(h @ w[p + "attn_qkv.weight"].T + w[p + "attn_qkv.bias"], 3, -1))
+        q, k = (np.concatenate([_rope(z[..., :rot], base, pairwise=False), z[..., rot:]], -1) for z in (q, k))
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d) + np.triu(np.full((t, t), -np.inf), 1)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        attn = np.einsum("hts,shd->thd", probs, v).reshape(t, -1) @ w[p + "attn_output.weight"].T + w[p + "attn_output.bias"]
+        ffn_in = x if meta[a + "use_parallel_residual"] else x + attn
+        h = _layer_norm(ffn_in, w[p + "ffn_norm.weight"], w[p + "ffn_norm.bias"], eps)
+        ffn = _gelu_tanh(h @ w[p + "ffn_up.weight"].T + w[p + "ffn_up.bias"]) @ w[p + "ffn_down.weight"].T + \
+            w[p + "ffn_down.bias"]
+        x = ffn_in + ffn + (attn if meta[a + "use_parallel_residual"] else 0)
+    return _layer_norm(x, w["output_norm.weight"], w["output_norm.bias"], eps) @ w["output.weight"].T
+
+
+def gptneox(parallel: bool = True) -> torch.nn.Module:
+    """A tiny GPT-NeoX with half its neurons kept (its attention is never pruned for llama.cpp) and the GELU llama.cpp
+    computes (transformers' exact "gelu" differs slightly: the export warns)."""
+    return shaped("gpt_neox", [None] * 2, [range(0, 48, 2)] * 2, hidden_act="gelu_pytorch_tanh",
+                  use_parallel_residual=parallel).eval()
+
+
+NEOX_CASES = {"gpt_neox parallel residual, half the neurons": lambda: gptneox(True),
+              "gpt_neox sequential residual, half the neurons": lambda: gptneox(False)}
+
+
+@pytest.mark.parametrize("case", list(NEOX_CASES))
+def test_llama_cpp_gptneox_computes_the_models_logits(case, bpe, tmp_path):
+    model = NEOX_CASES[case]()
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
+    meta = fields(gguf.GGUFReader(path))
+    assert meta["general.architecture"] == "gptneox" and meta["gptneox.rope.dimension_count"] == 2  # 8 * 0.25
+    expected = _hf_logits(model)
+    for row, ids in enumerate(IDS.tolist()):
+        np.testing.assert_allclose(gptneox_llama_cpp_logits(path, ids), expected[row], rtol=0, atol=2e-5)
+
+
+def test_gptneox_rows_reordering_is_what_the_reference_needs(bpe, tmp_path, monkeypatch):
+    """The check above fails when the per-head [q | k | v] rows are written as they are (it is not vacuous)."""
+    import osscar_hf.export.gguf_tensors as tensors_module
+
+    monkeypatch.setattr(tensors_module, "neox_qkv_rows", lambda rows, heads: rows)
+    model = gptneox()
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=bpe)
+    assert np.abs(gptneox_llama_cpp_logits(path, IDS[0].tolist()) - _hf_logits(model)[0]).max() > 1e-4
+
+
+def test_gptneox_with_pruned_heads_is_refused_and_exact_gelu_warns(bpe, tmp_path, caplog):
+    with pytest.raises(GGUFExportError, match=r"gpt_neox model with 2 query heads of 8 .*prune its MLP only"):
+        export_gguf(shaped("gpt_neox", [[0, 1]] * 2, [None] * 2), tmp_path / "m.gguf", tokenizer=bpe)
+    assert list(tmp_path.iterdir()) == []
+    export_gguf(shaped("gpt_neox", [None] * 2, [None] * 2), tmp_path / "m.gguf", tokenizer=bpe)  # hidden_act="gelu"
+    assert "tanh approximation" in caplog.text
