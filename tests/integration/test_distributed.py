@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from osscar_hf import OsscarConfig, OsscarPruner
-from osscar_hf.distributed import SINGLE, Ranks, process_ranks
+from osscar_hf.cli import _rank_log_level
+from osscar_hf.distributed import SINGLE, Ranks, is_main_process, process_ranks
 from osscar_hf.errors import OsscarConfigError
 from osscar_hf.pipeline.orchestrate import rank_windows
 from tests.conftest import make_model, make_text, make_tokenizer
@@ -201,6 +204,31 @@ def test_a_failing_rank_stops_the_other_and_the_run_resumes(runs):
     assert first["finished_before_resume"] == FAILING_BLOCK  # the blocks before the failure are kept
     assert first["solved_on_resume"] == second["solved_on_resume"] == [FAILING_BLOCK]
     _same_checkpoint(root / "dist-opt", root / "single-opt")
+
+
+def test_torchrun_command_line_writes_the_single_process_checkpoint(runs):
+    """``torchrun -m osscar_hf prune --stream``: osscar_hf initialises the group from torchrun's environment; only
+    rank 0 writes and prints."""
+    root = runs["root"]
+    data = root / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+               str(_free_port()), "-m", "osscar_hf", "prune", str(root / "llama-gqa"), "--stream", "--output",
+               str(root / "cli"), "--dataset", str(data), "--num-samples", "8", "--seq-len", "32", "--batch-size", "2",
+               "--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0's summary only
+    _same_checkpoint(root / "cli", root / "single-llama-gqa")
+
+
+def test_command_line_logs_below_warning_on_rank_0_only(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    assert (_rank_log_level("INFO"), _rank_log_level("ERROR")) == ("WARNING", "ERROR")
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process() and _rank_log_level("DEBUG") == "DEBUG"
 
 
 def test_rank_shares_cover_the_batches_once():
