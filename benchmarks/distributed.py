@@ -56,6 +56,7 @@ def _count_traffic(counts: dict[str, int]) -> None:
         setattr(module, name, counting)
 
     wrap("all_reduce", dist)
+    wrap("broadcast", dist)  # tensors
     wrap("broadcast", c10d)  # broadcast_object_list sends through it
 
 

@@ -1,7 +1,7 @@
 """Solving on different ranks and sharing the answers, so that every rank holds the same result bit for bit.
 
 The consumers of a block are dealt round-robin to the ranks (:meth:`Ranks.owner`): each rank solves its own, the
-ranks agree that none failed, and each answer is broadcast from its owner (pickled, its tensors on the CPU), so
+ranks agree that none failed, and each answer is broadcast from its owner (its tensors sent as they are, the rest pickled), so
 that every rank slices its block with the same kept indices and the same refit weights. A single process solves
 everything itself, exactly as without this module.
 """
@@ -9,6 +9,8 @@ everything itself, exactly as without this module.
 from __future__ import annotations
 
 import dataclasses
+import io
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -38,14 +40,57 @@ def _moved(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+class _TensorsApart(pickle.Pickler):
+    """Pickles an object with its tensors left out (each replaced by its shape and dtype), collected in order."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[torch.Tensor] = []
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj.detach())
+            return ("tensor", tuple(obj.shape), str(obj.dtype).removeprefix("torch."))
+        return None
+
+
+class _TensorsFrom(pickle.Unpickler):
+    """Unpickles what :class:`_TensorsApart` wrote, each tensor made by ``make(shape, dtype)`` in order."""
+
+    def __init__(self, data: bytes, make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.make = make
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        _, shape, dtype = pid
+        return self.make(shape, getattr(torch, dtype))
+
+
 def broadcast(obj: T, ranks: Ranks, source: int = 0) -> T:
-    """``obj`` of rank ``source`` on every rank (returned as is for a single process). Call it right after the
-    ranks agreed (see :mod:`.agree`); tensors inside come back on the CPU."""
+    """``obj`` of rank ``source`` on every rank (returned as is for a single process), its tensors on
+    ``ranks.device``. Call it right after the ranks agreed (see :mod:`.agree`). The object is pickled without its
+    tensors, which are then broadcast one by one as they are: a refit weight is sent once, in its own dtype, GPU to
+    GPU under NCCL."""
     if not ranks.distributed:
         return obj
-    box = [_moved(obj, "cpu") if ranks.rank == source else None]
+    box: list[Any] = [None]
+    tensors: list[torch.Tensor] = []
+    if ranks.rank == source:
+        buffer = io.BytesIO()
+        pickler = _TensorsApart(buffer)
+        pickler.dump(obj)
+        box, tensors = [buffer.getvalue()], [t.to(ranks.device).contiguous() for t in pickler.tensors]
     dist.broadcast_object_list(box, src=source, device=ranks.device)
-    return box[0]
+    received: list[torch.Tensor] = []
+
+    def make(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensor = tensors[len(received)] if ranks.rank == source else torch.empty(shape, dtype=dtype,
+                                                                                    device=ranks.device)
+        dist.broadcast(tensor, src=source)
+        received.append(tensor)
+        return tensor
+
+    return _TensorsFrom(box[0], make).load()
 
 
 def solve_shared(items: Sequence[K], solve: Callable[[K], T], ranks: Ranks, device: torch.device) -> dict[K, T]:
