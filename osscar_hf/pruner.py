@@ -221,6 +221,9 @@ class OsscarPruner:
         ``from_pretrained(..., dtype=)`` would load them for :meth:`prune`); ``config.json`` records it.
         ``base_model``: the Hub id the model card names as the base model (default: ``model_path`` when it is a
         Hub id, none for a local folder).
+
+        Under ``torch.distributed`` (as for :meth:`prune`) every rank reads its blocks from the shards and runs its
+        share of the calibration windows; rank 0 alone takes the lock and writes (see ``docs/distributed.md``).
         """
         if is_self_dataset(self.config.dataset):
             raise CalibrationDataError(
