@@ -238,8 +238,15 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.results_name}.md").write_text(text, encoding="utf-8")
-    (RESULTS / f"{args.results_name}.json").write_text(
-        json.dumps({"settings": vars(args), "cpus": cpus, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / f"{args.results_name}.json").write_text(json_record(rows, args, cpus), encoding="utf-8")
+
+
+def json_record(rows: list[dict[str, Any]], args: argparse.Namespace, cpus: int) -> str:
+    """The results as JSON: every figure, the kept structures summarised against the first setting's."""
+    out = [{k: v for k, v in row.items() if k != "kept"} | {"kept_against_first": kept_agreement(rows[0]["kept"],
+                                                                                               row["kept"])}
+           for row in rows]
+    return json.dumps({"settings": vars(args), "cpus": cpus, "rows": out}, indent=1) + "\n"
 
 
 if __name__ == "__main__":
