@@ -578,10 +578,13 @@ def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
 
 
 def _prune_in_memory(args: argparse.Namespace, pruner: Any, output: Path) -> int:
-    """Load the model, prune it (measuring perplexity before and after with --eval), save it atomically."""
+    """Load the model, prune it (measuring perplexity before and after with --eval), save it atomically. Under
+    torchrun every rank prunes its copy (the same result on each); rank 0 alone evaluates and saves."""
+    from osscar_hf.distributed import is_main_process
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
 
-    eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval else None
+    main = is_main_process()
+    eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval and main else None
     resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device="cpu")
     eval_record: dict[str, Any] | None = None
@@ -597,6 +600,8 @@ def _prune_in_memory(args: argparse.Namespace, pruner: Any, output: Path) -> int
         eval_record = {"dataset": args.eval, "max_windows": args.eval_max_windows, "dense": dense.to_dict(),
                        "pruned": pruned.to_dict()}
         card_eval = _card_eval_results(args.eval, dense, pruned, args.eval_max_windows)
+    if not main:
+        return 0
     _save_pruned_folder(args, pruner, model, tokenizer, output, eval_record=eval_record, card_eval=card_eval)
     return _finish_prune(args, pruner.report, output)
 
@@ -641,7 +646,11 @@ def _save_pruned_folder(args: argparse.Namespace, pruner: Any, model: Any, token
 
 
 def _finish_prune(args: argparse.Namespace, report: Any, output: Path) -> int:
-    """Print the summary of a finished prune and push the folder when asked."""
+    """Print the summary of a finished prune and push the folder when asked (rank 0 only, under torchrun)."""
+    from osscar_hf.distributed import is_main_process
+
+    if not is_main_process():
+        return 0
     print(f"parameters {report.parameters_before:,} -> {report.parameters_after:,} "
           f"({report.parameters_after / report.parameters_before:.1%}), pruned in {report.total_seconds:.1f} s")
     print(f"wrote {output}")
@@ -809,6 +818,13 @@ def _package_logging(level: str) -> Iterator[None]:
         handler.close()
 
 
+def _rank_log_level(level: str) -> str:
+    """``level`` on rank 0 (or alone); at least WARNING on the other ranks of a torchrun launch."""
+    from osscar_hf.distributed import is_main_process
+
+    return level if is_main_process() or level in ("WARNING", "ERROR") else "WARNING"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits with 2 on bad arguments)."""
     quiet_idle_threads()  # this process is ours: before torch is imported, unless OMP_WAIT_POLICY is set
@@ -818,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.validate(args)  # exits 2, as argparse does, naming the options
     handler: Handler = args.handler
     try:
-        with _package_logging(args.log_level):
+        with _package_logging(_rank_log_level(args.log_level)):
             return handler(args)
     except (CommandError, OsscarError, ImportError, OSError, RuntimeError, ValueError) as exc:
         if args.log_level == "DEBUG":

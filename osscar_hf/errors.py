@@ -23,6 +23,7 @@ branches) or the usual ``ValueError``/``RuntimeError``/``OSError``::
     ├── CheckpointError(ValueError)           a checkpoint cannot be streamed
     ├── ResumeError(ValueError)               an interrupted streamed run cannot be resumed as asked
     ├── ConcurrentRunError(RuntimeError)      another run holds the output folder's lock
+    ├── RankFailedError(RuntimeError)         another rank of a distributed run failed (its error is named)
     ├── CommandError(ValueError)              the command line was asked for something impossible
     └── GGUFExportError(ValueError)           a model cannot be written as a GGUF file for llama.cpp (or not as asked)
 
@@ -37,7 +38,7 @@ __all__ = [
     "ActivationStorageError", "CalibrationDataError", "CardError", "CheckpointError", "CommandError",
     "ConcurrentRunError", "GGUFExportError", "HubAuthenticationError", "HubConnectionError", "HubPermissionError",
     "HubPushError", "ModelFetchError", "NotDequantizableError", "OsscarConfigError", "OsscarError", "OutputConflictError",
-    "RemoteCodeError", "ResumeError", "SaveError", "SolverError", "SurgeryError", "UnsupportedModelError",
+    "RankFailedError", "RemoteCodeError", "ResumeError", "SaveError", "SolverError", "SurgeryError", "UnsupportedModelError",
 ]
 
 
@@ -124,6 +125,11 @@ class ResumeError(OsscarError, ValueError):
 
 class ConcurrentRunError(OsscarError, RuntimeError):
     """Another ``prune_checkpoint`` run is writing to the same output folder (it holds the folder's lock)."""
+
+
+class RankFailedError(OsscarError, RuntimeError):
+    """Another process of a distributed run (``torch.distributed``) failed: this one stops too. The message names
+    the failed rank and its error."""
 
 
 # --------------------------------------------------------------------------- the command line

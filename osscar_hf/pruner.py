@@ -15,6 +15,7 @@ from .arch import ArchSpec, get_spec, get_submodule
 from .arch.experts import dense_layers_problem
 from .calibration import build_window_sets
 from .config import OsscarConfig
+from .distributed import Ranks, guard, process_ranks
 from .errors import CalibrationDataError, OsscarConfigError, OsscarError, UnsupportedModelError
 from .io.model_config import update_model_config
 from .io.save import attach_run, pruning_record
@@ -115,11 +116,20 @@ class OsscarPruner:
         return windows, held
 
     def prune(self, model: nn.Module, tokenizer: Any = None, *, progress: bool = True) -> nn.Module:
-        """Prune ``model`` in place and return it; ``self.report`` records what was done."""
+        """Prune ``model`` in place and return it; ``self.report`` records what was done.
+
+        Under ``torch.distributed`` (an initialised process group, or torchrun's environment: then the group is
+        initialised here and destroyed at the end) every rank calls this with the same model and settings; each runs
+        the block forwards on its share of the calibration windows, and every rank returns the same pruned model
+        (see ``docs/distributed.md``). Progress bars are shown on rank 0 only."""
+        with process_ranks(self.config.resolved_device()) as ranks, guard(ranks):
+            return self._prune(model, tokenizer, ranks, progress=progress and ranks.is_main)
+
+    def _prune(self, model: nn.Module, tokenizer: Any, ranks: Ranks, *, progress: bool) -> nn.Module:
         spec = get_spec(model)
         self._check_model(model, spec)
         run = start_run(self.config, model, spec, lambda held_out: self.calibration_window_sets(
-            model, tokenizer, held_out=held_out, progress=progress))
+            model, tokenizer, held_out=held_out, progress=progress), ranks)
         was_training = model.training
         model.eval()
         source = InMemoryBlocks()
@@ -211,6 +221,9 @@ class OsscarPruner:
         ``from_pretrained(..., dtype=)`` would load them for :meth:`prune`); ``config.json`` records it.
         ``base_model``: the Hub id the model card names as the base model (default: ``model_path`` when it is a
         Hub id, none for a local folder).
+
+        Under ``torch.distributed`` (as for :meth:`prune`) every rank reads its blocks from the shards and runs its
+        share of the calibration windows; rank 0 alone takes the lock and writes (see ``docs/distributed.md``).
         """
         if is_self_dataset(self.config.dataset):
             raise CalibrationDataError(

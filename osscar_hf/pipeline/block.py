@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..activations import ActivationSpace, ActivationStore
 from ..arch.spec import ArchSpec
 from ..capture import CapturedInputs, call_block, move_to
+from ..distributed import reduce_statistics, solve_shared, step
 from ..host_memory import peak_host_rss_bytes, release_freed_memory
 from ..methods import LayerProblem, LayerStatistics, Selection
 from ..report import BlockReport, ConsumerReport
@@ -52,16 +53,20 @@ def _consumer_report(m: int, selection: Selection | None, seconds: float, expert
                           experts=experts, **fields)
 
 
+def _close(*stores: ActivationStore | None) -> None:
+    for store in stores:
+        if store is not None:
+            with suppress(Exception):
+                store.close()
+
+
 @contextmanager
 def _closed_on_error(*stores: ActivationStore | None) -> Iterator[None]:
     """Close ``stores`` (deleting their files) when the body raises; they belong to the caller otherwise."""
     try:
         yield
     except BaseException:
-        for store in stores:
-            if store is not None:
-                with suppress(Exception):
-                    store.close()
+        _close(*stores)
         raise
 
 
@@ -189,17 +194,26 @@ def _prune_block(
         for part in parts} if method.statistics else {}
     # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
     dense_outputs = next_dense = None
-    if stats or dense_states is not None or not settings.propagate:
-        dense_outputs, next_dense = _accumulate(block, spec, consumers, stats, states, kwargs, dense_states, device,
-                                                storage, space, keep_outputs=not settings.propagate, gates=gates)
+    try:
+        with step(settings.ranks):  # each rank on its share of the windows
+            if stats or dense_states is not None or not settings.propagate:
+                dense_outputs, next_dense = _accumulate(block, spec, consumers, stats, states, kwargs, dense_states,
+                                                        device, storage, space, keep_outputs=not settings.propagate,
+                                                        gates=gates)
+    except BaseException:  # another rank failed: this one's new stores go too
+        _close(dense_outputs, next_dense)
+        raise
     with _closed_on_error(dense_outputs, next_dense):
-        selections = {part: (select_experts(block, spec, stats.pop(part, None), settings, keep[part],
-                                            f"block {index}")
-                             if part == "mlp" and spec.experts is not None
-                             else _select("mlp" if part == SHARED else part, consumers[part], stats.pop(part, None),
-                                          settings, keep[part]))
-                      for part in parts}
-        del stats
+        reduce_statistics(stats, settings.ranks)
+
+        def select(part: str) -> tuple[Selection, float]:
+            if part == "mlp" and spec.experts is not None:
+                return select_experts(block, spec, stats.pop(part, None), settings, keep[part], f"block {index}")
+            return _select("mlp" if part == SHARED else part, consumers[part], stats.pop(part, None), settings,
+                           keep[part])
+
+        selections = solve_shared(parts, select, settings.ranks, device)
+        stats.clear()
         if "attention" in selections:
             chosen = selections["attention"][0]
             groups, heads = settings.attention_layout.selection(chosen.kept_groups)

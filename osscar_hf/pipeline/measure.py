@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..activations import ActivationStore
 from ..budgets import BlockSize, flap_sizes, level_scores, part_floors, standardised_structure_scores
 from ..capture import CapturedInputs, call_block, move_to
+from ..distributed import reduce_statistics, step
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
 from .run import BlockSource, PruneRun
@@ -64,7 +65,8 @@ def dense_pass(
                          for part in PARTS}
                 outputs = states.space.store()
                 try:
-                    with torch.no_grad(), input_hooks(consumers, lambda name, x: stats[name].add(x)):
+                    with step(settings.ranks), torch.no_grad(), \
+                            input_hooks(consumers, lambda name, x: stats[name].add(x)):
                         for b, state in enumerate(states):
                             out = call_block(block, state.to(device), move_to(captured.kwargs[index][b], device))
                             outputs.append(out.to(storage))
@@ -74,6 +76,7 @@ def dense_pass(
                     raise
                 states.close()
                 states = outputs
+                reduce_statistics(stats, settings.ranks)  # each rank ran its share of the windows
                 on_block(index, block, {part: stats[part].take() for part in PARTS})
             finally:
                 block.to(home)

@@ -30,6 +30,7 @@ from ..activations import ActivationSpace, ActivationStore
 from .. import capture as capture_module
 from ..capture import CapturedInputs
 from ..config import OsscarConfig, describe_dataset
+from ..distributed import SINGLE, Ranks, broadcast, step
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import context_length, count_parameters
 from ..io.model_config import update_model_config
@@ -98,17 +99,18 @@ def calibration_seq_len(config: OsscarConfig, model_config: Any) -> int:
 
 
 def start_run(config: OsscarConfig, model: nn.Module, spec: ArchSpec,
-              windows: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]) -> PruneRun:
+              windows: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]], ranks: Ranks = SINGLE) -> PruneRun:
     """Check the config against the model's shapes, resolve the settings and the fixed sizes, then build the
     calibration windows (``windows(held_out)``: the calibration windows, and ``held_out`` more for a plan that
     measures on held-out data) if anything needs them. ``model`` may be a meta skeleton; no weight is read here.
     Raises before any data is read when the method is unknown, the budget is impossible or the method does not
-    fit."""
+    fit. Every one of ``ranks`` builds all the windows (the run's fingerprint and report name them all); each
+    captures only its share (:func:`capture`)."""
     config.check_method()
     check_config_fits(config, spec, model.config)
     config = aligned_experts_config(config, spec, model.config)
     check_method_fits(config, model, spec)
-    settings = loop_settings(config, model.config, spec)
+    settings = loop_settings(config, model.config, spec, ranks)
     geometries = block_geometries(model, spec, seq_len=calibration_seq_len(config, model.config),
                                   with_biases=settings.method.adds_bias,
                                   attention_structure=config.attention_structure)
@@ -153,10 +155,25 @@ def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
     if run.windows is None:
         return CapturedInputs(hidden=[], kwargs=[[] for _ in run.blocks])
     options = dict(batch_size=run.config.batch_size, storage_device=run.settings.storage_device, activations=space)
-    captured = capture_module.capture_block_inputs(run.model, run.blocks, run.windows, **options)
+    windows = rank_windows(run.windows, run.config.batch_size, run.settings.ranks)
+    captured = capture_module.capture_block_inputs(run.model, run.blocks, windows, **options)
     if plans_on_held_out(run):  # after the calibration windows, which settle where the space keeps them
         run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, run.held_out, **options)
     return captured
+
+
+def rank_windows(windows: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's share of the calibration ``windows``: whole batches of ``batch_size`` (so that each batch is the
+    one a single process runs), a contiguous run of them per rank; all of them for a single process."""
+    if not ranks.distributed:
+        return windows
+    batches = math.ceil(windows.shape[0] / batch_size)
+    if batches < ranks.world_size:
+        raise OsscarConfigError(
+            f"num_samples={windows.shape[0]} windows in batches of batch_size={batch_size} make {batches} batches, "
+            f"fewer than the {ranks.world_size} ranks: every rank needs one; raise num_samples or lower batch_size")
+    share = ranks.share(batches)
+    return windows[share.start * batch_size:share.stop * batch_size]
 
 
 def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True) -> None:
@@ -165,7 +182,9 @@ def plan_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, 
     if not run.settings.sizes:
         started = time.perf_counter()
         try:
-            sizes = measure.measured_sizes(run, source, captured, progress=progress)
+            with step(run.settings.ranks):
+                sizes = measure.measured_sizes(run, source, captured, progress=progress)
+            sizes = broadcast(sizes, run.settings.ranks)  # rank 0's plan: the same on every rank, whatever rounding
         finally:  # the held-out windows served the plan alone
             if run.held_out_inputs is not None and isinstance(run.held_out_inputs.hidden, ActivationStore):
                 run.held_out_inputs.hidden.close()

@@ -9,6 +9,7 @@ import torch
 
 from ..arch import ArchSpec, AttentionLayout, attention_layout
 from ..budgets import BlockSize
+from ..distributed.context import SINGLE, Ranks
 from ..methods import PruningMethod, SolveSettings, get_method
 
 __all__ = ["LoopSettings", "loop_settings"]
@@ -35,6 +36,7 @@ class LoopSettings:
     activation_dir: str | None = None      # parent folder of the on-disk activations (None: the temp folder)
     sizes: tuple[BlockSize, ...] = ()
     num_experts: int = 1                   # experts of a mixture of experts, each with num_neurons neurons
+    ranks: Ranks = SINGLE                  # the processes of a data-parallel run (see osscar_hf.distributed)
 
     @property
     def num_attention_groups(self) -> int:
@@ -65,8 +67,9 @@ class LoopSettings:
         return replace(self, sizes=tuple(sizes))
 
 
-def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSettings:
-    """The :class:`LoopSettings` of ``config`` (an OsscarConfig) for a model of ``model_config`` (sizes not set)."""
+def loop_settings(config: Any, model_config: Any, spec: ArchSpec, ranks: Ranks = SINGLE) -> LoopSettings:
+    """The :class:`LoopSettings` of ``config`` (an OsscarConfig) for a model of ``model_config`` (sizes not set), run
+    by ``ranks``."""
     layout = attention_layout(spec, model_config, config.attention_structure)
     dtype = config.torch_solver_dtype()
     iters = config.local_search_iters if config.local_search else 0
@@ -80,4 +83,5 @@ def loop_settings(config: Any, model_config: Any, spec: ArchSpec) -> LoopSetting
         storage_device=torch.device("cpu"), propagate=config.propagate, dense_targets=config.dense_targets,
         activation_storage=config.activation_storage, activation_dir=config.activation_dir,
         num_experts=int(getattr(model_config, spec.experts.config_count)) if spec.experts is not None else 1,
+        ranks=ranks,
     )

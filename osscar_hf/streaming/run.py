@@ -21,6 +21,7 @@ from ..arch import ArchSpec, get_spec, get_submodule
 from ..arch.experts import checkpoint_tensors, model_tensors
 from ..budgets import BlockSize
 from ..config import OsscarConfig
+from ..distributed import Ranks, broadcast, guard, process_ranks, step
 from ..errors import OsscarError, UnsupportedModelError
 from ..evaluation import count_parameters
 from ..host_memory import heap_fragmentation_hint, mapped_large_allocations, release_freed_memory
@@ -202,7 +203,8 @@ def _last_uses(reader: ShardReader, other_keys: list[str], block_keys: list[list
 class ShardBlocks:
     """The :class:`~osscar_hf.pipeline.BlockSource` of a streamed run: each block is read from the source shards
     just before it is used and released (moved to meta) after; a pruned block is written to its own output shard in
-    the partial folder ``tmp`` and recorded in the progress file."""
+    the partial folder ``tmp`` and recorded in the progress file. Of a distributed run, only rank 0 writes
+    (``writes``); every rank keeps its own planning copies (:attr:`scratch_folder`)."""
 
     reader: ShardReader
     files: LocalFiles | HubFiles
@@ -218,6 +220,15 @@ class ShardBlocks:
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     scratch_modules: dict[int, nn.Module] = field(default_factory=dict)
+    rank: int | None = None  # of a distributed run; None: a single process
+
+    @property
+    def writes(self) -> bool:
+        return not self.rank
+
+    @property
+    def scratch_folder(self) -> Path:
+        return self.tmp / (SCRATCH_FOLDER if self.rank is None else f"{SCRATCH_FOLDER}-rank{self.rank}")
 
     def load(self, index: int, block: nn.Module) -> None:
         _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.", self.spec)
@@ -227,6 +238,9 @@ class ShardBlocks:
         release_freed_memory()
 
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
+        if not self.writes:
+            self.release(index, block)
+            return
         block_prefix = f"{self.prefix}{index}."
         name = _shard_name(index + 2, self.num_shards)
         # The checkpoint's names: a mixture of experts' tensors split per expert, the family's prefixes renamed.
@@ -245,7 +259,8 @@ class ShardBlocks:
         self.total_size += size
 
     def save_progress(self) -> None:
-        write_progress(self.tmp, self.fingerprint, self.done, self.plan)
+        if self.writes:
+            write_progress(self.tmp, self.fingerprint, self.done, self.plan)
 
     def finished_phase(self, phase: int) -> None:
         """Source files needed for the last time by ``phase`` (-1: the non-block weights) may go."""
@@ -255,8 +270,8 @@ class ShardBlocks:
     def keep_scratch(self, index: int, module: nn.Module) -> None:
         """A planning copy of block ``index`` goes to its own file in the partial folder; its structure stays, on
         meta."""
-        folder = self.tmp / SCRATCH_FOLDER
-        folder.mkdir(exist_ok=True)
+        folder = self.scratch_folder
+        folder.mkdir(parents=True, exist_ok=True)
         _save_shard(dict(module.state_dict()), folder / f"block-{index:05d}.safetensors")
         module.to("meta")
         self.scratch_modules[index] = module
@@ -266,13 +281,13 @@ class ShardBlocks:
         from safetensors.torch import load_file
 
         module = self.scratch_modules[index]
-        module.load_state_dict(load_file(self.tmp / SCRATCH_FOLDER / f"block-{index:05d}.safetensors"), assign=True)
+        module.load_state_dict(load_file(self.scratch_folder / f"block-{index:05d}.safetensors"), assign=True)
         return module
 
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         module.to("meta")
         self.scratch_modules.pop(index, None)
-        (self.tmp / SCRATCH_FOLDER / f"block-{index:05d}.safetensors").unlink(missing_ok=True)
+        (self.scratch_folder / f"block-{index:05d}.safetensors").unlink(missing_ok=True)
         release_freed_memory()
 
     def replay(self, run: PruneRun, index: int, block: nn.Module, stream: BlockStream | None) -> None:
@@ -332,24 +347,30 @@ def prune_checkpoint(
     """Prune the safetensors checkpoint ``model_path`` (a local folder or a Hub model id) block by block into
     ``output_dir`` in the checkpoint ``format`` of :func:`osscar_hf.save_pruned`; return its path.
 
-    See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`.
+    See :meth:`osscar_hf.OsscarPruner.prune_checkpoint`. Of a distributed run every rank reads the shards, rank 0
+    alone takes the lock and writes (see ``docs/distributed.md``).
     """
     started = time.perf_counter()
     cast = _weights_dtype(dtype)
-    with mapped_large_allocations() if map_large_allocations else contextlib.nullcontext(False) as mapped:
+    with mapped_large_allocations() if map_large_allocations else contextlib.nullcontext(False) as mapped, \
+            process_ranks(pruner.config.resolved_device()) as ranks, guard(ranks):
+        progress = progress and ranks.is_main
         hint = None if mapped else heap_fragmentation_hint()
         if hint is not None:
             logger.info(hint)
         files = open_source(model_path, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
-                            delete_downloaded_shards=delete_downloaded_shards, progress=progress)
+                            delete_downloaded_shards=delete_downloaded_shards and ranks.is_main, progress=progress)
         target = output_path(output_dir)
         folder = files.folder if isinstance(files, LocalFiles) else None
-        _check_target(folder, target, overwrite)
-        with run_lock(target, str(folder) if folder is not None else files.repo_id):
-            _check_target(folder, target, overwrite)  # again: a run that held the lock may have just written it
+        if ranks.is_main:
+            _check_target(folder, target, overwrite)
+        with run_lock(target, str(folder) if folder is not None else files.repo_id) if ranks.is_main \
+                else contextlib.nullcontext():
+            if ranks.is_main:  # again: a run that held the lock may have just written it
+                _check_target(folder, target, overwrite)
             return _prune_locked(pruner, files, target, tokenizer=tokenizer, progress=progress, resume=resume,
                                  checkpoint_format=format, overwrite=overwrite, dtype=cast, base_model=base_model,
-                                 started=started)
+                                 started=started, ranks=ranks)
 
 
 def _open_config(files: LocalFiles | HubFiles, base_model: str | None) -> Any:
@@ -436,7 +457,7 @@ def _write_non_block_weights(model: nn.Module, spec: ArchSpec, other_keys: list[
 
 def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target: Path, *, tokenizer: Any,
                   progress: bool, resume: bool, checkpoint_format: str, overwrite: bool,
-                  dtype: torch.dtype | None, base_model: str | None, started: float) -> Path:
+                  dtype: torch.dtype | None, base_model: str | None, started: float, ranks: Ranks) -> Path:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -453,7 +474,7 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
     spec.check_model(model)
     block_keys, other_keys = _split_keys(model, spec, reader, files)
     run = start_run(pruner.config, model, spec,
-                    lambda held_out: pruner.calibration_window_sets(model, tokenizer, held_out=held_out))
+                    lambda held_out: pruner.calibration_window_sets(model, tokenizer, held_out=held_out), ranks)
     run.started = started
     _check_format(run, checkpoint_format)
     # Non-block weights: load, tie, check that nothing outside the blocks is still on meta.
@@ -467,21 +488,23 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
 
     fingerprint = run_fingerprint(files, reader, pruner.config, run.windows, run.settings.device)
     tmp = partial_folder(target)
-    earlier_downloads = files.read_record(tmp) if resume else []
-    done, plan = finished_blocks(tmp, fingerprint, resume)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir(exist_ok=True)
-    files.keep_record(tmp, earlier_downloads)
+    done, plan = _open_partial(files, tmp, fingerprint, resume, ranks)
     source = ShardBlocks(reader=reader, files=files, block_keys=block_keys, prefix=prefix, tmp=tmp,
                          fingerprint=fingerprint, num_shards=len(block_keys) + 1,
-                         last_uses=_last_uses(reader, other_keys, block_keys), spec=spec, done=done, plan=plan)
+                         last_uses=_last_uses(reader, other_keys, block_keys), spec=spec, done=done, plan=plan,
+                         rank=ranks.rank if ranks.distributed else None)
     if plan is not None and not run.settings.sizes:
         run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in plan])
     try:
         reports, activations = _stream_blocks(run, source, other_keys, progress)
+        if not source.writes:
+            pruner.report = finish_run(run, reports, activations=activations)
+            return target
         _write_checkpoint(pruner, run, source, reports, activations, target, overwrite=overwrite,
                           checkpoint_format=checkpoint_format, user_tokenizer=user_tokenizer)
     except BaseException:
+        if not source.writes:
+            raise
         if any(tmp.glob("model-*.safetensors")) and (tmp / PROGRESS_NAME).is_file():
             logger.error("pruning stopped after %d of %d blocks; the finished blocks are kept in %s: run "
                          "prune_checkpoint again with the same settings to continue", len(source.done),
@@ -496,6 +519,22 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
     return target
 
 
+def _open_partial(files: LocalFiles | HubFiles, tmp: Path, fingerprint: dict[str, Any], resume: bool, ranks: Ranks
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, int]] | None]:
+    """The partial folder ``tmp``, made or continued by rank 0 (which alone writes there): the blocks an interrupted
+    run finished and its plan, the same on every rank."""
+    done: list[dict[str, Any]] = []
+    plan: list[dict[str, int]] | None = None
+    with step(ranks):
+        if ranks.is_main:
+            earlier_downloads = files.read_record(tmp) if resume else []
+            done, plan = finished_blocks(tmp, fingerprint, resume)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(exist_ok=True)
+            files.keep_record(tmp, earlier_downloads)
+    return broadcast((done, plan), ranks)
+
+
 def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], progress: bool
                    ) -> tuple[list[BlockReport], dict[str, Any]]:
     """Capture, plan, prune (or replay) every block; return the block reports and where the activations were kept.
@@ -508,7 +547,8 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
         if not finished:
             with torch.no_grad():
                 captured = capture(run, space)
-        _write_non_block_weights(run.model, run.spec, other_keys, source)
+        if source.writes:
+            _write_non_block_weights(run.model, run.spec, other_keys, source)
         if captured is not None:
             # A measured plan runs the LM head (the non-block weights stay until it is made).
             measured = not run.settings.sizes
@@ -516,7 +556,7 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
                 with torch.no_grad():
                     plan_sizes(run, source, captured, progress=progress)
             finally:  # the planning copies are not kept for a resume (it measures again)
-                shutil.rmtree(source.tmp / SCRATCH_FOLDER, ignore_errors=True)
+                shutil.rmtree(source.scratch_folder, ignore_errors=True)
             if measured:  # a resumed run reuses this plan instead of measuring again
                 source.plan = [size.to_dict() for size in run.settings.sizes]
                 source.save_progress()
