@@ -224,7 +224,7 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
                            head_dim=head_dim, biases=biases)
     rope = _rope(model.config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
-    meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))
+    meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]), warn=False)  # _load warned
     logger.info("writing %s as llama.cpp architecture %r (%s layer shapes), %s", model_type, layout.arch,
                 "uniform" if layout.uniform else "per-block", dtype)
     _write_file(target, model, layout, head_dim, dtype, meta, rope, model_type,

@@ -161,9 +161,10 @@ def _scattered_tokens(pairs: list[tuple[str, str]]) -> list[str]:
     return scattered
 
 
-def spm_scores(spec: dict[str, Any], texts: list[str]) -> list[float]:
+def spm_scores(spec: dict[str, Any], texts: list[str], warn: bool = True) -> list[float]:
     """llama.cpp scores for the tokens ``texts`` (by id): minus the rank of the first merge that makes each token;
-    tokens no merge makes score below every merge. ``GGUFExportError`` if llama.cpp would join other pairs."""
+    tokens no merge makes score below every merge. ``GGUFExportError`` if llama.cpp would join other pairs; a
+    warning (unless ``warn`` is False) if it may join in another order."""
     model = spec.get("model", {})
     pairs = _merge_pairs(model)
     unlisted = _unlisted_joins(set(texts), set(pairs))
@@ -174,7 +175,7 @@ def spm_scores(spec: dict[str, Any], texts: list[str]) -> list[float]:
             f"tokens are no merge (e.g. {shown}); llama.cpp's 'llama' tokenizer would join them. Accepted: BPE with "
             "byte fallback whose merges list every such split (as generated from SentencePiece scores)")
     scattered = _scattered_tokens(pairs)
-    if scattered:
+    if scattered and warn:
         logger.warning("%d tokens are made by merges that are not consecutive in the merge list (e.g. %s): where "
                        "their merges compete, llama.cpp may join in another order than transformers",
                        len(scattered), [t for t in scattered[:3]])
@@ -203,9 +204,9 @@ def spm_token_types(texts: list[str], used: set[int], added: dict[int, bool], un
     return types
 
 
-def check_spm(spec: dict[str, Any], vocab: dict[str, int]) -> SpmSpace:
+def check_spm(spec: dict[str, Any], vocab: dict[str, int], warn: bool = True) -> SpmSpace:
     """Everything about a SentencePiece-style ``tokenizer.json`` but its merges; ``GGUFExportError`` if llama.cpp's
-    ``llama`` tokenizer cannot repeat it."""
+    ``llama`` tokenizer cannot repeat it, a warning (unless ``warn`` is False) for the texts where it differs."""
     _check_model(spec.get("model", {}))
     space = spm_space(spec)
     _check_byte_tokens(vocab)
@@ -215,7 +216,7 @@ def check_spm(spec: dict[str, Any], vocab: dict[str, int]) -> SpmSpace:
         if inner:
             raise GGUFExportError(f"the tokenizer's Metaspace pre-tokenizer splits words at '▁' but {len(inner)} "
                                   f"tokens hold '▁' inside (e.g. {inner[:3]}): llama.cpp would join across words")
-    if space.skips_prefix_before_space:
+    if space.skips_prefix_before_space and warn:
         logger.warning("the tokenizer's Metaspace pre-tokenizer adds no '▁' to a text that already begins with a "
                        "space; llama.cpp (like SentencePiece) always adds it: such texts start with one more '▁' "
                        "in llama.cpp")

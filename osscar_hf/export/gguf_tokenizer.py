@@ -164,17 +164,18 @@ def _special_metadata(tokenizer: Any) -> dict[str, Any]:
             "add_eos": add_eos, "chat_template": template if isinstance(template, str) else None}
 
 
-def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> TokenizerMetadata:
+def tokenizer_metadata(tokenizer: Any, vocab_size: int, warn: bool = True) -> TokenizerMetadata:
     """The GGUF tokenizer metadata of a fast (``tokenizers``-backed) ``tokenizer`` for a model with ``vocab_size``
-    embedding rows: ids the tokenizer does not use become ``[PAD<id>]`` tokens of type unused."""
+    embedding rows: ids the tokenizer does not use become ``[PAD<id>]`` tokens of type unused. ``warn=False``
+    leaves out the warnings :func:`check_tokenizer` gives."""
     spec = _spec(tokenizer)
     tokens, used = _tokens_by_id(tokenizer, vocab_size)
     added = {i: bool(token.special) for i, token in tokenizer.added_tokens_decoder.items()}
     if is_sentencepiece_style(spec):
-        space = check_spm(spec, tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True))
+        space = check_spm(spec, tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True), warn)
         return TokenizerMetadata(pre="default", tokens=tokens, merges=[], model="llama",
                                  token_types=spm_token_types(tokens, used, added, tokenizer.unk_token_id),
-                                 scores=spm_scores(spec, tokens), add_space_prefix=space.add_space_prefix,
+                                 scores=spm_scores(spec, tokens, warn), add_space_prefix=space.add_space_prefix,
                                  **_special_metadata(tokenizer))
     _check_model(spec)
     pre = pre_tokenizer_name(spec)
