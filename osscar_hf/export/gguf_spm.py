@@ -49,6 +49,7 @@ class SpmSpace:
     add_space_prefix: bool
     split: bool = False  # a Metaspace pre-tokenizer that splits words at "▁"
     skips_prefix_before_space: bool = False  # Metaspace adds no prefix to a text that begins with a space
+    first_only: bool = False  # Metaspace prepend_scheme "first": no prefix after an added token either
 
 
 def is_sentencepiece_style(spec: dict[str, Any]) -> bool:
@@ -108,7 +109,7 @@ def spm_space(spec: dict[str, Any]) -> SpmSpace:
         scheme = pre[0].get("prepend_scheme", "always" if pre[0].get("add_prefix_space", True) else "never")
         if scheme in ("always", "first", "never"):
             return SpmSpace(add_space_prefix=scheme != "never", split=bool(pre[0].get("split", True)),
-                            skips_prefix_before_space=scheme != "never")
+                            skips_prefix_before_space=scheme != "never", first_only=scheme == "first")
     raise GGUFExportError(f"the tokenizer's text handling ({_describe(spec)}) has no llama.cpp equivalent: "
                           f"accepted for a SentencePiece-style tokenizer: {_ACCEPTED}")
 
@@ -218,6 +219,7 @@ def check_spm(spec: dict[str, Any], vocab: dict[str, int], warn: bool = True) ->
                                   f"tokens hold '▁' inside (e.g. {inner[:3]}): llama.cpp would join across words")
     if space.skips_prefix_before_space and warn:
         logger.warning("the tokenizer's Metaspace pre-tokenizer adds no '▁' to a text that already begins with a "
-                       "space; llama.cpp (like SentencePiece) always adds it: such texts start with one more '▁' "
-                       "in llama.cpp")
+                       "space; llama.cpp (like SentencePiece) always adds it: such a text tokenizes in llama.cpp as in "
+                       "transformers with one more space in front%s", "; with prepend_scheme 'first', text that "
+                       "follows an added token also gets a '▁' in llama.cpp only" if space.first_only else "")
     return space

@@ -214,6 +214,7 @@ def _unigram():
     ("missing byte token", "lacks 1 of the 256 byte tokens"),
     ("nfkc", "text handling .* has no llama.cpp equivalent"),
     ("dropout", "sets {'dropout': 0.1}"),
+    ("stripping added token", "added token '<x>' sets lstrip, which llama.cpp does not apply"),
 ])
 def test_what_llama_cpp_cannot_tokenize_alike_is_refused(case, match, spm, tmp_path):
     if case == "unigram":
@@ -227,8 +228,13 @@ def test_what_llama_cpp_cannot_tokenize_alike_is_refused(case, match, spm, tmp_p
         tokenizer = _with(spm, model__vocab=vocab)
     elif case == "nfkc":
         tokenizer = _with(spm, normalizer={"type": "NFKC"})
-    else:
+    elif case == "dropout":
         tokenizer = _with(spm, model__dropout=0.1)
+    else:
+        from tokenizers import AddedToken
+
+        tokenizer = make_spm_tokenizer()
+        tokenizer.add_tokens([AddedToken("<x>", lstrip=True)])
     with pytest.raises(GGUFExportError, match=match):
         export_gguf(make_model("llama-gqa", vocab_size=len(tokenizer) + PAD), tmp_path / "m.gguf", "f32",
                     tokenizer=tokenizer)
