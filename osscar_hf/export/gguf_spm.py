@@ -32,7 +32,7 @@ from ..errors import GGUFExportError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpmSpace", "is_sentencepiece_style", "spm_scores", "spm_space", "spm_token_types"]
+__all__ = ["SpmSpace", "check_spm", "is_sentencepiece_style", "spm_scores", "spm_space", "spm_token_types"]
 
 SPACE = "\u2581"  # "▁", SentencePiece's space
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
