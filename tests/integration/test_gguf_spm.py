@@ -164,10 +164,12 @@ def test_llama_cpps_algorithm_on_the_file_gives_transformers_ids(style, prefix, 
                for text in SAMPLES for i in tokenizer(text)["input_ids"])  # byte fallback was exercised
 
 
-def test_the_check_sees_scores_that_do_not_follow_the_merges(spm, tmp_path, monkeypatch):
-    """Control for the test above: llama.cpp's algorithm with the scores reversed tokenizes differently."""
+@pytest.mark.parametrize("scores", ["reversed", "constant"])
+def test_the_reference_sees_scores_that_do_not_follow_the_merges(scores, spm, tmp_path):
+    """Control for the test above: llama.cpp's algorithm with the scores reversed, or all -1000 (what llama.cpp's
+    converter writes for a tokenizer.json without a tokenizer.model), tokenizes differently."""
     meta = export(spm, tmp_path)
-    meta["tokenizer.ggml.scores"] = [-s for s in meta["tokenizer.ggml.scores"]]
+    meta["tokenizer.ggml.scores"] = [-s if scores == "reversed" else -1000.0 for s in meta["tokenizer.ggml.scores"]]
     assert any(llama_cpp_spm(meta, t) != spm(t, add_special_tokens=False)["input_ids"] for t in SAMPLES)
 
 
