@@ -6,9 +6,9 @@
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
 ``qwen3``), per-block shapes in ``deci`` (see :mod:`.gguf_layout` for what llama.cpp can hold and why). The
-tokenizer (byte-level BPE, or SentencePiece-style BPE with byte fallback) and its chat template go along (:mod:`.gguf_tokenizer`). The file is written beside
-its final path under a temporary name and moved into place only when complete; an existing file is replaced
-only with ``overwrite=True``.
+tokenizer (byte-level BPE, or SentencePiece-style BPE with byte fallback) and its chat template go along
+(:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and moved into place only
+when complete; an existing file is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
