@@ -5,11 +5,12 @@
     export_gguf(model, "pruned.gguf", tokenizer=tokenizer)    # or a model in memory
 
 Uniform shapes are written in the family's own llama.cpp architecture (``llama`` for Llama and Mistral, ``qwen2``,
-``qwen3``, ``phi3``, ``gptneox``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama`` with experts,
-``qwen3moe``, ``qwen2moe`` and ``olmoe`` for mixtures of experts, :mod:`.gguf_experts`), per-block shapes in ``deci``
-(Llama, Mistral, Qwen2; see :mod:`.gguf_layout` for what llama.cpp can hold and why). The tokenizer and its chat
-template go along (:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and
-moved into place only when complete; an existing file is replaced only with ``overwrite=True``.
+``qwen3``, ``phi3``, ``gptneox``; ``gemma``, ``gemma2``, ``gemma3`` for Gemma models, :mod:`.gguf_gemma`; ``llama``
+with experts, ``qwen3moe``, ``qwen2moe`` and ``olmoe`` for mixtures of experts, :mod:`.gguf_experts`), per-block
+shapes in ``deci`` (Llama, Mistral, Qwen2; see :mod:`.gguf_layout` for what llama.cpp can hold and why). The
+tokenizer (byte-level BPE, or SentencePiece-style BPE with byte fallback) and its chat template go along
+(:mod:`.gguf_tokenizer`). The file is written beside its final path under a temporary name and moved into place only
+when complete; an existing file is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -171,15 +172,20 @@ def _write_metadata(writer: Any, model: nn.Module, layout: Layout, head_dim: int
 
 
 def _tokenizer_keys(writer: Any, tokenizer: TokenizerMetadata) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tokenizer.model)
     writer.add_tokenizer_pre(tokenizer.pre)
     writer.add_token_list(tokenizer.tokens)
+    if tokenizer.scores is not None:
+        writer.add_token_scores(tokenizer.scores)
     writer.add_token_types(tokenizer.token_types)
-    writer.add_token_merges(tokenizer.merges)
+    if tokenizer.merges:
+        writer.add_token_merges(tokenizer.merges)
     for name, token_id in tokenizer.special_ids.items():
         getattr(writer, f"add_{name}_token_id")(token_id)
     writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(tokenizer.add_eos)
+    if tokenizer.add_space_prefix is not None:
+        writer.add_add_space_prefix(tokenizer.add_space_prefix)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -218,8 +224,8 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
         path: the ``.gguf`` file to write (missing parent folders are created).
         dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the matrices (norms and biases stay float32;
             Q8_0 matrices whose rows are not a multiple of 32 values are written as f16).
-        tokenizer: the tokenizer (a fast byte-level BPE one) or a folder holding it; needed for a model in
-            memory, read from the folder otherwise.
+        tokenizer: the tokenizer (a fast byte-level or SentencePiece-style BPE one) or a folder holding it;
+            needed for a model in memory, read from the folder otherwise.
         overwrite: replace an existing file at ``path``.
         trust_remote_code: allow loading a remote-code checkpoint.
 
@@ -249,7 +255,7 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
                        "converter", model_type, getattr(config, "hidden_act", None))
     rope = _rope(config, layout.arch)
     factors = _rope_factors(model, head_dim, rope["theta"]) if rope["type"] == "llama3" else None
-    meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]))
+    meta = tokenizer_metadata(tokenizer, vocab_size=int(parts.embed.shape[0]), warn=False)  # _load warned
     logger.info("writing %s as llama.cpp architecture %r (%s layer shapes), %s", model_type, layout.arch,
                 "uniform" if layout.uniform else "per-block", dtype)
     _write_file(target, model, layout, head_dim, dtype, meta, rope, model_type,

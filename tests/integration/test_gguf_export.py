@@ -347,7 +347,7 @@ def test_pre_tokenizer_names():
 
 
 def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
-    with pytest.raises(GGUFExportError, match="only byte-level BPE"):
+    with pytest.raises(GGUFExportError, match="'WordLevel' model cannot be exported: accepted are byte-level BPE"):
         export_gguf(make_model("llama-gqa"), tmp_path / "m.gguf", "f32", tokenizer=make_tokenizer())  # WordLevel
     assert list(tmp_path.iterdir()) == []
 
