@@ -27,7 +27,7 @@ from ..report import BlockReport, ConsumerReport
 from ..arch import get_submodule
 from ..arch.experts import shared_expert_keep
 from ..surgery import add_part_biases, block_consumers, prune_attention, prune_mlp
-from .experts import expert_statistics, routed_producer, select_experts
+from .experts import combine_experts, expert_solver, expert_statistics, routed_producer
 from .settings import LoopSettings
 from .statistics import ExpertStatistics, InputStatistics, gated_input_hooks, input_hooks, routed_input_hooks
 
@@ -162,6 +162,33 @@ def _select(
     return selection, time.perf_counter() - started
 
 
+def _select_parts(block: nn.Module, index: int, spec: ArchSpec, settings: LoopSettings, parts: list[str],
+                  consumers: dict[str, nn.Module], stats: dict[str, Any], keep: dict[str, int]
+                  ) -> dict[str, tuple[Selection, float]]:
+    """Every pruned part's selection and its seconds. Each consumer, and each expert of a mixture of experts, is one
+    problem: with several ranks they are dealt to the ranks and the answers shared (:func:`solve_shared`)."""
+    started = time.perf_counter()
+    items: list[Any] = [part for part in parts if not (part == "mlp" and spec.experts is not None)]
+    experts: list[tuple[str, int]] = []
+    if len(items) < len(parts):
+        count, solve_expert = expert_solver(block, spec, stats.pop("mlp", None), settings, keep["mlp"],
+                                            f"block {index}")
+        experts = [("mlp", e) for e in range(count)]
+
+    def select(item: Any) -> Any:
+        if isinstance(item, tuple):
+            return solve_expert(item[1])
+        return _select("mlp" if item == SHARED else item, consumers[item], stats.pop(item, None), settings,
+                       keep[item])
+
+    solved = solve_shared(items + experts, select, settings.ranks, settings.device)
+    selections = {part: solved[part] for part in items}
+    if experts:
+        selections["mlp"] = (combine_experts(block, spec, [solved[item] for item in experts]),
+                             time.perf_counter() - started)
+    return selections
+
+
 def _prune_block(
     block: nn.Module,
     index: int,
@@ -206,13 +233,7 @@ def _prune_block(
     with _closed_on_error(dense_outputs, next_dense):
         reduce_statistics(stats, settings.ranks)
 
-        def select(part: str) -> tuple[Selection, float]:
-            if part == "mlp" and spec.experts is not None:
-                return select_experts(block, spec, stats.pop(part, None), settings, keep[part], f"block {index}")
-            return _select("mlp" if part == SHARED else part, consumers[part], stats.pop(part, None), settings,
-                           keep[part])
-
-        selections = solve_shared(parts, select, settings.ranks, device)
+        selections = _select_parts(block, index, spec, settings, parts, consumers, stats, keep)
         stats.clear()
         if "attention" in selections:
             chosen = selections["attention"][0]

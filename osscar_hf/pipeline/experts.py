@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 import math
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from .settings import LoopSettings
 from .statistics import ExpertStatistics
 
 __all__ = ["EXPERT_ALIGNMENT", "FEW_TOKENS_DAMPING", "aligned_experts_config", "check_experts_fit", "expert_statistics",
-           "routed_producer", "select_experts"]
+           "combine_experts", "expert_solver", "routed_producer", "select_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,20 +122,38 @@ def _combined_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def select_experts(block: nn.Module, spec: ArchSpec, stats: ExpertStatistics | None, settings: LoopSettings,
-                   keep: int, where: str) -> tuple[Selection, float]:
-    """Every expert's selection of ``keep`` neurons, as one :class:`Selection` over the flat structures ``e * I + j``
-    (its weight experts x out x keep when the method refits)."""
+def expert_solver(block: nn.Module, spec: ArchSpec, stats: ExpertStatistics | None, settings: LoopSettings, keep: int,
+                  where: str) -> tuple[int, Callable[[int], Selection]]:
+    """(the number of experts, ``solve(e)``: expert ``e``'s selection of ``keep`` neurons). Each expert is its own
+    problem, so the experts can be solved apart (by different ranks) and put together by :func:`combine_experts`."""
     assert spec.experts is not None
-    started = time.perf_counter()
     down = expert_parameter(block, spec.experts, spec.mlp_consumer)
-    selections = [_select_one(e, down[e], stats.take(e) if stats is not None else LayerStatistics(), settings, keep,
-                              where) for e in range(down.shape[0])]
+
+    def solve(e: int) -> Selection:
+        return _select_one(e, down[e], stats.take(e) if stats is not None else LayerStatistics(), settings, keep,
+                           where)
+
+    return down.shape[0], solve
+
+
+def combine_experts(block: nn.Module, spec: ArchSpec, selections: list[Selection]) -> Selection:
+    """Every expert's selection as one :class:`Selection` over the flat structures ``e * I + j`` (its weight experts
+    x out x keep when the method refits), with one report for them all."""
+    assert spec.experts is not None
+    down = expert_parameter(block, spec.experts, spec.mlp_consumer)
     kept = expert_neurons(torch.stack([s.kept_groups.cpu() for s in selections]), down.shape[2])
     weight = None
     if any(s.weight is not None for s in selections):
         weight = torch.stack([s.weight.to(down) if s.weight is not None
                               else down[e].index_select(1, s.kept_groups.to(down.device))
                               for e, s in enumerate(selections)])
-    report = _combined_report([s.report or {} for s in selections])
-    return Selection(kept, weight=weight, report=report), time.perf_counter() - started
+    return Selection(kept, weight=weight, report=_combined_report([s.report or {} for s in selections]))
+
+
+def select_experts(block: nn.Module, spec: ArchSpec, stats: ExpertStatistics | None, settings: LoopSettings,
+                   keep: int, where: str) -> tuple[Selection, float]:
+    """Every expert's selection of ``keep`` neurons, solved in this process (:func:`expert_solver`, then
+    :func:`combine_experts`), and the seconds it took."""
+    started = time.perf_counter()
+    count, solve = expert_solver(block, spec, stats, settings, keep, where)
+    return combine_experts(block, spec, [solve(e) for e in range(count)]), time.perf_counter() - started

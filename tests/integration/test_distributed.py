@@ -62,16 +62,28 @@ def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def _prune_case(name: str) -> dict[str, Any]:
-    """Prune the case in memory; the state, kept structures and block forwards (all blocks together)."""
+    """Prune the case in memory; the state, kept structures, block forwards and experts solved by this process (all
+    blocks together)."""
+    import osscar_hf.pipeline.experts as experts_module
+
     kind, fields, _ = CASES[name]
     model = make_model(kind)
-    forwards = [0]
+    forwards, solves, solve_one = [0], [0], experts_module._select_one
     for block in _blocks(model):
         block.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    pruner = _pruner(**fields)
-    pruner.prune(model, make_tokenizer(), progress=False)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        solves[0] += 1
+        return solve_one(*args, **kwargs)
+
+    experts_module._select_one = counted
+    try:
+        pruner = _pruner(**fields)
+        pruner.prune(model, make_tokenizer(), progress=False)
+    finally:
+        experts_module._select_one = solve_one
     kept = [(b.attention.kept_indices, b.mlp.kept_indices) for b in pruner.report.blocks]
-    return {"state": model.state_dict(), "kept": kept, "forwards": forwards[0]}
+    return {"state": model.state_dict(), "kept": kept, "forwards": forwards[0], "expert_solves": solves[0]}
 
 
 def _streamed_prunes(root: Path, rank: int) -> dict[str, Any]:
@@ -163,6 +175,12 @@ def test_ranks_return_the_same_model_as_one_process(runs, case):
     assert first["kept"] == second["kept"] == single["kept"]
     dense = make_model(CASES[case][0]).state_dict()
     assert sum(t.numel() for t in single["state"].values()) < sum(t.numel() for t in dense.values())  # pruned
+
+
+def test_each_rank_solves_half_the_experts(runs):
+    counts = [r["qwen2_moe"]["expert_solves"] for r in runs["ranks"]]
+    assert counts == [runs["single"]["qwen2_moe"]["expert_solves"] // WORLD] * WORLD
+    assert runs["single"]["qwen2_moe"]["expert_solves"] == 2 * 4  # two blocks of four experts
 
 
 @pytest.mark.parametrize("case", sorted(c for c, (_, _, calibration_only) in CASES.items() if calibration_only))
