@@ -32,7 +32,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from families import fetch_gemma3_270m  # noqa: E402
-from gguf_llamacpp import greedy, load_data, ppl, run_llama_cpp, window_nll  # noqa: E402
+from gguf_llamacpp import comparison_table, greedy, load_data, ppl, run_llama_cpp, window_nll  # noqa: E402
 
 RESULTS = HERE / "results"
 PRUNED = dict(attention_sparsity=0.25, mlp_sparsity=0.25, attention_structure="query_heads")
@@ -68,10 +68,10 @@ def llama_cpp_rows(name: str, folder: Path, work: Path, data: dict[str, Any], hf
         assert cli(["export-gguf", str(folder), str(path), "--dtype", dtype, "--overwrite"]) == 0
         ll = run_llama_cpp(args.llama_python, path, data["windows"], data["prompts"], args.new_tokens,
                            data["text"] if dtype == "f32" else None)
-        row = {"model": name, "dtype": dtype, "parameters": hf["parameters"], "gguf_mib": path.stat().st_size / 2**20,
-               "ppl_transformers": hf["ppl"], "ppl_llama_cpp": ppl(ll["nll"], ll["count"]),
-               "greedy_identical": sum(a == b for a, b in zip(ll["continuations"], hf["greedy"])),
-               "prompts": len(hf["greedy"])}
+        same = sum(a == b for a, b in zip(ll["continuations"], hf["greedy"]))
+        row = {"model": name, "arch": "gemma3", "dtype": dtype, "parameters": hf["parameters"],
+               "gguf_mib": path.stat().st_size / 2**20, "ppl_transformers": hf["ppl"],
+               "ppl_llama_cpp": ppl(ll["nll"], ll["count"]), "greedy_identical": f"{same}/{len(hf['greedy'])}"}
         row["rel_diff"] = row["ppl_llama_cpp"] / row["ppl_transformers"] - 1
         if ll["tokens"]:
             bos = [ll["tokens"][0]] if ll["add_bos"] and ll["tokens"][:1] != data["text_ids"][:1] else []
@@ -116,13 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "gguf_gemma3.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     lines = ["# Gemma 3 270M in llama.cpp (GGUF export, architecture gemma3) against transformers", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
-    lines += ["", "| model | dtype | params | GGUF MiB | ppl transformers | ppl llama.cpp | diff | greedy 32 identical | "
-              "tokenization identical |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        tok = {True: "yes", False: "NO"}.get(r.get("tokenization_identical"), "-")
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['parameters']:,} | {r['gguf_mib']:.1f} | "
-                     f"{r['ppl_transformers']:.4f} | {r['ppl_llama_cpp']:.4f} | {r['rel_diff']:+.3%} | "
-                     f"{r['greedy_identical']}/{r['prompts']} | {tok} |")
+    lines += ["", *comparison_table(rows)]
     (RESULTS / "gguf_gemma3.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

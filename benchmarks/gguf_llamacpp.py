@@ -239,6 +239,18 @@ def load_data(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"text": text, "text_ids": ids, "windows": windows, "prompts": prompts, "pad_id": pad}
 
 
+def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of llama.cpp against transformers, one row per model and dtype."""
+    lines = ["| model | llama.cpp arch | dtype | params | GGUF MiB | ppl transformers | ppl llama.cpp | diff | "
+             "greedy 32 identical | tokenization identical |", "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        tok = {True: "yes", False: "NO"}.get(r.get("tokenization_identical"), "-")
+        lines.append(f"| {r['model']} | {r['arch']} | {r['dtype']} | {r['parameters']:,} | {r['gguf_mib']:.1f} | "
+                     f"{r['ppl_transformers']:.4f} | {r['ppl_llama_cpp']:.4f} | {r['rel_diff']:+.3%} | "
+                     f"{r['greedy_identical']} | {tok} |")
+    return lines
+
+
 def write_results(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gguf_llamacpp.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
@@ -247,13 +259,7 @@ def write_results(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines += ["- seconds (prune_seconds, and per row in the .json): measured on 2 CPU cores shared with other work, "
               "not a speed benchmark", "- the explicit-sizes model removes block 0's attention, so its perplexity is "
               "very high; it checks the padded shapes (see docs/deploy.md), not quality"]
-    lines += ["", "| model | llama.cpp arch | dtype | params | GGUF MiB | ppl transformers | ppl llama.cpp | diff | "
-              "greedy 32 identical | tokenization identical |", "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        tok = {True: "yes", False: "NO"}.get(r.get("tokenization_identical"), "-")
-        lines.append(f"| {r['model']} | {r['arch']} | {r['dtype']} | {r['parameters']:,} | {r['gguf_mib']:.1f} | "
-                     f"{r['ppl_transformers']:.4f} | {r['ppl_llama_cpp']:.4f} | {r['rel_diff']:+.3%} | "
-                     f"{r['greedy_identical']} | {tok} |")
+    lines += ["", *comparison_table(rows)]
     lines += ["", "Sizes chosen ([KV groups kept of 3 (3 query heads each), FFN neurons kept of 1536] per block):", ""]
     lines += [f"- {name}: {sizes}" for name, sizes in settings.get("sizes", {}).items()]
     table = "\n".join(lines) + "\n"

@@ -28,7 +28,6 @@ IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 def make_bpe_tokenizer():
     """A tiny byte-level BPE tokenizer (digits split one by one, as SmolLM2's), trained in-process."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -37,7 +36,15 @@ def make_bpe_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([make_text(2000)], trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>")
+    return fast_tokenizer(tok, "<|endoftext|>")
+
+
+def fast_tokenizer(tok, unk_token: str):
+    """``tok`` (a ``tokenizers.Tokenizer``) as a transformers tokenizer with <s>/</s>, an added token and a chat
+    template."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=unk_token)
     hf.add_tokens(["<tool>"])
     hf.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     return hf

@@ -16,6 +16,7 @@ import pytest
 
 from osscar_hf import GGUFExportError, export_gguf
 from tests.conftest import make_model, make_text
+from tests.integration.test_gguf_export import fast_tokenizer
 
 PAD = 3  # embedding rows beyond the tokenizer's ids, as models often have
 SPACE = "\u2581"
@@ -49,7 +50,6 @@ def make_spm_tokenizer(style: str = "metaspace", complete: bool = True, size: in
     (transformers 5's Llama tokenizer), "prepend" (Llama 2's tokenizer.json: Prepend + Replace normalizer),
     "gemma" (Replace only: no prefix). ``complete=False`` keeps the trainer's own merges (not SentencePiece's)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
     pieces, merges = _trained(make_text(2000), size)
@@ -67,10 +67,7 @@ def make_spm_tokenizer(style: str = "metaspace", complete: bool = True, size: in
         tok.normalizer = normalizers.Replace(" ", SPACE)
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.add_tokens(["<tool>"])
-    hf.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
-    return hf
+    return fast_tokenizer(tok, "<unk>")
 
 
 @pytest.fixture(scope="module")
