@@ -60,7 +60,7 @@ PRUNED: dict[str, dict[str, Any]] = {
     "global r128": {"allocation": "global", "round_to": 128},
 }
 # (phase, batch, prompt) where --breakdown times every part of the models: the cells of the issue's targets.
-BREAKDOWN_CASES = (("decode", 1, 128), ("decode", 1, 1024), ("prefill", 8, 128), ("prefill", 8, 1024))
+BREAKDOWN_CASES = (("decode", 1, 128), ("decode", 1, 1024), ("prefill", 8, 128))
 CELLS = ((1, 128), (1, 1024), (8, 128), (8, 1024), (32, 128), (32, 1024))
 
 
@@ -86,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cells", default=",".join(f"{b}x{p}" for b, p in CELLS), help="BATCHxPROMPT cells")
     parser.add_argument("--runtimes", default="transformers,llama.cpp")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--max-tokens-per-rep", type=int, default=40000,
-                        help="fewer repetitions (at least 2) where batch x prompt x (models) would exceed this")
+    parser.add_argument("--max-tokens-per-rep", type=int, default=4096,
+                        help="fewer repetitions where repetitions x batch x prompt would exceed this")
+    parser.add_argument("--min-repetitions", type=int, default=3, help="the fewest repetitions of any cell")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy decode steps per measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-python", default="/work/venv-llama/bin/python")
@@ -226,12 +227,13 @@ def rotated(names: list[str], rep: int) -> list[str]:
 
 
 def transformers_cell(models: dict[str, torch.nn.Module], cell: Cell, seed: int) -> dict[str, dict[str, list]]:
-    """Every model once per repetition (order rotating), after a warm-up on the cell unless it is a big one."""
+    """Every model once per repetition (order rotating), after a warm-up on the cell (on 1 x 128 tokens of it
+    where the cell has over 1024 tokens)."""
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (cell.batch, cell.prompt), generator=torch.Generator().manual_seed(seed))
     names = list(models)
     for name in names:
-        warm = ids if cell.batch * cell.prompt <= 8192 else ids[:1, :128]
+        warm = ids if ids.numel() <= 1024 else ids[:1, :128]
         time_once(models[name], warm, 2)
     out: dict[str, dict[str, list]] = {name: {"prefill": [], "decode": []} for name in names}
     for rep in range(cell.repetitions):
@@ -344,12 +346,42 @@ def breakdown(loaded: dict[str, torch.nn.Module], cases: list[tuple[str, int, in
     return out
 
 
+
+WIDTHS = (509, 512, 545, 557, 576, 605, 640, 689, 704, 768, 1024, 1035, 1109, 1152, 1536)
+
+
+@torch.inference_mode()
+def width_scan(hidden: int, rows: tuple[int, ...] = (1024,), repetitions: int = 7) -> list[dict[str, Any]]:
+    """Seconds of one FFN's three matmuls (gate and up: hidden -> width, down: width -> hidden) at FFN widths the
+    pruned models have, for ``rows`` tokens at once (1024: a prefill of 8 x 128), medians of ``repetitions`` (the
+    widths interleaved). Shows whether odd widths cost more per neuron. (Not at decode shapes: these weights would
+    stay in the CPU's cache, the model's do not.)"""
+    out = []
+    for n in rows:
+        x = torch.randn(n, hidden)
+        weights = {w: (torch.randn(w, hidden), torch.randn(w, hidden), torch.randn(hidden, w)) for w in WIDTHS}
+        times: dict[int, list[float]] = {w: [] for w in WIDTHS}
+        for rep in range(repetitions + 1):
+            for w in WIDTHS:
+                gate, up, down = weights[w]
+                started = time.perf_counter()
+                for _ in range(2):
+                    h = torch.nn.functional.linear(x, gate) * torch.nn.functional.linear(x, up)
+                    torch.nn.functional.linear(h, down)
+                if rep:
+                    times[w].append((time.perf_counter() - started) / 2)
+        for w in WIDTHS:
+            seconds = median(times[w])
+            out.append({"tokens": n, "width": w, "seconds": seconds, "us_per_neuron": seconds / w * 1e6})
+    return out
+
+
 # --------------------------------------------------------------------------- plan and resume
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
-    """The cells to measure, with fewer repetitions (never under 3) for the biggest ones."""
+    """The cells to measure, with fewer repetitions (never under ``--min-repetitions``) for the biggest ones."""
     cells = []
     for batch, prompt in args.cells:
-        reps = max(3, min(args.repetitions, args.max_tokens_per_rep // (batch * prompt)))
+        reps = max(args.min_repetitions, min(args.repetitions, args.max_tokens_per_rep // (batch * prompt)))
         cells.append(Cell(batch, prompt, reps, args.new_tokens))
     return cells
 
@@ -487,7 +519,7 @@ def breakdown_markdown(saved: dict[str, Any]) -> list[str]:
     for case in dict.fromkeys((r["phase"], r["batch"], r["prompt"]) for r in rows):
         these = [r for r in rows if (r["phase"], r["batch"], r["prompt"]) == case]
         dense = next(r["seconds"] for r in these if r["model"] == "dense")
-        what = "16 decode steps" if case[0] == "decode" else "one prefill"
+        what = f"{saved.get('settings', {}).get('new_tokens')} decode steps" if case[0] == "decode" else "one prefill"
         lines += ["", f"### Where the time goes: {case[0]}, batch {case[1]} x prompt {case[2]} (ms for {what}; "
                   "in brackets pruned / dense time)", "",
                   "| model | total | " + " | ".join(PARTS) + " |", "|---|" + "---:|" * (len(PARTS) + 1)]
@@ -496,6 +528,13 @@ def breakdown_markdown(saved: dict[str, Any]) -> list[str]:
             cells = [f"{sec[k] * 1e3:.1f}" + ("" if r["model"] == "dense" or dense[k] <= 0 else
                                                f" ({sec[k] / dense[k]:.2f})") for k in ("total",) + PARTS]
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    scan = saved.get("widths") or []
+    if scan:
+        lines += ["", "### One FFN's matmuls (gate, up, down) by width: microseconds per neuron (median)", "",
+                  "| tokens | " + " | ".join(str(w) for w in WIDTHS) + " |", "|---|" + "---:|" * len(WIDTHS)]
+        for n in dict.fromkeys(r["tokens"] for r in scan):
+            by_width = {r["width"]: r["us_per_neuron"] for r in scan if r["tokens"] == n}
+            lines.append(f"| {n} | " + " | ".join(f"{by_width[w]:.3f}" for w in WIDTHS) + " |")
     return lines
 
 
@@ -600,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         run_transformers(args, saved, loaded, cells, settings)
     if args.breakdown and (args.rerun or not saved.get("breakdown")):
         saved["breakdown"] = breakdown(loaded, list(BREAKDOWN_CASES), 3, args.new_tokens)
+        saved["widths"] = width_scan(loaded["dense"].config.hidden_size)
         write_results(saved, args.output_dir)
     del loaded
     if "llama.cpp" in args.runtimes:
