@@ -205,21 +205,35 @@ def load_models(models: dict[str, dict[str, Path]]) -> dict[str, torch.nn.Module
             for name, m in models.items()}
 
 
+class Clock:
+    """Wall-clock and CPU (this process, all threads) seconds since it was made. CPU time barely moves when
+    other work takes the cores (idle OpenMP threads sleep: OMP_WAIT_POLICY=PASSIVE), so its ratios are a check on
+    the wall-clock ones on a shared machine."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 @torch.inference_mode()
-def time_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s): the prompt in one forward filling the KV cache, last logits only, then
-    ``new_tokens`` greedy steps of one token per sequence."""
-    started = time.perf_counter()
+def time_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Tokens per wall-clock second and per CPU second of a prefill (the prompt in one forward filling the KV cache,
+    last logits only) and of ``new_tokens`` greedy decode steps of one token per sequence after it."""
+    clock = Clock()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    prefill = time.perf_counter() - started
+    prefill = clock.read()
     cache = out.cache
-    started = time.perf_counter()
+    clock = Clock()
     for _ in range(new_tokens):
         out = model(input_ids=token, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    decode = time.perf_counter() - started
-    return ids.numel() / prefill, ids.shape[0] * new_tokens / decode
+    decode = clock.read()
+    generated = ids.shape[0] * new_tokens
+    return {"prefill": ids.numel() / prefill[0], "decode": generated / decode[0],
+            "prefill_cpu": ids.numel() / prefill[1], "decode_cpu": generated / decode[1]}
 
 
 def rotated(names: list[str], rep: int) -> list[str]:
@@ -235,12 +249,11 @@ def transformers_cell(models: dict[str, torch.nn.Module], cell: Cell, seed: int)
     for name in names:
         warm = ids if ids.numel() <= 1024 else ids[:1, :128]
         time_once(models[name], warm, 2)
-    out: dict[str, dict[str, list]] = {name: {"prefill": [], "decode": []} for name in names}
+    out: dict[str, dict[str, list]] = {name: {} for name in names}
     for rep in range(cell.repetitions):
         for name in rotated(names, rep):
-            prefill, decode = time_once(models[name], ids, cell.new_tokens)
-            out[name]["prefill"].append(prefill)
-            out[name]["decode"].append(decode)
+            for key, value in time_once(models[name], ids, cell.new_tokens).items():
+                out[name].setdefault(key, []).append(value)
     return out
 
 
@@ -266,8 +279,9 @@ PARTS = ("attention linears", "attention core", "MLP linears", "MLP other", "nor
 
 
 class PartTimer:
-    """Wall-clock seconds spent in each kind of module of a Llama model, from forward pre/post hooks (CPU ops are
-    synchronous). The hooks cost a few microseconds each, counted in the enclosing parts."""
+    """CPU seconds (this process, all threads) spent in each kind of module of a Llama model, from forward pre/post
+    hooks (CPU ops are synchronous). CPU time, not wall-clock, so that other work on a shared machine moves it
+    little. The hooks cost a few microseconds each, counted in the enclosing parts."""
 
     KINDS = (("q_proj", "attn_linear"), ("k_proj", "attn_linear"), ("v_proj", "attn_linear"),
              ("o_proj", "attn_linear"), ("gate_proj", "mlp_linear"), ("up_proj", "mlp_linear"),
@@ -285,11 +299,11 @@ class PartTimer:
                 self.handles.append(module.register_forward_hook(self._post(kind)))
 
     def _pre(self, module: torch.nn.Module, _args: Any) -> None:
-        self.started[id(module)] = time.perf_counter()
+        self.started[id(module)] = time.process_time()
 
     def _post(self, kind: str):
         def hook(module: torch.nn.Module, _args: Any, _out: Any) -> None:
-            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - self.started[id(module)]
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.process_time() - self.started[id(module)]
         return hook
 
     def parts(self, total: float) -> dict[str, float]:
@@ -306,11 +320,12 @@ class PartTimer:
 
 @torch.inference_mode()
 def time_parts(model: torch.nn.Module, ids: torch.Tensor, phase: str, new_tokens: int) -> dict[str, float]:
-    """Seconds per part of one prefill of ``ids`` (``phase="prefill"``) or of ``new_tokens`` decode steps after it."""
+    """CPU seconds per part of one prefill of ``ids`` (``phase="prefill"``) or of ``new_tokens`` decode steps after
+    it."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1) if phase == "decode" else None
     timer = PartTimer(model)
     try:
-        started = time.perf_counter()
+        started = time.process_time()
         if phase == "prefill":
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
         else:
@@ -318,7 +333,7 @@ def time_parts(model: torch.nn.Module, ids: torch.Tensor, phase: str, new_tokens
             for _ in range(new_tokens):
                 step = model(input_ids=token, cache=cache, use_cache=True)
                 token = step.logits[:, -1].argmax(-1, keepdim=True)
-        total = time.perf_counter() - started
+        total = time.process_time() - started
     finally:
         timer.close()
     return {"total": total, **timer.parts(total)}
@@ -352,7 +367,7 @@ WIDTHS = (509, 512, 545, 557, 576, 605, 640, 689, 704, 768, 1024, 1035, 1109, 11
 
 @torch.inference_mode()
 def width_scan(hidden: int, rows: tuple[int, ...] = (1024,), repetitions: int = 7) -> list[dict[str, Any]]:
-    """Seconds of one FFN's three matmuls (gate and up: hidden -> width, down: width -> hidden) at FFN widths the
+    """CPU seconds of one FFN's three matmuls (gate and up: hidden -> width, down: width -> hidden) at FFN widths the
     pruned models have, for ``rows`` tokens at once (1024: a prefill of 8 x 128), medians of ``repetitions`` (the
     widths interleaved). Shows whether odd widths cost more per neuron. (Not at decode shapes: these weights would
     stay in the CPU's cache, the model's do not.)"""
@@ -364,12 +379,12 @@ def width_scan(hidden: int, rows: tuple[int, ...] = (1024,), repetitions: int = 
         for rep in range(repetitions + 1):
             for w in WIDTHS:
                 gate, up, down = weights[w]
-                started = time.perf_counter()
+                started = time.process_time()
                 for _ in range(2):
                     h = torch.nn.functional.linear(x, gate) * torch.nn.functional.linear(x, up)
                     torch.nn.functional.linear(h, down)
                 if rep:
-                    times[w].append((time.perf_counter() - started) / 2)
+                    times[w].append((time.process_time() - started) / 2)
         for w in WIDTHS:
             seconds = median(times[w])
             out.append({"tokens": n, "width": w, "seconds": seconds, "us_per_neuron": seconds / w * 1e6})
@@ -467,26 +482,54 @@ def derived(row: dict[str, Any], models: dict[str, Any], name: str) -> dict[str,
         out[f"{phase}_speedup_min"], out[f"{phase}_speedup_max"] = min(per_rep), max(per_rep)
         out[f"{phase}_ideal"] = ideal[phase]
         out[f"{phase}_of_ideal"] = out[f"{phase}_speedup"] / ideal[phase]
+        if f"{phase}_cpu" in mine:  # tokens per CPU second; cores = CPU seconds per wall-clock second
+            out[f"{phase}_cpu_speedup"] = median(mine[f"{phase}_cpu"]) / median(dense[f"{phase}_cpu"])
+            out[f"{phase}_cores"] = median([w / c for w, c in zip(mine[phase], mine[f"{phase}_cpu"])])
     return out
 
 
 def table(saved: dict[str, Any]) -> list[str]:
-    lines = ["| runtime | batch x prompt | model | prefill tok/s (spread) | speed-up [per-rep range] | ideal (MACs) | "
-             "of ideal | decode tok/s (spread) | speed-up [per-rep range] | ideal (weight bytes) | of ideal | "
-             "ideal incl. KV |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| runtime | batch x prompt | model | prefill tok/s (spread, cores) | speed-up [per-rep range] | by CPU time | "
+             "ideal (MACs) | of ideal | decode tok/s (spread) | speed-up [per-rep range] | by CPU time | "
+             "ideal (weight bytes) | of ideal | ideal incl. KV |", "|---|---|---|" + "---:|" * 11]
     order = {"transformers": 0, "llama.cpp": 1}
     for row in sorted(saved["rows"], key=lambda r: (order.get(r["runtime"], 2), r["batch"], r["prompt"])):
         for name in row["timings"]:
             d = derived(row, saved["models"], name)
             cells = [row["runtime"], f"{row['batch']} x {row['prompt']}", name]
             for phase in ("prefill", "decode"):
-                cells += [f"{d[phase + '_tokens_per_s']:.1f} ({d[phase + '_spread']:.0%})",
+                cores = f", {d[phase + '_cores']:.2f} cores" if phase + "_cores" in d else ""
+                cells += [f"{d[phase + '_tokens_per_s']:.1f} ({d[phase + '_spread']:.0%}{cores})",
                           "-" if name == "dense" else f"{d[phase + '_speedup']:.2f}x "
                           f"[{d[phase + '_speedup_min']:.2f}-{d[phase + '_speedup_max']:.2f}]",
+                          "-" if name == "dense" or phase + "_cpu_speedup" not in d else
+                          f"{d[phase + '_cpu_speedup']:.2f}x",
                           "-" if name == "dense" else f"{d[phase + '_ideal']:.2f}x",
                           "-" if name == "dense" else f"**{d[phase + '_of_ideal']:.2f}**"]
             cells.append("-" if name == "dense" else f"{d['ideal_decode_with_kv']:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+TARGETS = (("prefill", 8, 0.8), ("decode", 1, 0.8))  # (phase, batch, least measured / ideal speed-up)
+
+
+def targets(saved: dict[str, Any]) -> list[str]:
+    """The issue's targets, per runtime, cell and pruned model: measured / ideal speed-up, wall-clock and CPU time."""
+    lines = ["## Targets: prefill at batch 8 and decode at batch 1 reach at least 0.8 of the ideal speed-up", "",
+             "| runtime | phase | batch x prompt | model | speed-up | ideal | of ideal | met | by CPU time: of ideal |",
+             "|---|---|---|---|---:|---:|---:|---|---:|"]
+    for phase, batch, least in TARGETS:
+        for row in sorted(saved["rows"], key=lambda r: (r["runtime"] != "transformers", r["prompt"])):
+            if row["batch"] != batch:
+                continue
+            for name in [n for n in row["timings"] if n != "dense"]:
+                d = derived(row, saved["models"], name)
+                ideal, of_ideal = d[f"{phase}_ideal"], d[f"{phase}_of_ideal"]
+                cpu = d.get(f"{phase}_cpu_speedup")
+                lines.append(f"| {row['runtime']} | {phase} | {batch} x {row['prompt']} | {name} | "
+                             f"{d[phase + '_speedup']:.2f}x | {ideal:.2f}x | {of_ideal:.2f} | "
+                             f"{'yes' if of_ideal >= least else 'no'} | {'-' if cpu is None else f'{cpu / ideal:.2f}'} |")
     return lines
 
 
@@ -496,11 +539,15 @@ def markdown(saved: dict[str, Any]) -> str:
              "Written by `benchmarks/speed.py` (its docstring has the protocol). "
              f"Settings: {json.dumps(settings)}.", "",
              "tokens/s: medians over repetitions (spread = (max - min) / median); speed-up: pruned / dense of the "
-             "medians, in brackets the range of the per-repetition ratios (dense and pruned timed back to back); "
+             "medians, in brackets the range of the per-repetition ratios (dense and pruned timed back to back); by CPU "
+             "time: the same from tokens per CPU second of the process (less moved by other work on the machine); cores: "
+             "CPU seconds per wall-clock second of the process (2 at most; less when other work takes the cores "
+             "or its threads wait); "
              "ideal: dense / pruned multiply-adds per prompt token (prefill) or bytes of weights per decode step "
              "(decode); of ideal: measured speed-up / ideal; ideal incl. KV: weights plus the KV cache read per "
              "decode step at the mean context.", ""]
-    lines += table(saved)
+    lines += targets(saved)
+    lines += ["", "## Every cell", ""] + table(saved)
     lines += ["", "Models (parameters, ideal costs; sizes = [KV groups kept of 3, FFN neurons kept of 1536] per "
               "block):", ""]
     for name, m in saved["models"].items():
@@ -521,7 +568,7 @@ def breakdown_markdown(saved: dict[str, Any]) -> list[str]:
         dense = next(r["seconds"] for r in these if r["model"] == "dense")
         what = f"{saved.get('settings', {}).get('new_tokens')} decode steps" if case[0] == "decode" else "one prefill"
         lines += ["", f"### Where the time goes: {case[0]}, batch {case[1]} x prompt {case[2]} (ms for {what}; "
-                  "in brackets pruned / dense time)", "",
+                  "CPU time; in brackets pruned / dense)", "",
                   "| model | total | " + " | ".join(PARTS) + " |", "|---|" + "---:|" * (len(PARTS) + 1)]
         for r in these:
             sec = r["seconds"]
@@ -530,7 +577,7 @@ def breakdown_markdown(saved: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     scan = saved.get("widths") or []
     if scan:
-        lines += ["", "### One FFN's matmuls (gate, up, down) by width: microseconds per neuron (median)", "",
+        lines += ["", "### One FFN's matmuls (gate, up, down) by width: CPU microseconds per neuron (median)", "",
                   "| tokens | " + " | ".join(str(w) for w in WIDTHS) + " |", "|---|" + "---:|" * len(WIDTHS)]
         for n in dict.fromkeys(r["tokens"] for r in scan):
             by_width = {r["width"]: r["us_per_neuron"] for r in scan if r["tokens"] == n}
@@ -548,7 +595,8 @@ def write_results(saved: dict[str, Any], output_dir: Path) -> None:
 
 
 def plot(saved: dict[str, Any], path: Path) -> Path | None:
-    """Measured speed-up (bars) against the ideal (black ticks) per cell: prefill and decode, each runtime."""
+    """Measured speed-up (bars: wall-clock medians, whiskers: the per-repetition range; circles: by CPU time) against
+    the ideal (black ticks) per cell: prefill and decode, each runtime."""
     try:
         import matplotlib
 
@@ -575,6 +623,9 @@ def plot(saved: dict[str, Any], path: Path) -> Path | None:
                                   [d[f"{phase}_speedup_max"] - d[f"{phase}_speedup"] for d in ds]])
                 ax.scatter(xs, [d[f"{phase}_ideal"] for d in ds], marker="_", s=120, color="black", zorder=3,
                            label="ideal" if i == 0 else None)
+                cpu = [(x, d[f"{phase}_cpu_speedup"]) for x, d in zip(xs, ds) if f"{phase}_cpu_speedup" in d]
+                ax.scatter([x for x, _ in cpu], [y for _, y in cpu], marker="o", s=14, facecolors="white",
+                           edgecolors="black", linewidths=0.7, zorder=4, label="by CPU time" if i == 0 else None)
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xticks(range(len(rows)), [f"{r['batch']}x{r['prompt']}" for r in rows])
             ideal = "multiply-adds" if phase == "prefill" else "weight bytes"
@@ -637,8 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     saved["models"] = describe(loaded, sorted({c.prompt for c in cells} | {128, 1024}))
     if "transformers" in args.runtimes:
         run_transformers(args, saved, loaded, cells, settings)
-    if args.breakdown and (args.rerun or not saved.get("breakdown")):
-        saved["breakdown"] = breakdown(loaded, list(BREAKDOWN_CASES), 3, args.new_tokens)
+    if args.breakdown:
+        saved["breakdown"] = breakdown(loaded, list(BREAKDOWN_CASES), 5, args.new_tokens)
         saved["widths"] = width_scan(loaded["dense"].config.hidden_size)
         write_results(saved, args.output_dir)
     del loaded

@@ -22,19 +22,21 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
-def run_once(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one prompt and ``new_tokens`` greedy steps."""
+def run_once(llm, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    """Tokens per wall-clock second and per CPU second (this process, all threads; ggml's threads poll for work
+    briefly, which counts) of one prompt and of ``new_tokens`` greedy steps after it."""
     llm.reset()
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     llm.eval(prompt)
     token = int(np.argmax(last_logits(llm)))
-    prefill = time.perf_counter() - started
-    started = time.perf_counter()
+    prefill = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(new_tokens):
         llm.eval([token])
         token = int(np.argmax(last_logits(llm)))
-    decode = time.perf_counter() - started
-    return len(prompt) / prefill, new_tokens / decode
+    decode = time.perf_counter() - wall, time.process_time() - cpu
+    return {"prefill": len(prompt) / prefill[0], "decode": new_tokens / decode[0],
+            "prefill_cpu": len(prompt) / prefill[1], "decode_cpu": new_tokens / decode[1]}
 
 
 def run_cell(models: dict, cell: list[int], seed: int) -> dict[str, dict[str, list[float]]]:
@@ -46,12 +48,11 @@ def run_cell(models: dict, cell: list[int], seed: int) -> dict[str, dict[str, li
     names = list(models)
     for name in names:  # warm-up
         run_once(models[name], prompt, 2)
-    out = {name: {"prefill": [], "decode": []} for name in names}
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for rep in range(repetitions):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            prefill, decode = run_once(models[name], prompt, new_tokens)
-            out[name]["prefill"].append(prefill)
-            out[name]["decode"].append(decode)
+            for key, value in run_once(models[name], prompt, new_tokens).items():
+                out[name].setdefault(key, []).append(value)
     return out
 
 
