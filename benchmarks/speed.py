@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llama-python", default="/work/venv-llama/bin/python")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time every part of the models (hooks) in BREAKDOWN_CASES (transformers)")
+    parser.add_argument("--perplexity", action="store_true",
+                        help="also WikiText-2 perplexity of every model (the quick protocol: first 12 windows of 1024)")
     parser.add_argument("--prepare-only", action="store_true", help="prune and export, measure nothing")
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--render-only", action="store_true")
@@ -391,6 +393,24 @@ def width_scan(hidden: int, rows: tuple[int, ...] = (1024,), repetitions: int = 
     return out
 
 
+
+def perplexities(loaded: dict[str, torch.nn.Module], tokenizer_dir: Path) -> dict[str, float]:
+    """WikiText-2 test perplexity of every model on the quick protocol (``benchmarks/quality.py``'s: the first 12
+    non-overlapping windows of 1024 tokens), what the speed is bought with."""
+    from transformers import AutoTokenizer
+
+    from osscar_hf.demo.texts import load_wikitext2_test
+    from osscar_hf.evaluation import evaluate_perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = load_wikitext2_test()[0]
+    out = {}
+    for name, model in loaded.items():
+        out[name] = evaluate_perplexity(model, tokenizer, texts, seq_len=1024, max_windows=12).perplexity
+        print(f"[{time.strftime('%H:%M:%S')}] perplexity {name}: {out[name]:.2f}", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- plan and resume
 def plan_cells(args: argparse.Namespace) -> list[Cell]:
     """The cells to measure, with fewer repetitions (never under ``--min-repetitions``) for the biggest ones."""
@@ -555,6 +575,9 @@ def markdown(saved: dict[str, Any]) -> str:
         lines.append(f"- {name}: {m['parameters']:,} parameters, {m['decode_weight_bytes'] / 2**20:.1f} MiB of "
                      f"weights per decode step (LM head {m['lm_head_bytes'] / 2**20:.1f} MiB), prefill multiply-adds "
                      f"per token {macs}; sizes {m['sizes'] if name != 'dense' else 'dense'}")
+    if saved.get("perplexity"):
+        lines += ["", "WikiText-2 test perplexity (first 12 windows of 1024 tokens): " + ", ".join(
+            f"{name} {value:.2f}" for name, value in saved["perplexity"].items())]
     lines += breakdown_markdown(saved)
     return "\n".join(lines) + "\n"
 
@@ -688,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     saved["models"] = describe(loaded, sorted({c.prompt for c in cells} | {128, 1024}))
     if "transformers" in args.runtimes:
         run_transformers(args, saved, loaded, cells, settings)
+    if args.perplexity:
+        saved["perplexity"] = perplexities(loaded, models["dense"]["folder"])
+        write_results(saved, args.output_dir)
     if args.breakdown:
         saved["breakdown"] = breakdown(loaded, list(BREAKDOWN_CASES), 5, args.new_tokens)
         saved["widths"] = width_scan(loaded["dense"].config.hidden_size)
