@@ -16,15 +16,22 @@ Protocol:
     ``--new-tokens`` greedy steps of one token per sequence on that cache, timed together. tokens/s = tokens / s.
   * interleaving: every repetition times every model once in each cell, the models' order rotating from one
     repetition to the next, so load from other work on this shared machine falls on all of them alike; the figures
-    are medians over repetitions, the ratios are pruned/dense of those medians, and the spread is (max-min)/median.
+    are medians over repetitions, the ratios are pruned/dense of those medians, the spread is (max-min)/median, and
+    the range of the per-repetition ratios is kept. Repetitions: ``--repetitions`` (5), fewer for big cells (as many
+    as fit ``--max-tokens-per-rep`` tokens, at least ``--min-repetitions``). Each timing also records the process's
+    CPU time (tokens per CPU second, and CPU seconds per wall-clock second: the cores it got), which other work on
+    the machine moves much less than wall-clock time.
   * ideal: prefill, multiply-adds per prompt token of the decoder blocks at that prompt length (the linears plus the
     attention scores and weighted values over the mean causal context, ``BlockGeometry.flops``) plus the LM head
     once per sequence; decode, bytes of weights read per step (every parameter, the tied LM head/embedding matrix
-    once). Both from the loaded models' shapes. The ratio dense/pruned of those is the ideal speed-up; fraction of
-    ideal = (measured speed-up - 1) / (ideal speed-up - 1) is how much of the possible gain was reached, and
-    measured / ideal is the issue's target (>= 0.8).
+    once), and the same with the KV cache read at the mean context. Both from the loaded models' shapes. The ideal
+    speed-up is dense/pruned of those; "of ideal" is measured speed-up / ideal speed-up (the issue's target: >= 0.8
+    for prefill at batch 8 and decode at batch 1).
   * llama.cpp (llama-cpp-python in ``--llama-python``, ``benchmarks/speed_llamacpp_worker.py``): batch 1 only (its
     Python API evaluates one sequence), default f16 KV cache, prefill in one batch of the whole prompt.
+  * ``--breakdown``: CPU time per kind of module (attention linears, attention core, MLP linears, ..., LM head) from
+    forward hooks, in ``BREAKDOWN_CASES``, and one FFN's matmuls at the widths the pruned models have.
+    ``--perplexity``: WikiText-2 perplexity of every model (quick protocol), what the speed costs.
 
 Writes ``benchmarks/results/speed.json`` (every timing), ``speed.md`` and ``speed.png``; rows already in
 ``speed.json`` with the same settings are not measured again (``--rerun`` forces).
@@ -509,9 +516,9 @@ def derived(row: dict[str, Any], models: dict[str, Any], name: str) -> dict[str,
 
 
 def table(saved: dict[str, Any]) -> list[str]:
-    lines = ["| runtime | batch x prompt | model | prefill tok/s (spread, cores) | speed-up [per-rep range] | by CPU time | "
-             "ideal (MACs) | of ideal | decode tok/s (spread) | speed-up [per-rep range] | by CPU time | "
-             "ideal (weight bytes) | of ideal | ideal incl. KV |", "|---|---|---|" + "---:|" * 11]
+    lines = ["| runtime | batch x prompt | model | prefill tok/s (spread, cores) | speed-up [per-rep range] | "
+             "by CPU time | ideal (MACs) | of ideal | decode tok/s (spread, cores) | speed-up [per-rep range] | "
+             "by CPU time | ideal (weight bytes) | of ideal | ideal incl. KV |", "|---|---|---|" + "---:|" * 11]
     order = {"transformers": 0, "llama.cpp": 1}
     for row in sorted(saved["rows"], key=lambda r: (order.get(r["runtime"], 2), r["batch"], r["prompt"])):
         for name in row["timings"]:
@@ -547,9 +554,10 @@ def targets(saved: dict[str, Any]) -> list[str]:
                 d = derived(row, saved["models"], name)
                 ideal, of_ideal = d[f"{phase}_ideal"], d[f"{phase}_of_ideal"]
                 cpu = d.get(f"{phase}_cpu_speedup")
+                by_cpu = "-" if cpu is None else f"{cpu / ideal:.2f}"
                 lines.append(f"| {row['runtime']} | {phase} | {batch} x {row['prompt']} | {name} | "
                              f"{d[phase + '_speedup']:.2f}x | {ideal:.2f}x | {of_ideal:.2f} | "
-                             f"{'yes' if of_ideal >= least else 'no'} | {'-' if cpu is None else f'{cpu / ideal:.2f}'} |")
+                             f"{'yes' if of_ideal >= least else 'no'} | {by_cpu} |")
     return lines
 
 
@@ -559,9 +567,10 @@ def markdown(saved: dict[str, Any]) -> str:
              "Written by `benchmarks/speed.py` (its docstring has the protocol). "
              f"Settings: {json.dumps(settings)}.", "",
              "tokens/s: medians over repetitions (spread = (max - min) / median); speed-up: pruned / dense of the "
-             "medians, in brackets the range of the per-repetition ratios (dense and pruned timed back to back); by CPU "
-             "time: the same from tokens per CPU second of the process (less moved by other work on the machine); cores: "
-             "CPU seconds per wall-clock second of the process (2 at most; less when other work takes the cores "
+             "medians, in brackets the range of the per-repetition ratios (dense and pruned timed back to back); "
+             "by CPU time: the same from tokens per CPU second of the process (less moved by other work on the "
+             "machine); cores: CPU seconds per wall-clock second of the process (2 at most; less when other work "
+             "takes the cores "
              "or its threads wait); "
              "ideal: dense / pruned multiply-adds per prompt token (prefill) or bytes of weights per decode step "
              "(decode); of ideal: measured speed-up / ideal; ideal incl. KV: weights plus the KV cache read per "
