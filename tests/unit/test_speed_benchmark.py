@@ -42,8 +42,9 @@ def test_ideal_costs_match_a_hand_count() -> None:
 
 def test_speed_ups_are_ratios_of_medians_against_the_ideal() -> None:
     speed = load_speed()
+    shapes = (("dense", 200.0, 400), ("p", 100.0, 200))
     models = {name: {"prefill_macs_per_token": {"8": macs}, "decode_weight_bytes": size,
-                     "kv_bytes_per_context_token": 0} for name, macs, size in (("dense", 200.0, 400), ("p", 100.0, 200))}
+                     "kv_bytes_per_context_token": 0} for name, macs, size in shapes}
     row = {"batch": 1, "prompt": 8, "new_tokens": 4, "timings": {
         "dense": {"prefill": [10.0, 12.0, 11.0], "decode": [1.0, 1.0, 1.0]},
         "p": {"prefill": [16.0, 18.0, 22.0], "decode": [1.5, 1.5, 1.5]}}}
