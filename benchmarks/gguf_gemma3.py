@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "gguf_gemma3.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     lines = ["# Gemma 3 270M in llama.cpp (GGUF export, architecture gemma3) against transformers", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
+    lines += [f"- greedy: {args.new_tokens} tokens after the first 48 ids of {len(data['prompts'])} of the windows"]
     lines += ["", *comparison_table(rows)]
     (RESULTS / "gguf_gemma3.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
