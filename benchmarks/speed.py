@@ -27,8 +27,10 @@ Protocol:
     once), and the same with the KV cache read at the mean context. Both from the loaded models' shapes. The ideal
     speed-up is dense/pruned of those; "of ideal" is measured speed-up / ideal speed-up (the issue's target: >= 0.8
     for prefill at batch 8 and decode at batch 1).
-  * llama.cpp (llama-cpp-python in ``--llama-python``, ``benchmarks/speed_llamacpp_worker.py``): batch 1 only (its
-    Python API evaluates one sequence), default f16 KV cache, prefill in one batch of the whole prompt.
+  * llama.cpp (llama-cpp-python in ``--llama-python``, ``benchmarks/speed_llamacpp_worker.py``): batch 1 through its
+    ``Llama`` class, larger batches through llama.cpp's C API (a context of one sequence per row, every sequence's
+    tokens in one ``llama_decode``), the cells of at most ``--llama-cpp-max-tokens`` prompt tokens (8192: not
+    32x1024); default f16 KV cache, prefill in one batch of the whole prompt(s).
   * ``--breakdown``: CPU time per kind of module (attention linears, attention core, MLP linears, ..., LM head) from
     forward hooks, in ``BREAKDOWN_CASES``, and one FFN's matmuls at the widths the pruned models have.
     ``--perplexity``: WikiText-2 perplexity of every model (quick protocol), what the speed costs.
@@ -99,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy decode steps per measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-python", default="/work/venv-llama/bin/python")
+    parser.add_argument("--llama-cpp-max-tokens", type=int, default=8192,
+                        help="llama.cpp measures the cells of at most this many prompt tokens (batch x prompt)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time every part of the models (hooks) in BREAKDOWN_CASES (transformers)")
     parser.add_argument("--perplexity", action="store_true",
@@ -267,7 +271,7 @@ def transformers_cell(models: dict[str, torch.nn.Module], cell: Cell, seed: int)
 
 
 def llama_cpp_cells(args: argparse.Namespace, ggufs: dict[str, Path], cells: list[Cell]) -> list[dict[str, Any]]:
-    """Run the llama.cpp worker on ``cells`` (batch 1) and return its cells."""
+    """Run the llama.cpp worker on ``cells`` and return its cells."""
     import subprocess
     import tempfile
 
@@ -639,8 +643,9 @@ def plot(saved: dict[str, Any], path: Path) -> Path | None:
         return None
     runtimes = [r for r in ("transformers", "llama.cpp") if any(row["runtime"] == r for row in saved["rows"])]
     names = [n for n in saved["models"] if n != "dense"]
-    fig, axes = plt.subplots(2, len(runtimes), figsize=(5.5 * len(runtimes) + 1, 7), squeeze=False,
-                             gridspec_kw={"width_ratios": [3 if r == "transformers" else 1 for r in runtimes]})
+    cells = [sum(row["runtime"] == r for row in saved["rows"]) for r in runtimes]
+    fig, axes = plt.subplots(2, len(runtimes), figsize=(1.3 * sum(cells) + 2, 7), squeeze=False,
+                             gridspec_kw={"width_ratios": cells})
     width = 0.8 / max(len(names), 1)
     for col, runtime in enumerate(runtimes):
         rows = sorted((r for r in saved["rows"] if r["runtime"] == runtime), key=lambda r: (r["batch"], r["prompt"]))
@@ -687,8 +692,8 @@ def run_transformers(args: argparse.Namespace, saved: dict[str, Any], loaded: di
 
 def run_llama_cpp(args: argparse.Namespace, saved: dict[str, Any], models: dict[str, dict[str, Path]],
                   cells: list[Cell], settings: dict[str, Any]) -> None:
-    todo = [c for c in cells if c.batch == 1 and (args.rerun or not is_done(saved, "llama.cpp", c, list(models),
-                                                                             settings))]
+    todo = [c for c in cells if c.batch * c.prompt <= args.llama_cpp_max_tokens
+            and (args.rerun or not is_done(saved, "llama.cpp", c, list(models), settings))]
     if not todo:
         return
     started = time.perf_counter()
