@@ -28,7 +28,7 @@ from .settings import LoopSettings
 from .statistics import ExpertStatistics
 
 __all__ = ["EXPERT_ALIGNMENT", "FEW_TOKENS_DAMPING", "aligned_experts_config", "check_experts_fit", "expert_statistics",
-           "combine_experts", "expert_solver", "routed_producer", "select_experts"]
+           "combine_experts", "expert_solver", "routed_producer"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +149,3 @@ def combine_experts(block: nn.Module, spec: ArchSpec, selections: list[Selection
                               for e, s in enumerate(selections)])
     return Selection(kept, weight=weight, report=_combined_report([s.report or {} for s in selections]))
 
-
-def select_experts(block: nn.Module, spec: ArchSpec, stats: ExpertStatistics | None, settings: LoopSettings,
-                   keep: int, where: str) -> tuple[Selection, float]:
-    """Every expert's selection of ``keep`` neurons, solved in this process (:func:`expert_solver`, then
-    :func:`combine_experts`), and the seconds it took."""
-    started = time.perf_counter()
-    count, solve = expert_solver(block, spec, stats, settings, keep, where)
-    return combine_experts(block, spec, [solve(e) for e in range(count)]), time.perf_counter() - started
