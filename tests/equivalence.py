@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.arch import get_spec
 from osscar_hf.arch.experts import expert_parameter
 from osscar_hf.surgery import add_part_biases, group_channels
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, make_model
 
 __all__ = ["IDS", "SMALL", "assert_reloads_bit_exactly", "generate", "load", "logits", "masked_dense", "tensor_names"]
 
@@ -36,6 +37,20 @@ def load(folder, like: torch.nn.Module | None = None, **kwargs) -> torch.nn.Modu
     if like is not None:
         kwargs["attn_implementation"] = like.config._attn_implementation
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def pruned_both_ways(kind: str, root, tokenizer, calibration_texts) -> tuple:
+    """A tiny ``kind`` model saved in small shards under ``root/dense``, loaded back (the attention implementation a
+    streamed run's skeleton gets too), pruned in memory (half the attention structures and neurons) and by a streamed
+    run into ``root/streamed``: (dense, pruned, report, streamed folder)."""
+    make_model(kind).save_pretrained(root / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(root / "dense")
+    config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
+    dense = load(root / "dense")
+    pruner = OsscarPruner(OsscarConfig(**config))
+    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
+    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
+    return dense, model, pruner.report, streamed
 
 
 def tensor_names(folder) -> set[str]:

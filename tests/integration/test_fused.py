@@ -20,21 +20,14 @@ from osscar_hf.io import SaveError, read_block_shapes, update_model_config
 from osscar_hf.io.remote_code import remote_code_names, render_remote_code
 from osscar_hf.surgery import prune_attention, prune_mlp
 from tests.conftest import FUSED_KINDS, make_model
-from tests.equivalence import IDS, SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
+from tests.equivalence import (IDS, SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense,
+                             pruned_both_ways, tensor_names)
 
 @pytest.fixture(scope="module", params=FUSED_KINDS)
 def runs(request, tmp_path_factory, tokenizer, calibration_texts):
     """The dense model, the same pruned in memory (half the KV groups and neurons) and by a streamed run."""
     kind = request.param
-    root = tmp_path_factory.mktemp(kind)
-    make_model(kind).save_pretrained(root / "dense", max_shard_size="20KB")
-    tokenizer.save_pretrained(root / "dense")
-    config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
-    dense = load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
-    pruner = OsscarPruner(OsscarConfig(**config))
-    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
-    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
-    return kind, dense, model, pruner.report, streamed
+    return kind, *pruned_both_ways(kind, tmp_path_factory.mktemp(kind), tokenizer, calibration_texts)
 
 
 def test_pruned_logits_are_the_masked_dense_models(runs):

@@ -15,7 +15,8 @@ import torch
 from osscar_hf import OsscarConfig, OsscarPruner, save_pruned
 from osscar_hf.io import read_block_shapes
 from tests.conftest import VOCAB, make_model
-from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
+from tests.equivalence import (SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense,
+                             pruned_both_ways, tensor_names)
 
 IMAGE_TOKEN = VOCAB - 1
 
@@ -23,14 +24,7 @@ IMAGE_TOKEN = VOCAB - 1
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer, calibration_texts):
     root = tmp_path_factory.mktemp("gemma3")
-    make_model("gemma3").save_pretrained(root / "dense", max_shard_size="20KB")
-    tokenizer.save_pretrained(root / "dense")
-    config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
-    dense = load(root / "dense")  # the attention implementation a streamed run's skeleton gets too
-    pruner = OsscarPruner(OsscarConfig(**config))
-    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
-    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
-    return root, dense, model, pruner.report, streamed
+    return root, *pruned_both_ways("gemma3", root, tokenizer, calibration_texts)
 
 
 def _with_image(model: torch.nn.Module) -> torch.Tensor:

@@ -26,22 +26,15 @@ from osscar_hf.pipeline import BlockStream
 from osscar_hf.pipeline.statistics import ExpertStatistics, InputStatistics, gated_input_hooks, routed_input_hooks
 from osscar_hf.pruner import check_prunable_config
 from tests.conftest import MOE_KINDS, make_model
-from tests.equivalence import SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense, tensor_names
+from tests.equivalence import (SMALL, assert_reloads_bit_exactly, generate, load, logits, masked_dense,
+                             pruned_both_ways, tensor_names)
 
 @pytest.fixture(scope="module", params=MOE_KINDS)
 def runs(request, tmp_path_factory, tokenizer, calibration_texts):
     """The dense model, the same pruned in memory (half the KV groups, half of every expert's neurons) and by a
     streamed run."""
     kind = request.param
-    root = tmp_path_factory.mktemp(kind)
-    make_model(kind).save_pretrained(root / "dense", max_shard_size="20KB")
-    tokenizer.save_pretrained(root / "dense")
-    config = dict(attention_sparsity=0.5, mlp_sparsity=0.5, dataset=calibration_texts, **SMALL)
-    dense = AutoModelForCausalLM.from_pretrained(root / "dense").eval()  # what a streamed run's skeleton gets
-    pruner = OsscarPruner(OsscarConfig(**config))
-    model = pruner.prune(copy.deepcopy(dense), tokenizer, progress=False)
-    streamed = OsscarPruner(OsscarConfig(**config)).prune_checkpoint(root / "dense", root / "streamed", progress=False)
-    return kind, dense, model, pruner.report, streamed
+    return kind, *pruned_both_ways(kind, tmp_path_factory.mktemp(kind), tokenizer, calibration_texts)
 
 
 def test_pruned_logits_are_the_masked_dense_models(runs):
