@@ -8,10 +8,10 @@ process is which, and the process group's lifetime, are in :mod:`.context`. See 
 
 from .agree import agree, guard, step
 from .context import SINGLE, Ranks, current_ranks, is_main_process, process_ranks
-from .reduce import reduce_statistics
-from .share import broadcast, solve_shared
+from .reduce import reduce_statistics, sum_in_place
+from .share import broadcast, gather_rows, solve_shared
 
 __all__ = [
-    "SINGLE", "Ranks", "agree", "broadcast", "current_ranks", "guard", "is_main_process", "process_ranks",
-    "reduce_statistics", "solve_shared", "step",
+    "SINGLE", "Ranks", "agree", "broadcast", "current_ranks", "gather_rows", "guard", "is_main_process",
+    "process_ranks", "reduce_statistics", "solve_shared", "step", "sum_in_place",
 ]

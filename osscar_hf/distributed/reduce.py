@@ -20,7 +20,7 @@ from .context import Ranks
 if TYPE_CHECKING:  # pragma: no cover - the pipeline imports this module
     from ..pipeline.statistics import ExpertStatistics, InputStatistics
 
-__all__ = ["reduce_statistics"]
+__all__ = ["reduce_statistics", "sum_in_place"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _covering(t: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _sum_in_place(t: torch.Tensor, ranks: Ranks) -> int:
+def sum_in_place(t: torch.Tensor, ranks: Ranks) -> int:
     """All-reduce ``t`` as a sum, in place; the bytes sent into the reduction."""
     full = _covering(t)
     if full.device == ranks.device:
@@ -54,7 +54,7 @@ def _sum_in_place(t: torch.Tensor, ranks: Ranks) -> int:
 def _reduce_mean(mean: torch.Tensor, count: int, total: int, ranks: Ranks) -> int:
     """A running mean over ``count`` of ``total`` tokens made the mean over all of them, on every rank."""
     mean.mul_(count)
-    sent = _sum_in_place(mean, ranks)
+    sent = sum_in_place(mean, ranks)
     if total:
         mean.div_(total)
     return sent
@@ -71,7 +71,7 @@ def _reduce_one(stats: InputStatistics, ranks: Ranks) -> int:
         sent += _reduce_mean(stats.cross_gram, stats.count_cross, count_cross, ranks)
     for moment in (stats.sum, stats.sum_square):
         if moment is not None:
-            sent += _sum_in_place(moment, ranks)
+            sent += sum_in_place(moment, ranks)
     stats.count, stats.count_cross, stats.tokens = count, count_cross, tokens
     return sent
 

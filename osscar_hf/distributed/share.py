@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .agree import step
 from .context import Ranks
 
-__all__ = ["broadcast", "solve_shared"]
+__all__ = ["broadcast", "gather_rows", "solve_shared"]
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -104,3 +104,18 @@ def solve_shared(items: Sequence[K], solve: Callable[[K], T], ranks: Ranks, devi
             if ranks.owner(i) == ranks.rank:
                 mine[item] = solve(item)
     return {item: _moved(broadcast(mine.get(item), ranks, ranks.owner(i)), device) for i, item in enumerate(items)}
+
+
+def gather_rows(local: torch.Tensor, counts: Sequence[int], ranks: Ranks) -> torch.Tensor:
+    """Every rank's ``local`` (rank ``r``'s with ``counts[r]`` rows, the same other dimensions and dtype on all
+    ranks) concatenated along dimension 0 in rank order, on every rank, where ``local`` is; ``local`` itself for a
+    single process. Each rank's rows are padded to the largest count for the collective."""
+    if not ranks.distributed:
+        return local
+    if local.shape[0] != counts[ranks.rank]:
+        raise ValueError(f"rank {ranks.rank} holds {local.shape[0]} rows where its count is {counts[ranks.rank]}")
+    padded = local.new_zeros((max(counts), *local.shape[1:]), device=ranks.device)
+    padded[:local.shape[0]] = local.to(ranks.device)
+    parts = [torch.empty_like(padded) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(local.device)

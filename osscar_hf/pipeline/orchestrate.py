@@ -42,6 +42,7 @@ from . import measure  # a module, so that a test can wrap measure.measured_size
 from .block import BlockStream, announce_block
 from .experts import aligned_experts_config, check_experts_fit
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
+from .sensitivity import held_out_shares
 from .settings import LoopSettings, loop_settings
 
 __all__ = [
@@ -158,7 +159,13 @@ def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
     windows = rank_windows(run.windows, run.config.batch_size, run.settings.ranks)
     captured = capture_module.capture_block_inputs(run.model, run.blocks, windows, **options)
     if plans_on_held_out(run):  # after the calibration windows, which settle where the space keeps them
-        run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, run.held_out, **options)
+        shares = held_out_shares(run.held_out.shape[0], run.settings.ranks)
+        if shares is None and run.settings.ranks.distributed:
+            logger.info("%d held-out windows for %d ranks: every rank measures the allocation on all of them",
+                        run.held_out.shape[0], run.settings.ranks.world_size)
+        own = run.held_out if shares is None else run.held_out[shares[run.settings.ranks.rank].start:
+                                                                shares[run.settings.ranks.rank].stop]
+        run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, own, **options)
     return captured
 
 

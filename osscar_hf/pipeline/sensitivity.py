@@ -20,12 +20,19 @@ consumer's error where it matters, in the model that pruning produces:
 
 The pass works on copies (in memory) or re-reads the blocks (streamed), so the pruning pass that follows starts
 from the dense blocks and the captured block-0 inputs.
+
+Under ``torch.distributed`` each rank carries its contiguous share of the held-out windows (:func:`held_out_shares`)
+through both passes; the last block's held-out outputs are gathered so that every rank samples the labels of all
+windows, batch by batch, exactly as one process does (the same generator, the same order), and the consumers'
+moments are summed over the ranks before the curves. With fewer windows than ranks every rank runs them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -37,12 +44,13 @@ from ..activations import ActivationStore
 from ..budgets import BlockGeometry, BlockSize, allowed_sizes, global_sizes, part_floors, uniform_budget_sizes
 from ..capture import CapturedInputs, call_block, move_to
 from ..config import OsscarConfig
+from ..distributed import Ranks, gather_rows, step, sum_in_place
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
 from .run import BlockSource, PruneRun, scratch_copy
 
-__all__ = ["first_prune_sizes", "sensitivity_sizes"]
+__all__ = ["first_prune_sizes", "held_out_shares", "sensitivity_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +131,33 @@ def first_prune_sizes(config: OsscarConfig, geometries: list[BlockGeometry]) -> 
     return sizes
 
 
+def held_out_shares(count: int, ranks: Ranks) -> list[range] | None:
+    """Every rank's contiguous share of the ``count`` held-out windows, in rank order; None where they are not
+    split (a single process, or fewer windows than ranks: then every rank measures on all of them)."""
+    if not ranks.distributed or count < ranks.world_size:
+        return None
+    return [dataclasses.replace(ranks, rank=r).share(count) for r in range(ranks.world_size)]
+
+
 def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tensor]:
-    """The gradient of the summed next-token loss at the last block's output, per held-out batch; labels drawn from
-    the pruned model's own distribution (seeded)."""
+    """The gradient of the summed next-token loss at the last block's output, per held-out batch of this rank;
+    labels drawn from the pruned model's own distribution (seeded). Ranks that split the windows gather the
+    outputs and draw every window's labels as one process would, then keep the gradients of their own windows."""
+    ranks = run.settings.ranks
+    shares = held_out_shares(run.held_out.shape[0], ranks)
+    if shares is None:
+        return _sampled_gradients(run, outputs)
+    with step(ranks):
+        local = list(outputs)
+        mine = torch.cat(local)
+    everything = gather_rows(mine, [len(share) for share in shares], ranks)
+    grads = torch.cat(_sampled_gradients(run, list(everything.split(run.config.batch_size))))
+    own = shares[ranks.rank]
+    return list(grads[own.start:own.stop].split([batch.shape[0] for batch in local]))
+
+
+def _sampled_gradients(run: PruneRun, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_head_gradients` of ``batches`` (every held-out batch, in order, for the one generator)."""
     device, storage = run.settings.device, run.settings.storage_device
     modules = run.spec.head_modules(run.model)
     homes = [block_device(m) for m in modules]
@@ -134,7 +166,7 @@ def _head_gradients(run: PruneRun, outputs: ActivationStore) -> list[torch.Tenso
     try:
         for module in modules:
             module.to(device)
-        for hidden in outputs:
+        for hidden in batches:
             grad = torch.zeros_like(hidden, device=storage)
             chunk_positions = max(1, HEAD_TOKENS // hidden.shape[0])
             for start in range(0, hidden.shape[1], chunk_positions):
@@ -175,6 +207,19 @@ class _Moments:
         self.output.addmm_(g.T, g)
         self.weight += float(w.double().sum())
         self.tokens += x.shape[0]
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """Make these the moments of every rank's windows together (in place; the same parts on every rank)."""
+        totals = torch.tensor([self.weight, float(self.tokens), float(self.gram is not None)], dtype=torch.float64)
+        sum_in_place(totals, ranks)
+        weight, tokens, present = totals.tolist()
+        if present not in (0, ranks.world_size):
+            raise RuntimeError(f"rank {ranks.rank}: a consumer's gradient reached {present:.0f} of "
+                               f"{ranks.world_size} ranks")
+        if present:
+            sum_in_place(self.gram, ranks)
+            sum_in_place(self.output, ranks)
+        self.weight, self.tokens = weight, int(tokens)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-weighted Gram with weights of mean 1, E[g g^T]), both per token."""
@@ -253,7 +298,8 @@ def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Mom
 
 def _backward_sweep(run: PruneRun, source: BlockSource, held_inputs: list[ActivationStore], progress: bool
                     ) -> dict[tuple[int, str], dict[int, float]]:
-    device = run.settings.device
+    device, ranks = run.settings.device, run.settings.ranks
+    split = held_out_shares(run.held_out.shape[0], ranks) is not None
     grads = _head_gradients(run, held_inputs[-1])
     held_inputs[-1].close()  # each store is released once the sweep has passed it
     damage: dict[tuple[int, str], dict[int, float]] = {}
@@ -266,7 +312,11 @@ def _backward_sweep(run: PruneRun, source: BlockSource, held_inputs: list[Activa
             home = block_device(block)
             try:
                 block.to(device)
-                moments, grads = _block_sensitivity(run, index, pruned, block, held_inputs[index], grads)
+                with step(ranks):
+                    moments, grads = _block_sensitivity(run, index, pruned, block, held_inputs[index], grads)
+                if split:
+                    for part in PARTS:
+                        moments[part].sum_over(ranks)
                 damage.update(_curves(run, index, block, moments))
                 held_inputs[index].close()
             finally:

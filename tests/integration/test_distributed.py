@@ -41,8 +41,8 @@ CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "opt-flap-global": ("opt", dict(sparsity=0.3, method="flap"), True),
     # a Gram per expert, and a shared expert: a third consumer, solved by rank 0 beside the attention
     "qwen2_moe": ("qwen2_moe", dict(attention_sparsity=0.5, mlp_sparsity=0.5), True),
-    # OSSCAR's global allocation also measures on held-out windows, which every rank runs whole.
-    "llama-gqa-global": ("llama-gqa", dict(sparsity=0.3, allocation="global"), False),
+    # OSSCAR's global allocation: each rank also carries half the held-out windows through its planning passes
+    "llama-gqa-global": ("llama-gqa", dict(sparsity=0.3, allocation="global"), True),
 }
 STREAMED = {"llama-gqa": "llama-gqa", "opt": "opt"}  # checkpoint name: model kind
 FAILING_BLOCK = 1
@@ -63,12 +63,20 @@ def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def _prune_case(name: str) -> dict[str, Any]:
     """Prune the case in memory; the state, kept structures, block forwards and experts solved by this process (all
-    blocks together)."""
+    blocks together), and the damage curves OSSCAR's allocation measured (None for other plans)."""
     import osscar_hf.pipeline.experts as experts_module
+    import osscar_hf.pipeline.sensitivity as sensitivity
 
     kind, fields, _ = CASES[name]
     model = make_model(kind)
     forwards, solves, solve_one = [0], [0], experts_module._select_one
+    damage: list[Any] = [None]
+    allocate = sensitivity.global_sizes
+
+    def recorded(config: Any, geometries: Any, curves: Any) -> Any:
+        damage[0] = curves
+        return allocate(config, geometries, curves)
+
     for block in _blocks(model):
         block.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
 
@@ -76,14 +84,15 @@ def _prune_case(name: str) -> dict[str, Any]:
         solves[0] += 1
         return solve_one(*args, **kwargs)
 
-    experts_module._select_one = counted
+    experts_module._select_one, sensitivity.global_sizes = counted, recorded
     try:
         pruner = _pruner(**fields)
         pruner.prune(model, make_tokenizer(), progress=False)
     finally:
-        experts_module._select_one = solve_one
+        experts_module._select_one, sensitivity.global_sizes = solve_one, allocate
     kept = [(b.attention.kept_indices, b.mlp.kept_indices) for b in pruner.report.blocks]
-    return {"state": model.state_dict(), "kept": kept, "forwards": forwards[0], "expert_solves": solves[0]}
+    return {"state": model.state_dict(), "kept": kept, "forwards": forwards[0], "expert_solves": solves[0],
+            "damage": damage[0]}
 
 
 def _streamed_prunes(root: Path, rank: int) -> dict[str, Any]:
@@ -188,6 +197,27 @@ def test_each_rank_runs_half_the_block_forwards(runs, case):
     counts = [r[case]["forwards"] for r in runs["ranks"]]
     assert counts == [runs["single"][case]["forwards"] // WORLD] * WORLD
     assert runs["single"][case]["forwards"] > 0
+
+
+def test_ranks_measure_the_damage_of_one_process_on_half_the_held_out_windows(runs):
+    """The labels drawn for every window and the moments summed over the ranks: the curves one process measures."""
+    single = runs["single"]["llama-gqa-global"]["damage"]
+    assert single and any(v > 0 for curve in single.values() for v in curve.values())
+    for rank in runs["ranks"]:
+        damage = rank["llama-gqa-global"]["damage"]
+        assert damage.keys() == single.keys()
+        for key, curve in single.items():
+            assert damage[key].keys() == curve.keys(), key
+            for size, value in curve.items():
+                assert damage[key][size] == pytest.approx(value, rel=1e-4, abs=1e-9), (key, size)
+
+
+def test_held_out_windows_are_split_only_when_every_rank_gets_one():
+    from osscar_hf.pipeline.sensitivity import held_out_shares
+
+    assert held_out_shares(8, SINGLE) is None
+    assert held_out_shares(8, Ranks(rank=1, world_size=3)) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert held_out_shares(2, Ranks(rank=0, world_size=3)) is None  # every rank runs both
 
 
 def test_the_group_osscar_initialises_is_destroyed(runs):
