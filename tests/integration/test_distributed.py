@@ -257,21 +257,30 @@ def test_a_failing_rank_stops_the_other_and_the_run_resumes(runs):
     _same_checkpoint(root / "dist-opt", root / "single-opt")
 
 
-def test_torchrun_command_line_writes_the_single_process_checkpoint(runs):
-    """``torchrun -m osscar_hf prune --stream``: osscar_hf initialises the group from torchrun's environment; only
-    rank 0 writes and prints."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port"],
+    # accelerate's multi-GPU launcher is torchrun's underneath; on a machine without GPUs osscar_hf picks gloo
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launched_command_line_writes_the_single_process_checkpoint(runs, launcher):
+    """``torchrun -m osscar_hf prune --stream`` and ``accelerate launch -m osscar_hf prune --stream``: osscar_hf
+    initialises the group from the launcher's environment; only rank 0 writes and prints."""
     root = runs["root"]
     data = root / "calibration.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-               str(_free_port()), "-m", "osscar_hf", "prune", str(root / "llama-gqa"), "--stream", "--output",
-               str(root / "cli"), "--dataset", str(data), "--num-samples", "8", "--seq-len", "32", "--batch-size", "2",
+    command = [sys.executable, *LAUNCHERS[launcher], str(_free_port()), "-m", "osscar_hf", "prune",
+               str(root / "llama-gqa"), "--stream", "--output", str(root / f"cli-{launcher}"), "--dataset", str(data),
+               "--num-samples", "8", "--seq-len", "32", "--batch-size", "2",
                "--attention-sparsity", "0.5", "--mlp-sparsity", "0.5", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # rank 0's summary only
-    _same_checkpoint(root / "cli", root / "single-llama-gqa")
+    _same_checkpoint(root / f"cli-{launcher}", root / "single-llama-gqa")
 
 
 def test_command_line_logs_below_warning_on_rank_0_only(monkeypatch):
