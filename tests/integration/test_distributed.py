@@ -33,6 +33,7 @@ from tests.conftest import make_model, make_text, make_tokenizer
 
 WORLD = 2
 SMALL = dict(num_samples=8, seq_len=32, batch_size=2, device="cpu")
+GLOBAL = dict(sparsity=0.3, allocation="global")
 # name: (model kind, config fields, whether every block forward runs on the calibration windows only)
 CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "llama-gqa": ("llama-gqa", dict(attention_sparsity=0.5, mlp_sparsity=0.5), True),
@@ -42,7 +43,7 @@ CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     # a Gram per expert, and a shared expert: a third consumer, solved by rank 0 beside the attention
     "qwen2_moe": ("qwen2_moe", dict(attention_sparsity=0.5, mlp_sparsity=0.5), True),
     # OSSCAR's global allocation: each rank also carries half the held-out windows through its planning passes
-    "llama-gqa-global": ("llama-gqa", dict(sparsity=0.3, allocation="global"), True),
+    "llama-gqa-global": ("llama-gqa", GLOBAL, True),
 }
 STREAMED = {"llama-gqa": "llama-gqa", "opt": "opt"}  # checkpoint name: model kind
 FAILING_BLOCK = 1
@@ -103,6 +104,7 @@ def _streamed_prunes(root: Path, rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fields = dict(attention_sparsity=0.5, mlp_sparsity=0.5)
     _pruner(**fields).prune_checkpoint(root / "llama-gqa", root / "dist-llama-gqa", progress=False)
+    _pruner(**GLOBAL).prune_checkpoint(root / "llama-gqa", root / "dist-global-llama-gqa", progress=False)
     real_load, real_prune = streaming_run.ShardBlocks.load, BlockStream.prune
 
     def failing_load(self, index: int, block: torch.nn.Module) -> None:
@@ -170,6 +172,7 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     for name in STREAMED:
         _pruner(attention_sparsity=0.5, mlp_sparsity=0.5).prune_checkpoint(root / name, root / f"single-{name}",
                                                                             progress=False)
+    _pruner(**GLOBAL).prune_checkpoint(root / "llama-gqa", root / "single-global-llama-gqa", progress=False)
     return {"root": root, "ranks": ranks, "single": single}
 
 
@@ -243,6 +246,8 @@ def _same_checkpoint(folder: Path, expected: Path) -> None:
 def test_streamed_checkpoint_is_the_single_process_one(runs):
     root = runs["root"]
     _same_checkpoint(root / "dist-llama-gqa", root / "single-llama-gqa")
+    # the global allocation's planning copies in a folder per rank, the held-out windows split
+    _same_checkpoint(root / "dist-global-llama-gqa", root / "single-global-llama-gqa")
 
 
 def test_a_failing_rank_stops_the_other_and_the_run_resumes(runs):
