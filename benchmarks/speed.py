@@ -30,7 +30,7 @@ Protocol:
   * llama.cpp (llama-cpp-python in ``--llama-python``, ``benchmarks/speed_llamacpp_worker.py``): batch 1 through its
     ``Llama`` class, larger batches through llama.cpp's C API (a context of one sequence per row, every sequence's
     tokens in one ``llama_decode``), the cells of at most ``--llama-cpp-max-tokens`` prompt tokens (8192: not
-    32x1024); default f16 KV cache, prefill in one batch of the whole prompt(s).
+    32x1024, which takes about 35 minutes; 32768 runs it); default f16 KV cache, prefill in one batch of the whole prompt(s).
   * ``--breakdown``: CPU time per kind of module (attention linears, attention core, MLP linears, ..., LM head) from
     forward hooks, in ``BREAKDOWN_CASES``, and one FFN's matmuls at the widths the pruned models have.
     ``--perplexity``: WikiText-2 perplexity of every model (quick protocol), what the speed costs.
