@@ -395,6 +395,11 @@ class BlockStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def announce(bar: Any, report: BlockReport) -> None:
+        """Progress-bar postfix and log line of one pruned block (:func:`announce_block`)."""
+        announce_block(bar, report)
+
 
 def announce_block(bar: Any, report: BlockReport) -> None:
     """Progress-bar postfix and log line of one pruned block."""
