@@ -1,0 +1,116 @@
+"""CNN channel pruning through transformers' vision classes (issue 15): tiny random ResNets (bottleneck and basic
+blocks) and MobileNetV2, random-pixel images."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import AutoModelForImageClassification
+
+from osscar_hf import OsscarConfig, OsscarPruner
+from osscar_hf.arch import get_submodule
+from osscar_hf.arch.vision import get_vision_spec
+from osscar_hf.io.save import save_pruned
+from tests.vision_models import KINDS, image_processor, make_cnn, masked_dense, pixels, random_images
+
+IMAGES = random_images(12)
+
+
+def _config(**overrides) -> OsscarConfig:
+    fields = dict(channel_sparsity=0.25, dataset=IMAGES, num_samples=12, device="cpu", batch_size=4)
+    return OsscarConfig(**{**fields, **overrides})
+
+
+def _prune(model: nn.Module, **overrides) -> OsscarPruner:
+    pruner = OsscarPruner(_config(**overrides))
+    pruner.prune(model, image_processor(), progress=False)
+    return pruner
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["osscar", "magnitude"])
+def test_pruned_logits_equal_the_masked_dense_model(kind, method):
+    dense = make_cnn(kind)
+    model = copy.deepcopy(dense)
+    pruner = _prune(model, method=method)
+    report = pruner.report
+    assert all(p.solved and p.kept < p.structures for b in report.blocks for p in b.problems)
+    masked = masked_dense(dense, model, report)
+    x = pixels(random_images(3, seed=1))
+    with torch.no_grad():
+        pruned_logits, masked_logits = model(x).logits, masked(x).logits
+        dense_logits = dense(x).logits
+    torch.testing.assert_close(pruned_logits, masked_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(pruned_logits, dense_logits, atol=1e-3)  # something was removed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fewer_parameters_and_uniform_widths(kind):
+    model = make_cnn(kind)
+    dense_widths = [[get_submodule(get_submodule(model, path), p.consumer).in_channels
+                     for p in get_vision_spec(model).layout(get_submodule(model, path))]
+                    for path in get_vision_spec(model).block_paths(model)]
+    pruner = _prune(model)
+    report = pruner.report
+    assert report.parameters_after < report.parameters_before
+    assert report.parameters_after == sum(p.numel() for p in model.parameters())
+    expected = [[w - round(w * 0.25) for w in widths] for widths in dense_widths]
+    assert [b["channels"] for b in report.block_shapes] == expected
+
+
+def test_refit_lowers_the_reconstruction_error():
+    model = make_cnn("bottleneck")
+    report = _prune(model).report
+    for block in report.blocks:
+        for problem in block.problems:
+            assert problem.relative_error <= problem.relative_error_masked + 1e-9
+
+
+def _duplicate_channel(model: nn.Module, source: int, copy_to: int) -> None:
+    """In every bottleneck, make conv2's output channel ``copy_to`` an exact copy of ``source`` (weights and batch
+    norm), and give both the largest conv3 columns, so that a magnitude rule would keep both; every channel alive."""
+    spec = get_vision_spec(model)
+    with torch.no_grad():
+        for path in spec.block_paths(model):
+            layer = get_submodule(model, path).layer
+            conv2, norm2, conv3 = layer[1].convolution, layer[1].normalization, layer[2].convolution
+            norm2.bias.fill_(1.0)  # no channel nearly dead (removing one would be almost free)
+            conv2.weight[copy_to] = conv2.weight[source]
+            for tensor in (norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var):
+                tensor[copy_to] = tensor[source]
+            conv3.weight[:, [source, copy_to]] *= 3
+
+
+@pytest.mark.parametrize("method", ["osscar", "magnitude"])
+def test_a_duplicated_channel_is_the_one_removed(method):
+    """conv3's inputs hold two identical channels: removing one of them costs nothing once conv3 is refit, so the
+    objective picks one of the pair; magnitude (the pair has the largest columns) keeps both, and so would any rule
+    that ignores the data (the pair is not at either end)."""
+    model = make_cnn("bottleneck")
+    _duplicate_channel(model, source=1, copy_to=2)
+    # 4 inner channels per first-stage bottleneck, one removed: only the second problem (conv3) is checked.
+    # A light ridge: the damping pulls the refit toward the dense weights, which makes even a duplicate cost something.
+    report = _prune(model, channel_sparsity=0.25, method=method, damping=1e-4).report
+    removed = [sorted(set(range(p.structures)) - set(p.kept_indices)) for b in report.blocks for p in b.problems[1:]]
+    first_stage = removed[:2]
+    if method == "osscar":
+        assert all(len(r) == 1 and r[0] in (1, 2) for r in first_stage), removed
+    else:
+        assert all(r[0] not in (1, 2) for r in first_stage), removed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_and_reload_give_identical_logits(kind, tmp_path):
+    model = make_cnn(kind)
+    _prune(model)
+    folder = save_pruned(model, tmp_path / "pruned")
+    config = (folder / "config.json").read_text()
+    assert '"quant_method": "osscar"' in config and '"channels"' in config  # the osscar format, widths per block
+    reloaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+    x = pixels(random_images(2, seed=3))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
