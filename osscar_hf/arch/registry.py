@@ -201,8 +201,8 @@ def get_spec(model_or_config: Any) -> ArchSpec:
         )
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
-            f"osscar_hf does not support model_type {model_type!r}; supported model types: "
-            f"{', '.join(supported_model_types())}; CNNs (channel pruning): {', '.join(vision_model_types())}"
+            f"osscar_hf does not support model_type {model_type!r} (CNNs pruned by channel_sparsity: "
+            f"{', '.join(vision_model_types())}); supported model types: {', '.join(supported_model_types())}"
         )
     return _REGISTRY[model_type]
 
