@@ -239,6 +239,9 @@ def resolve_format(model: nn.Module, format: str = "auto") -> str:
     if format not in FORMATS:
         raise SaveError(f"format must be one of {list(FORMATS)}, got {format!r}")
     shapes = read_block_shapes(model)
+    if format == "remote_code" and is_vision_model(model):
+        raise SaveError("the remote-code format holds language models only so far; save a CNN with format='osscar' "
+                        "(or 'auto'), which loads after `import osscar_hf` (docs/vision.md)")
     if format == "remote_code":
         remote_code_names(base_model_type(model.config))  # transformers has the family's classes
         return format

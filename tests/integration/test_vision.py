@@ -13,6 +13,7 @@ from transformers import AutoModelForImageClassification
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.arch import get_submodule
 from osscar_hf.arch.vision import get_vision_spec
+from osscar_hf.errors import SaveError
 from osscar_hf.io.save import save_pruned
 from tests.vision_models import KINDS, image_processor, make_cnn, masked_dense, pixels, random_images
 
@@ -114,3 +115,13 @@ def test_save_and_reload_give_identical_logits(kind, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_formats_that_cannot_hold_a_pruned_cnn_are_refused(tmp_path):
+    model = make_cnn("basic")
+    _prune(model)
+    with pytest.raises(SaveError, match="no field of the stock ResNetConfig sets a residual block's inner widths"):
+        save_pruned(model, tmp_path / "stock", format="stock")
+    with pytest.raises(SaveError, match="the remote-code format holds language models only so far"):
+        save_pruned(model, tmp_path / "remote", format="remote_code")
+    assert not any(tmp_path.iterdir())
