@@ -21,7 +21,7 @@ from ..config import OsscarConfig, describe_dataset, keep_count
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
 from ..io.channel_shapes import update_channel_config
-from ..io.save import pruning_record
+from ..io.save import attach_run, pruning_record
 from ..io.shapes import osscar_quantization_config
 from ..methods import SolveSettings, get_method, method_names
 from ..report import ChannelBlockReport, PruneReport
@@ -140,9 +140,11 @@ def prune_channels(config: OsscarConfig, model: nn.Module, image_processor: Any 
             reports = _prune_blocks(run, captured, progress)
     finally:
         model.train(was_training)
-    if any(problem.solved for report in reports for problem in report.problems):
+    report = _report(run, reports, space.summary())
+    if any(problem.solved for block in reports for problem in block.problems):
         update_channel_config(model, config)
-    return _report(run, reports, space.summary())
+        attach_run(model, report, config)  # save_pretrained and push_to_hub then write the model card
+    return report
 
 
 def _prune_blocks(run: ChannelRun, captured: CapturedInputs, progress: bool) -> list[ChannelBlockReport]:

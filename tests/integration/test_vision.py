@@ -4,6 +4,7 @@ blocks) and MobileNetV2, random-pixel images."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -125,3 +126,18 @@ def test_formats_that_cannot_hold_a_pruned_cnn_are_refused(tmp_path):
     with pytest.raises(SaveError, match="the remote-code format holds language models only so far"):
         save_pruned(model, tmp_path / "remote", format="remote_code")
     assert not any(tmp_path.iterdir())
+
+
+def test_model_card_and_report_of_a_pruned_cnn(tmp_path):
+    model = make_cnn("bottleneck")
+    pruner = _prune(model)
+    folder = save_pruned(model, tmp_path / "pruned")
+    card = (folder / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "structured-pruning" in card
+    assert "AutoModelForImageClassification.from_pretrained" in card
+    assert "| 0 | 3 / 4, 3 / 4 |" in card  # block 0: both inner widths of a bottleneck
+    assert "12 images were used, drawn with seed 0" in card and "32x32 pixel arrays" in card
+    data = json.loads(pruner.report.to_json(tmp_path / "report.json").read_text())
+    assert data["blocks"][0]["problems"][0]["kept"] == 3
+    assert data["calibration"] == {"num_samples": 12, "image_size": [32, 32]}
+    assert data["budget"]["params_after"] == pruner.report.parameters_after
