@@ -15,7 +15,7 @@ import torch
 
 from .errors import CalibrationDataError
 
-__all__ = ["IMAGE_SUFFIXES", "check_image_processor", "load_images", "pixel_values"]
+__all__ = ["IMAGE_SUFFIXES", "check_image_processor", "check_image_source", "load_images", "pixel_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,13 @@ def _source(dataset: Any, image_column: str) -> tuple[int, Callable[[list[int]],
     texts = isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], str)
     kind = "texts" if texts else f"a {type(dataset).__name__}"
     raise CalibrationDataError(f"dataset holds {kind}, but an image model calibrates on {_ACCEPTED}")
+
+
+def check_image_source(dataset: Any, image_column: str = "image") -> None:
+    """Refuse, without opening any image, calibration data that offers no images (see :func:`load_images`)."""
+    count, _ = _source(dataset, image_column)
+    if count == 0:
+        raise CalibrationDataError("the calibration dataset holds no images")
 
 
 def load_images(dataset: Any, *, num_samples: int, seed: int, image_column: str = "image") -> list[Any]:
