@@ -58,6 +58,7 @@ def _fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
     before, after = report.parameters_before, report.parameters_after
     calibration = report.calibration
     size = calibration.get("image_size")
+    budget = report.budget or {}
     return dict(
         method=config.method,
         method_description=describe_method(config.method),
@@ -66,13 +67,17 @@ def _fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
         parameters_before=f"{before:,}",
         parameters_after=f"{after:,}",
         parameters_removed=f"{(before - after) / before:.1%}" if before else "0%",
+        multiply_adds_before=f"{budget.get('multiply_adds_before', 0):,}",
+        multiply_adds_after=f"{budget.get('multiply_adds_after', 0):,}",
+        multiply_adds_removed=(f"{1 - budget['multiply_adds_after'] / budget['multiply_adds_before']:.1%}"
+                               if budget.get("multiply_adds_before") else "0%"),
         channels_total=f"{sum(p.structures for b in blocks for p in b.problems):,}",
         channels_kept=f"{sum(p.kept for b in blocks for p in b.problems):,}",
         block_rows=[{"index": b.index, "widths": ", ".join(f"{p.kept} / {p.structures}" for p in b.problems)}
                     for b in blocks],
         calibration_description=_capitalised((report.config.get("dataset") or "images passed in memory").strip("<>")),
         calibration_images=calibration.get("num_samples", 0),
-        image_size="x".join(str(s) for s in size) if size else "the processor's size",
+        image_size="x".join(str(s) for s in size) if size else None,
         calibration_seed=config.seed,
         pruning_seconds=f"{report.total_seconds:.1f}",
         osscar_version=__version__,

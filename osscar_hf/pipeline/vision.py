@@ -18,9 +18,10 @@ from ..arch.vision import BlockList, VisionSpec, get_vision_spec
 from ..calibration_images import check_image_processor, load_images, pixel_values
 from ..capture import CapturedInputs, capture_block_inputs
 from ..config import OsscarConfig, describe_dataset, keep_count
+from ..conv_flops import count_multiply_adds, probe_pixels
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
-from ..io.channel_shapes import update_channel_config
+from ..io.channel_shapes import dense_channel_shapes, read_channel_shapes, update_channel_config
 from ..io.save import attach_run, pruning_record
 from ..io.shapes import osscar_quantization_config
 from ..methods import SolveSettings, get_method, method_names
@@ -48,6 +49,7 @@ class ChannelRun:
     settings: ChannelSettings
     pixel_values: torch.Tensor | None
     params_before: int
+    multiply_adds_before: int
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -114,8 +116,14 @@ def start_channel_run(config: OsscarConfig, model: nn.Module, image_processor: A
         images = load_images(config.dataset, num_samples=config.num_samples, seed=config.seed,
                              image_column=config.image_column)
         pixels = pixel_values(images, image_processor, num_channels=int(model.config.num_channels))
+    was_training = model.training
+    model.eval()
+    try:
+        multiply_adds = count_multiply_adds(model, probe_pixels(model, pixels))
+    finally:
+        model.train(was_training)
     return ChannelRun(config=config, model=model, spec=spec, settings=settings, pixel_values=pixels,
-                      params_before=count_parameters(model))
+                      params_before=count_parameters(model), multiply_adds_before=multiply_adds)
 
 
 def capture_channel_inputs(run: ChannelRun, space: ActivationSpace) -> CapturedInputs:
@@ -138,9 +146,16 @@ def prune_channels(config: OsscarConfig, model: nn.Module, image_processor: Any 
         with space, torch.no_grad():
             captured = capture_channel_inputs(run, space)
             reports = _prune_blocks(run, captured, progress)
+        multiply_adds = count_multiply_adds(model, probe_pixels(model, run.pixel_values))
+    except BaseException:
+        if read_channel_shapes(model) != dense_channel_shapes(model.config):
+            update_channel_config(model, config)  # weights and config consistent, so what is left can be saved
+            logger.error("pruning stopped by an error after some blocks were pruned: the model is partially pruned, "
+                         "and its config describes its blocks as they are now")
+        raise
     finally:
         model.train(was_training)
-    report = _report(run, reports, space.summary())
+    report = _report(run, reports, space.summary(), multiply_adds)
     if any(problem.solved for block in reports for problem in block.problems):
         update_channel_config(model, config)
         attach_run(model, report, config)  # save_pretrained and push_to_hub then write the model card
@@ -154,7 +169,8 @@ def _prune_blocks(run: ChannelRun, captured: CapturedInputs, progress: bool) -> 
                         description="OSSCAR channel pruning", stream=ChannelBlockStream)
 
 
-def _report(run: ChannelRun, reports: list[ChannelBlockReport], activations: dict[str, Any]) -> PruneReport:
+def _report(run: ChannelRun, reports: list[ChannelBlockReport], activations: dict[str, Any],
+            multiply_adds: int) -> PruneReport:
     config, pixels = run.config, run.pixel_values
     calibration: dict[str, Any] = {"num_samples": 0, "image_size": None}
     if pixels is not None:
@@ -170,5 +186,6 @@ def _report(run: ChannelRun, reports: list[ChannelBlockReport], activations: dic
         blocks=reports,
         activations=activations,
         budget={"method": config.method, "allocation": "uniform channels", "channel_sparsity": config.channel_sparsity,
-                "params_before": run.params_before, "params_after": params_after},
+                "params_before": run.params_before, "params_after": params_after,
+                "multiply_adds_before": run.multiply_adds_before, "multiply_adds_after": multiply_adds},
     )

@@ -59,6 +59,7 @@ def test_fewer_parameters_and_uniform_widths(kind):
     report = pruner.report
     assert report.parameters_after < report.parameters_before
     assert report.parameters_after == sum(p.numel() for p in model.parameters())
+    assert report.budget["multiply_adds_after"] < report.budget["multiply_adds_before"]
     expected = [[w - round(w * 0.25) for w in widths] for widths in dense_widths]
     assert [b["channels"] for b in report.block_shapes] == expected
 
@@ -137,7 +138,18 @@ def test_model_card_and_report_of_a_pruned_cnn(tmp_path):
     assert "AutoModelForImageClassification.from_pretrained" in card
     assert "| 0 | 3 / 4, 3 / 4 |" in card  # block 0: both inner widths of a bottleneck
     assert "12 images were used, drawn with seed 0" in card and "32x32 pixel arrays" in card
+    assert "| multiply-adds per image (convolutions and linears, at 32x32) |" in card
     data = json.loads(pruner.report.to_json(tmp_path / "report.json").read_text())
     assert data["blocks"][0]["problems"][0]["kept"] == 3
     assert data["calibration"] == {"num_samples": 12, "image_size": [32, 32]}
     assert data["budget"]["params_after"] == pruner.report.parameters_after
+
+
+def test_magnitude_needs_no_images_nor_processor(tmp_path):
+    model = make_cnn("mobilenet_v2")
+    pruner = OsscarPruner(OsscarConfig(channel_sparsity=0.5, method="magnitude", device="cpu"))
+    pruner.prune(model, progress=False)
+    assert pruner.report.calibration == {"num_samples": 0, "image_size": None}
+    assert pruner.report.budget["multiply_adds_after"] < pruner.report.budget["multiply_adds_before"]
+    card = (save_pruned(model, tmp_path / "pruned") / "README.md").read_text()
+    assert "None: method `magnitude` reads no calibration data." in card
