@@ -33,7 +33,7 @@ def _prune(model: nn.Module, **overrides) -> OsscarPruner:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["osscar", "magnitude"])
+@pytest.mark.parametrize("method", ["osscar", "magnitude", "wanda_sp"])
 def test_pruned_logits_equal_the_masked_dense_model(kind, method):
     dense = make_cnn(kind)
     model = copy.deepcopy(dense)
