@@ -600,11 +600,6 @@ class OsscarConfig(QuantizationConfigMixin):
                 f"budgets, but {', '.join(language)} was given too: give channel_sparsity alone for a CNN, or the "
                 "language-model fields alone for a language model")
 
-    @property
-    def is_channel_pruning(self) -> bool:
-        """Whether this config asks for a CNN's channels (``channel_sparsity``) rather than a language model's parts."""
-        return self.channel_sparsity > 0
-
     def check_method(self) -> None:
         """Check ``method`` against the registry and the other fields (``OsscarPruner`` does, before any work).
 

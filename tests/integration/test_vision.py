@@ -16,6 +16,9 @@ from osscar_hf.arch import get_submodule
 from osscar_hf.arch.vision import get_vision_spec
 from osscar_hf.errors import SaveError
 from osscar_hf.io.save import save_pruned
+from osscar_hf import methods
+from osscar_hf.methods import GRAM
+from osscar_hf.methods.scores import Magnitude
 from tests.vision_models import KINDS, image_processor, make_cnn, masked_dense, pixels, random_images
 
 IMAGES = random_images(12)
@@ -153,3 +156,37 @@ def test_magnitude_needs_no_images_nor_processor(tmp_path):
     assert pruner.report.budget["multiply_adds_after"] < pruner.report.budget["multiply_adds_before"]
     card = (save_pruned(model, tmp_path / "pruned") / "README.md").read_text()
     assert "None: method `magnitude` reads no calibration data." in card
+
+
+class _RecordGram(Magnitude):
+    """Magnitude's selection, keeping every problem's statistics (to check what the pipeline accumulated)."""
+
+    name = "record_gram_for_tests"
+    statistics = frozenset({GRAM})
+    seen: list = []
+
+    def select(self, problem):
+        type(self).seen.append((problem.group_size, problem.statistics.gram.clone()))
+        return super().select(problem)
+
+
+def test_the_pipeline_gram_is_that_of_the_unfolded_consumer_input(monkeypatch):
+    """Block 0's first problem: the Gram the block loop hands the method is the mean outer product of conv2's
+    unfolded input patches over every calibration image and output position (brute force over positions)."""
+    monkeypatch.setitem(methods._METHODS, _RecordGram.name, _RecordGram)  # registered for this test only
+    monkeypatch.setattr(_RecordGram, "seen", [])
+    dense = make_cnn("bottleneck")
+    conv2 = dense.resnet.encoder.stages[0].layers[0].layer[1].convolution
+    inputs = []
+    handle = conv2.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    with torch.no_grad():
+        dense(pixels(IMAGES))
+    handle.remove()
+    x = torch.nn.functional.pad(inputs[0].double(), (1, 1, 1, 1))
+    patches = [x[n, :, i:i + 3, j:j + 3].reshape(-1) for n in range(x.shape[0])
+               for i in range(x.shape[2] - 2) for j in range(x.shape[3] - 2)]
+    expected = sum(torch.outer(v, v) for v in patches) / len(patches)
+    _prune(dense, method=_RecordGram.name)
+    group_size, gram = _RecordGram.seen[0]
+    assert group_size == 9
+    torch.testing.assert_close(gram.double(), expected, rtol=1e-4, atol=1e-5)
