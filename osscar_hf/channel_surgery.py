@@ -2,7 +2,8 @@
 layer-wise problem, its weight as the problem's matrix, how its input channels are replaced by the kept (refit)
 ones, and how a producer keeps only some output channels.
 
-``nn.Conv2d`` and ``nn.BatchNorm2d`` are registered here; a new module type (a timm layer) is one
+``nn.Conv2d`` (its input as unfolded patches, one row per output position), ``nn.Linear`` (one row per token),
+``nn.BatchNorm2d`` (a producer only) are registered here; a new module type (a timm layer) is one
 :func:`register_consumer` / :func:`register_producer` call. Every index is validated before a module changes.
 """
 
@@ -16,10 +17,10 @@ import torch.nn as nn
 
 from .errors import SurgeryError
 from .solver import conv_rows
-from .surgery import _check_indices
+from .surgery import _check_indices, slice_linear_inputs, slice_linear_outputs
 
-__all__ = ["ConsumerOps", "consumer_ops", "keep_input_channels", "keep_output_channels", "register_consumer",
-           "register_producer"]
+__all__ = ["ConsumerOps", "ProducerOps", "consumer_ops", "keep_input_channels", "keep_output_channels",
+           "producer_ops", "register_consumer", "register_producer"]
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,37 @@ class ConsumerOps:
     """How the pipeline sees one kind of consumer: ``rows(module, x)`` its input ``x`` as the rows of X (one row per
     token or output position), ``matrix(module)`` its weight as the (out, p) matrix with ``output = X @ matrix.T``,
     ``group_size(module)`` the columns of one input channel, ``write(module, kept_channels, matrix)`` its new
-    weight from the problem's (out, kept columns) answer (None: its own kept columns)."""
+    weight from the problem's (out, kept columns) answer (None: its own kept columns), ``width(module)`` its input
+    channels, ``fault(module)`` why this module cannot be a consumer (None when it can)."""
 
     rows: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     matrix: Callable[[nn.Module], torch.Tensor]
     group_size: Callable[[nn.Module], int]
     write: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], None]
+    width: Callable[[nn.Module], int]
+    fault: Callable[[nn.Module], str | None] = lambda _module: None
+
+
+@dataclass(frozen=True)
+class ProducerOps:
+    """How a producer keeps some output channels (``keep(module, channels)``), how many it has (``width``) and why
+    it cannot be sliced (``fault``, None when it can)."""
+
+    keep: Callable[[nn.Module, torch.Tensor], None]
+    width: Callable[[nn.Module], int]
+    fault: Callable[[nn.Module], str | None] = lambda _module: None
 
 
 _CONSUMERS: dict[type[nn.Module], ConsumerOps] = {}
-_PRODUCERS: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], None]] = {}
+_PRODUCERS: dict[type[nn.Module], ProducerOps] = {}
 
 
 def register_consumer(module_type: type[nn.Module], ops: ConsumerOps) -> None:
     _CONSUMERS[module_type] = ops
 
 
-def register_producer(module_type: type[nn.Module], keep: Callable[[nn.Module, torch.Tensor], None]) -> None:
-    _PRODUCERS[module_type] = keep
+def register_producer(module_type: type[nn.Module], ops: ProducerOps) -> None:
+    _PRODUCERS[module_type] = ops
 
 
 def _lookup(table: dict[type[nn.Module], object], module: nn.Module, role: str) -> object:
@@ -59,9 +73,13 @@ def consumer_ops(module: nn.Module) -> ConsumerOps:
     return _lookup(_CONSUMERS, module, "consumer")  # type: ignore[return-value]
 
 
+def producer_ops(module: nn.Module) -> ProducerOps:
+    return _lookup(_PRODUCERS, module, "producer")  # type: ignore[return-value]
+
+
 def keep_output_channels(module: nn.Module, channels: torch.Tensor) -> None:
     """Keep output channels ``channels`` (sorted, distinct) of a producer."""
-    _lookup(_PRODUCERS, module, "producer")(module, channels)  # type: ignore[operator]
+    producer_ops(module).keep(module, channels)
 
 
 def keep_input_channels(module: nn.Module, channels: torch.Tensor, matrix: torch.Tensor | None = None) -> None:
@@ -89,6 +107,18 @@ def _conv_write(conv: nn.Conv2d, channels: torch.Tensor, matrix: torch.Tensor | 
                else matrix.reshape(conv.out_channels, idx.numel(), kh, kw))
         conv.weight = _parameter(conv.weight, new)
     conv.in_channels = int(idx.numel())
+
+
+def _conv_consumer_fault(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return "an nn.Conv2d consumer needs groups=1 and numeric zero padding"
+    return None
+
+
+def _conv_producer_fault(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1 and not conv.groups == conv.in_channels == conv.out_channels:
+        return "an nn.Conv2d producer needs groups=1 or a depthwise convolution"
+    return None
 
 
 def _conv_keep_outputs(conv: nn.Conv2d, channels: torch.Tensor) -> None:
@@ -125,7 +155,18 @@ register_consumer(nn.Conv2d, ConsumerOps(
     matrix=lambda conv: conv.weight.reshape(conv.out_channels, -1),
     group_size=lambda conv: conv.kernel_size[0] * conv.kernel_size[1],
     write=_conv_write,
+    width=lambda conv: conv.in_channels,
+    fault=_conv_consumer_fault,
 ))
-register_producer(nn.Conv2d, _conv_keep_outputs)
-register_producer(nn.BatchNorm2d, _batch_norm_keep)
+register_producer(nn.Conv2d, ProducerOps(keep=_conv_keep_outputs, width=lambda conv: conv.out_channels,
+                                         fault=_conv_producer_fault))
+register_producer(nn.BatchNorm2d, ProducerOps(keep=_batch_norm_keep, width=lambda norm: norm.num_features))
+register_consumer(nn.Linear, ConsumerOps(
+    rows=lambda linear, x: x.reshape(-1, x.shape[-1]),
+    matrix=lambda linear: linear.weight,
+    group_size=lambda linear: 1,
+    write=slice_linear_inputs,
+    width=lambda linear: linear.in_features,
+))
+register_producer(nn.Linear, ProducerOps(keep=slice_linear_outputs, width=lambda linear: linear.out_features))
 

@@ -29,8 +29,9 @@ __all__ = [
 class ChannelProblem:
     """One consumer and the producers of its input channels, paths from the block.
 
-    ``consumer``: an ``nn.Conv2d`` (``groups=1``) refit on the kept input channels. ``producers``: ``nn.Conv2d``
-    (their output channels, or all channels of a depthwise one) and ``nn.BatchNorm2d`` sliced with them.
+    ``consumer``: a module refit on the kept input channels (an ``nn.Conv2d`` with ``groups=1``, an ``nn.Linear``).
+    ``producers``: modules sliced with them (``nn.Conv2d``: their output channels, or all channels of a depthwise one;
+    ``nn.BatchNorm2d``; ``nn.Linear``). The operations on each type are registered in :mod:`osscar_hf.channel_surgery`.
     """
 
     consumer: str
@@ -100,36 +101,33 @@ def _expand(root: nn.Module, pattern: str) -> Iterator[str]:
 
 
 def _problem_faults(block: nn.Module, problem: ChannelProblem) -> list[str]:
-    """What is wrong with ``problem`` in ``block`` (empty when the surgery can slice it)."""
+    """What is wrong with ``problem`` in ``block`` (empty when the surgery can slice it): every module must be of a
+    type with registered operations (:mod:`osscar_hf.channel_surgery`) that accept it, with matching widths."""
+    from ..channel_surgery import consumer_ops, producer_ops
+    from ..errors import SurgeryError
+
     try:
         consumer = get_submodule(block, problem.consumer)
-    except AttributeError:
-        return [f"{problem.consumer} (absent)"]
-    if not isinstance(consumer, nn.Conv2d) or consumer.groups != 1 or isinstance(consumer.padding, str) \
-            or consumer.padding_mode != "zeros":
-        return [f"{problem.consumer} to be an nn.Conv2d with groups=1, numeric zero padding"]
-    faults = []
+        ops = consumer_ops(consumer)
+    except (AttributeError, SurgeryError) as exc:
+        return [f"{problem.consumer} to be a consumer ({exc})"]
+    fault = ops.fault(consumer)
+    if fault is not None:
+        return [f"{problem.consumer} to be a consumer ({fault})"]
+    width, faults = ops.width(consumer), []
     for path in problem.producers:
         try:
             module = get_submodule(block, path)
-        except AttributeError:
-            faults.append(f"{path} (absent)")
+            producer = producer_ops(module)
+        except (AttributeError, SurgeryError) as exc:
+            faults.append(f"{path} to be a producer ({exc})")
             continue
-        width = _output_width(module)
-        if width is None:
-            faults.append(f"{path} to be an nn.Conv2d (groups 1 or depthwise) or an nn.BatchNorm2d")
-        elif width != consumer.in_channels:
-            faults.append(f"{path} to have {consumer.in_channels} output channels (it has {width})")
+        fault = producer.fault(module)
+        if fault is not None:
+            faults.append(f"{path} to be a producer ({fault})")
+        elif producer.width(module) != width:
+            faults.append(f"{path} to have {width} output channels (it has {producer.width(module)})")
     return faults
-
-
-def _output_width(module: nn.Module) -> int | None:
-    if isinstance(module, nn.BatchNorm2d):
-        return module.num_features
-    if isinstance(module, nn.Conv2d) and (module.groups == 1 or module.groups == module.in_channels
-                                          == module.out_channels):
-        return module.out_channels
-    return None
 
 
 class BlockList:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..arch import get_submodule
 from ..arch.vision import VisionSpec, get_vision_spec
-from ..channel_surgery import keep_input_channels, keep_output_channels
+from ..channel_surgery import consumer_ops, keep_input_channels, keep_output_channels
 from ..config import CHANNEL_SHAPE_KEY, OsscarConfig
 from ..errors import OsscarError
 from .save import mark_pruned
@@ -27,7 +27,8 @@ __all__ = ["apply_channel_shapes", "channel_shapes_expressed", "dense_channel_sh
 
 
 def _block_widths(spec: VisionSpec, block: nn.Module) -> list[int]:
-    return [get_submodule(block, problem.consumer).in_channels for problem in spec.layout(block)]
+    consumers = [get_submodule(block, problem.consumer) for problem in spec.layout(block)]
+    return [consumer_ops(consumer).width(consumer) for consumer in consumers]
 
 
 def read_channel_shapes(model: nn.Module) -> list[dict[str, list[int]]]:

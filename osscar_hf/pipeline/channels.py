@@ -82,7 +82,7 @@ class ChannelBlockStream(BlockStream):
         settings = self.settings
         consumer = get_submodule(block, problem.consumer)
         ops = consumer_ops(consumer)
-        width = consumer.in_channels
+        width = ops.width(consumer)
         keep = settings.keep(width)
         if keep == width:
             return _consumer_report(width, None, 0.0)

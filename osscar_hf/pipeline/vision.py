@@ -17,6 +17,7 @@ from ..arch import get_submodule
 from ..arch.vision import BlockList, VisionSpec, get_vision_spec
 from ..calibration_images import check_image_processor, load_images, pixel_values
 from ..capture import CapturedInputs, capture_block_inputs
+from ..channel_surgery import consumer_ops
 from ..config import OsscarConfig, describe_dataset, keep_count
 from ..conv_flops import count_multiply_adds, probe_pixels
 from ..errors import OsscarConfigError, UnsupportedModelError
@@ -77,7 +78,8 @@ def check_channel_config(config: OsscarConfig, spec: VisionSpec, model: nn.Modul
     for path in spec.block_paths(model):
         block = get_submodule(model, path)
         for problem in spec.layout(block):
-            width = get_submodule(block, problem.consumer).in_channels
+            consumer = get_submodule(block, problem.consumer)
+            width = consumer_ops(consumer).width(consumer)
             if keep_count(width, config.channel_sparsity) < 1:
                 raise OsscarConfigError(f"channel_sparsity={config.channel_sparsity} keeps no channel of the "
                                         f"{width} of {path}.{problem.consumer}; lower it")

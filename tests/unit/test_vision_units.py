@@ -86,6 +86,24 @@ def test_refit_weight_is_reshaped_back():
         keep_input_channels(nn.Conv2d(4, 2, 3), torch.tensor([1, 3]), torch.randn(2, 5))
 
 
+def test_linear_consumers_and_producers_are_registered_too():
+    """A channel problem may also hold linears (tokens as rows, single columns): slicing equals masking."""
+    torch.manual_seed(0)
+    up, down = nn.Linear(4, 6), nn.Linear(6, 3)
+    x = torch.randn(2, 5, 4)
+    kept = torch.tensor([1, 2, 4])
+    mask = torch.zeros(6)
+    mask[kept] = 1
+    with torch.no_grad():
+        expected = down(torch.relu(up(x)) * mask)
+        ops = consumer_ops(down)
+        assert ops.rows(down, torch.ones(2, 5, 6)).shape == (10, 6) and ops.group_size(down) == 1
+        keep_output_channels(up, kept)
+        keep_input_channels(down, kept)
+        got = down(torch.relu(up(x)))
+    torch.testing.assert_close(got, expected)
+
+
 def test_surgery_validates_indices_and_module_types():
     conv = nn.Conv2d(4, 4, 1)
     with pytest.raises(SurgeryError, match=r"outside \[0, 4\)"):
@@ -95,6 +113,18 @@ def test_surgery_validates_indices_and_module_types():
         keep_output_channels(nn.LayerNorm(4), torch.tensor([0]))
     with pytest.raises(SurgeryError, match="only groups=1 or depthwise"):
         keep_output_channels(nn.Conv2d(4, 8, 1, groups=2), torch.tensor([0]))
+
+
+def test_a_grouped_convolution_is_refused_as_a_consumer():
+    block = nn.Module()
+    block.a, block.b = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2)
+    spec = VisionSpec(name="grouped", model_types=("grouped",), blocks=("block",),
+                      layouts={"Module": (ChannelProblem("b", ("a",)),)})
+    model = nn.Module()
+    model.block = block
+    with pytest.raises(UnsupportedModelError, match="block.b to be a consumer \\(an nn.Conv2d consumer needs "
+                                                    "groups=1"):
+        spec.check_model(model)
 
 
 def test_specs_describe_the_tiny_models():
