@@ -747,6 +747,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from osscar_hf.metrics import load_model_and_tokenizer
 
     check_model_source(args.model)
+    _refuse_a_cnn(args.model)
     texts = _load_eval_texts(args.dataset, args.text_column)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device=args.device,
                                                 trust_remote_code=args.trust_remote_code)
@@ -757,6 +758,21 @@ def run_eval_command(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _refuse_a_cnn(model: str) -> None:
+    """``eval`` measures a language model's perplexity: say so for a local CNN folder instead of failing to load it."""
+    from osscar_hf.arch.vision import vision_model_types
+
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return
+        if model_type in vision_model_types():
+            raise CommandError(f"{model} is a CNN (model_type {model_type!r}): eval measures the perplexity of "
+                               "language models; evaluate an image classifier with your own accuracy script")
 
 
 # --------------------------------------------------------------------------- push

@@ -334,8 +334,10 @@ def describe_dataset(value: Any, text_column: str = "text") -> str | None:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if _is_hf_dataset(value):
+        column = (f"column {text_column!r}" if text_column in value.column_names
+                  else f"columns {value.column_names}")  # a dataset of images
         return (
-            f"<in-memory calibration data: datasets.Dataset, {len(value)} rows, column {text_column!r}, "
+            f"<in-memory calibration data: datasets.Dataset, {len(value)} rows, {column}, "
             f"fingerprint {getattr(value, '_fingerprint', None)}>"
         )
     import hashlib

@@ -74,6 +74,8 @@ class ChannelBlockStream(BlockStream):
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         finally:
             block.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         self._advance(states, None)
         return ChannelBlockReport(index=index, problems=problems, seconds=time.perf_counter() - start,
                                   peak_device_memory_bytes=peak, peak_host_rss_bytes=peak_host_rss_bytes())
@@ -109,6 +111,9 @@ class ChannelBlockStream(BlockStream):
             for b, state in enumerate(self.states):
                 call_block(block, state.to(device), move_to(self.kwargs[index][b], device))
                 del state
+
+    def replay(self, index: int, block: nn.Module, *, pruned: bool) -> None:
+        raise NotImplementedError("CNN pruning runs in memory in one go: there is no interrupted run to resume")
 
     @staticmethod
     def announce(bar: Any, report: ChannelBlockReport) -> None:

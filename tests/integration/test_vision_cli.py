@@ -61,3 +61,8 @@ def test_prune_a_cnn_refuses_before_loading(cnn_folder, capsys, extra, message):
     assert _run(argv) != 0
     assert message in capsys.readouterr().err
     assert not (cnn_folder / "out").exists()
+
+
+def test_eval_refuses_a_cnn_folder(cnn_folder, capsys):
+    assert _run(["eval", str(cnn_folder / "resnet"), "--dataset", "wikitext2"]) != 0
+    assert "is a CNN (model_type 'resnet'): eval measures the perplexity of language models" in capsys.readouterr().err
