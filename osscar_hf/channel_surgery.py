@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .errors import SurgeryError
 from .solver import conv_rows
-from .surgery import _check_indices, slice_linear_inputs, slice_linear_outputs
+from .surgery import check_indices, slice_linear_inputs, slice_linear_outputs
 
 __all__ = ["ConsumerOps", "ProducerOps", "consumer_ops", "keep_input_channels", "keep_output_channels",
            "producer_ops", "register_consumer", "register_producer"]
@@ -97,7 +97,7 @@ def _conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_write(conv: nn.Conv2d, channels: torch.Tensor, matrix: torch.Tensor | None) -> None:
-    idx = _check_indices(channels, conv.in_channels, f"input channels of {conv}").to(conv.weight.device)
+    idx = check_indices(channels, conv.in_channels, f"input channels of {conv}").to(conv.weight.device)
     kh, kw = conv.kernel_size
     if matrix is not None and tuple(matrix.shape) != (conv.out_channels, idx.numel() * kh * kw):
         raise SurgeryError(f"refit weight of {conv} has shape {tuple(matrix.shape)}, expected "
@@ -125,7 +125,7 @@ def _conv_keep_outputs(conv: nn.Conv2d, channels: torch.Tensor) -> None:
     depthwise = conv.groups > 1
     if depthwise and not conv.groups == conv.in_channels == conv.out_channels:
         raise SurgeryError(f"{conv}: only groups=1 or depthwise convolutions can lose output channels")
-    idx = _check_indices(channels, conv.out_channels, f"output channels of {conv}").to(conv.weight.device)
+    idx = check_indices(channels, conv.out_channels, f"output channels of {conv}").to(conv.weight.device)
     with torch.no_grad():
         conv.weight = _parameter(conv.weight, conv.weight.index_select(0, idx))
         if conv.bias is not None:
@@ -137,7 +137,7 @@ def _conv_keep_outputs(conv: nn.Conv2d, channels: torch.Tensor) -> None:
 
 def _batch_norm_keep(norm: nn.BatchNorm2d, channels: torch.Tensor) -> None:
     device = norm.running_mean.device if norm.running_mean is not None else norm.weight.device
-    idx = _check_indices(channels, norm.num_features, f"channels of {norm}").to(device)
+    idx = check_indices(channels, norm.num_features, f"channels of {norm}").to(device)
     with torch.no_grad():
         for name in ("weight", "bias"):
             old = getattr(norm, name)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,17 +22,18 @@ __all__ = ["CNN_TEMPLATE_NAME", "build_cnn_model_card", "is_cnn_report"]
 CNN_TEMPLATE_NAME = "osscar_cnn_card.md"
 
 
-def is_cnn_report(report: PruneReport) -> bool:
-    return bool(report.blocks) and isinstance(report.blocks[0], ChannelBlockReport)
+def is_cnn_report(report: Any) -> bool:
+    """Whether ``report`` is a :class:`~osscar_hf.report.PruneReport` of a CNN (its blocks' channel problems)."""
+    return isinstance(report, PruneReport) and bool(report.blocks) and isinstance(report.blocks[0], ChannelBlockReport)
 
 
 def build_cnn_model_card(report: PruneReport, *, base_model: str | None, config: OsscarConfig, tags: list[str],
-                         repo_id: str | None = None, model_name: str | None = None, license: str | None = None,
+                         template: Path, config_dict: dict[str, Any], repo_id: str | None = None,
+                         model_name: str | None = None, license: str | None = None,
                          checkpoint_format: str | None = None) -> ModelCard:
-    """The card of a CNN pruned by :class:`~osscar_hf.OsscarPruner` (see :func:`osscar_hf.card.build_model_card`,
-    which calls this for a CNN's report). Only the osscar format holds a pruned CNN."""
-    from .card import _config_for_card, template_path
-
+    """The card of a CNN pruned by :class:`~osscar_hf.OsscarPruner`, rendered from ``template`` (what
+    :func:`osscar_hf.card.build_model_card` does for a CNN's report, with the packaged template and the run's config
+    as ``config_dict``). Only the osscar format holds a pruned CNN."""
     if checkpoint_format not in (None, "osscar"):
         raise CardError(f"a pruned CNN is saved in the osscar format only, got checkpoint_format={checkpoint_format!r}")
     if report.config.get("channel_sparsity") != config.channel_sparsity:
@@ -43,14 +45,12 @@ def build_cnn_model_card(report: PruneReport, *, base_model: str | None, config:
         (f"{base_name} pruned with {label}" if base_name else f"CNN pruned with {label}")
     card_data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="image-classification",
                               tags=list(tags), license=license)
-    config_dict, _ = _config_for_card(config, report)
-    with template_path(CNN_TEMPLATE_NAME) as path:
-        return ModelCard.from_template(card_data, template_path=str(path), **_fields(report, config), model_name=name,
-                                       origin=(f"[{base_model}](https://huggingface.co/{base_model})" if base_model
-                                               else f"a `{report.model_type}` model"),
-                                       repo_id=repo_id or "path/or/repo-id/of/this/model",
-                                       processor_id=repo_id or base_model or "path/or/repo-id/of/the/processor",
-                                       config_json=json.dumps(config_dict, indent=2))
+    return ModelCard.from_template(card_data, template_path=str(template), **_fields(report, config), model_name=name,
+                                   origin=(f"[{base_model}](https://huggingface.co/{base_model})" if base_model
+                                           else f"a `{report.model_type}` model"),
+                                   repo_id=repo_id or "path/or/repo-id/of/this/model",
+                                   processor_id=repo_id or base_model or "path/or/repo-id/of/the/processor",
+                                   config_json=json.dumps(config_dict, indent=2))
 
 
 def _fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Per-block inner widths of a pruned CNN: read them, tell whether the stock config expresses them, apply them to a
-skeleton before its weights load, and record them in the model's config.
+skeleton before its weights load (:func:`osscar_hf.io.model_config.update_channel_config` records them in the model's
+config).
 
 An entry of ``OsscarConfig.block_shapes`` for a CNN block is ``{"channels": [width, ...]}``: the kept input channels
 of each of its channel problems, in the order they are solved (see :mod:`osscar_hf.arch.vision`). No transformers
@@ -18,12 +19,10 @@ import torch.nn as nn
 from ..arch import get_submodule
 from ..arch.vision import VisionSpec, get_vision_spec
 from ..channel_surgery import consumer_ops, keep_input_channels, keep_output_channels
-from ..config import CHANNEL_SHAPE_KEY, OsscarConfig
+from ..config import CHANNEL_SHAPE_KEY
 from ..errors import OsscarError
-from .save import mark_pruned
 
-__all__ = ["apply_channel_shapes", "channel_shapes_expressed", "dense_channel_shapes", "read_channel_shapes",
-           "update_channel_config"]
+__all__ = ["apply_channel_shapes", "channel_shapes_expressed", "dense_channel_shapes", "read_channel_shapes"]
 
 
 def _block_widths(spec: VisionSpec, block: nn.Module) -> list[int]:
@@ -72,17 +71,3 @@ def apply_channel_shapes(model: nn.Module, shapes: list[dict[str, Any]]) -> None
                 for producer in problem.producers:
                     keep_output_channels(get_submodule(block, producer), kept)
                 keep_input_channels(get_submodule(block, problem.consumer), kept)
-
-
-def update_channel_config(model: nn.Module, osscar_config: OsscarConfig) -> list[dict[str, list[int]]]:
-    """Record the pruned widths in ``model.config.quantization_config`` (the osscar format; nothing when the stock
-    config still describes the model) and leave the record on the model; return the shapes."""
-    shapes = read_channel_shapes(model)
-    record = osscar_config.for_model_config(shapes)
-    if channel_shapes_expressed(model.config, shapes):
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-    else:
-        model.config.quantization_config = record
-    mark_pruned(model, record)
-    return shapes

@@ -24,7 +24,7 @@ from ..config import keep_count
 from ..host_memory import peak_host_rss_bytes
 from ..methods import LayerProblem, LayerStatistics, PruningMethod, SolveSettings
 from ..report import ChannelBlockReport, ConsumerReport
-from .block import BlockStream, _consumer_report, block_device, propagate_block
+from .block import BlockStream, consumer_report, block_device, propagate_block
 from .statistics import InputStatistics, input_hooks
 
 __all__ = ["ChannelBlockStream", "ChannelSettings"]
@@ -87,7 +87,7 @@ class ChannelBlockStream(BlockStream):
         width = ops.width(consumer)
         keep = settings.keep(width)
         if keep == width:
-            return _consumer_report(width, None, 0.0)
+            return consumer_report(width, None, 0.0)
         started = time.perf_counter()
         matrix = ops.matrix(consumer)
         statistics = LayerStatistics()
@@ -102,7 +102,7 @@ class ChannelBlockStream(BlockStream):
         for path in problem.producers:
             keep_output_channels(get_submodule(block, path), selection.kept_groups)
         keep_input_channels(consumer, selection.kept_groups, selection.weight)
-        return _consumer_report(width, selection, time.perf_counter() - started)
+        return consumer_report(width, selection, time.perf_counter() - started)
 
     def _accumulate(self, block: nn.Module, index: int, consumer: nn.Module, add: Any) -> None:
         """Run the block on every batch, handing the consumer's input to ``add``."""

@@ -22,7 +22,8 @@ from ..config import OsscarConfig, describe_dataset, keep_count
 from ..conv_flops import count_multiply_adds, probe_pixels
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
-from ..io.channel_shapes import dense_channel_shapes, read_channel_shapes, update_channel_config
+from ..io.channel_shapes import dense_channel_shapes, read_channel_shapes
+from ..io.model_config import update_channel_config
 from ..io.save import attach_run, pruning_record
 from ..io.shapes import osscar_quantization_config
 from ..methods import SolveSettings, get_method, method_names
