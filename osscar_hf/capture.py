@@ -8,6 +8,7 @@ private exception, so neither the blocks nor the LM head ever run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,10 @@ def _share_equal(obj: Any, seen: dict[tuple, list[torch.Tensor]]) -> Any:
     return obj
 
 
+def _token_inputs(batch: torch.Tensor) -> dict[str, Any]:
+    return {"input_ids": batch, "use_cache": False}
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -111,14 +116,18 @@ def capture_block_inputs(
     batch_size: int,
     storage_device: torch.device | str = "cpu",
     activations: ActivationSpace | None = None,
+    model_inputs: Callable[[torch.Tensor], dict[str, Any]] | None = None,
 ) -> CapturedInputs:
     """Run ``model`` on ``input_ids`` (windows x seq_len) up to the first block and record each block's inputs.
 
     The model runs where its embeddings are; captured tensors are kept on ``storage_device``. With
     ``activations``, block 0's hidden states go batch by batch into a new store of that space (which settles
     ``"auto"`` from the first batch's size times the number of windows) instead of a list; the store is closed
-    if the capture fails.
+    if the capture fails. ``model_inputs(batch)``: the model's keyword arguments for one batch of the inputs (by
+    default token ids: ``{"input_ids": batch, "use_cache": False}``; an image model's pixel values:
+    ``{"pixel_values": batch}``).
     """
+    model_inputs = model_inputs or _token_inputs
     if len(blocks) == 0:
         raise ValueError("the model has no decoder blocks to prune")
     embed_device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
@@ -132,7 +141,7 @@ def capture_block_inputs(
             for i, block in enumerate(originals):
                 blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
             try:
-                model(input_ids=input_ids[start : start + batch_size].to(embed_device), use_cache=False)
+                model(**model_inputs(input_ids[start : start + batch_size].to(embed_device)))
             except _CaptureDone:
                 pass
             else:

@@ -30,6 +30,7 @@ import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import HUB_DATASETS, SELF_DATASET
+from .cnn_card import CNN_TEMPLATE_NAME, build_cnn_model_card, is_cnn_report
 from .config import OsscarConfig
 from .errors import CardError
 from .io.remote_code import REMOTE_CODE_FILES, remote_model_type
@@ -63,12 +64,12 @@ _DEFAULT_PROTOCOL = (
 
 
 @contextlib.contextmanager
-def template_path() -> Iterator[Path]:
-    """The packaged card template as a file path (extracted to a temporary file if the package is zipped)."""
-    resource = importlib.resources.files("osscar_hf").joinpath("model_cards", TEMPLATE_NAME)
+def template_path(name: str = TEMPLATE_NAME) -> Iterator[Path]:
+    """The packaged card template ``name`` as a file path (extracted to a temporary file if the package is zipped)."""
+    resource = importlib.resources.files("osscar_hf").joinpath("model_cards", name)
     if not resource.is_file():
         raise CardError(
-            f"the model card template osscar_hf/model_cards/{TEMPLATE_NAME} is missing from this installation; "
+            f"the model card template osscar_hf/model_cards/{name} is missing from this installation; "
             "reinstall osscar-hf (the template is package data)"
         )
     with importlib.resources.as_file(resource) as path:
@@ -113,6 +114,9 @@ def build_model_card(
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(path)`` or ``card.push_to_hub(repo_id)`` write it.
     """
+    if is_cnn_report(report):
+        return _cnn_card(report, config, eval_results, template, tokenizer_id, language, base_model=base_model,
+                         repo_id=repo_id, model_name=model_name, license=license, checkpoint_format=checkpoint_format)
     _check_card_inputs(report, config, checkpoint_format)
     repo_name = repo_id.split("/")[-1] if repo_id else None
     base_name = base_model.split("/")[-1] if base_model else None
@@ -154,6 +158,18 @@ def build_model_card(
 
 
 # --------------------------------------------------------------------------- helpers
+def _cnn_card(report: PruneReport, config: OsscarConfig, eval_results: Any, template: Any, tokenizer_id: Any,
+              language: Any, **card_args: Any) -> ModelCard:
+    """A pruned CNN's card (:mod:`osscar_hf.cnn_card`), from its own packaged template."""
+    if not isinstance(config, OsscarConfig):
+        raise CardError(f"config must be an OsscarConfig, got {type(config).__name__}")
+    if eval_results is not None or template is not None or tokenizer_id is not None or language is not None:
+        raise CardError("a pruned CNN's card takes no eval_results, template, tokenizer_id or language yet")
+    with template_path(CNN_TEMPLATE_NAME) as path:
+        return build_cnn_model_card(report, config=config, tags=TAGS, template=path,
+                                    config_dict=_config_for_card(config, report)[0], **card_args)
+
+
 def _check_card_inputs(report: PruneReport, config: OsscarConfig, checkpoint_format: str | None) -> None:
     if not isinstance(report, PruneReport):
         raise CardError(f"report must be a PruneReport (pruner.report), got {type(report).__name__}")

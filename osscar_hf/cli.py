@@ -368,7 +368,11 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
     from osscar_hf.arch import ATTENTION_STRUCTURES
 
     sizes = parser.add_argument_group(
-        "how much to remove (one of: --sparsity; --attention-sparsity with --mlp-sparsity; --block-sizes)")
+        "how much to remove (one of: --sparsity; --attention-sparsity with --mlp-sparsity; --block-sizes; for a CNN "
+        "--channel-sparsity)")
+    sizes.add_argument("--channel-sparsity", type=sparsity, default=None, metavar="F",
+                       help="a CNN (ResNet, MobileNetV2): fraction of every residual block's inner channels removed "
+                            "(see docs/vision.md)")
     sizes.add_argument("--sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of the decoder blocks' parameters (or --sparsity-target flops) to remove in "
                        "total; osscar_hf chooses every block's sizes (see --allocation)")
@@ -418,13 +422,15 @@ def register_prune(subparsers: argparse._SubParsersAction) -> None:
                         "(see the docs: every method runs in the same pipeline)")
     parser.add_argument("--dataset", default=None, metavar="DATASET",
                         help="calibration data: a .txt/.jsonl/.parquet file, or c4, wikitext2, ptb (from the Hub); "
-                        "needed by every method but magnitude")
+                        "for a CNN a folder of images; needed by every method but magnitude")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR",
                         help="folder to write the pruned model to (must be empty or absent unless --overwrite)")
     parser.add_argument("--text-column", default="text", metavar="NAME",
                         help="text column of .jsonl/.parquet data (default: text)")
+    parser.add_argument("--image-column", default="image", metavar="NAME",
+                        help="a CNN's calibration data as a datasets.Dataset: its image column (default: image)")
     parser.add_argument("--num-samples", type=positive_int, default=128, metavar="N",
-                        help="calibration windows (default: 128)")
+                        help="calibration windows, or a CNN's calibration images (default: 128)")
     parser.add_argument("--seq-len", type=positive_int, default=2048, metavar="N",
                         help="tokens per calibration window, capped at the model context (default: 2048)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling seed (default: 0)")
@@ -478,10 +484,11 @@ def _check_prune_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     uniform = (args.attention_sparsity, args.mlp_sparsity)
     given = [name for name, used in (("--sparsity", args.sparsity is not None),
                                      ("--attention-sparsity/--mlp-sparsity", any(v is not None for v in uniform)),
-                                     ("--block-sizes", args.block_sizes is not None)) if used]
+                                     ("--block-sizes", args.block_sizes is not None),
+                                     ("--channel-sparsity", args.channel_sparsity is not None)) if used]
     if len(given) != 1:
         parser.error("give exactly one of --sparsity, --attention-sparsity with --mlp-sparsity, or --block-sizes"
-                     + (f" (got {' and '.join(given)})" if given else ""))
+                     " (a CNN: --channel-sparsity)" + (f" (got {' and '.join(given)})" if given else ""))
     if given[0].startswith("--attention") and None in uniform:
         parser.error(f"{'--attention-sparsity' if uniform[0] is None else '--mlp-sparsity'} is required with "
                      f"{'--mlp-sparsity' if uniform[0] is None else '--attention-sparsity'}")
@@ -517,6 +524,8 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
                 options[name] = getattr(args, name)
     elif args.block_sizes is not None:
         options["block_sizes"] = _read_block_sizes(args.block_sizes)
+    elif args.channel_sparsity is not None:
+        options.update(channel_sparsity=args.channel_sparsity, image_column=args.image_column)
     else:
         options.update(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity)
     return options
@@ -571,22 +580,48 @@ def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
     )
     pruner = OsscarPruner(config)  # checks the method against the other fields
     _check_stock_format(config, args.format)
+    if args.channel_sparsity is not None:
+        _check_cnn_prune(args, config)
+        return pruner, output
     check_dataset_source(config.dataset)
     check_model_config(args.model, revision=args.revision, token=args.token,
                        attention_structure=config.attention_structure, config=config)
     return pruner, output
 
 
+def _check_cnn_prune(args: argparse.Namespace, config: Any) -> None:
+    """``--channel-sparsity``: a CNN of a registered family, in memory, with images to calibrate on (when the method
+    needs data), checked from ``config.json`` and the folder's listing before anything is loaded."""
+    from transformers import AutoConfig
+
+    from osscar_hf.arch.vision import get_vision_spec
+    from osscar_hf.calibration_images import check_image_source
+    from osscar_hf.methods import get_method
+
+    if args.stream or args.eval:
+        raise CommandError(f"{'--stream' if args.stream else '--eval'} does not apply to a CNN yet: prune it in memory "
+                           "(without --stream), and evaluate it with your own image-classification script")
+    try:
+        model_config = AutoConfig.from_pretrained(args.model, revision=args.revision, token=args.token)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read the config of {args.model}: {exc}") from None
+    get_vision_spec(model_config)  # the error names the CNN model types
+    if get_method(config.method).statistics:
+        check_image_source(config.dataset, config.image_column)
+
+
 def _prune_in_memory(args: argparse.Namespace, pruner: Any, output: Path) -> int:
     """Load the model, prune it (measuring perplexity before and after with --eval), save it atomically. Under
     torchrun every rank prunes its copy (the same result on each); rank 0 alone evaluates and saves."""
     from osscar_hf.distributed import is_main_process
+    from osscar_hf.io.load import load_image_model
     from osscar_hf.metrics import load_model_and_tokenizer, resolve_device
 
     main = is_main_process()
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval and main else None
     resolve_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device="cpu")
+    load = load_image_model if args.channel_sparsity is not None else load_model_and_tokenizer
+    model, tokenizer = load(args.model, dtype=args.dtype or "float32", device="cpu")  # a CNN: its image processor
     eval_record: dict[str, Any] | None = None
     card_eval: dict[str, Any] | None = None
     if eval_texts is not None:
@@ -712,6 +747,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from osscar_hf.metrics import load_model_and_tokenizer
 
     check_model_source(args.model)
+    _refuse_a_cnn(args.model)
     texts = _load_eval_texts(args.dataset, args.text_column)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or "float32", device=args.device,
                                                 trust_remote_code=args.trust_remote_code)
@@ -722,6 +758,21 @@ def run_eval_command(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _refuse_a_cnn(model: str) -> None:
+    """``eval`` measures a language model's perplexity: say so for a local CNN folder instead of failing to load it."""
+    from osscar_hf.arch.vision import vision_model_types
+
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return
+        if model_type in vision_model_types():
+            raise CommandError(f"{model} is a CNN (model_type {model_type!r}): eval measures the perplexity of "
+                               "language models; evaluate an image classifier with your own accuracy script")
 
 
 # --------------------------------------------------------------------------- push

@@ -41,6 +41,9 @@ QUANT_METHOD = "osscar"
 BLOCK_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "ffn_dim")
 # ... and the key a mixture of experts with a shared expert adds (its width).
 SHARED_SHAPE_KEY = "shared_ffn_dim"
+# The key of one entry of ``OsscarConfig.block_shapes`` for a CNN block: its inner widths, one per channel problem in
+# the order they are solved (see :mod:`osscar_hf.arch.vision`).
+CHANNEL_SHAPE_KEY = "channels"
 # The keys of one entry of ``OsscarConfig.block_sizes`` (kept attention structures and neurons of one block).
 BLOCK_SIZE_KEYS = ("attention", "mlp")
 SPARSITY_TARGETS = ("params", "flops")
@@ -123,6 +126,12 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def _is_pil_image(value: Any) -> bool:
+    # Through sys.modules, as for datasets: a PIL image exists only where PIL was imported.
+    mod = sys.modules.get("PIL.Image")
+    return mod is not None and isinstance(value, mod.Image)
+
+
 def _is_hf_dataset(value: Any) -> bool:
     # Checked through sys.modules so that validating a config never imports `datasets` (slow import).
     mod = sys.modules.get("datasets")
@@ -133,7 +142,8 @@ _DATASET_ACCEPTED = (
     "None, a str (a dataset name such as 'wikitext2', 'self' for text sampled from the model, or a path to a "
     ".txt/.jsonl/.parquet file), an "
     "os.PathLike path, a non-empty list of str, a non-empty list of non-empty lists of int token ids, a 2-D "
-    "integer torch.Tensor of token ids, or a datasets.Dataset"
+    "integer torch.Tensor of token ids, or a datasets.Dataset; for an image model: a non-empty list of PIL images, "
+    "a folder of images, or a datasets.Dataset with an image column"
 )
 
 
@@ -142,7 +152,7 @@ def _summarise(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_dataset(value: Any, text_column: str) -> Any:
+def _check_dataset(value: Any, text_column: str, image_column: str = "image") -> Any:
     if value is None or isinstance(value, str):
         if isinstance(value, str) and not value:
             raise OsscarConfigError(f"dataset must not be an empty str; accepted: {_DATASET_ACCEPTED}")
@@ -159,16 +169,18 @@ def _check_dataset(value: Any, text_column: str) -> Any:
             raise OsscarConfigError(f"dataset tensor must not be empty, got shape {tuple(value.shape)}")
         return value
     if _is_hf_dataset(value):
-        if text_column not in value.column_names:
+        if text_column not in value.column_names and image_column not in value.column_names:
             raise OsscarConfigError(
-                f"dataset (a datasets.Dataset) has no column text_column={text_column!r}; "
-                f"its columns are {value.column_names}"
+                f"dataset (a datasets.Dataset) has no column text_column={text_column!r} (texts) nor "
+                f"image_column={image_column!r} (images); its columns are {value.column_names}"
             )
         return value
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
             raise OsscarConfigError(f"dataset must not be an empty list; accepted: {_DATASET_ACCEPTED}")
         if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(_is_pil_image(v) for v in value):
             return list(value)
         if all(isinstance(v, (list, tuple)) for v in value):
             for i, row in enumerate(value):
@@ -180,7 +192,7 @@ def _check_dataset(value: Any, text_column: str) -> Any:
                     )
             return [[int(t) for t in row] for row in value]
         raise OsscarConfigError(
-            "dataset as a list must hold only str (texts) or only lists of int (token ids), got "
+            "dataset as a list must hold only str (texts), only lists of int (token ids) or only PIL images, got "
             f"{_summarise(value)}"
         )
     raise OsscarConfigError(f"dataset must be {_DATASET_ACCEPTED}; got a {type(value).__name__}")
@@ -236,10 +248,12 @@ def _check_activation_dir(value: Any) -> str | None:
 def _dataset_to_json(value: Any, text_column: str) -> Any:
     if value is None or isinstance(value, str):
         return value
+    if isinstance(value, (list, tuple)) and value and _is_pil_image(value[0]):
+        return describe_dataset(value)  # images have no JSON form: their description stands in
     if isinstance(value, torch.Tensor):
         return [[int(t) for t in row] for row in value.tolist()]
     if _is_hf_dataset(value):
-        return list(value[text_column])
+        return list(value[text_column]) if text_column in value.column_names else describe_dataset(value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (list, tuple)):
@@ -258,10 +272,14 @@ def _check_block_shapes(value: Any) -> list[dict[str, int]] | None:
         )
     shapes = []
     for i, shape in enumerate(value):
+        if isinstance(shape, dict) and set(shape) == {CHANNEL_SHAPE_KEY}:
+            shapes.append(_check_channel_shape(i, shape[CHANNEL_SHAPE_KEY]))
+            continue
         if not isinstance(shape, dict) or set(shape) - {SHARED_SHAPE_KEY} != set(BLOCK_SHAPE_KEYS):
             raise OsscarConfigError(
                 f"block_shapes[{i}] must be a dict with exactly the keys {list(BLOCK_SHAPE_KEYS)} (and "
-                f"{SHARED_SHAPE_KEY!r} for a shared expert), got {_summarise(shape)}"
+                f"{SHARED_SHAPE_KEY!r} for a shared expert), or for a CNN block only {CHANNEL_SHAPE_KEY!r}, got "
+                f"{_summarise(shape)}"
             )
         counts = {}
         for key in shape:
@@ -277,6 +295,15 @@ def _check_block_shapes(value: Any) -> list[dict[str, int]] | None:
             )
         shapes.append(counts)
     return shapes
+
+
+def _check_channel_shape(i: int, widths: Any) -> dict[str, list[int]]:
+    if not isinstance(widths, (list, tuple)) or not widths or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise OsscarConfigError(
+            f"block_shapes[{i}][{CHANNEL_SHAPE_KEY!r}] must be a non-empty list of ints >= 1 (a CNN block's inner "
+            f"widths), got {_summarise(widths)}")
+    return {CHANNEL_SHAPE_KEY: [int(w) for w in widths]}
 
 
 def _check_library_versions(value: Any) -> dict[str, str] | None:
@@ -307,12 +334,16 @@ def describe_dataset(value: Any, text_column: str = "text") -> str | None:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if _is_hf_dataset(value):
+        column = (f"column {text_column!r}" if text_column in value.column_names
+                  else f"columns {value.column_names}")  # a dataset of images
         return (
-            f"<in-memory calibration data: datasets.Dataset, {len(value)} rows, column {text_column!r}, "
+            f"<in-memory calibration data: datasets.Dataset, {len(value)} rows, {column}, "
             f"fingerprint {getattr(value, '_fingerprint', None)}>"
         )
     import hashlib
 
+    if isinstance(value, (list, tuple)) and value and _is_pil_image(value[0]):
+        return _describe_images(value)
     data = _dataset_to_json(value, text_column)
     digest = hashlib.sha256(json.dumps(data, separators=(",", ":")).encode("utf-8")).hexdigest()[:16]
     if data and isinstance(data[0], str):
@@ -320,6 +351,18 @@ def describe_dataset(value: Any, text_column: str = "text") -> str | None:
     else:
         size = f"{len(data)} rows of token ids, {sum(len(r) for r in data)} tokens"
     return f"<in-memory calibration data: {size}, sha256 {digest}>"
+
+
+def _describe_images(images: list[Any]) -> str:
+    """``"<in-memory calibration data: N images, sha256 ...>"``: the digest covers every image's mode, size and
+    pixels."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return f"<in-memory calibration data: {len(images)} images, sha256 {digest.hexdigest()[:16]}>"
 
 
 def _parse_version(text: Any):
@@ -347,6 +390,9 @@ class OsscarConfig(QuantizationConfigMixin):
             ``attention_sparsity``, ``block_sizes`` and the budgets, are its query heads per KV head (a structure
             is one query head of every KV group); a block that keeps none loses its KV heads too.
         mlp_sparsity: fraction of FFN neurons removed in every block, in [0, 1).
+        channel_sparsity: for a CNN (ResNet, MobileNetV2: see ``docs/vision.md``), the fraction of every residual
+            block's inner channels removed, in [0, 1), the same for each inner width (``round(width *
+            channel_sparsity)`` channels removed). Excludes the language-model sparsities and ``block_sizes``.
         sparsity: instead of the two per-block fractions, the fraction in [0, 1) of the decoder blocks' total
             parameters (or multiply-adds, see ``sparsity_target``) to remove, leaving osscar_hf to choose every
             block's attention and MLP sizes (see ``allocation``). Embeddings and the LM head are not counted and
@@ -379,6 +425,8 @@ class OsscarConfig(QuantizationConfigMixin):
             name is given as ``"./self"``.
         text_column: column (or JSON field) holding the text in a ``datasets.Dataset``, ``.jsonl`` or
             ``.parquet`` dataset.
+        image_column: column holding the images in a ``datasets.Dataset`` of calibration images (default
+            ``"image"``).
         num_samples: number of calibration windows (>= 1).
         seq_len: tokens per calibration window (>= 1); the pipeline caps it at the model's context length.
         seed: seed of the window sampling (>= 0).
@@ -421,6 +469,7 @@ class OsscarConfig(QuantizationConfigMixin):
     mlp_sparsity: float = 0.0
     _: KW_ONLY
     sparsity: float | None = None
+    channel_sparsity: float = 0.0
     sparsity_target: str = "params"
     allocation: str = "auto"
     block_sizes: list[dict[str, int]] | None = None
@@ -432,6 +481,7 @@ class OsscarConfig(QuantizationConfigMixin):
     method: str = "osscar"
     dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
     text_column: str = "text"
+    image_column: str = "image"
     num_samples: int = 128
     seq_len: int = 2048
     seed: int = 0
@@ -460,7 +510,7 @@ class OsscarConfig(QuantizationConfigMixin):
     # model pruned with the paper's settings records the config that earlier osscar_hf versions wrote and read.
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
-        "allocation_samples", "method", "attention_structure",
+        "allocation_samples", "method", "attention_structure", "channel_sparsity", "image_column",
     )
 
     def __post_init__(self) -> None:
@@ -475,7 +525,9 @@ class OsscarConfig(QuantizationConfigMixin):
         self._check_budget_fields()
         if not isinstance(self.text_column, str) or not self.text_column:
             raise OsscarConfigError(f"text_column must be a non-empty str, got {self.text_column!r}")
-        self.dataset = _check_dataset(self.dataset, self.text_column)
+        if not isinstance(self.image_column, str) or not self.image_column:
+            raise OsscarConfigError(f"image_column must be a non-empty str, got {self.image_column!r}")
+        self.dataset = _check_dataset(self.dataset, self.text_column, self.image_column)
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seq_len = _check_int("seq_len", self.seq_len, 1)
         self.seed = _check_int("seed", self.seed, 0)
@@ -522,6 +574,7 @@ class OsscarConfig(QuantizationConfigMixin):
         self.min_part_keep = _check_unit_interval("min_part_keep", self.min_part_keep)
         self.min_block_keep = _check_unit_interval("min_block_keep", self.min_block_keep)
         self.allocation_samples = _check_int("allocation_samples", self.allocation_samples, 1)
+        self._check_channel_sparsity()
         uniform = [n for n in ("attention_sparsity", "mlp_sparsity") if getattr(self, n)]
         for name, given in (("sparsity", self.sparsity is not None), ("block_sizes", self.block_sizes is not None)):
             if given and uniform:
@@ -535,6 +588,19 @@ class OsscarConfig(QuantizationConfigMixin):
             raise OsscarConfigError(
                 f"allocation={self.allocation!r} needs a global sparsity (OsscarConfig(sparsity=...)); the per-block "
                 "fractions and block_sizes fix every block's sizes themselves")
+
+    def _check_channel_sparsity(self) -> None:
+        self.channel_sparsity = _check_fraction("channel_sparsity", self.channel_sparsity)
+        if not self.channel_sparsity:
+            return
+        language = [f"{n}={getattr(self, n)!r}" for n in ("attention_sparsity", "mlp_sparsity", "sparsity",
+                                                          "block_sizes")
+                    if getattr(self, n) not in (0.0, None)]
+        if language:
+            raise OsscarConfigError(
+                f"channel_sparsity={self.channel_sparsity} (a CNN's inner channels) excludes the language-model "
+                f"budgets, but {', '.join(language)} was given too: give channel_sparsity alone for a CNN, or the "
+                "language-model fields alone for a language model")
 
     def check_method(self) -> None:
         """Check ``method`` against the registry and the other fields (``OsscarPruner`` does, before any work).
@@ -671,6 +737,8 @@ class OsscarConfig(QuantizationConfigMixin):
             return f"<datasets.Dataset, {len(ds)} rows>"
         if ds and isinstance(ds[0], str):
             return f"<{len(ds)} texts, {sum(len(t) for t in ds)} chars>"
+        if ds and _is_pil_image(ds[0]):
+            return f"<{len(ds)} images>"
         return f"<token ids, {len(ds)} rows>"
 
     @classmethod

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .arch import ArchSpec, get_spec, get_submodule
 from .arch.experts import dense_layers_problem
+from .arch.vision import is_vision_model
 from .calibration import build_window_sets
 from .config import OsscarConfig
 from .distributed import Ranks, guard, process_ranks
@@ -31,6 +32,7 @@ from .pipeline import (
     prune_blocks,
     start_run,
 )
+from .pipeline.vision import prune_channels
 from .report import PruneReport
 from .streaming import prune_checkpoint
 from .self_calibration import is_self_dataset, sample_token_windows
@@ -121,7 +123,13 @@ class OsscarPruner:
         Under ``torch.distributed`` (an initialised process group, or torchrun's environment: then the group is
         initialised here and destroyed at the end) every rank calls this with the same model and settings; each runs
         the block forwards on its share of the calibration windows, and every rank returns the same pruned model
-        (see ``docs/distributed.md``). Progress bars are shown on rank 0 only."""
+        (see ``docs/distributed.md``). Progress bars are shown on rank 0 only.
+
+        A CNN (``ResNetForImageClassification``, ``MobileNetV2ForImageClassification``; see ``docs/vision.md``) takes
+        ``channel_sparsity`` and its image processor in place of ``tokenizer``, and is pruned in one process."""
+        if is_vision_model(model):
+            self.report = prune_channels(self.config, model, tokenizer, progress=progress)
+            return model
         with process_ranks(self.config.resolved_device()) as ranks, guard(ranks):
             return self._prune(model, tokenizer, ranks, progress=progress and ranks.is_main)
 

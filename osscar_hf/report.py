@@ -59,6 +59,23 @@ class BlockReport:
 
 
 @dataclass
+class ChannelBlockReport:
+    """What pruning one CNN block did: its channel problems in the order they were solved (see
+    :mod:`osscar_hf.arch.vision`), its time and memory."""
+
+    index: int
+    problems: list[ConsumerReport]
+    seconds: float
+    peak_device_memory_bytes: int | None = None
+    peak_host_rss_bytes: int | None = None
+
+    @property
+    def widths(self) -> list[int]:
+        """The block's kept inner widths, one per channel problem."""
+        return [problem.kept for problem in self.problems]
+
+
+@dataclass
 class PruneReport:
     """What :meth:`OsscarPruner.prune` did. ``to_dict``/``to_json`` give a JSON record of it."""
 
@@ -68,7 +85,7 @@ class PruneReport:
     parameters_before: int
     parameters_after: int
     total_seconds: float
-    blocks: list[BlockReport] = field(default_factory=list)
+    blocks: list[BlockReport] | list[ChannelBlockReport] = field(default_factory=list)
     # Where the calibration activations were kept (ActivationSpace.summary()): "storage" ("memory" or "disk"),
     # "requested" (the activation_storage setting), "stream_bytes" (one stream), and on disk "peak_disk_bytes"
     # and "files_written". None where not recorded.
@@ -79,9 +96,10 @@ class PruneReport:
     budget: dict[str, Any] | None = None
 
     @property
-    def block_shapes(self) -> list[dict[str, int]]:
-        """Kept attention structures and neurons of each block."""
-        return [{"attention": b.attention.kept, "mlp": b.mlp.kept_per_expert} for b in self.blocks]
+    def block_shapes(self) -> list[dict[str, int]] | list[dict[str, list[int]]]:
+        """Kept attention structures and neurons of each block (a CNN block: ``{"channels": kept widths}``)."""
+        return [{"channels": b.widths} if isinstance(b, ChannelBlockReport)
+                else {"attention": b.attention.kept, "mlp": b.mlp.kept_per_expert} for b in self.blocks]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,7 +26,9 @@ from .remote_code.configuration_osscar import (
 from .solver.sweep import channels_of
 
 
-def _check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
+def check_indices(idx: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """``idx`` as int64 on the CPU, or ``SurgeryError`` (naming ``what``) unless it is 1-D, strictly increasing and
+    inside ``[0, size)``: what every slicing of a module checks first, so a bad call leaves the module untouched."""
     idx = torch.as_tensor(idx)
     if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise SurgeryError(f"{what}: indices must be a 1-D integer tensor, got shape {tuple(idx.shape)} {idx.dtype}")
@@ -47,7 +49,7 @@ def group_channels(groups: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def slice_linear_outputs(linear: nn.Linear, idx: torch.Tensor) -> None:
     """Keep output rows ``idx`` (and their bias entries)."""
-    idx = _check_indices(idx, linear.out_features, f"output rows of {linear}").to(linear.weight.device)
+    idx = check_indices(idx, linear.out_features, f"output rows of {linear}").to(linear.weight.device)
     with torch.no_grad():
         linear.weight = nn.Parameter(linear.weight.index_select(0, idx).contiguous(), linear.weight.requires_grad)
         if linear.bias is not None:
@@ -60,7 +62,7 @@ def slice_linear_inputs(
 ) -> None:
     """Keep input columns ``idx``; with ``weight`` (out x len(idx)), use it instead of the sliced columns; with
     ``bias`` (out), replace the bias (the linear must have one: see :func:`add_part_biases`)."""
-    idx = _check_indices(idx, linear.in_features, f"input columns of {linear}").to(linear.weight.device)
+    idx = check_indices(idx, linear.in_features, f"input columns of {linear}").to(linear.weight.device)
     if weight is not None and tuple(weight.shape) != (linear.out_features, idx.numel()):
         raise SurgeryError(
             f"replacement weight has shape {tuple(weight.shape)}, expected {(linear.out_features, idx.numel())}"
@@ -125,7 +127,7 @@ def _check_kept_heads(kept_heads: torch.Tensor | None, kept_groups: torch.Tensor
     and the same number, at least one, in every kept group (the attention repeats each KV head that many times)."""
     if kept_heads is None:
         return kept_query_heads(kept_groups, n_rep)
-    heads = _check_indices(kept_heads, num_groups * n_rep, "kept query heads")
+    heads = check_indices(kept_heads, num_groups * n_rep, "kept query heads")
     groups, counts = torch.unique_consecutive(heads // n_rep, return_counts=True)
     if not torch.equal(groups, kept_groups) or (counts.numel() and bool((counts != counts[0]).any())):
         raise SurgeryError(
@@ -210,7 +212,7 @@ def prune_attention(
     columns. ``o_bias`` replaces the output projection's bias. With no group kept, the attention becomes an
     :class:`EmptyAttention`.
     """
-    kept_groups = _check_indices(kept_groups, num_groups, "kept attention groups")
+    kept_groups = check_indices(kept_groups, num_groups, "kept attention groups")
     heads = _check_kept_heads(kept_heads, kept_groups, n_rep, num_groups)
     attention = get_submodule(block, spec.attention)
     q_idx = group_channels(heads, head_dim)
@@ -219,7 +221,7 @@ def prune_attention(
     rows = [(linear, producer_rows(p, linear, kept_groups, num_groups, n_rep=n_rep, head_dim=head_dim,
                                    what=f"{spec.attention}.{p.path}", kept_heads=heads))
             for p, linear in part_producers(block, spec)["attention"]]
-    _check_indices(q_idx, o_proj.in_features, f"{spec.attention}.{spec.o_proj} columns")
+    check_indices(q_idx, o_proj.in_features, f"{spec.attention}.{spec.o_proj} columns")
     if o_weight is not None and tuple(o_weight.shape) != (o_proj.out_features, q_idx.numel()):
         raise SurgeryError(
             f"{spec.o_proj} refit weight has shape {tuple(o_weight.shape)}, "
@@ -253,7 +255,7 @@ def prune_mlp(
         prune_experts(block, spec, kept_neurons, consumer_weight=consumer_weight)
         return
     consumer = get_submodule(block, spec.mlp_consumer)
-    kept_neurons = _check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
+    kept_neurons = check_indices(kept_neurons, consumer.in_features, f"kept neurons of {spec.mlp_consumer}")
     total = consumer.in_features
     rows = [(linear, producer_rows(p, linear, kept_neurons, total, n_rep=1, head_dim=1, what=p.path))
             for p, linear in part_producers(block, spec)["mlp"]]
@@ -279,7 +281,7 @@ def expert_neurons(local: torch.Tensor, neurons: int) -> torch.Tensor:
 def _local_neurons(kept: torch.Tensor, experts: int, neurons: int, what: str) -> torch.Tensor:
     """``kept`` (flat indices among ``experts * neurons``, checked) as each expert's neurons (experts x kept), the
     same number in every expert."""
-    kept = _check_indices(kept, experts * neurons, what)
+    kept = check_indices(kept, experts * neurons, what)
     if kept.numel() % experts or not bool(
             (kept.reshape(experts, -1) // neurons == torch.arange(experts).unsqueeze(1)).all()):
         raise SurgeryError(f"{what}: {kept.tolist()[:20]} must keep the same number of neurons in each of the "

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .experts import Experts, SharedExpert
 from .spec import ArchSpec, Producer
+from .vision import vision_model_types
 
 OPT = ArchSpec(
     name="opt",
@@ -192,10 +193,16 @@ def get_spec(model_or_config: Any) -> ArchSpec:
             f"this model (model_type {model_type!r}) was already pruned by osscar_hf and saved in the remote-code "
             "format; prune the dense model instead"
         )
+    if model_type in vision_model_types():
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a CNN: osscar_hf prunes it in memory with OsscarPruner(OsscarConfig("
+            "channel_sparsity=...)).prune(model, image_processor); streamed pruning, the remote-code format and the "
+            "other language-model paths do not take CNNs yet (docs/vision.md)"
+        )
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
-            f"osscar_hf does not support model_type {model_type!r}; supported model types: "
-            f"{', '.join(supported_model_types())}"
+            f"osscar_hf does not support model_type {model_type!r} (CNNs pruned by channel_sparsity: "
+            f"{', '.join(vision_model_types())}); supported model types: {', '.join(supported_model_types())}"
         )
     return _REGISTRY[model_type]
 

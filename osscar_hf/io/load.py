@@ -94,3 +94,15 @@ def load_model_and_tokenizer(
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or source), trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def load_image_model(model_id: str | Path, *, dtype: Any = "float32", device: Any = None) -> tuple[Any, Any]:
+    """Load an image classifier (dense, or pruned by osscar_hf) and its image processor; the model in eval mode on
+    ``device`` (``None``/``"auto"``: CUDA when available, else CPU)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    source = str(model_id)
+    model = AutoModelForImageClassification.from_pretrained(source, dtype=resolve_dtype(dtype))
+    model.to(resolve_device(device))
+    model.eval()
+    return model, AutoImageProcessor.from_pretrained(source)

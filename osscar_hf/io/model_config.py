@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from ..arch import ArchSpec, get_submodule
 from ..config import OsscarConfig
+from .channel_shapes import channel_shapes_expressed, read_channel_shapes
 from .save import mark_pruned
 from .shapes import stock_config_expresses
 from ..surgery import block_shape, part_linears
 
-__all__ = ["switch_on_part_biases", "update_model_config"]
+__all__ = ["switch_on_part_biases", "update_channel_config", "update_model_config"]
 
 
 def switch_on_part_biases(model: nn.Module, spec: ArchSpec) -> None:
@@ -66,5 +67,19 @@ def update_model_config(
             del config.quantization_config
     else:
         config.quantization_config = record
+    mark_pruned(model, record)
+    return shapes
+
+
+def update_channel_config(model: nn.Module, osscar_config: OsscarConfig) -> list[dict[str, list[int]]]:
+    """Record the pruned widths in ``model.config.quantization_config`` (the osscar format; nothing when the stock
+    config still describes the model) and leave the record on the model; return the shapes."""
+    shapes = read_channel_shapes(model)
+    record = osscar_config.for_model_config(shapes)
+    if channel_shapes_expressed(model.config, shapes):
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    else:
+        model.config.quantization_config = record
     mark_pruned(model, record)
     return shapes

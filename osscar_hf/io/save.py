@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..arch.vision import is_vision_model
 from ..config import OsscarConfig
 from ..errors import OutputConflictError, SaveError
 from .remote_code import (
@@ -208,6 +209,9 @@ def write_model_card(
 
 # --------------------------------------------------------------------------- format
 def _why_not_stock(model: nn.Module, shapes: list[dict[str, int]]) -> str:
+    if is_vision_model(model):
+        return (f"no field of the stock {type(model.config).__name__} sets a residual block's inner widths, which "
+                "the pruning changed")
     implied = config_block_shape(model.config)
     if any(shape != shapes[0] for shape in shapes):
         different = sorted({i for i, shape in enumerate(shapes) if shape != shapes[0]})
@@ -235,6 +239,9 @@ def resolve_format(model: nn.Module, format: str = "auto") -> str:
     if format not in FORMATS:
         raise SaveError(f"format must be one of {list(FORMATS)}, got {format!r}")
     shapes = read_block_shapes(model)
+    if format == "remote_code" and is_vision_model(model):
+        raise SaveError("the remote-code format holds language models only so far; save a CNN with format='osscar' "
+                        "(or 'auto'), which loads after `import osscar_hf` (docs/vision.md)")
     if format == "remote_code":
         remote_code_names(base_model_type(model.config))  # transformers has the family's classes
         return format

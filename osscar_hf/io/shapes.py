@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_spec, get_submodule
+from ..arch.vision import is_vision_model
 from ..config import QUANT_METHOD, OsscarConfig
 from ..errors import OsscarError
 from ..surgery import block_shape, resize_block
@@ -40,7 +41,12 @@ def spec_of(model_or_config: Any) -> ArchSpec:
 
 
 def read_block_shapes(model: nn.Module, spec: ArchSpec | None = None) -> list[dict[str, int]]:
-    """Every decoder block's ``num_attention_heads``, ``num_key_value_heads`` and ``ffn_dim``, read from its weights."""
+    """Every decoder block's ``num_attention_heads``, ``num_key_value_heads`` and ``ffn_dim``, read from its weights
+    (a CNN's blocks: their inner widths, see :mod:`.channel_shapes`)."""
+    if spec is None and is_vision_model(model):
+        from .channel_shapes import read_channel_shapes
+
+        return read_channel_shapes(model)
     spec = spec or spec_of(model)
     _, n_rep, head_dim = spec.group_geometry(model.config)
     return [block_shape(block, spec, n_rep=n_rep, head_dim=head_dim) for block in get_submodule(model, spec.blocks)]
@@ -59,6 +65,10 @@ def config_block_shape(config: Any, spec: ArchSpec | None = None) -> dict[str, i
 
 def stock_config_expresses(config: Any, shapes: list[dict[str, int]], spec: ArchSpec | None = None) -> bool:
     """Whether a stock model built from ``config`` has exactly ``shapes`` (so no osscar metadata is needed)."""
+    if spec is None and is_vision_model(config):
+        from .channel_shapes import channel_shapes_expressed
+
+        return channel_shapes_expressed(config, shapes)
     implied = config_block_shape(config, spec)
     return all(shape == implied for shape in shapes)
 
@@ -79,7 +89,13 @@ def osscar_quantization_config(config: Any) -> OsscarConfig | None:
 
 
 def apply_block_shapes(model: nn.Module, shapes: list[dict[str, int]], spec: ArchSpec | None = None) -> None:
-    """Resize every decoder block of ``model`` (built from the stock config, usually on meta) to ``shapes``."""
+    """Resize every decoder block of ``model`` (built from the stock config, usually on meta) to ``shapes`` (a CNN's
+    blocks: to their inner widths, see :mod:`.channel_shapes`)."""
+    if spec is None and is_vision_model(model):
+        from .channel_shapes import apply_channel_shapes
+
+        apply_channel_shapes(model, shapes)
+        return
     spec = spec or get_spec(model)
     blocks = get_submodule(model, spec.blocks)
     if len(shapes) != len(blocks):

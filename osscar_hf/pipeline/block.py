@@ -31,7 +31,8 @@ from .experts import combine_experts, expert_solver, expert_statistics, routed_p
 from .settings import LoopSettings
 from .statistics import ExpertStatistics, InputStatistics, gated_input_hooks, input_hooks, routed_input_hooks
 
-__all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "propagate_block"]
+__all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "consumer_report",
+           "propagate_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ def block_device(block: nn.Module) -> torch.device:
     return next((p.device for p in block.parameters()), torch.device("cpu"))
 
 
-def _consumer_report(m: int, selection: Selection | None, seconds: float, experts: int = 1) -> ConsumerReport:
-    """``m`` structures (of every expert together: ``experts`` times each one's)."""
+def consumer_report(m: int, selection: Selection | None, seconds: float, experts: int = 1) -> ConsumerReport:
+    """The report of one consumer's problem of ``m`` structures (of every expert together: ``experts`` times each
+    one's) from the method's ``selection`` (None: nothing removed) and its seconds."""
     if selection is None:
         return ConsumerReport(structures=m, kept=m, kept_indices=list(range(m)), solved=False, experts=experts)
     fields = {"seconds": seconds, **(selection.report or {})}
@@ -312,11 +314,11 @@ class BlockStream:
                     block, index, self.spec, settings, self.states, self.dense_states, self.kwargs[index], self.space
                 )
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            attention = _consumer_report(settings.attention_layout.solver_groups,
+            attention = consumer_report(settings.attention_layout.solver_groups,
                                          *selections.get("attention", (None, 0.0)))
-            mlp = _consumer_report(settings.num_neurons * settings.num_experts, *selections.get("mlp", (None, 0.0)),
+            mlp = consumer_report(settings.num_neurons * settings.num_experts, *selections.get("mlp", (None, 0.0)),
                                    experts=settings.num_experts)
-            shared = (_consumer_report(shared_full, *selections.get(SHARED, (None, 0.0)))
+            shared = (consumer_report(shared_full, *selections.get(SHARED, (None, 0.0)))
                       if shared_full is not None else None)
             del selections  # their tensors live on the device: gone before the cache is emptied
         finally:
@@ -394,6 +396,11 @@ class BlockStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @staticmethod
+    def announce(bar: Any, report: BlockReport) -> None:
+        """Progress-bar postfix and log line of one pruned block (:func:`announce_block`)."""
+        announce_block(bar, report)
 
 
 def announce_block(bar: Any, report: BlockReport) -> None:

@@ -39,7 +39,7 @@ from ..report import BlockReport, PruneReport
 from ..self_calibration import is_self_dataset, self_sampling_provenance
 from ..surgery import part_linears
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
-from .block import BlockStream, announce_block
+from .block import BlockStream
 from .experts import aligned_experts_config, check_experts_fit
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .sensitivity import held_out_shares
@@ -87,8 +87,14 @@ def check_attention_fits(config: OsscarConfig, spec: ArchSpec, model_config: Any
 
 
 def check_config_fits(config: OsscarConfig, spec: ArchSpec, model_config: Any) -> None:
-    """What the config and the model's ``config.json`` alone refuse (before any weight is loaded): what a mixture of
-    experts cannot take, and attention pruning where the family's attention is fixed."""
+    """What the config and the model's ``config.json`` alone refuse (before any weight is loaded): a CNN's
+    ``channel_sparsity``, what a mixture of experts cannot take, and attention pruning where the family's attention
+    is fixed."""
+    if config.channel_sparsity:
+        raise OsscarConfigError(
+            f"channel_sparsity={config.channel_sparsity} prunes a CNN's channels, but model_type "
+            f"{getattr(model_config, 'model_type', None)!r} is a language model: give attention_sparsity / "
+            "mlp_sparsity, sparsity or block_sizes instead")
     check_experts_fit(config, spec)
     check_attention_fits(config, spec, model_config)
 
@@ -221,6 +227,7 @@ def prune_blocks(
     finished: list[BlockReport] | None = None,
     replay: Callable[[int, nn.Module, BlockStream], None] | None = None,
     description: str = "OSSCAR pruning",
+    stream: Callable[[Any, CapturedInputs, Any], BlockStream] = BlockStream,
 ) -> list[BlockReport]:
     """Prune every block to ``run.settings.sizes`` in turn (ALGORITHM.md section 5); return the block reports.
 
@@ -228,17 +235,19 @@ def prune_blocks(
     ``replay(index, block, stream)`` (which moves the stream past the block) instead of solving them again. Takes
     ownership of ``captured.hidden`` and releases every stream at the end, also on errors (see
     :class:`BlockStream`); every block goes back to its own device, also when an error stops the loop.
+    ``stream``: the block stream's class, what pruning one block is (a CNN's:
+    :class:`~osscar_hf.pipeline.channels.ChannelBlockStream`).
     """
     blocks = run.blocks
     done = list(finished or [])
     reports: list[BlockReport] = []
-    with BlockStream(run.spec, captured, run.settings) as stream:
+    with stream(run.spec, captured, run.settings) as blocks_stream:
         bar = tqdm(total=len(done), desc=f"{description}: resuming (outputs of finished blocks)", unit="block",
                    disable=not progress or not done)
         try:
             for index, report in enumerate(done):
                 if replay is not None:
-                    replay(index, blocks[index], stream)
+                    replay(index, blocks[index], blocks_stream)
                 reports.append(report)
                 bar.update(1)
             bar.close()
@@ -247,10 +256,10 @@ def prune_blocks(
             for index in range(len(done), len(blocks)):
                 block = blocks[index]
                 source.load(index, block)
-                report = stream.prune(index, block)
+                report = blocks_stream.prune(index, block)
                 source.store(index, block, report)
                 reports.append(report)
-                announce_block(bar, report)
+                blocks_stream.announce(bar, report)
         finally:
             bar.close()
     return reports

@@ -16,5 +16,6 @@ from __future__ import annotations
 
 from osscar_hf.solver.gram import accumulate_cross_gram, accumulate_gram, new_gram
 from osscar_hf.solver.layer import LayerSolution, solve_layer
+from osscar_hf.solver.patches import conv_rows
 
-__all__ = ["LayerSolution", "accumulate_cross_gram", "accumulate_gram", "new_gram", "solve_layer"]
+__all__ = ["LayerSolution", "accumulate_cross_gram", "accumulate_gram", "conv_rows", "new_gram", "solve_layer"]
