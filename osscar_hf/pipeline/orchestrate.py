@@ -48,7 +48,7 @@ from .settings import LoopSettings, loop_settings
 __all__ = [
     "BlockSource", "InMemoryBlocks", "PruneRun", "activation_space", "capture", "check_config_fits", "finish_run",
     "measures_on_held_out",
-    "plan_sizes", "prune_blocks", "scratch_copy", "start_run",
+    "plan_sizes", "prune_blocks", "run_report", "scratch_copy", "start_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,6 +284,13 @@ def build_report(run: PruneRun, reports: list[BlockReport], params_after: int,
         held_out = int(run.held_out.shape[0]) if run.held_out is not None else 0
         calibration["sampled_from_model"] = self_sampling_provenance(run.model.config, seed=config.seed,
                                                                      held_out=held_out)
+    return run_report(run, calibration, reports, params_after, activations, budget_summary(run, reports))
+
+
+def run_report(run: Any, calibration: dict[str, Any], reports: list[Any], params_after: int,
+               activations: dict[str, Any] | None, budget: dict[str, Any]) -> PruneReport:
+    """The report of a finished run (a language model's :class:`PruneRun` or a CNN's run: the same fields)."""
+    config = run.config
     return PruneReport(
         model_type=run.model.config.model_type,
         config=config.to_dict() | {"dataset": describe_dataset(config.dataset, config.text_column)},
@@ -293,7 +300,7 @@ def build_report(run: PruneRun, reports: list[BlockReport], params_after: int,
         total_seconds=time.perf_counter() - run.started,
         blocks=reports,
         activations=activations,
-        budget=budget_summary(run, reports),
+        budget=budget,
     )
 
 

@@ -18,7 +18,7 @@ from ..arch.vision import BlockList, VisionSpec, get_vision_spec
 from ..calibration_images import check_image_processor, load_images, pixel_values
 from ..capture import CapturedInputs, capture_block_inputs
 from ..channel_surgery import consumer_ops
-from ..config import OsscarConfig, describe_dataset, keep_count
+from ..config import OsscarConfig, keep_count
 from ..conv_flops import count_multiply_adds, probe_pixels
 from ..errors import OsscarConfigError, UnsupportedModelError
 from ..evaluation import count_parameters
@@ -178,17 +178,10 @@ def _report(run: ChannelRun, reports: list[ChannelBlockReport], activations: dic
     calibration: dict[str, Any] = {"num_samples": 0, "image_size": None}
     if pixels is not None:
         calibration = {"num_samples": int(pixels.shape[0]), "image_size": list(pixels.shape[2:])}
+    from .orchestrate import run_report  # the one report of a run
+
     params_after = count_parameters(run.model)
-    return PruneReport(
-        model_type=run.model.config.model_type,
-        config=config.to_dict() | {"dataset": describe_dataset(config.dataset, config.text_column)},
-        calibration=calibration,
-        parameters_before=run.params_before,
-        parameters_after=params_after,
-        total_seconds=time.perf_counter() - run.started,
-        blocks=reports,
-        activations=activations,
-        budget={"method": config.method, "allocation": "uniform channels", "channel_sparsity": config.channel_sparsity,
-                "params_before": run.params_before, "params_after": params_after,
-                "multiply_adds_before": run.multiply_adds_before, "multiply_adds_after": multiply_adds},
-    )
+    budget = {"method": config.method, "allocation": "uniform channels", "channel_sparsity": config.channel_sparsity,
+              "params_before": run.params_before, "params_after": params_after,
+              "multiply_adds_before": run.multiply_adds_before, "multiply_adds_after": multiply_adds}
+    return run_report(run, calibration, reports, params_after, activations, budget)
