@@ -413,6 +413,11 @@ class OsscarConfig(QuantizationConfigMixin):
         min_block_keep: a global allocation keeps at least this fraction of every block's cost, in [0, 1].
         allocation_samples: windows of ``seq_len`` tokens of the calibration data, overlapping none of the
             calibration windows, on which OSSCAR's global allocation measures damage (>= 1; default 8).
+        reuse_planning_grams: OSSCAR's global allocation solves every block at its planned sizes on the Gram
+            matrices its planning accumulated in the uniformly pruned model (no second pass over the calibration
+            data; better and faster on SmolLM2, see ``docs/budgets.md``). False: a fresh sequential pass at the
+            planned sizes. Holding the Grams costs one ``p x p`` float32 matrix per consumer until its block is
+            pruned (in memory for ``prune``, in the partial folder for ``prune_checkpoint``).
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
@@ -478,6 +483,7 @@ class OsscarConfig(QuantizationConfigMixin):
     min_part_keep: float = 0.05
     min_block_keep: float = 0.2
     allocation_samples: int = 8
+    reuse_planning_grams: bool = True
     method: str = "osscar"
     dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
     text_column: str = "text"
@@ -511,6 +517,7 @@ class OsscarConfig(QuantizationConfigMixin):
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
         "allocation_samples", "method", "attention_structure", "channel_sparsity", "image_column",
+        "reuse_planning_grams",
     )
 
     def __post_init__(self) -> None:
@@ -547,6 +554,7 @@ class OsscarConfig(QuantizationConfigMixin):
         self.attention_swap_size = _check_int("attention_swap_size", self.attention_swap_size, 1)
         self.propagate = _check_bool("propagate", self.propagate)
         self.dense_targets = _check_bool("dense_targets", self.dense_targets)
+        self.reuse_planning_grams = _check_bool("reuse_planning_grams", self.reuse_planning_grams)
         if self.dense_targets and not self.propagate:
             raise OsscarConfigError(
                 "dense_targets=True requires propagate=True (got propagate=False): dense targets are only "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -31,12 +31,13 @@ from .experts import combine_experts, expert_solver, expert_statistics, routed_p
 from .settings import LoopSettings
 from .statistics import ExpertStatistics, InputStatistics, gated_input_hooks, input_hooks, routed_input_hooks
 
-__all__ = ["PARTS", "BlockStream", "announce_block", "block_consumers", "block_device", "consumer_report",
-           "propagate_block"]
+__all__ = ["PARTS", "SHARED", "BlockStream", "StatisticsSink", "announce_block", "block_consumers", "block_device",
+           "consumer_report", "propagate_block", "solve_and_slice"]
 
 logger = logging.getLogger(__name__)
 
 PARTS = ("attention", "mlp")
+StatisticsSink = Callable[[int, dict[str, Any]], None]  # (block index, every part's statistics)
 SHARED = "shared_expert"  # a mixture of experts' shared expert: a third consumer, sized from the MLP's
 
 
@@ -191,6 +192,21 @@ def _select_parts(block: nn.Module, index: int, spec: ArchSpec, settings: LoopSe
     return selections
 
 
+def _block_parts(block: nn.Module, index: int, spec: ArchSpec, settings: LoopSettings
+                 ) -> tuple[dict[str, nn.Module], dict[str, int], dict[str, int]]:
+    """The block's consumers by part (a shared expert's too), and each part's kept and full structure counts."""
+    size = settings.size(index)
+    keep = {"attention": size.attention, "mlp": size.mlp}
+    full = {"attention": settings.attention_structures, "mlp": settings.num_neurons}
+    consumers = block_consumers(block, spec)
+    shared_spec = spec.shared_expert_spec()
+    if shared_spec is not None:
+        consumers[SHARED] = block_consumers(block, shared_spec)["mlp"]
+        full[SHARED] = consumers[SHARED].in_features
+        keep[SHARED] = shared_expert_keep(size.mlp, settings.num_neurons, full[SHARED])
+    return consumers, keep, full
+
+
 def _prune_block(
     block: nn.Module,
     index: int,
@@ -200,27 +216,21 @@ def _prune_block(
     dense_states: ActivationStore | None,
     kwargs: list[dict[str, Any]],
     space: ActivationSpace,
+    sink: StatisticsSink | None = None,
 ) -> tuple[dict[str, tuple[Selection, float]], ActivationStore, ActivationStore | None]:
     """Select and slice one block (already on the compute device); return each pruned part's selection and its
     time, and the next block's inputs (pruned stream, dense stream) as new stores of ``space``. The input stores
-    are left as they are; new stores are closed when an error stops the block."""
+    are left as they are; new stores are closed when an error stops the block. ``sink(index, stats)`` is given
+    every part's statistics (pruned or not) before they are solved."""
     device, storage, method = settings.device, settings.storage_device, settings.method
-    size = settings.size(index)
-    keep = {"attention": size.attention, "mlp": size.mlp}
-    full = {"attention": settings.attention_structures, "mlp": settings.num_neurons}
-    consumers = block_consumers(block, spec)
-    shared_spec, gates = spec.shared_expert_spec(), {}
-    if shared_spec is not None:
-        consumers[SHARED] = block_consumers(block, shared_spec)["mlp"]
-        gates[SHARED] = get_submodule(block, spec.experts.shared.gate)
-        full[SHARED] = consumers[SHARED].in_features
-        keep[SHARED] = shared_expert_keep(size.mlp, settings.num_neurons, full[SHARED])
+    consumers, keep, full = _block_parts(block, index, spec, settings)
+    gates = {SHARED: get_submodule(block, spec.experts.shared.gate)} if SHARED in consumers else {}
     parts = [part for part in keep if keep[part] < full[part]]
     cross = settings.dense_targets and method.refits
     stats: dict[str, InputStatistics | ExpertStatistics] = {
         part: (expert_statistics(block, spec, settings) if part == "mlp" and spec.experts is not None
                else InputStatistics(consumers[part].in_features, device, method.statistics, cross))
-        for part in parts} if method.statistics else {}
+        for part in (list(keep) if sink is not None else parts)} if method.statistics else {}
     # Without propagation each block sees the dense model's inputs: its dense outputs feed the next block.
     dense_outputs = next_dense = None
     try:
@@ -234,27 +244,40 @@ def _prune_block(
         raise
     with _closed_on_error(dense_outputs, next_dense):
         reduce_statistics(stats, settings.ranks)
-
-        selections = _select_parts(block, index, spec, settings, parts, consumers, stats, keep)
-        stats.clear()
-        if "attention" in selections:
-            chosen = selections["attention"][0]
-            groups, heads = settings.attention_layout.selection(chosen.kept_groups)
-            prune_attention(block, spec, groups, n_rep=settings.n_rep, head_dim=settings.head_dim,
-                            num_groups=settings.num_attention_groups, kept_heads=heads, o_weight=chosen.weight,
-                            o_bias=chosen.bias)
-        if "mlp" in selections:
-            chosen = selections["mlp"][0]
-            prune_mlp(block, spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
-        if SHARED in selections:
-            chosen = selections[SHARED][0]
-            prune_mlp(block, shared_spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
+        if sink is not None:
+            sink(index, stats)
+        stats = {part: st for part, st in stats.items() if part in parts}
+        selections = solve_and_slice(block, index, spec, settings, stats)
         if settings.propagate:
             next_states = propagate_block(block, states, kwargs, device, storage, space)
         else:
             assert dense_outputs is not None
             next_states = dense_outputs
     return selections, next_states, next_dense
+
+
+def solve_and_slice(block: nn.Module, index: int, spec: ArchSpec, settings: LoopSettings,
+                    stats: dict[str, InputStatistics | ExpertStatistics]) -> dict[str, tuple[Selection, float]]:
+    """Select every part of block ``index`` that its size prunes, on ``stats`` (consumed), and slice the block (on
+    the compute device) accordingly; return each pruned part's selection and its seconds."""
+    consumers, keep, full = _block_parts(block, index, spec, settings)
+    parts = [part for part in keep if keep[part] < full[part]]
+    selections = _select_parts(block, index, spec, settings, parts, consumers, stats, keep)
+    stats.clear()
+    if "attention" in selections:
+        chosen = selections["attention"][0]
+        groups, heads = settings.attention_layout.selection(chosen.kept_groups)
+        prune_attention(block, spec, groups, n_rep=settings.n_rep, head_dim=settings.head_dim,
+                        num_groups=settings.num_attention_groups, kept_heads=heads, o_weight=chosen.weight,
+                        o_bias=chosen.bias)
+    if "mlp" in selections:
+        chosen = selections["mlp"][0]
+        prune_mlp(block, spec, chosen.kept_groups, consumer_weight=chosen.weight, consumer_bias=chosen.bias)
+    if SHARED in selections:
+        chosen = selections[SHARED][0]
+        prune_mlp(block, spec.shared_expert_spec(), chosen.kept_groups, consumer_weight=chosen.weight,
+                  consumer_bias=chosen.bias)
+    return selections
 
 
 class BlockStream:
@@ -270,9 +293,11 @@ class BlockStream:
     block) deletes that space's files, as does garbage collection of the stream, failing that.
     """
 
-    def __init__(self, spec: ArchSpec, captured: CapturedInputs, settings: LoopSettings) -> None:
+    def __init__(self, spec: ArchSpec, captured: CapturedInputs, settings: LoopSettings, *,
+                 sink: StatisticsSink | None = None) -> None:
         self.spec = spec
         self.settings = settings
+        self.sink = sink
         self.kwargs = captured.kwargs
         hidden, captured.hidden = captured.hidden, []
         self._owns_space = not isinstance(hidden, ActivationStore)
@@ -310,9 +335,7 @@ class BlockStream:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad():
-                selections, states, next_dense = _prune_block(
-                    block, index, self.spec, settings, self.states, self.dense_states, self.kwargs[index], self.space
-                )
+                selections = self._select_and_slice(index, block)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             attention = consumer_report(settings.attention_layout.solver_groups,
                                          *selections.get("attention", (None, 0.0)))
@@ -325,7 +348,6 @@ class BlockStream:
             block.to(home)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        self._advance(states, next_dense)
         return BlockReport(
             index=index,
             attention=attention,
@@ -335,6 +357,14 @@ class BlockStream:
             peak_host_rss_bytes=peak_host_rss_bytes(),
             shared_expert=shared,
         )
+
+    def _select_and_slice(self, index: int, block: nn.Module) -> dict[str, tuple[Selection, float]]:
+        """Accumulate the statistics of block ``index`` (on the compute device) on the stream, solve, slice, and
+        move the stream past it."""
+        selections, states, next_dense = _prune_block(block, index, self.spec, self.settings, self.states,
+                                                      self.dense_states, self.kwargs[index], self.space, self.sink)
+        self._advance(states, next_dense)
+        return selections
 
     def _advance(self, states: ActivationStore, dense: ActivationStore | None) -> None:
         """Adopt the next block's inputs; the previous stores are closed (their files deleted) right away."""

@@ -14,6 +14,7 @@ used and writes (and releases) it after.
 
 from __future__ import annotations
 
+import functools
 import math
 import logging
 import time
@@ -41,6 +42,7 @@ from ..surgery import part_linears
 from . import measure  # a module, so that a test can wrap measure.measured_sizes
 from .block import BlockStream
 from .experts import aligned_experts_config, check_experts_fit
+from .kept import KeptStatisticsStream
 from .run import BlockSource, InMemoryBlocks, PruneRun, scratch_copy  # re-exported: their old place
 from .sensitivity import held_out_shares
 from .settings import LoopSettings, loop_settings
@@ -232,7 +234,8 @@ def prune_blocks(
     """Prune every block to ``run.settings.sizes`` in turn (ALGORITHM.md section 5); return the block reports.
 
     ``finished``: reports of blocks an interrupted run already pruned; their inputs are replayed by
-    ``replay(index, block, stream)`` (which moves the stream past the block) instead of solving them again. Takes
+    ``replay(index, block, stream)`` (which moves the stream past the block; None when the blocks are solved on the
+    Grams the planning kept, :mod:`.kept`) instead of solving them again. Takes
     ownership of ``captured.hidden`` and releases every stream at the end, also on errors (see
     :class:`BlockStream`); every block goes back to its own device, also when an error stops the loop.
     ``stream``: the block stream's class, what pruning one block is (a CNN's:
@@ -241,13 +244,17 @@ def prune_blocks(
     blocks = run.blocks
     done = list(finished or [])
     reports: list[BlockReport] = []
+    kept = stream is BlockStream and kept_for(source, range(len(done), len(blocks)))
+    if kept:  # no stream to move past the finished blocks: they only take their shapes back
+        stream = functools.partial(KeptStatisticsStream, source=source)
+        logger.info("pruning every block on the Gram matrices of the planning's uniform first prune")
     with stream(run.spec, captured, run.settings) as blocks_stream:
         bar = tqdm(total=len(done), desc=f"{description}: resuming (outputs of finished blocks)", unit="block",
                    disable=not progress or not done)
         try:
             for index, report in enumerate(done):
                 if replay is not None:
-                    replay(index, blocks[index], blocks_stream)
+                    replay(index, blocks[index], None if kept else blocks_stream)
                 reports.append(report)
                 bar.update(1)
             bar.close()
@@ -263,6 +270,11 @@ def prune_blocks(
         finally:
             bar.close()
     return reports
+
+
+def kept_for(source: BlockSource, indices: range) -> bool:
+    """Whether ``source`` holds kept statistics (:mod:`.kept`) for every block of ``indices`` (some at least)."""
+    return len(indices) > 0 and all(source.statistics(i) is not None for i in indices)
 
 
 def finish_run(run: PruneRun, reports: list[BlockReport], activations: dict[str, Any] | None = None) -> PruneReport:

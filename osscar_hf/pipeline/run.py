@@ -46,6 +46,13 @@ class BlockSource(Protocol):
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         """The planning pass is done with the copy of block ``index``: free it."""
 
+    def keep_statistics(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep what the planning accumulated for block ``index`` (its consumers' Grams, as named tensors) for the
+        pruning pass; dropped when the block is stored."""
+
+    def statistics(self, index: int) -> dict[str, torch.Tensor] | None:
+        """What :meth:`keep_statistics` kept for block ``index``, or None."""
+
 
 def scratch_copy(source: BlockSource, index: int, block: nn.Module) -> nn.Module:
     """A copy of block ``index`` with its dense weights, which the caller may prune; the block itself is left as it
@@ -62,6 +69,7 @@ class InMemoryBlocks:
 
     def __init__(self) -> None:
         self._scratch: dict[int, nn.Module] = {}
+        self._statistics: dict[int, dict[str, torch.Tensor]] = {}
 
     def load(self, index: int, block: nn.Module) -> None:
         pass
@@ -70,7 +78,7 @@ class InMemoryBlocks:
         pass
 
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
-        pass
+        self._statistics.pop(index, None)
 
     def keep_scratch(self, index: int, module: nn.Module) -> None:
         self._scratch[index] = module
@@ -80,6 +88,12 @@ class InMemoryBlocks:
 
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         self._scratch.pop(index, None)
+
+    def keep_statistics(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._statistics[index] = tensors
+
+    def statistics(self, index: int) -> dict[str, torch.Tensor] | None:
+        return self._statistics.get(index)
 
 
 @dataclass

@@ -48,7 +48,9 @@ from ..distributed import Ranks, gather_rows, step, sum_in_place
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
+from .kept import keeps_planning_grams
 from .run import BlockSource, PruneRun, scratch_copy
+from .statistics import statistics_tensors
 
 __all__ = ["first_prune_sizes", "held_out_shares", "sensitivity_sizes"]
 
@@ -98,9 +100,14 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     held = probe.hidden.copy()
     stores = [held]
     batches = max(1, round(len(captured.hidden) * FIRST_PRUNE_BATCHES))
+    sink = None
+    if keeps_planning_grams(run.config):  # the pruning pass solves on these Grams (see .kept)
+        def sink(index: int, stats: dict) -> None:
+            source.keep_statistics(index, statistics_tensors(stats, settings.storage_device))
     bar = tqdm(total=len(run.blocks), desc="planning: uniform prune", unit="block", disable=not progress)
     try:
-        with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(batches), captured.kwargs), first) as stream:
+        with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(batches), captured.kwargs), first,
+                         sink=sink) as stream:
             for index, block in enumerate(run.blocks):
                 module = scratch_copy(source, index, block)
                 stream.prune(index, module)

@@ -53,6 +53,31 @@ class InputStatistics:
         return stats
 
 
+def statistics_tensors(stats: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Copies of every part's Gram and counts as named tensors on ``device`` (to keep them, in memory or in a file);
+    only Gram statistics can be kept (:func:`statistics_from_tensors` gives them back)."""
+    out: dict[str, torch.Tensor] = {}
+    for part, st in stats.items():
+        if not isinstance(st, InputStatistics) or st.gram is None or st.sum is not None or st.cross_gram is not None:
+            raise ValueError(f"only a Gram matrix can be kept for later, not the statistics of {part!r}")
+        out[f"{part}.gram"] = st.gram.to(device, copy=True, memory_format=torch.contiguous_format)
+        out[f"{part}.counts"] = torch.tensor([st.count, st.tokens], dtype=torch.int64, device=device)
+    return out
+
+
+def statistics_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, InputStatistics]:
+    """The :class:`InputStatistics` that :func:`statistics_tensors` kept, on ``device``, by part."""
+    stats: dict[str, InputStatistics] = {}
+    for name in sorted(k for k in tensors if k.endswith(".gram")):
+        part = name.removesuffix(".gram")
+        gram = tensors[name]
+        st = InputStatistics(gram.shape[0], torch.device(device), frozenset({GRAM}), cross=False)
+        st.gram.copy_(gram)
+        st.count, st.tokens = (int(v) for v in tensors[f"{part}.counts"].tolist())
+        stats[part] = st
+    return stats
+
+
 class ExpertStatistics:
     """One :class:`InputStatistics` per expert of a mixture of experts, each fed only the tokens routed to it."""
 

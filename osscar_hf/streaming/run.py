@@ -83,6 +83,9 @@ class CheckpointPruner(Protocol):
 
 REPORT_NAME = "osscar_report.json"
 SCRATCH_FOLDER = "planning"  # inside the partial folder: the planning pass's pruned copies of the blocks
+# inside the partial folder: the Grams the planning kept for the pruning pass, until each block is written (kept
+# for a resume)
+STATISTICS_FOLDER = "planning-grams"
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, files: list[str], strict: bool) -> None:
@@ -230,6 +233,23 @@ class ShardBlocks:
     def scratch_folder(self) -> Path:
         return self.tmp / (SCRATCH_FOLDER if self.rank is None else f"{SCRATCH_FOLDER}-rank{self.rank}")
 
+    @property
+    def statistics_folder(self) -> Path:
+        return self.tmp / (STATISTICS_FOLDER if self.rank is None else f"{STATISTICS_FOLDER}-rank{self.rank}")
+
+    def _statistics_file(self, index: int) -> Path:
+        return self.statistics_folder / f"block-{index:05d}.safetensors"
+
+    def keep_statistics(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.statistics_folder.mkdir(parents=True, exist_ok=True)
+        _save_shard(tensors, self._statistics_file(index))
+
+    def statistics(self, index: int) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self._statistics_file(index)
+        return load_file(path) if path.is_file() else None
+
     def load(self, index: int, block: nn.Module) -> None:
         _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.", self.spec)
 
@@ -239,6 +259,7 @@ class ShardBlocks:
 
     def store(self, index: int, block: nn.Module, report: BlockReport) -> None:
         if not self.writes:
+            self._statistics_file(index).unlink(missing_ok=True)
             self.release(index, block)
             return
         block_prefix = f"{self.prefix}{index}."
@@ -250,6 +271,7 @@ class ShardBlocks:
         self._add(out, name, size)
         self.done.append({"report": asdict(report), "shard": name, "tensors": sorted(out), "bytes": size})
         self.save_progress()
+        self._statistics_file(index).unlink(missing_ok=True)  # after the progress: a resume needs it until then
         del out
         self.release(index, block)
         self.finished_phase(index)
@@ -572,6 +594,7 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
                                    finished=[BlockReport.from_dict(entry["report"]) for entry in source.done],
                                    replay=lambda i, block, stream: source.replay(run, i, block, stream),
                                    description="OSSCAR pruning (streaming)")
+        shutil.rmtree(source.statistics_folder, ignore_errors=True)
     return reports, space.summary()
 
 

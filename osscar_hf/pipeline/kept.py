@@ -1,0 +1,63 @@
+"""The pruning pass of OSSCAR's global allocation on the Gram matrices its planning accumulated.
+
+The planning's uniform first prune (:mod:`.sensitivity`) runs every block's consumers on the calibration windows
+carried through the uniformly pruned blocks, and accumulates their Grams there. With
+``OsscarConfig(reuse_planning_grams=True)`` (the default) those Grams are kept (:meth:`BlockSource.keep_statistics`),
+and the pruning pass solves each block at its planned sizes on them: no second pass over the calibration data.
+Measured on SmolLM2 (``docs/budgets.md``), fitting every block on the uniformly pruned model's stream gives a
+better model than a fresh sequential pass at the planned sizes, in about half the pruning pass's time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from ..activations import ActivationStore
+from ..arch import ArchSpec
+from ..capture import CapturedInputs
+from ..config import OsscarConfig
+from ..methods import GRAM, Selection, get_method
+from .block import BlockStream, solve_and_slice
+from .run import BlockSource
+from .settings import LoopSettings
+from .statistics import statistics_from_tensors
+
+__all__ = ["KeptStatisticsStream", "keeps_planning_grams"]
+
+
+def keeps_planning_grams(config: OsscarConfig) -> bool:
+    """Whether a run with ``config`` keeps its planning's Grams for the pruning pass: OSSCAR's global allocation,
+    a method that selects on the Gram alone, sequential targets (``propagate``, no dense targets)."""
+    return (config.reuse_planning_grams and config.sparsity is not None
+            and config.resolved_allocation() == "osscar" and get_method(config.method).statistics == {GRAM}
+            and config.propagate and not config.dense_targets)
+
+
+class KeptStatisticsStream(BlockStream):
+    """A :class:`BlockStream` whose blocks are solved on the statistics ``source`` kept for them: no calibration
+    activations, nothing to propagate or replay."""
+
+    def __init__(self, spec: ArchSpec, captured: CapturedInputs, settings: LoopSettings, *,
+                 source: BlockSource) -> None:
+        self.spec, self.settings, self.sink, self.source = spec, settings, None, source
+        self.kwargs = captured.kwargs
+        self._owns_space = False
+        self.states = self.dense_states = self._next_states = self._next_dense = None
+        hidden, captured.hidden = captured.hidden, []
+        if isinstance(hidden, ActivationStore):  # block 0's inputs: not needed
+            hidden.close()
+
+    def _select_and_slice(self, index: int, block: nn.Module) -> dict[str, tuple[Selection, float]]:
+        tensors = self.source.statistics(index)
+        if tensors is None:
+            raise RuntimeError(f"no statistics were kept for block {index}")
+        stats: dict[str, Any] = statistics_from_tensors(tensors, self.settings.device)
+        return solve_and_slice(block, index, self.spec, self.settings, stats)
+
+    def replay(self, index: int, block: nn.Module, *, pruned: bool) -> None:
+        """Nothing to move past: the blocks' statistics do not depend on the blocks before."""
+
+    def finish_replay(self) -> None:
+        """See :meth:`replay`."""
