@@ -114,3 +114,14 @@ def test_a_timm_model_without_a_spec_is_refused_by_name():
     assert is_vision_model(model)  # its model type: the CNN path, which names what it wraps
     with pytest.raises(UnsupportedModelError, match="wraps a VisionTransformer.*wrapping EfficientNet, ResNet"):
         _prune(model)
+
+
+def test_timm_magnitude_needs_no_images_nor_processor():
+    """Without calibration pixels, multiply-adds are counted at the timm network's own input size (its
+    ``pretrained_cfg``: a TimmWrapperConfig has neither ``image_size`` nor ``num_channels``)."""
+    model = make_timm("timm_efficientnet_lite")
+    pruner = OsscarPruner(OsscarConfig(channel_sparsity=0.5, method="magnitude", device="cpu"))
+    pruner.prune(model, progress=False)
+    assert pruner.report.calibration == {"num_samples": 0, "image_size": None}
+    before, after = pruner.report.budget["multiply_adds_before"], pruner.report.budget["multiply_adds_after"]
+    assert after < before and before > 20e6  # at 224x224 (at 32x32 it is about 1M)
