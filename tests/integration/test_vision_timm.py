@@ -125,3 +125,37 @@ def test_timm_magnitude_needs_no_images_nor_processor():
     assert pruner.report.calibration == {"num_samples": 0, "image_size": None}
     before, after = pruner.report.budget["multiply_adds_before"], pruner.report.budget["multiply_adds_after"]
     assert after < before and before > 20e6  # at 224x224 (at 32x32 it is about 1M)
+
+
+def test_timm_folder_through_the_command_line(tmp_path, capsys):
+    """``osscar-hf prune`` on a timm folder: its image processor (TimmWrapperImageProcessor) is the ``pretrained_cfg``
+    in ``config.json``; the folder it writes holds the same pruning as in memory."""
+    from transformers import AutoImageProcessor
+
+    from osscar_hf import cli
+    from osscar_hf.calibration_images import load_images
+    from osscar_hf.io.load import load_image_model
+
+    model = make_timm("timm_efficientnet_lite", seed=1)
+    model.config.pretrained_cfg = {**model.timm_model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}
+    model.save_pretrained(tmp_path / "lite")
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(random_images(6, seed=2)):
+        image.save(tmp_path / "images" / f"{i}.png")
+    out = tmp_path / "pruned"
+    assert cli.main(["--log-level", "WARNING", "prune", str(tmp_path / "lite"), "--channel-sparsity", "0.25",
+                     "--dataset", str(tmp_path / "images"), "--num-samples", "6", "--device", "cpu",
+                     "--output", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "lite")
+    expected = make_timm("timm_efficientnet_lite", seed=1)
+    OsscarPruner(OsscarConfig(channel_sparsity=0.25, num_samples=6, device="cpu",
+                              dataset=load_images(tmp_path / "images", num_samples=6, seed=0))).prune(
+        expected, processor, progress=False)
+    reloaded, _ = load_image_model(out, device="cpu")
+    x = processor(images=random_images(2, seed=4), return_tensors="pt")["pixel_values"]
+    assert x.shape[-1] == 32
+    assert torch.equal(AutoImageProcessor.from_pretrained(out)(images=random_images(2, seed=4))["pixel_values"], x)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, expected(pixel_values=x).logits,
+                                   rtol=1e-5, atol=1e-5)
