@@ -16,13 +16,17 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def vision():
+    """benchmarks/vision.py (benchmarks/ is not a package), with sys.path and sys.modules restored afterwards."""
+    saved = list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import vision  # noqa: PLC0415  (benchmarks/ is not a package)
+        import vision  # noqa: PLC0415
 
         yield vision
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path[:] = saved
+        for name in ("vision", "vision_lite0", "vision_table"):
+            sys.modules.pop(name, None)
 
 
 def test_scores_count_top1_top5_agreement_and_overlap(vision):
