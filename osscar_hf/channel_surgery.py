@@ -112,6 +112,9 @@ def _conv_write(conv: nn.Conv2d, channels: torch.Tensor, matrix: torch.Tensor | 
 def _conv_consumer_fault(conv: nn.Conv2d) -> str | None:
     if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return "an nn.Conv2d consumer needs groups=1 and numeric zero padding"
+    if type(conv).forward is not nn.Conv2d.forward:  # e.g. timm's Conv2dSame, which pads its input in forward
+        return (f"a {type(conv).__name__} has its own forward, so its unfolded input is not that of an nn.Conv2d; "
+                "register its consumer operations (channel_surgery.register_consumer)")
     return None
 
 

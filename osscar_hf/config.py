@@ -298,11 +298,11 @@ def _check_block_shapes(value: Any) -> list[dict[str, int]] | None:
 
 
 def _check_channel_shape(i: int, widths: Any) -> dict[str, list[int]]:
-    if not isinstance(widths, (list, tuple)) or not widths or not all(
+    if not isinstance(widths, (list, tuple)) or not all(
             isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in widths):
         raise OsscarConfigError(
-            f"block_shapes[{i}][{CHANNEL_SHAPE_KEY!r}] must be a non-empty list of ints >= 1 (a CNN block's inner "
-            f"widths), got {_summarise(widths)}")
+            f"block_shapes[{i}][{CHANNEL_SHAPE_KEY!r}] must be a list of ints >= 1 (a CNN block's inner widths; empty "
+            f"for a block without any, such as timm's DepthwiseSeparableConv), got {_summarise(widths)}")
     return {CHANNEL_SHAPE_KEY: [int(w) for w in widths]}
 
 

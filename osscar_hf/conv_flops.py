@@ -12,11 +12,20 @@ __all__ = ["count_multiply_adds", "probe_pixels"]
 
 
 def probe_pixels(model: nn.Module, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """One image to count on: the first calibration image, or zeros at the config's ``image_size`` (224 without)."""
+    """One image to count on: the first calibration image, or zeros at the config's ``image_size`` (224 without;
+    a timm model's: its ``pretrained_cfg`` input size)."""
+    from .arch.vision import image_channels
+
     if pixel_values is not None:
         return pixel_values[:1]
-    size = int(getattr(model.config, "image_size", 224) or 224)
-    return torch.zeros(1, int(model.config.num_channels), size, size)
+    size = int(getattr(model.config, "image_size", 0) or _timm_input_size(model) or 224)
+    return torch.zeros(1, image_channels(model), size, size)
+
+
+def _timm_input_size(model: nn.Module) -> int | None:
+    cfg = getattr(getattr(model, "timm_model", None), "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return int(size[-1]) if size else None
 
 
 @torch.no_grad()

@@ -34,6 +34,11 @@ def make_cnn(kind: str, seed: int = 0) -> nn.Module:
     else:
         model = ResNetForImageClassification(ResNetConfig(
             embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], layer_type=kind, num_labels=5))
+    return randomize(model, seed)
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-initialised convolutions and random batch-norm parameters and statistics; ``model`` in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

@@ -14,6 +14,7 @@ from .registry import (
     supported_model_types,
 )
 from .spec import ArchSpec, Producer, get_submodule, set_submodule
+from . import timm_vision  # noqa: F401  (registers the timm CNN specs)
 from .vision import ChannelProblem, VisionSpec, get_vision_spec, register_vision_architecture, vision_model_types
 
 __all__ = [

@@ -11,7 +11,7 @@ convolution between them). The channels the residual path carries are never a st
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
@@ -20,8 +20,8 @@ from ..errors import UnsupportedModelError
 from .spec import get_submodule, set_submodule
 
 __all__ = [
-    "BlockList", "ChannelProblem", "MOBILENET_V2", "RESNET", "VisionSpec", "get_vision_spec", "is_vision_model",
-    "register_vision_architecture", "vision_model_types",
+    "BlockList", "ChannelProblem", "MOBILENET_V2", "RESNET", "VisionSpec", "get_vision_spec", "image_channels",
+    "is_vision_model", "register_vision_architecture", "vision_model_types",
 ]
 
 
@@ -48,6 +48,22 @@ class VisionSpec:
     model_types: tuple[str, ...]
     blocks: tuple[str, ...]
     layouts: dict[str, tuple[ChannelProblem, ...]]
+    # A wrapper's model type (transformers' ``timm_wrapper``) holds many families: the spec is for a model whose
+    # module at ``wrapped`` (a dotted path) is of a class named in ``wrapped_classes`` (empty: any model of the type).
+    wrapped: str = ""
+    wrapped_classes: tuple[str, ...] = ()
+    # Block class -> its submodules that must be absent or ``nn.Identity`` for its layout to hold: optional modules
+    # on the inner channels that the layout does not slice (timm's squeeze-excitation ``se``, anti-aliasing ``aa``).
+    identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def describes(self, model: nn.Module) -> bool:
+        """Whether ``model`` is of the family this spec describes (always, unless the spec is for a wrapper)."""
+        if not self.wrapped_classes:
+            return True
+        try:
+            return type(get_submodule(model, self.wrapped)).__name__ in self.wrapped_classes
+        except AttributeError:
+            return False
 
     def block_paths(self, model: nn.Module) -> list[str]:
         """Every block's dotted path in ``model``, in the order the forward runs them."""
@@ -79,6 +95,7 @@ class VisionSpec:
                 continue
             for problem in self.layouts[type(block).__name__]:
                 found += [f"{path}.{what}" for what in _problem_faults(block, problem)]
+            found += [f"{path}.{what}" for what in _identity_faults(block, self.identities)]
         if found:
             more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
             raise UnsupportedModelError(
@@ -127,6 +144,16 @@ def _problem_faults(block: nn.Module, problem: ChannelProblem) -> list[str]:
             faults.append(f"{path} to be a producer ({fault})")
         elif producer.width(module) != width:
             faults.append(f"{path} to have {width} output channels (it has {producer.width(module)})")
+    return faults
+
+
+def _identity_faults(block: nn.Module, identities: dict[str, tuple[str, ...]]) -> list[str]:
+    faults = []
+    for name in identities.get(type(block).__name__, ()):
+        module = getattr(block, name, None)
+        if module is not None and not isinstance(module, nn.Identity):
+            faults.append(f"{name} to be absent or nn.Identity (it is a {type(module).__name__}, which acts on the "
+                          "inner channels and is not sliced with them)")
     return faults
 
 
@@ -184,18 +211,25 @@ MOBILENET_V2 = VisionSpec(
     },
 )
 
-_VISION: dict[str, VisionSpec] = {}
+_VISION: dict[str, list[VisionSpec]] = {}
 
 
 def register_vision_architecture(spec: VisionSpec, *, overwrite: bool = False) -> None:
-    """Add ``spec`` for each of its model types (a clear error if one is taken, unless ``overwrite``)."""
+    """Add ``spec`` for each of its model types (a clear error if one is taken, unless ``overwrite``). Several specs
+    can share a wrapper's model type when each names the classes it wraps (``wrapped_classes``), all different."""
     if not isinstance(spec, VisionSpec):
         raise TypeError(f"register_vision_architecture needs a VisionSpec, got {type(spec).__name__}")
-    taken = [t for t in spec.model_types if t in _VISION and not overwrite]
-    if taken:
-        raise ValueError(f"model_type {taken[0]!r} is already registered (spec {_VISION[taken[0]].name!r})")
     for model_type in spec.model_types:
-        _VISION[model_type] = spec
+        clash = [old for old in _VISION.get(model_type, []) if _overlap(old, spec)]
+        if clash and not overwrite:
+            raise ValueError(f"model_type {model_type!r} is already registered (spec {clash[0].name!r})")
+    for model_type in spec.model_types:
+        kept = [old for old in _VISION.get(model_type, []) if not _overlap(old, spec)]
+        _VISION[model_type] = kept + [spec]
+
+
+def _overlap(a: VisionSpec, b: VisionSpec) -> bool:
+    return not a.wrapped_classes or not b.wrapped_classes or bool(set(a.wrapped_classes) & set(b.wrapped_classes))
 
 
 def vision_model_types() -> list[str]:
@@ -203,18 +237,61 @@ def vision_model_types() -> list[str]:
 
 
 def is_vision_model(model_or_config: Any) -> bool:
-    """Whether ``model_or_config``'s ``model_type`` is a CNN with a registered :class:`VisionSpec`."""
+    """Whether ``model_or_config``'s ``model_type`` has a registered :class:`VisionSpec` (a wrapper's type, such as
+    ``timm_wrapper``, also when it wraps a network no spec describes: :func:`get_vision_spec` then says so)."""
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "model_type", None) in _VISION
 
 
 def get_vision_spec(model_or_config: Any) -> VisionSpec:
+    """The spec of a model (or of the model a config builds: for a wrapper's config, its skeleton on meta)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in _VISION:
         raise UnsupportedModelError(f"osscar_hf has no CNN spec for model_type {model_type!r}; CNN model types: "
                                     f"{', '.join(vision_model_types())}")
-    return _VISION[model_type]
+    specs = _VISION[model_type]
+    if len(specs) == 1 and not specs[0].wrapped_classes:
+        return specs[0]
+    model = model_or_config if isinstance(model_or_config, nn.Module) else _skeleton(config)
+    for spec in specs:
+        if spec.describes(model):
+            return spec
+    wrapped = {spec.wrapped for spec in specs}
+    found = [type(get_submodule(model, path)).__name__ for path in wrapped if _has(model, path)]
+    known = sorted({name for spec in specs for name in spec.wrapped_classes})
+    raise UnsupportedModelError(f"osscar_hf has no CNN spec for this {model_type} model (it wraps a "
+                                f"{' / '.join(found) or 'network it cannot find'}); it prunes {model_type} models "
+                                f"wrapping {', '.join(known)}")
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        get_submodule(model, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _skeleton(config: Any) -> nn.Module:
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):
+        return AutoModelForImageClassification.from_config(config)
+
+
+def image_channels(model: nn.Module) -> int:
+    """The channels per pixel ``model`` takes: its config's ``num_channels``, else (a timm model's
+    ``TimmWrapperConfig`` has no such field) the input channels of its first convolution."""
+    channels = getattr(model.config, "num_channels", None)
+    if channels is not None:
+        return int(channels)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise UnsupportedModelError(f"cannot tell the image channels of this {type(model).__name__}: its config has "
+                                    "no num_channels and it has no nn.Conv2d")
+    return int(first.in_channels)
 
 
 register_vision_architecture(RESNET)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..activations import ActivationSpace
 from ..arch import get_submodule
-from ..arch.vision import BlockList, VisionSpec, get_vision_spec
+from ..arch.vision import BlockList, VisionSpec, get_vision_spec, image_channels
 from ..calibration_images import check_image_processor, load_images, pixel_values
 from ..capture import CapturedInputs, capture_block_inputs
 from ..channel_surgery import consumer_ops
@@ -118,7 +118,7 @@ def start_channel_run(config: OsscarConfig, model: nn.Module, image_processor: A
         check_image_processor(image_processor)
         images = load_images(config.dataset, num_samples=config.num_samples, seed=config.seed,
                              image_column=config.image_column)
-        pixels = pixel_values(images, image_processor, num_channels=int(model.config.num_channels))
+        pixels = pixel_values(images, image_processor, num_channels=image_channels(model))
     was_training = model.training
     model.eval()
     try:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoImageProcessor
 
 from osscar_hf import OsscarConfig, OsscarPruner, cli
 from osscar_hf.io.load import load_image_model
@@ -44,7 +45,10 @@ def test_prune_a_cnn_folder(cnn_folder, capsys):
     expected = make_cnn("bottleneck", seed=1)
     config = OsscarConfig(channel_sparsity=0.25, dataset=load_images(cnn_folder / "images", num_samples=6, seed=0),
                           num_samples=6, device="cpu")
-    OsscarPruner(config).prune(expected, image_processor(), progress=False)
+    # the processor the command line loads (with torchvision installed, AutoImageProcessor picks the torchvision
+    # ViTImageProcessor, whose resize differs from ViTImageProcessorPil's in the last digits)
+    processor = AutoImageProcessor.from_pretrained(cnn_folder / "resnet")
+    OsscarPruner(config).prune(expected, processor, progress=False)
     reloaded, _ = load_image_model(out, device="cpu")
     x = pixels(random_images(2, seed=4))
     with torch.no_grad():

@@ -90,7 +90,7 @@ def test_a_model_type_it_cannot_prune():
     model = ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3))
     _refused(model, _config(), image_processor(), UnsupportedModelError,
              "osscar_hf does not support model_type 'convnext' \\(CNNs pruned by channel_sparsity: mobilenet_v2, "
-             "resnet\\); supported model types: ")
+             "resnet, timm_wrapper\\); supported model types: ")
 
 
 def test_a_pruned_cnn_is_not_pruned_again():

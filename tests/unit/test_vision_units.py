@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from osscar_hf.arch.vision import MOBILENET_V2, RESNET, ChannelProblem, VisionSpec, get_vision_spec
+from osscar_hf.arch.vision import (
+    MOBILENET_V2, RESNET, ChannelProblem, VisionSpec, get_vision_spec, register_vision_architecture,
+)
 from osscar_hf.channel_surgery import consumer_ops, keep_input_channels, keep_output_channels
 from osscar_hf.errors import SurgeryError, UnsupportedModelError
 from osscar_hf.solver import accumulate_gram, conv_rows, new_gram
@@ -147,3 +149,70 @@ def test_a_spec_that_does_not_fit_is_refused_before_any_work():
         wrong.check_model(make_cnn("bottleneck"))
     with pytest.raises(UnsupportedModelError, match="a channel layout for .* ResNetBasicLayer"):
         wrong.check_model(make_cnn("basic"))
+
+
+def test_a_conv_subclass_with_its_own_forward_is_refused_as_a_consumer():
+    """timm's Conv2dSame pads in forward: its unfold would not be an nn.Conv2d's, so it is not a consumer (it may be a
+    producer: slicing its channels is exact)."""
+
+    class PadsInForward(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+    block = nn.Module()
+    block.a, block.b = PadsInForward(4, 8, 3), PadsInForward(8, 8, 3)
+    spec = VisionSpec(name="padded", model_types=("padded",), blocks=("block",),
+                      layouts={"Module": (ChannelProblem("b", ("a",)),)})
+    model = nn.Module()
+    model.block = block
+    with pytest.raises(UnsupportedModelError, match="block.b to be a consumer \\(a PadsInForward has its own forward"):
+        spec.check_model(model)
+
+
+def test_specs_of_a_wrapper_type_are_chosen_by_the_wrapped_class():
+    from types import SimpleNamespace
+
+    from osscar_hf.arch import vision
+
+    class Alpha(nn.Module):
+        pass
+
+    class Beta(nn.Module):
+        pass
+
+    def spec(name, wrapped_classes, identities=None):
+        return VisionSpec(name=name, model_types=("test_wrapper",), blocks=("inner",), layouts={},
+                          wrapped="inner", wrapped_classes=wrapped_classes, identities=identities or {})
+
+    def wrapper(inner):
+        model = nn.Module()
+        model.inner, model.config = inner, SimpleNamespace(model_type="test_wrapper")
+        return model
+
+    saved = dict(vision._VISION)
+    try:
+        first, second = spec("first", ("Alpha",)), spec("second", ("Beta",))
+        register_vision_architecture(first)
+        register_vision_architecture(second)
+        assert get_vision_spec(wrapper(Alpha())) is first and get_vision_spec(wrapper(Beta())) is second
+        with pytest.raises(UnsupportedModelError, match="wraps a Module\\); it prunes test_wrapper models wrapping "
+                                                        "Alpha, Beta"):
+            get_vision_spec(wrapper(nn.Module()))
+        with pytest.raises(ValueError, match="already registered \\(spec 'first'\\)"):
+            register_vision_architecture(spec("again", ("Alpha", "Gamma")))
+    finally:
+        vision._VISION.clear()
+        vision._VISION.update(saved)
+
+
+def test_an_optional_module_on_the_inner_channels_must_be_an_identity():
+    block = nn.Module()
+    block.a, block.b, block.se = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)
+    spec = VisionSpec(name="gated", model_types=("gated",), blocks=("block",),
+                      layouts={"Module": (ChannelProblem("b", ("a",)),)}, identities={"Module": ("se", "aa")})
+    model = nn.Module()
+    model.block = block
+    with pytest.raises(UnsupportedModelError, match="block.se to be absent or nn.Identity \\(it is a Conv2d"):
+        spec.check_model(model)
+    block.se = nn.Identity()
+    spec.check_model(model)
