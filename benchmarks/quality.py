@@ -62,6 +62,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, calibration seed 1": {"allocation": "global", "seed": 1},
     "uniform, query heads": {"allocation": "uniform", "attention_structure": "query_heads"},
     "global, query heads": {"allocation": "global", "attention_structure": "query_heads"},
+    # the pruning pass run again over the calibration data at the planned sizes, instead of on the planning's Grams
+    "global, sequential pruning pass": {"allocation": "global", "reuse_planning_grams": False},
 }
 
 
