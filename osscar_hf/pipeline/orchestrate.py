@@ -274,7 +274,7 @@ def prune_blocks(
 
 def kept_for(source: BlockSource, indices: range) -> bool:
     """Whether ``source`` holds kept statistics (:mod:`.kept`) for every block of ``indices`` (some at least)."""
-    return len(indices) > 0 and all(source.statistics(i) is not None for i in indices)
+    return len(indices) > 0 and all(source.has_statistics(i) for i in indices)
 
 
 def finish_run(run: PruneRun, reports: list[BlockReport], activations: dict[str, Any] | None = None) -> PruneReport:

@@ -53,6 +53,9 @@ class BlockSource(Protocol):
     def statistics(self, index: int) -> dict[str, torch.Tensor] | None:
         """What :meth:`keep_statistics` kept for block ``index``, or None."""
 
+    def has_statistics(self, index: int) -> bool:
+        """Whether :meth:`keep_statistics` kept something for block ``index`` (without reading it)."""
+
 
 def scratch_copy(source: BlockSource, index: int, block: nn.Module) -> nn.Module:
     """A copy of block ``index`` with its dense weights, which the caller may prune; the block itself is left as it
@@ -94,6 +97,9 @@ class InMemoryBlocks:
 
     def statistics(self, index: int) -> dict[str, torch.Tensor] | None:
         return self._statistics.get(index)
+
+    def has_statistics(self, index: int) -> bool:
+        return index in self._statistics
 
 
 @dataclass

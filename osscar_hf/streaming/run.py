@@ -250,6 +250,9 @@ class ShardBlocks:
         path = self._statistics_file(index)
         return load_file(path) if path.is_file() else None
 
+    def has_statistics(self, index: int) -> bool:
+        return self._statistics_file(index).is_file()
+
     def load(self, index: int, block: nn.Module) -> None:
         _materialise(block, self.reader, self.block_keys[index], f"{self.prefix}{index}.", self.spec)
 
