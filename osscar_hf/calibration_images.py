@@ -54,7 +54,10 @@ def _folder_images(folder: Path) -> list[Path]:
 
 
 def _open(item: Any) -> Any:
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise CalibrationDataError("reading calibration images needs Pillow: pip install 'osscar-hf[vision]'") from None
 
     return Image.open(item) if isinstance(item, (str, os.PathLike)) else item
 
