@@ -64,6 +64,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, query heads": {"allocation": "global", "attention_structure": "query_heads"},
     # the pruning pass run again over the calibration data at the planned sizes, instead of on the planning's Grams
     "global, sequential pruning pass": {"allocation": "global", "reuse_planning_grams": False},
+    "global, 16 held-out windows": {"allocation": "global", "allocation_samples": 16},
+    "global, 32 held-out windows": {"allocation": "global", "allocation_samples": 32},
 }
 
 
