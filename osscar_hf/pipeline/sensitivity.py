@@ -104,6 +104,10 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     if keeps_planning_grams(run.config):  # the pruning pass solves on these Grams (see .kept)
         def sink(index: int, stats: dict) -> None:
             source.keep_statistics(index, statistics_tensors(stats, settings.storage_device))
+
+        size = sum(c.in_features ** 2 * 4 for b in run.blocks for c in block_consumers(b, run.spec).values())
+        logger.info("keeping the planning's Gram matrices for the pruning pass: %.2f GiB at most, each released once "
+                    "its block is pruned (reuse_planning_grams=False does without)", size / 2**30)
     bar = tqdm(total=len(run.blocks), desc="planning: uniform prune", unit="block", disable=not progress)
     try:
         with BlockStream(run.spec, CapturedInputs(captured.hidden.copy(batches), captured.kwargs), first,
