@@ -167,12 +167,13 @@ def capture(run: PruneRun, space: ActivationSpace) -> CapturedInputs:
     windows = rank_windows(run.windows, run.config.batch_size, run.settings.ranks)
     captured = capture_module.capture_block_inputs(run.model, run.blocks, windows, **options)
     if plans_on_held_out(run):  # after the calibration windows, which settle where the space keeps them
-        shares = held_out_shares(run.held_out.shape[0], run.settings.ranks)
-        if shares is None and run.settings.ranks.distributed:
+        ranks = run.settings.ranks
+        shares = held_out_shares(run.held_out.shape[0], ranks)
+        if shares is None and ranks.distributed:
             logger.info("%d held-out windows for %d ranks: every rank measures the allocation on all of them",
-                        run.held_out.shape[0], run.settings.ranks.world_size)
-        own = run.held_out if shares is None else run.held_out[shares[run.settings.ranks.rank].start:
-                                                                shares[run.settings.ranks.rank].stop]
+                        run.held_out.shape[0], ranks.world_size)
+        share = range(run.held_out.shape[0]) if shares is None else shares[ranks.rank]
+        own = run.held_out[share.start:share.stop]
         run.held_out_inputs = capture_module.capture_block_inputs(run.model, run.blocks, own, **options)
     return captured
 

@@ -229,13 +229,17 @@ class ShardBlocks:
     def writes(self) -> bool:
         return not self.rank
 
+    def _rank_folder(self, name: str) -> Path:
+        """A folder of this process's own in the partial folder (one per rank in a distributed run)."""
+        return self.tmp / (name if self.rank is None else f"{name}-rank{self.rank}")
+
     @property
     def scratch_folder(self) -> Path:
-        return self.tmp / (SCRATCH_FOLDER if self.rank is None else f"{SCRATCH_FOLDER}-rank{self.rank}")
+        return self._rank_folder(SCRATCH_FOLDER)
 
     @property
     def statistics_folder(self) -> Path:
-        return self.tmp / (STATISTICS_FOLDER if self.rank is None else f"{STATISTICS_FOLDER}-rank{self.rank}")
+        return self._rank_folder(STATISTICS_FOLDER)
 
     def _statistics_file(self, index: int) -> Path:
         return self.statistics_folder / f"block-{index:05d}.safetensors"
