@@ -66,6 +66,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, sequential pruning pass": {"allocation": "global", "reuse_planning_grams": False},
     "global, 16 held-out windows": {"allocation": "global", "allocation_samples": 16},
     "global, 32 held-out windows": {"allocation": "global", "allocation_samples": 32},
+    # the curves' plan refined by 150 candidate exchanges, each evaluated as a whole model on the held-out windows
+    "global, allocation search 150": {"allocation": "global", "allocation_search": 150},
 }
 
 

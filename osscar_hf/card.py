@@ -259,6 +259,11 @@ def _describe_sizes(config: OsscarConfig, report: PruneReport) -> str:
            "osscar": "chosen per block and between attention and MLP from damage measured on held-out calibration "
                      "windows",
            "flap": "chosen by FLAP's global ranking of standardised fluctuation scores"}.get(allocation, allocation)
+    search = (report.budget or {}).get("allocation_search")
+    if search:
+        how += (f", then refined by a search of {search['candidates']} candidate exchanges between blocks evaluated as "
+                f"whole models ({search['accepted']} kept; held-out KL from the dense model {search['kl_plan']:.4f} "
+                f"-> {search['kl_searched']:.4f})")
     return f"a global budget, {_number(config.sparsity)} of the decoder blocks' {what} removed, {how}"
 
 

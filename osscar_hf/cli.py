@@ -403,6 +403,9 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                        help="with a global allocation: fraction of every block's parameters always kept")
     sizes.add_argument("--allocation-samples", type=positive_int, default=None, metavar="N",
                        help="with OSSCAR's global allocation: held-out calibration windows it measures on (default 8)")
+    sizes.add_argument("--allocation-search", type=positive_int, default=None, metavar="N",
+                       help="with OSSCAR's global allocation: refine its plan by N candidate exchanges between blocks, "
+                       "each kept when the pruned model's held-out KL from the dense model is lower (slower; off)")
 
 
 def register_prune(subparsers: argparse._SubParsersAction) -> None:
@@ -494,7 +497,8 @@ def _check_prune_arguments(parser: argparse.ArgumentParser, args: argparse.Names
                      f"{'--mlp-sparsity' if uniform[0] is None else '--attention-sparsity'}")
     if args.sparsity is None and args.allocation != "auto":
         parser.error("--allocation applies to --sparsity")
-    global_only = [f"--{name.replace('_', '-')}" for name in ("min_part_keep", "min_block_keep", "allocation_samples")
+    global_only = [f"--{name.replace('_', '-')}" for name in ("min_part_keep", "min_block_keep", "allocation_samples",
+                                                                   "allocation_search")
                    if getattr(args, name) is not None]
     if global_only and (args.sparsity is None or args.allocation == "uniform"):
         parser.error(f"{', '.join(global_only)} apply to a global allocation (--sparsity without --allocation "
@@ -519,7 +523,7 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
                                "attention_structure": args.attention_structure}
     if args.sparsity is not None:
         options.update(sparsity=args.sparsity, sparsity_target=args.sparsity_target, allocation=args.allocation)
-        for name in ("min_part_keep", "min_block_keep", "allocation_samples"):
+        for name in ("min_part_keep", "min_block_keep", "allocation_samples", "allocation_search"):
             if getattr(args, name) is not None:
                 options[name] = getattr(args, name)
     elif args.block_sizes is not None:

@@ -418,6 +418,11 @@ class OsscarConfig(QuantizationConfigMixin):
             data; better and faster on SmolLM2, see ``docs/budgets.md``). False: a fresh sequential pass at the
             planned sizes. Holding the Grams costs one ``p x p`` float32 matrix per consumer until its block is
             pruned (in memory for ``prune``, in the partial folder for ``prune_checkpoint``).
+        allocation_search: candidates (>= 0; default 0, off) of a search that refines OSSCAR's global allocation:
+            each a budget-neutral exchange of structures between two blocks, built as the pruning pass builds it
+            and kept when the whole model's KL divergence from the dense model on the held-out windows is lower
+            (``docs/budgets.md``). Costs a few block forwards and solves per candidate; needs
+            ``reuse_planning_grams``.
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
@@ -484,6 +489,7 @@ class OsscarConfig(QuantizationConfigMixin):
     min_block_keep: float = 0.2
     allocation_samples: int = 8
     reuse_planning_grams: bool = True
+    allocation_search: int = 0
     method: str = "osscar"
     dataset: str | list[str] | list[list[int]] | torch.Tensor | datasets.Dataset | None = None
     text_column: str = "text"
@@ -517,7 +523,7 @@ class OsscarConfig(QuantizationConfigMixin):
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
         "sparsity", "sparsity_target", "allocation", "block_sizes", "round_to", "min_part_keep", "min_block_keep",
         "allocation_samples", "method", "attention_structure", "channel_sparsity", "image_column",
-        "reuse_planning_grams",
+        "reuse_planning_grams", "allocation_search",
     )
 
     def __post_init__(self) -> None:
@@ -582,6 +588,7 @@ class OsscarConfig(QuantizationConfigMixin):
         self.min_part_keep = _check_unit_interval("min_part_keep", self.min_part_keep)
         self.min_block_keep = _check_unit_interval("min_block_keep", self.min_block_keep)
         self.allocation_samples = _check_int("allocation_samples", self.allocation_samples, 1)
+        self.allocation_search = _check_int("allocation_search", self.allocation_search, 0)
         self._check_channel_sparsity()
         uniform = [n for n in ("attention_sparsity", "mlp_sparsity") if getattr(self, n)]
         for name, given in (("sparsity", self.sparsity is not None), ("block_sizes", self.block_sizes is not None)):
@@ -592,6 +599,13 @@ class OsscarConfig(QuantizationConfigMixin):
         if self.sparsity is not None and self.block_sizes is not None:
             raise OsscarConfigError("sparsity and block_sizes exclude each other: give a global sparsity for "
                                     "osscar_hf to allocate, or your own block_sizes")
+        if self.allocation_search and (self.sparsity is None or self.allocation == "uniform"
+                                       or not self.reuse_planning_grams):
+            raise OsscarConfigError(
+                f"allocation_search={self.allocation_search} refines OSSCAR's global allocation on the Gram matrices "
+                f"its planning keeps; it needs sparsity=... with allocation 'auto' or 'global' and "
+                f"reuse_planning_grams=True (got sparsity={self.sparsity}, allocation={self.allocation!r}, "
+                f"reuse_planning_grams={self.reuse_planning_grams})")
         if self.sparsity is None and self.allocation != "auto":
             raise OsscarConfigError(
                 f"allocation={self.allocation!r} needs a global sparsity (OsscarConfig(sparsity=...)); the per-block "
@@ -615,7 +629,7 @@ class OsscarConfig(QuantizationConfigMixin):
 
         Not part of ``post_init``: a model pruned with a method registered by the user's own code keeps that name
         in its config, and must load where that code is not imported."""
-        from osscar_hf.methods import get_method
+        from osscar_hf.methods import GRAM, get_method
 
         method = get_method(self.method)
         if self.dense_targets and not method.refits:
@@ -626,6 +640,14 @@ class OsscarConfig(QuantizationConfigMixin):
             raise OsscarConfigError(
                 f"method {self.method!r} has no global allocation; use allocation='uniform' (or 'auto'), or a method "
                 "that has one (osscar, obs_greedy, flap)")
+
+        if self.allocation_search and (self.resolved_allocation() != "osscar" or method.statistics != {GRAM}
+                                       or self.dense_targets or not self.propagate):
+            raise OsscarConfigError(
+                f"allocation_search={self.allocation_search} refines OSSCAR's allocation, which method "
+                f"{self.method!r} with propagate={self.propagate}, dense_targets={self.dense_targets} does not use; "
+                "give a method with OSSCAR's allocation (osscar, obs_greedy), propagate=True, dense_targets=False, "
+                "or allocation_search=0")
 
     def resolved_allocation(self) -> str:
         """The allocation a global ``sparsity`` uses: ``"uniform"``, or the name of the method's own allocation

@@ -5,7 +5,8 @@ measures what it needs and returns every block's sizes.
   :class:`~osscar_hf.pipeline.run.BlockSource`, released after) runs on the dense stream of block inputs
   and the statistics of its two consumers give FLAP's standardised scores, ranked globally.
 * ``"osscar"``: a uniform first prune of planning copies, then a backward sweep of the loss's sensitivity on
-  held-out windows (two passes, :mod:`.sensitivity`).
+  held-out windows (two passes, :mod:`.sensitivity`); with ``allocation_search``, a search from that plan that
+  evaluates whole pruned models on the held-out windows (:mod:`.search`).
 
 Both work on copies of the captured block-0 inputs, so the pruning pass that follows starts from the same inputs.
 """
@@ -26,6 +27,7 @@ from ..distributed import reduce_statistics, step
 from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
 from .run import BlockSource, PruneRun
+from .search import search_sizes
 from .sensitivity import sensitivity_sizes
 from .statistics import InputStatistics, input_hooks
 
@@ -124,7 +126,8 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
 
 
 def _osscar(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:
-    return sensitivity_sizes(run, source, captured, progress=progress)
+    sizes = sensitivity_sizes(run, source, captured, progress=progress)
+    return search_sizes(run, source, sizes, progress=progress)
 
 
 _ALLOCATIONS: dict[str, Callable[[PruneRun, BlockSource, CapturedInputs, bool], list[BlockSize]]] = {

@@ -334,6 +334,8 @@ def budget_summary(run: PruneRun, reports: list[BlockReport]) -> dict[str, Any]:
     if config.sparsity is not None:
         summary.update(sparsity=config.sparsity, sparsity_target=config.sparsity_target)
     summary["plan_seconds"] = run.plan_seconds
+    if run.search_summary is not None:
+        summary["allocation_search"] = dict(run.search_summary)
     return summary
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,9 @@ class BlockSource(Protocol):
 
     def scratch(self, index: int) -> nn.Module:
         """The copy :meth:`keep_scratch` kept, with its weights (released again by :meth:`drop_scratch`)."""
+
+    def release_scratch(self, index: int, module: nn.Module) -> None:
+        """Done with the copy :meth:`scratch` gave for now; it stays kept (streamed: its weights leave memory)."""
 
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         """The planning pass is done with the copy of block ``index``: free it."""
@@ -89,6 +92,9 @@ class InMemoryBlocks:
     def scratch(self, index: int) -> nn.Module:
         return self._scratch[index]
 
+    def release_scratch(self, index: int, module: nn.Module) -> None:
+        pass
+
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         self._scratch.pop(index, None)
 
@@ -117,6 +123,7 @@ class PruneRun:
     held_out_inputs: CapturedInputs | None = None  # block 0's inputs for them (see capture)
     started: float = field(default_factory=time.perf_counter)
     plan_seconds: float = 0.0
+    search_summary: dict[str, Any] | None = None  # what the allocation search did (see .search), when it ran
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -313,6 +313,10 @@ class ShardBlocks:
         module.load_state_dict(load_file(self.scratch_folder / f"block-{index:05d}.safetensors"), assign=True)
         return module
 
+    def release_scratch(self, index: int, module: nn.Module) -> None:
+        module.to("meta")
+        release_freed_memory()
+
     def drop_scratch(self, index: int, module: nn.Module) -> None:
         module.to("meta")
         self.scratch_modules.pop(index, None)

@@ -44,6 +44,8 @@ CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "qwen2_moe": ("qwen2_moe", dict(attention_sparsity=0.5, mlp_sparsity=0.5), True),
     # OSSCAR's global allocation: each rank also carries half the held-out windows through its planning passes
     "llama-gqa-global": ("llama-gqa", GLOBAL, True),
+    # the allocation search: the same candidates on every rank, each on its half of the held-out windows, the KL summed
+    "llama-gqa-search": ("llama-gqa", dict(GLOBAL, allocation_search=3), True),
 }
 STREAMED = {"llama-gqa": "llama-gqa", "opt": "opt"}  # checkpoint name: model kind
 FAILING_BLOCK = 1

@@ -625,6 +625,9 @@ def test_prune_stream_refuses_eval(workdir, tmp_path, capsys) -> None:
       "--dataset", "d", "--output", "o"], "--min-block-keep apply to a global allocation"),
     (["prune", "m", "--sparsity", "0.3", "--allocation", "uniform", "--allocation-samples", "4",
       "--dataset", "d", "--output", "o"], "--allocation-samples apply to a global allocation"),
+    (["prune", "m", "--attention-sparsity", "0.3", "--mlp-sparsity", "0.5", "--allocation-search", "4",
+      "--dataset", "d", "--output", "o"], "--allocation-search apply to a global allocation"),
+    (["prune", "m", "--sparsity", "0.3", "--allocation-search", "0", "--dataset", "d", "--output", "o"], "'0'"),
 ])
 def test_bad_size_options_exit_2_with_one_line(capsys, argv, fragment) -> None:
     assert _exit_code(argv) == 2
@@ -645,6 +648,16 @@ def test_prune_with_a_global_sparsity_and_a_method(workdir, tmp_path, capsys) ->
     assert all(b["mlp"]["kept"] % 8 == 0 for b in report["blocks"])
     loaded, _ = load_model_and_tokenizer(out, device="cpu")
     assert loaded.config.mlp_bias and loaded.config.attention_bias  # FLAP's compensation biases
+
+
+def test_prune_with_the_allocation_search(workdir, tmp_path) -> None:
+    out = tmp_path / "pruned"
+    code = _run(["prune", str(workdir / "src"), "--sparsity", "0.4", "--allocation-search", "2",
+                 "--allocation-samples", "2", "--num-samples", "4", "--seq-len", "32", "--batch-size", "2",
+                 "--device", "cpu", "--dataset", str(workdir / "calib.txt"), "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "osscar_report.json").read_text(encoding="utf-8"))
+    assert report["config"]["allocation_search"] == 2 and report["budget"]["allocation_search"]["candidates"] == 2
 
 
 def test_prune_with_block_sizes_from_a_file_and_magnitude_without_data(workdir, tmp_path) -> None:

@@ -1,0 +1,228 @@
+"""OSSCAR's allocation search: whole pruned models evaluated on the held-out windows, starting from the curves' plan.
+
+The damage curves (:mod:`.sensitivity`) are a second-order estimate around the uniformly pruned model, summed over
+blocks as if their errors did not interact. With ``OsscarConfig(allocation_search=N)`` the plan they give is the
+start of a search that checks itself against the model: ``N`` candidates, each a budget-neutral exchange between two
+blocks' parts (:func:`osscar_hf.budgets.propose_exchange`), are built exactly as the pruning pass will build them
+(:func:`~osscar_hf.pipeline.block.solve_and_slice` on the Gram matrices the planning kept) and run on the held-out
+windows from the first changed block on; a candidate replaces the plan when its KL divergence from the dense model's
+next-token distribution is lower. What the search holds: the current plan's pruned blocks (planning copies, in memory
+or in the partial folder, as the first prune's), their outputs on the held-out windows, and the dense model's
+log-probabilities at up to :data:`SEARCH_POSITIONS` positions.
+
+Under ``torch.distributed`` every rank runs the same candidates (one generator, seeded) on its share of the held-out
+windows, and the KL's sums are summed over the ranks, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..activations import ActivationStore
+from ..budgets import BlockSize, ExchangeBudget, propose_exchange
+from ..distributed import step, sum_in_place
+from .block import block_device, propagate_block, solve_and_slice
+from .run import BlockSource, PruneRun, scratch_copy
+from .statistics import statistics_from_tensors
+
+__all__ = ["SEARCH_POSITIONS", "search_sizes"]
+
+logger = logging.getLogger(__name__)
+
+SEARCH_POSITIONS = 1024  # next-token distributions the KL is measured on at most (the held-out windows, strided)
+
+
+def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, progress: bool = True
+                 ) -> list[BlockSize]:
+    """``sizes`` improved by ``run.config.allocation_search`` candidate exchanges (see the module docstring)."""
+    count = run.config.allocation_search
+    if not count:
+        return sizes
+    started = time.perf_counter()
+    budget = ExchangeBudget.from_config(run.config, run.geometries)
+    rng = random.Random(run.config.seed)
+    with _Search(run, source) as search:
+        best = search.start(sizes)
+        first, accepted, tried = best, 0, 0
+        bar = tqdm(total=count, desc="planning: allocation search", unit="candidate", disable=not progress)
+        try:
+            for _ in range(count):
+                candidate = propose_exchange(search.sizes, budget, rng)
+                if candidate is None:
+                    logger.info("allocation search: no exchange fits the floors and the target any more")
+                    break
+                tried += 1
+                if search.try_candidate(candidate):
+                    accepted += 1
+                bar.set_postfix({"kl": f"{search.kl:.4f}"})
+                bar.update(1)
+        finally:
+            bar.close()
+        result = list(search.sizes)
+    run.search_summary = {"candidates": tried, "accepted": accepted, "kl_plan": first, "kl_searched": search.kl,
+                          "seconds": time.perf_counter() - started}
+    logger.info("allocation search: %d of %d candidates kept; held-out KL from the dense model %.4f -> %.4f (%.1f s)",
+                accepted, tried, first, search.kl, time.perf_counter() - started)
+    return result
+
+
+class _Search:
+    """The current plan's pruned blocks and held-out outputs, and the dense model's log-probabilities."""
+
+    def __init__(self, run: PruneRun, source: BlockSource) -> None:
+        if run.held_out_inputs is None or not isinstance(run.held_out_inputs.hidden, ActivationStore):
+            raise RuntimeError("the allocation search needs the held-out windows captured (see orchestrate.capture)")
+        self.run, self.source = run, source
+        self.device, self.storage = run.settings.device, run.settings.storage_device
+        self.kwargs = run.held_out_inputs.kwargs
+        self.head = run.spec.head_modules(run.model)
+        tokens = int(run.held_out.numel()) if run.held_out is not None else 0
+        self.stride = max(1, math.ceil(tokens / SEARCH_POSITIONS))
+        self.sizes: list[BlockSize] = []
+        self.kl = math.inf
+        self.states: list[ActivationStore] = [run.held_out_inputs.hidden.copy()]
+        self.kept: dict[int, nn.Module] = {}
+        self.dense: list[torch.Tensor] = []
+
+    def __enter__(self) -> _Search:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for store in self.states:
+            store.close()
+        for index, module in self.kept.items():
+            self.source.drop_scratch(index, module)
+        self.kept.clear()
+
+    def start(self, sizes: list[BlockSize]) -> float:
+        """Measure the dense model's log-probabilities and the plan ``sizes``; return the plan's KL."""
+        outputs = self.states[0].copy()
+        try:
+            for index, block in enumerate(self.run.blocks):
+                self.source.load(index, block)
+                try:
+                    outputs = self._forward(index, block, outputs, close_input=True)
+                finally:
+                    self.source.release(index, block)
+            with self._head(), torch.no_grad():
+                self.dense = [self._log_probs(hidden).to(self.storage) for hidden in outputs]
+        finally:
+            outputs.close()
+        self.sizes = list(sizes)
+        built = {index: self._build(index, size) for index, size in enumerate(sizes)}
+        self.kl, states = self._evaluate(sizes, 0, built)
+        self._accept(sizes, built, 0, states)
+        return self.kl
+
+    def try_candidate(self, sizes: list[BlockSize]) -> bool:
+        """Evaluate ``sizes`` (which differs from the plan in a few blocks); keep it when its KL is lower."""
+        changed = [i for i, (a, b) in enumerate(zip(sizes, self.sizes)) if a != b]
+        built = {index: self._build(index, sizes[index]) for index in changed}
+        kl, states = self._evaluate(sizes, changed[0], built)
+        if kl < self.kl:
+            self.kl = kl
+            self._accept(sizes, built, changed[0], states)
+            return True
+        for store in states:
+            store.close()
+        return False
+
+    def _accept(self, sizes: list[BlockSize], built: dict[int, nn.Module], start: int,
+                states: list[ActivationStore]) -> None:
+        for index, module in built.items():
+            self.source.keep_scratch(index, module)
+            self.kept[index] = module
+        for store in self.states[start + 1:]:
+            store.close()
+        self.states[start + 1:] = states
+        self.sizes = list(sizes)
+
+    def _build(self, index: int, size: BlockSize) -> nn.Module:
+        """Block ``index`` pruned to ``size`` as the pruning pass prunes it: on the Grams the planning kept."""
+        run = self.run
+        tensors = self.source.statistics(index)
+        if tensors is None:
+            raise RuntimeError(f"no statistics were kept for block {index}")
+        module = scratch_copy(self.source, index, run.blocks[index])
+        home = block_device(module)
+        sizes = list(self.sizes)
+        sizes[index] = size
+        with step(run.settings.ranks), torch.no_grad():
+            solve_and_slice(module.to(self.device), index, run.spec, run.settings.with_sizes(sizes),
+                            statistics_from_tensors(tensors, self.device))
+        return module.to(home)
+
+    def _evaluate(self, sizes: list[BlockSize], start: int, built: dict[int, nn.Module]
+                  ) -> tuple[float, list[ActivationStore]]:
+        """The KL of the model at ``sizes`` (blocks before ``start`` as in the plan), and its outputs of blocks
+        ``start`` onwards on the held-out windows."""
+        states: list[ActivationStore] = []
+        hidden = self.states[start]
+        try:
+            for index in range(start, len(self.run.blocks)):
+                module = built.get(index)
+                if module is None:
+                    module = self.source.scratch(index)
+                hidden = self._forward(index, module, hidden, close_input=False)
+                states.append(hidden)
+                if index not in built:
+                    self.source.release_scratch(index, module)
+            return self._kl(hidden), states
+        except BaseException:
+            for store in states:
+                store.close()
+            raise
+
+    def _forward(self, index: int, module: nn.Module, inputs: ActivationStore, *, close_input: bool
+                 ) -> ActivationStore:
+        home = block_device(module)
+        try:
+            with step(self.run.settings.ranks), torch.no_grad():
+                outputs = propagate_block(module.to(self.device), inputs, self.kwargs[index], self.device,
+                                          self.storage, inputs.space)
+        finally:
+            module.to(home)
+        if close_input:
+            inputs.close()
+        return outputs
+
+    @contextmanager
+    def _head(self) -> Iterator[None]:
+        """The LM head's modules on the compute device for the body, then back home."""
+        homes = [block_device(m) for m in self.head]
+        try:
+            for module in self.head:
+                module.to(self.device)
+            yield
+        finally:
+            for module, home in zip(self.head, homes):
+                module.to(home)
+
+    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden[:, ::self.stride].to(self.device)
+        logits = self.run.spec.head_logits(self.run.model.config, self.head, x).float()
+        return F.log_softmax(logits, -1)
+
+    def _kl(self, outputs: ActivationStore) -> float:
+        """KL(dense || pruned) per position, over every rank's held-out windows."""
+        totals = torch.zeros(2, dtype=torch.float64)
+        with self._head(), torch.no_grad():
+            for dense, hidden in zip(self.dense, outputs):
+                pruned = self._log_probs(hidden)
+                reference = dense.to(self.device)
+                totals[0] += float((reference.exp() * (reference - pruned)).sum(-1).double().sum())
+                totals[1] += reference.shape[0] * reference.shape[1]
+        if self.run.settings.ranks.distributed:
+            sum_in_place(totals, self.run.settings.ranks)
+        return float(totals[0] / max(float(totals[1]), 1.0))
+

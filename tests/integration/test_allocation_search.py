@@ -1,0 +1,129 @@
+"""OSSCAR's allocation search (``OsscarConfig(allocation_search=N)``): budget-neutral exchanges from the curves'
+plan, each candidate the model the pruning pass builds, kept when its held-out KL from the dense model is lower."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from osscar_hf import OsscarConfig, OsscarPruner
+from osscar_hf.card import build_model_card
+from osscar_hf.errors import OsscarConfigError
+from tests.conftest import make_model
+
+SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu", allocation_samples=4, local_search=False)
+GLOBAL = dict(sparsity=0.35, min_part_keep=0.0)
+
+
+def _spy(monkeypatch):
+    """Record the runs the search sees (for their held-out windows) and the plans it starts from."""
+    import osscar_hf.pipeline.measure as measure
+
+    seen = {}
+    real = measure.search_sizes
+
+    def search(run, source, sizes, **kwargs):
+        seen.update(run=run, plan=list(sizes))
+        return real(run, source, sizes, **kwargs)
+
+    monkeypatch.setattr(measure, "search_sizes", search)
+    return seen
+
+
+def _held_out_kl(dense, pruned, windows, stride):
+    with torch.no_grad():
+        p = F.log_softmax(dense(windows).logits[:, ::stride].float(), -1)
+        q = F.log_softmax(pruned(windows).logits[:, ::stride].float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_the_search_evaluates_the_model_the_pruning_pass_builds(monkeypatch, tokenizer, calibration_texts):
+    from osscar_hf.pipeline.search import SEARCH_POSITIONS
+
+    seen = _spy(monkeypatch)
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    dense = copy.deepcopy(model)
+    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **SMALL, **GLOBAL, allocation_search=6))
+    pruner.prune(model, tokenizer, progress=False)
+    summary = pruner.report.budget["allocation_search"]
+    assert summary["candidates"] == 6 and summary["kl_searched"] <= summary["kl_plan"]
+    windows = seen["run"].held_out
+    stride = max(1, -(-windows.numel() // SEARCH_POSITIONS))
+    # The KL the search measured for its final plan is the pruned model's own: the candidates are built as the
+    # pruning pass builds them.
+    assert _held_out_kl(dense, model, windows, stride) == pytest.approx(summary["kl_searched"], rel=1e-4)
+    budget = pruner.report.budget
+    limit = (1 - 0.35) * budget["block_params_before"]
+    neuron = 3 * model.config.hidden_size
+    assert limit - neuron < budget["block_params_after"] <= limit
+    card = str(build_model_card(pruner.report, base_model=None, config=pruner.config))
+    assert f"refined by a search of 6 candidate exchanges between blocks evaluated as whole models " \
+           f"({summary['accepted']} kept" in card
+
+
+def test_the_search_takes_the_neurons_of_a_redundant_block(monkeypatch, tokenizer, calibration_texts):
+    """Started from the uniform plan on a model whose block 1 barely writes through its MLP, the search moves
+    neurons away from that block, more than from the same block of the model as it was (without the search the plan
+    stays uniform)."""
+    import osscar_hf.pipeline.sensitivity as sensitivity
+
+    def uniform_plan(config, geometries, damage):  # the planning runs, its curves are ignored
+        return sensitivity.first_prune_sizes(config, geometries)
+
+    monkeypatch.setattr(sensitivity, "global_sizes", uniform_plan)
+    kept = {}
+    for search, scale in ((0, 1e-3), (12, 1e-3), (12, 1.0)):
+        model = make_model("llama-gqa", num_hidden_layers=3)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(scale)
+        pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **SMALL, **GLOBAL, allocation_search=search))
+        pruner.prune(model, tokenizer, progress=False)
+        kept[(search, scale)] = [b.mlp.kept for b in pruner.report.blocks]
+    uniform = kept[(0, 1e-3)]
+    assert len(set(uniform)) <= 2  # uniform (up to the rounding of the target)
+    assert kept[(12, 1e-3)][1] < min(uniform) and kept[(12, 1e-3)][1] < kept[(12, 1.0)][1]
+
+
+def test_a_streamed_search_writes_the_in_memory_model(tmp_path, tokenizer, calibration_texts):
+    make_model("llama-gqa", num_hidden_layers=3).save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    config = OsscarConfig(dataset=calibration_texts, **SMALL, **GLOBAL, allocation_search=4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    pruner = OsscarPruner(config)
+    pruner.prune(model, tokenizer, progress=False)
+    streamer = OsscarPruner(config)
+    folder = streamer.prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    searched = [r.budget["allocation_search"] for r in (pruner.report, streamer.report)]
+    for key in ("candidates", "accepted", "kl_plan", "kl_searched"):
+        assert searched[0][key] == pytest.approx(searched[1][key], rel=1e-6), key
+    assert not any(p.name.startswith("planning") for p in folder.iterdir())
+    streamed = AutoModelForCausalLM.from_pretrained(folder)
+    sa, sb = model.state_dict(), streamed.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(allocation_search=4), "needs sparsity"),
+    (dict(sparsity=0.3, allocation="uniform", allocation_search=4), "allocation='uniform'"),
+    (dict(sparsity=0.3, reuse_planning_grams=False, allocation_search=4), "reuse_planning_grams=False"),
+    (dict(sparsity=0.3, allocation_search=-1), "allocation_search must be an int >= 0"),
+    (dict(sparsity=0.3, allocation_search=2.5), "allocation_search must be an int >= 0"),
+])
+def test_bad_search_fields_are_refused_by_the_config(fields, words):
+    with pytest.raises(OsscarConfigError, match=words):
+        OsscarConfig(**fields)
+
+
+@pytest.mark.parametrize("method", ["flap", "magnitude", "wanda_sp"])
+def test_a_method_without_osscars_allocation_is_refused_before_any_work(method):
+    with pytest.raises(OsscarConfigError, match="allocation_search=3"):
+        OsscarPruner(OsscarConfig(sparsity=0.3, method=method, allocation_search=3))
+
+
+def test_the_search_is_recorded_only_when_on():
+    assert "allocation_search" not in OsscarConfig(sparsity=0.3).to_dict()
+    assert OsscarConfig(sparsity=0.3, allocation_search=5).to_dict()["allocation_search"] == 5
