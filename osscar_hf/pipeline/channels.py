@@ -44,9 +44,13 @@ class ChannelSettings:
     activation_storage: str = "memory"
     activation_dir: str | None = None
     dense_targets: bool = False  # what the activation space sizes for (one stream)
+    # Kept channels of every block's problems, in order (a global budget); None: ``channel_sparsity`` everywhere.
+    widths: tuple[tuple[int, ...], ...] | None = None
 
-    def keep(self, width: int) -> int:
-        """Channels kept of an inner width."""
+    def keep(self, width: int, block: int | None = None, problem: int = 0) -> int:
+        """Channels kept of an inner width (problem ``problem`` of block ``block``)."""
+        if self.widths is not None and block is not None:
+            return self.widths[block][problem]
         return keep_count(width, self.channel_sparsity)
 
 
@@ -68,7 +72,8 @@ class ChannelBlockStream(BlockStream):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad():
-                problems = [self._solve(block, index, problem) for problem in self.spec.layout(block)]
+                problems = [self._solve(block, index, j, problem)
+                            for j, problem in enumerate(self.spec.layout(block))]
                 states = propagate_block(block, self.states, self.kwargs[index], device, settings.storage_device,
                                          self.space)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -80,12 +85,12 @@ class ChannelBlockStream(BlockStream):
         return ChannelBlockReport(index=index, problems=problems, seconds=time.perf_counter() - start,
                                   peak_device_memory_bytes=peak, peak_host_rss_bytes=peak_host_rss_bytes())
 
-    def _solve(self, block: nn.Module, index: int, problem: ChannelProblem) -> ConsumerReport:
+    def _solve(self, block: nn.Module, index: int, position: int, problem: ChannelProblem) -> ConsumerReport:
         settings = self.settings
         consumer = get_submodule(block, problem.consumer)
         ops = consumer_ops(consumer)
         width = ops.width(consumer)
-        keep = settings.keep(width)
+        keep = settings.keep(width, index, position)
         if keep == width:
             return consumer_report(width, None, 0.0)
         started = time.perf_counter()
