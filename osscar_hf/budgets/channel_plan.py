@@ -19,6 +19,7 @@ impossible from the shapes alone, walking the same steps with zero damage.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +88,10 @@ def global_channel_widths(config: Any, geometries: list[ChannelGeometry], damage
     widths = first_prune_widths(config, geometries)
     for _ in range(LINEARISATIONS):
         curves, remove, block_floors = _linearised(config, geometries, damage, widths)
-        kept = allocate(curves, remove, block_floors)
+        try:
+            kept = allocate(curves, remove, block_floors)
+        except ValueError:  # the linearised floors are tighter than the exact ones near the floors: settle exactly
+            break
         new = [tuple(kept[(b, str(p))] for p in range(len(g.widths))) for b, g in enumerate(geometries)]
         if new == widths:
             break
@@ -111,16 +115,31 @@ def _linearised(config: Any, geometries: list[ChannelGeometry], damage: Damage, 
 
 
 def _settle(config: Any, geometries: list[ChannelGeometry], damage: Damage, widths: Widths, goal: float) -> Widths:
-    """Exact costs: remove single steps while over the goal, then add back those that still fit."""
+    """Exact costs: blocks raised back to their floors (the linearised cost may have let one below), then single
+    steps removed while over the goal, then added back while they still fit."""
     widths = [list(k) for k in widths]
     sizes = [_sizes(config, g) for g in geometries]
+    for b, g in enumerate(geometries):
+        while g.cost(widths[b]) < config.min_block_keep * g.dense - 1e-9:
+            step = _best_step([g], {(0, p): damage[(b, p)] for p in range(len(g.widths))}, [sizes[b]], [widths[b]],
+                              down=False, fits=lambda _b, _kept: True)
+            if step is None:
+                break
+            _apply([g], [widths[b]], 0, step[1], step[2])
     total = _total(geometries, [tuple(k) for k in widths])
     while total > goal + 1e-9:
         step = _best_step(geometries, damage, sizes, widths, down=True,
                           fits=lambda b, kept: geometries[b].cost(kept) >= config.min_block_keep
                           * geometries[b].dense - 1e-9)
         if step is None:
-            raise ValueError(f"the allowed widths can keep no less than {total:.6g}, over the goal {goal:.6g}")
+            step = _cheapest_block(config, geometries, sizes, widths)
+            if step is None:
+                raise ValueError(f"the allowed widths can keep no less than {total:.6g}, over the goal {goal:.6g}")
+            b, kept = step
+            before = geometries[b].cost(widths[b])
+            widths[b] = list(kept)
+            total += geometries[b].cost(kept) - before
+            continue
         total += _apply(geometries, widths, *step)
     while True:
         step = _best_step(geometries, damage, sizes, widths, down=False,
@@ -129,6 +148,37 @@ def _settle(config: Any, geometries: list[ChannelGeometry], damage: Damage, widt
         if step is None:
             return [tuple(k) for k in widths]
         total += _apply(geometries, widths, *step)
+
+
+def _cheapest_block(config: Any, geometries: list[ChannelGeometry], sizes: list[list[list[int]]],
+                    widths: list[list[int]]) -> tuple[int, tuple[int, ...]] | None:
+    """When no single step fits the block floors: the block whose least-cost widths within its floors save the
+    most, and those widths (None when every block is at its least cost already)."""
+    best, saving = None, 1e-9
+    for b, g in enumerate(geometries):
+        kept = _least_widths(g, sizes[b], config.min_block_keep * g.dense)
+        if kept is not None and g.cost(widths[b]) - g.cost(kept) > saving:
+            best, saving = (b, kept), g.cost(widths[b]) - g.cost(kept)
+    return best
+
+
+def _least_widths(g: ChannelGeometry, sizes: list[list[int]], floor: float) -> tuple[int, ...] | None:
+    """The allowed widths of least cost at or above ``floor`` (the last width by bisection: the cost grows with it)."""
+    best: tuple[int, ...] | None = None
+    for head in itertools.product(*sizes[:-1]):
+        last = sizes[-1][::-1]  # increasing
+        low, high = 0, len(last)
+        while low < high:
+            middle = (low + high) // 2
+            if g.cost((*head, last[middle])) >= floor - 1e-9:
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(last):
+            kept = (*head, last[low])
+            if best is None or g.cost(kept) < g.cost(best):
+                best = kept
+    return best
 
 
 def _neighbour(sizes: list[int], kept: int, down: bool) -> int | None:

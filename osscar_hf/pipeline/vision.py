@@ -246,7 +246,7 @@ def _global_budget(run: ChannelRun, reports: list[ChannelBlockReport]) -> dict[s
     """What a ``sparsity`` asked of the residual blocks and what they keep (in its own units)."""
     config, geometries = run.config, run.geometries
     widths = [[p.kept for p in report.problems] for report in reports]
-    return {"allocation": config.resolved_allocation(), "channel_sparsity": None, "sparsity": config.sparsity,
+    return {"allocation": config.resolved_allocation(), "sparsity": config.sparsity,
             "sparsity_target": config.sparsity_target,
             "blocks_before": sum(g.dense for g in geometries),
             "blocks_goal": channel_goal(config, geometries),
