@@ -528,10 +528,10 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
         options["block_sizes"] = _read_block_sizes(args.block_sizes)
     elif args.channel_sparsity is not None:
         options.update(channel_sparsity=args.channel_sparsity)
-    if _is_cnn(args):
-        options["image_column"] = args.image_column
     else:
         options.update(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity)
+    if _is_cnn(args):
+        options["image_column"] = args.image_column
     return options
 
 
