@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import get_submodule
+from ..channel_surgery import consumer_ops
 from ..errors import UnsupportedModelError
 
 __all__ = ["ChannelGeometry", "CostTerm", "channel_geometries"]
@@ -110,12 +111,8 @@ def _roles(block: nn.Module, problems: Sequence[Any]) -> tuple[dict[int, int], d
 def _block_geometry(block: nn.Module, problems: Sequence[Any], target: str, positions: dict[int, int]
                     ) -> ChannelGeometry:
     consumes, produces = _roles(block, problems)
-    widths = []
-    for problem in problems:
-        from ..channel_surgery import consumer_ops
-
-        consumer = get_submodule(block, problem.consumer)
-        widths.append(consumer_ops(consumer).width(consumer))
+    consumers = [get_submodule(block, problem.consumer) for problem in problems]
+    widths = [consumer_ops(consumer).width(consumer) for consumer in consumers]
     constant, terms = 0.0, []
     for module in block.modules():
         inner = consumes.get(id(module)), produces.get(id(module))
@@ -129,9 +126,7 @@ def _block_geometry(block: nn.Module, problems: Sequence[Any], target: str, posi
 def _fixed_cost(module: nn.Module, target: str, positions: dict[int, int]) -> float:
     if target == "params":
         return float(sum(p.numel() for p in module.parameters(recurse=False)))
-    if isinstance(module, nn.Conv2d):
-        return float(positions[id(module)] * module.weight.numel())
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Conv2d, nn.Linear)):  # a convolution's weight: out * in / groups * kh * kw
         return float(positions[id(module)] * module.weight.numel())
     return 0.0
 

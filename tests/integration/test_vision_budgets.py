@@ -61,7 +61,7 @@ def _block_cost(model: nn.Module, target: str) -> int:
 
 def _widths(model: nn.Module) -> list[list[int]]:
     spec = get_vision_spec(model)
-    return [[get_submodule(get_submodule(model, path), p.consumer).weight.shape[1] // 1
+    return [[get_submodule(get_submodule(model, path), p.consumer).weight.shape[1]
              for p in spec.layout(get_submodule(model, path))] for path in spec.block_paths(model)]
 
 

@@ -95,3 +95,31 @@ def test_uniform_widths_are_the_largest_fraction_within_the_goal(seed):
     for f in larger:  # every larger common fraction breaks the goal (or keeps the same counts)
         counts = [tuple(max(1, round(f * w)) for w in g.widths) for g in geometries]
         assert counts == widths or sum(g.cost(k) for g, k in zip(geometries, counts)) > goal
+
+
+def test_output_factor_of_a_rank_deficient_gradient_moment():
+    """A consumer's output-gradient moment with channels the first prune removed (zero rows and columns), fewer
+    gradient rows than channels and a wide range of scales: the plain factorisation fails, the retries (float64,
+    more ridge) give a factor with L L^T = G + a small ridge."""
+    import torch
+
+    from osscar_hf.solver.curves import RIDGES, output_factor
+
+    g = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 256)
+    g[:, ::2] = 0
+    G = g.T @ g / 4
+    scale = float(G.diagonal().mean())
+    assert int(torch.linalg.cholesky_ex(G + RIDGES[0] * scale * torch.eye(256))[1]) != 0
+    L = output_factor(G, torch.float32)
+    assert L.dtype == torch.float32 and torch.isfinite(L).all()
+    error = L.double() @ L.double().T - G.double()
+    assert float(error.abs().max()) <= 1.01 * RIDGES[-1] * scale
+
+
+def test_output_factor_refuses_what_no_ridge_mends():
+    import torch
+
+    from osscar_hf.solver.curves import output_factor
+
+    with pytest.raises(ValueError, match="not positive definite even with a ridge"):
+        output_factor(-torch.eye(3), torch.float32)
