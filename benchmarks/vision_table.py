@@ -19,7 +19,8 @@ def _row(row: dict[str, Any], n: int) -> str:
             f"{row['prune_seconds']:.0f} |\n")
 
 
-BUDGET_HEADER = ("| budget | residual blocks' share removed | matches uniform channel sparsity | allocation | top-1 | top-5 "
+BUDGET_HEADER = ("| budget | residual blocks' share removed | matches uniform channel sparsity | allocation | top-1 "
+                 "| top-5 "
                  "| top-1 agreement with dense | top-5 overlap with dense | KL(dense \\|\\| pruned) | parameters | "
                  "multiply-adds / image | prune s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 

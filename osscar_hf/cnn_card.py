@@ -97,7 +97,8 @@ def _sizes_sentence(config: OsscarConfig, budget: dict[str, Any]) -> str:
     how = ("OSSCAR's global allocation (every block's widths chosen from damage measured on held-out images in the "
            "uniformly pruned model)" if budget.get("allocation") == "osscar"
            else "the same fraction of every inner width")
-    kept = (f" ({budget['blocks_after']:,.0f} of {budget['blocks_before']:,.0f} kept, goal {budget['blocks_goal']:,.0f})"
+    kept = (f" ({budget['blocks_after']:,.0f} of {budget['blocks_before']:,.0f} kept, goal "
+            f"{budget['blocks_goal']:,.0f})"
             if budget.get("blocks_before") else "")
     return f"{config.sparsity:g} of the residual blocks' {unit} removed{kept}, by {how}."
 

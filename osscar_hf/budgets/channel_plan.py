@@ -72,7 +72,8 @@ def channel_floors(config: Any, geometry: ChannelGeometry) -> tuple[int, ...]:
 
 
 def _sizes(config: Any, geometry: ChannelGeometry) -> list[list[int]]:
-    return [allowed_sizes(w, floor, config.round_to) for w, floor in zip(geometry.widths, channel_floors(config, geometry))]
+    floors = channel_floors(config, geometry)
+    return [allowed_sizes(w, floor, config.round_to) for w, floor in zip(geometry.widths, floors)]
 
 
 def first_prune_widths(config: Any, geometries: list[ChannelGeometry]) -> Widths:
