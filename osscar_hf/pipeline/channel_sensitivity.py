@@ -61,10 +61,9 @@ def channel_damage(run: Any, held_out: torch.Tensor, *, progress: bool = True) -
 
 def first_prune(run: Any, widths: list[tuple[int, ...]], *, progress: bool = True) -> tuple[nn.Module, list[Any]]:
     """A copy of ``run.model`` pruned to ``widths`` by OSSCAR's stage A; the copy and its block reports."""
-    from .channels import ChannelBlockStream
+    from .channels import ChannelBlockStream, capture_channel_inputs
     from .orchestrate import prune_blocks
     from .run import InMemoryBlocks
-    from .vision import capture_channel_inputs
 
     settings = run.settings
     solve = replace(settings.solve, local_search_iters=0, dtype=PLANNING_DTYPE or settings.solve.dtype)

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from ..arch import get_submodule
 from ..arch.vision import ChannelProblem, VisionSpec
-from ..capture import CapturedInputs, call_block, move_to
+from ..activations import ActivationSpace
+from ..capture import CapturedInputs, call_block, capture_block_inputs, move_to
 from ..channel_surgery import consumer_ops, keep_input_channels, keep_output_channels
 from ..config import keep_count
 from ..host_memory import peak_host_rss_bytes
@@ -27,7 +28,7 @@ from ..report import ChannelBlockReport, ConsumerReport
 from .block import BlockStream, consumer_report, block_device, propagate_block
 from .statistics import InputStatistics, input_hooks
 
-__all__ = ["ChannelBlockStream", "ChannelSettings"]
+__all__ = ["ChannelBlockStream", "ChannelSettings", "capture_channel_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +131,14 @@ class ChannelBlockStream(BlockStream):
         logger.info("block %d: kept channels %s (rel. err masked->refit %s), %.2fs", report.index,
                     ", ".join(f"{p.kept}/{p.structures}" for p in report.problems), ", ".join(errors) or "-",
                     report.seconds)
+
+
+def capture_channel_inputs(run: Any, space: ActivationSpace) -> CapturedInputs:
+    """Block 0's inputs for ``run``'s calibration pixels (a :class:`~osscar_hf.pipeline.vision.ChannelRun`; none
+    for a method without statistics)."""
+    blocks = run.blocks
+    if run.pixel_values is None:
+        return CapturedInputs(hidden=[], kwargs=[[] for _ in range(len(blocks))])
+    return capture_block_inputs(run.model, blocks, run.pixel_values, batch_size=run.config.batch_size,
+                                storage_device=run.settings.storage_device, activations=space,
+                                model_inputs=lambda batch: {"pixel_values": batch})

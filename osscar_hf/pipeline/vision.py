@@ -24,7 +24,7 @@ from ..budgets.channel_plan import (
     uniform_channel_widths,
 )
 from ..calibration_images import check_image_processor, load_held_out_images, load_images, pixel_values
-from ..capture import CapturedInputs, capture_block_inputs
+from ..capture import CapturedInputs
 from ..channel_surgery import consumer_ops
 from ..config import OsscarConfig, keep_count
 from ..conv_flops import count_multiply_adds, probe_pixels
@@ -36,7 +36,7 @@ from ..io.save import attach_run, pruning_record
 from ..io.shapes import osscar_quantization_config
 from ..methods import SolveSettings, get_method, method_names
 from ..report import ChannelBlockReport, PruneReport
-from .channels import ChannelBlockStream, ChannelSettings
+from .channels import ChannelBlockStream, ChannelSettings, capture_channel_inputs
 from .run import InMemoryBlocks
 
 __all__ = ["ChannelRun", "check_channel_config", "prune_channels"]
@@ -177,15 +177,6 @@ def plan_channel_widths(run: ChannelRun, *, progress: bool = True) -> None:
         raise OsscarConfigError(f"sparsity={run.config.sparsity}: {exc}; lower the sparsity or the floors") from None
     run.settings = replace(run.settings, widths=tuple(widths))
     logger.info("OSSCAR's allocation planned in %.1f s: widths %s", time.perf_counter() - started, widths)
-
-
-def capture_channel_inputs(run: ChannelRun, space: ActivationSpace) -> CapturedInputs:
-    blocks = run.blocks
-    if run.pixel_values is None:
-        return CapturedInputs(hidden=[], kwargs=[[] for _ in range(len(blocks))])
-    return capture_block_inputs(run.model, blocks, run.pixel_values, batch_size=run.config.batch_size,
-                                storage_device=run.settings.storage_device, activations=space,
-                                model_inputs=lambda batch: {"pixel_values": batch})
 
 
 def prune_channels(config: OsscarConfig, model: nn.Module, image_processor: Any = None, *,
