@@ -14,6 +14,14 @@ inverted residuals loses the same fraction (``channel_sparsity``); magnitude (co
 wanda_sp (column norms times input norms, no refit) keep the same number of channels, so shapes, parameters and
 multiply-adds are equal. CPU time: one forward of the 10 held-out images, dense and pruned
 models (of the first fold) interleaved, median over the repeats. Results: ``benchmarks/results/vision.md`` and ``.json``.
+
+Global budgets (``--budget-targets``): for every uniform channel sparsity, OSSCAR with ``OsscarConfig(sparsity=s)``
+where ``s`` is the fraction of the residual blocks' parameters (``params``) or multiply-adds (``flops``) that the
+uniform widths remove, once with OSSCAR's global allocation and once with ``allocation="uniform"`` (the same kept
+fraction of every width, solved for the same target). Both draw the same ``--copies * 10`` calibration images of a
+dataset that also holds ``--allocation-images`` more augmented images of the fold's calibration half: the global
+allocation measures its damage on those (never on the held-out evaluation images). ``--only-budgets`` keeps the
+rows of the existing results file and adds (or replaces) these.
 """
 
 from __future__ import annotations
@@ -47,18 +55,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copies", type=int, default=8, help="calibration images per calibration image")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "vision")
+    parser.add_argument("--budget-targets", nargs="*", default=["params", "flops"], choices=["params", "flops"],
+                        help="global-budget rows at the uniform rows' parameter (flops) fractions; none: leave out")
+    parser.add_argument("--allocation-images", type=int, default=16,
+                        help="augmented images of the calibration half that the global allocation measures on")
+    parser.add_argument("--only-budgets", action="store_true",
+                        help="keep the existing results' rows and add the global-budget rows")
     return parser.parse_args(argv)
 
 
-def load_folds(copies: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """Both folds (``calibration``: augmented images, ``evaluation``: images, ``labels``, ``files``), and all names."""
+def load_folds(copies: int, allocation_images: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Both folds (``calibration``: augmented images, ``evaluation``: images, ``labels``, ``files``; ``extra``:
+    ``allocation_images`` more augmented images of the calibration half, another seed), and all names."""
     from PIL import Image
 
     images = imagenet_images()
     opened = [Image.open(path).convert("RGB") for path, _ in images]
     names = [path.name for path, _ in images]
     halves = [list(range(SPLIT)), list(range(SPLIT, len(images)))]
+    per_image = -(-allocation_images // SPLIT) + 2 if allocation_images else 0
     return [{"calibration": augment([opened[i] for i in calibrate], copies),
+             "extra": [im for k, im in enumerate(augment([opened[i] for i in calibrate], per_image, seed=1))
+                       if k % per_image >= 2][:allocation_images] if per_image else [],
              "evaluation": [opened[i] for i in evaluate], "labels": [images[i][1] for i in evaluate],
              "files": [names[i] for i in evaluate]}
             for calibrate, evaluate in (halves, halves[::-1])], names
@@ -86,6 +104,54 @@ def prune(dense: Any, processor: Any, calibration: list[Any], sparsity: float, m
     pruner = OsscarPruner(config)
     pruner.prune(model, processor, progress=False)
     return model.eval(), pruner.report
+
+
+def prune_budget(dense: Any, processor: Any, fold: dict[str, Any], sparsity: float, target: str, allocation: str
+                 ) -> tuple[Any, Any]:
+    """A global ``sparsity`` of the residual blocks' ``target``: the fold's calibration images and, for the
+    allocation, its extra images (the same calibration draw for both allocations)."""
+    from osscar_hf import OsscarConfig, OsscarPruner
+
+    model = copy.deepcopy(dense)
+    dataset = fold["calibration"] + fold["extra"]
+    config = OsscarConfig(sparsity=sparsity, sparsity_target=target, allocation=allocation, dataset=dataset,
+                          num_samples=len(fold["calibration"]), allocation_samples=max(1, len(fold["extra"])),
+                          batch_size=16, device="cpu", seed=0)
+    pruner = OsscarPruner(config)
+    pruner.prune(model, processor, progress=False)
+    return model.eval(), pruner.report
+
+
+def uniform_fraction(dense: Any, channel_sparsity: float, target: str, pixels: torch.Tensor) -> float:
+    """The fraction of the residual blocks' ``target`` that uniform ``channel_sparsity`` widths remove."""
+    from osscar_hf.arch.vision import get_vision_spec
+    from osscar_hf.budgets.channel_geometry import channel_geometries
+    from osscar_hf.config import keep_count
+
+    geometries = channel_geometries(dense, get_vision_spec(dense), target, pixels[:1])
+    kept = sum(g.cost([keep_count(w, channel_sparsity) for w in g.widths]) for g in geometries)
+    return 1 - kept / sum(g.dense for g in geometries)
+
+
+def run_budget(dense: Any, processor: Any, folds: list[dict[str, Any]], channel_sparsity: float, target: str,
+               allocation: str) -> dict[str, Any]:
+    """One global-budget row over both folds, at the fraction the uniform ``channel_sparsity`` removes."""
+    sparsity = round(uniform_fraction(dense, channel_sparsity, target, folds[0]["pixels"]), 4)
+    logits, reports = [], []
+    for fold in folds:
+        model, report = prune_budget(dense, processor, fold, sparsity, target, allocation)
+        logits.append(logits_of(model, fold["pixels"]))
+        reports.append(report)
+    budget = reports[0].budget
+    row = {"channel_sparsity": channel_sparsity, "method": f"osscar {allocation}", "sparsity": sparsity,
+           "sparsity_target": target, "prune_seconds": round(statistics.fmean(r.total_seconds for r in reports), 1),
+           "parameters": reports[0].parameters_after, "multiply_adds": budget["multiply_adds_after"],
+           "widths": [r.budget["widths"] for r in reports],
+           **scores(torch.cat(logits), *_dense_and_labels(folds))}
+    print(f"{row['method']:>14} {target} {sparsity:.1%}: top-1 {row['top1']:.0%} agree {row['top1_agreement']:.0%} "
+          f"KL {row['kl_to_dense']:.3f} params {row['parameters']} MACs {row['multiply_adds']} "
+          f"({row['prune_seconds']} s)", flush=True)
+    return row
 
 
 @torch.no_grad()
@@ -152,10 +218,16 @@ def dense_row(dense: Any, folds: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dense, processor = load_lite0(), lite0_processor()
-    folds, names = load_folds(args.copies)
+    folds, names = load_folds(args.copies, args.allocation_images)
     for fold in folds:
         fold["pixels"] = processor(images=fold["evaluation"], return_tensors="pt")["pixel_values"]
         fold["dense_logits"] = logits_of(dense, fold["pixels"])
+    if args.only_budgets:
+        saved = json.loads(args.output.with_suffix(".json").read_text())
+        rows = [row for row in saved["rows"] if "sparsity_target" not in row]
+        rows += budget_rows(dense, processor, folds, args)
+        write(rows, saved["meta"] | {"allocation_images": args.allocation_images}, args.output)
+        return
     rows, timed = [dense_row(dense, folds)], {"dense": dense}
     for sparsity in args.sparsities:
         for method in args.methods:
@@ -173,8 +245,16 @@ def main(argv: list[str] | None = None) -> None:
                                        for fold in folds],
             "evaluated": sum(len(fold["files"]) for fold in folds), "torch_threads": torch.get_num_threads(),
             "timing_repeats": args.repeats, "timing_images": int(pixels.shape[0]),
-            "reload_identical_logits": reload_identical(middle, pixels)}
-    write(rows, meta, args.output)
+            "reload_identical_logits": reload_identical(middle, pixels), "allocation_images": args.allocation_images}
+    write(rows + budget_rows(dense, processor, folds, args), meta, args.output)
+
+
+def budget_rows(dense: Any, processor: Any, folds: list[dict[str, Any]], args: argparse.Namespace
+                ) -> list[dict[str, Any]]:
+    """Global and uniform ``sparsity`` rows at every uniform channel sparsity's fraction of each budget target."""
+    return [run_budget(dense, processor, folds, channel_sparsity, target, allocation)
+            for target in args.budget_targets for channel_sparsity in args.sparsities
+            for allocation in ("global", "uniform")]
 
 
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], output: Path) -> None:

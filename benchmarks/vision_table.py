@@ -19,6 +19,36 @@ def _row(row: dict[str, Any], n: int) -> str:
             f"{row['prune_seconds']:.0f} |\n")
 
 
+BUDGET_HEADER = ("| budget | residual blocks' share removed | matches uniform channel sparsity | allocation | top-1 "
+                 "| top-5 "
+                 "| top-1 agreement with dense | top-5 overlap with dense | KL(dense \\|\\| pruned) | parameters | "
+                 "multiply-adds / image | prune s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _budget_row(row: dict[str, Any], n: int) -> str:
+    return (f"| {row['sparsity_target']} | {row['sparsity']:.1%} | {row['channel_sparsity']:.0%} | "
+            f"{row['method'].removeprefix('osscar ')} | {round(row['top1'] * n)}/{n} | {round(row['top5'] * n)}/{n} | "
+            f"{round(row['top1_agreement'] * n)}/{n} | {row['top5_overlap']:.2f} | {row['kl_to_dense']:.3f} | "
+            f"{row['parameters'] / 1e6:.3f}M | {row['multiply_adds'] / 1e6:.1f}M | {row['prune_seconds']:.0f} |\n")
+
+
+def _budgets(rows: list[dict[str, Any]], meta: dict[str, Any], n: int) -> str:
+    if not rows:
+        return ""
+    intro = (
+        "\n## Global budgets: OSSCAR's allocation against uniform widths at the same budget\n\n"
+        "`OsscarConfig(sparsity=s, sparsity_target=t)`: `s` is the share of the residual blocks' parameters (`params`) "
+        "or multiply-adds (`flops`, per 224x224 image) that the uniform channel sparsity of the first table removes. "
+        "`global`: OSSCAR's allocation (damage curves measured in the uniformly pruned model on "
+        f"{meta.get('allocation_images', 16)} further augmented images of the calibration half, never the evaluation "
+        "images); `uniform`: `allocation=\"uniform\"`, one kept fraction of every width solved for the same target. "
+        f"Both calibrate on the same seeded draw of 80 of the 80 + {meta.get('allocation_images', 16)} augmented "
+        "images of the calibration half (so not exactly the first table's 80: compare the two rows of a budget with "
+        "each other) and never keep more than the target. Parameters and multiply-adds of the first fold's model; the "
+        "per-fold widths are in `vision.json`.\n\n")
+    return intro + BUDGET_HEADER + "".join(_budget_row(row, n) for row in rows)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     n, folds = meta["evaluated"], meta["folds"]
     intro = (
@@ -35,4 +65,6 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"CPU: {meta['torch_threads']} threads on a shared 2-core machine, one forward of {meta['timing_images']} "
         f"images, median of {meta['timing_repeats']}, models interleaved. Save (osscar format) and reload of the 30% "
         f"model: {'identical logits' if meta['reload_identical_logits'] else 'LOGITS DIFFER'}.\n\n")
-    return intro + HEADER + "".join(_row(row, n) for row in rows)
+    uniform = [row for row in rows if "sparsity_target" not in row]
+    budgets = [row for row in rows if "sparsity_target" in row]
+    return intro + HEADER + "".join(_row(row, n) for row in uniform) + _budgets(budgets, meta, n)

@@ -15,7 +15,8 @@ import torch
 
 from .errors import CalibrationDataError
 
-__all__ = ["IMAGE_SUFFIXES", "check_image_processor", "check_image_source", "load_images", "pixel_values"]
+__all__ = ["IMAGE_SUFFIXES", "check_image_processor", "check_image_source", "load_held_out_images", "load_images",
+           "pixel_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,28 @@ def load_images(dataset: Any, *, num_samples: int, seed: int, image_column: str 
         chosen = list(range(count))
     else:
         chosen = sorted(random.Random(seed).sample(range(count), num_samples))
-    images = take(chosen)
+    return _rgb(take(chosen))
+
+
+def load_held_out_images(dataset: Any, *, num_samples: int, held_out: int, seed: int, image_column: str = "image"
+                         ) -> tuple[list[Any], list[Any]]:
+    """The calibration images of :func:`load_images` (the same ones, for the same seed) and ``held_out`` other
+    images of ``dataset`` (drawn with ``seed + 1``), or a clear error when it holds fewer than both together."""
+    count, take = _source(dataset, image_column)
+    if count < num_samples + held_out:
+        raise CalibrationDataError(
+            f"the global allocation measures on allocation_samples={held_out} held-out images that are not calibration "
+            f"images, but the dataset holds {count} images and num_samples={num_samples} of them calibrate: give at "
+            f"least {num_samples + held_out} images, lower num_samples or allocation_samples, or use "
+            "allocation='uniform'")
+    chosen = sorted(random.Random(seed).sample(range(count), num_samples))
+    taken = set(chosen)
+    rest = [i for i in range(count) if i not in taken]
+    others = sorted(random.Random(seed + 1).sample(rest, held_out))
+    return _rgb(take(chosen)), _rgb(take(others))
+
+
+def _rgb(images: list[Any]) -> list[Any]:
     bad = [i for i, image in enumerate(images) if not _is_pil_image(image)]
     if bad:
         raise CalibrationDataError(f"calibration rows {bad[:5]} are not images (got {type(images[bad[0]]).__name__})")

@@ -375,7 +375,8 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                             "(see docs/vision.md)")
     sizes.add_argument("--sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of the decoder blocks' parameters (or --sparsity-target flops) to remove in "
-                       "total; osscar_hf chooses every block's sizes (see --allocation)")
+                       "total; osscar_hf chooses every block's sizes (see --allocation); a CNN: of its residual "
+                       "blocks' parameters (or multiply-adds per image)")
     sizes.add_argument("--attention-sparsity", type=sparsity, default=None, metavar="F",
                        help="fraction of the attention structures (see --attention-structure) removed in every block, "
                        "in [0, 1)")
@@ -402,10 +403,12 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--min-block-keep", type=unit_fraction, default=None, metavar="F",
                        help="with a global allocation: fraction of every block's parameters always kept")
     sizes.add_argument("--allocation-samples", type=positive_int, default=None, metavar="N",
-                       help="with OSSCAR's global allocation: held-out calibration windows it measures on (default 8)")
+                       help="with OSSCAR's global allocation: held-out calibration windows it measures on (default 8; "
+                       "a CNN: images of --dataset that are not calibration images)")
     sizes.add_argument("--allocation-search", type=positive_int, default=None, metavar="N",
-                       help="with OSSCAR's global allocation: refine its plan by N candidate exchanges between blocks, "
-                       "each kept when the pruned model's held-out KL from the dense model is lower (slower; off)")
+                       help="with OSSCAR's global allocation of a language model: refine its plan by N candidate "
+                       "exchanges between blocks, each kept when the pruned model's held-out KL from the dense model "
+                       "is lower (slower; off)")
 
 
 def register_prune(subparsers: argparse._SubParsersAction) -> None:
@@ -529,9 +532,11 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
     elif args.block_sizes is not None:
         options["block_sizes"] = _read_block_sizes(args.block_sizes)
     elif args.channel_sparsity is not None:
-        options.update(channel_sparsity=args.channel_sparsity, image_column=args.image_column)
+        options.update(channel_sparsity=args.channel_sparsity)
     else:
         options.update(attention_sparsity=args.attention_sparsity, mlp_sparsity=args.mlp_sparsity)
+    if _is_cnn(args):
+        options["image_column"] = args.image_column
     return options
 
 
@@ -584,7 +589,7 @@ def _prepare_prune(args: argparse.Namespace) -> tuple[Any, Path]:
     )
     pruner = OsscarPruner(config)  # checks the method against the other fields
     _check_stock_format(config, args.format)
-    if args.channel_sparsity is not None:
+    if _is_cnn(args):
         _check_cnn_prune(args, config)
         return pruner, output
     check_dataset_source(config.dataset)
@@ -624,7 +629,7 @@ def _prune_in_memory(args: argparse.Namespace, pruner: Any, output: Path) -> int
     main = is_main_process()
     eval_texts = _load_eval_texts(args.eval, args.text_column) if args.eval and main else None
     resolve_device(args.device)
-    load = load_image_model if args.channel_sparsity is not None else load_model_and_tokenizer
+    load = load_image_model if _is_cnn(args) else load_model_and_tokenizer
     model, tokenizer = load(args.model, dtype=args.dtype or "float32", device="cpu")  # a CNN: its image processor
     eval_record: dict[str, Any] | None = None
     card_eval: dict[str, Any] | None = None
@@ -764,16 +769,32 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_model_type(model: str) -> str | None:
+    """The ``model_type`` in a local folder's ``config.json`` (None for a Hub id or an unreadable config)."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
+def _is_cnn(args: argparse.Namespace) -> bool:
+    """Whether ``prune`` was given a CNN: ``--channel-sparsity``, or a local folder of a CNN model type (a CNN on
+    the Hub takes ``--sparsity`` once downloaded)."""
+    from osscar_hf.arch.vision import vision_model_types
+
+    return args.channel_sparsity is not None or _local_model_type(args.model) in vision_model_types()
+
+
 def _refuse_a_cnn(model: str) -> None:
     """``eval`` measures a language model's perplexity: say so for a local CNN folder instead of failing to load it."""
     from osscar_hf.arch.vision import vision_model_types
 
-    config = Path(model).expanduser() / "config.json"
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError):
-            return
+    model_type = _local_model_type(model)
+    if model_type is not None:
         if model_type in vision_model_types():
             raise CommandError(f"{model} is a CNN (model_type {model_type!r}): eval measures the perplexity of "
                                "language models; evaluate an image classifier with your own accuracy script")

@@ -36,9 +36,11 @@ def build_cnn_model_card(report: PruneReport, *, base_model: str | None, config:
     as ``config_dict``). Only the osscar format holds a pruned CNN."""
     if checkpoint_format not in (None, "osscar"):
         raise CardError(f"a pruned CNN is saved in the osscar format only, got checkpoint_format={checkpoint_format!r}")
-    if report.config.get("channel_sparsity") != config.channel_sparsity:
-        raise CardError(f"config.channel_sparsity = {config.channel_sparsity!r} but the report was made with "
-                        f"{report.config.get('channel_sparsity')!r}: pass the OsscarConfig of the run (pruner.config)")
+    for name in ("channel_sparsity", "sparsity"):
+        made = report.config.get(name) or (0.0 if name == "channel_sparsity" else None)
+        if made != getattr(config, name):
+            raise CardError(f"config.{name} = {getattr(config, name)!r} but the report was made with {made!r}: pass "
+                            "the OsscarConfig of the run (pruner.config)")
     base_name = base_model.split("/")[-1] if base_model else None
     label = "OSSCAR" if config.method == "osscar" else f"osscar_hf ({config.method})"
     name = model_name or (repo_id.split("/")[-1] if repo_id else None) or \
@@ -64,6 +66,7 @@ def _fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
         method_description=describe_method(config.method),
         model_type=report.model_type,
         channel_sparsity=f"{config.channel_sparsity:g}",
+        sizes=_sizes_sentence(config, budget),
         parameters_before=f"{before:,}",
         parameters_after=f"{after:,}",
         parameters_removed=f"{(before - after) / before:.1%}" if before else "0%",
@@ -84,6 +87,20 @@ def _fields(report: PruneReport, config: OsscarConfig) -> dict[str, Any]:
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
     )
+
+
+def _sizes_sentence(config: OsscarConfig, budget: dict[str, Any]) -> str:
+    """How the widths were chosen: one fraction of every inner width, or a global budget and its allocation."""
+    if config.sparsity is None:
+        return f"{config.channel_sparsity:g} of every inner width removed."
+    unit = "parameters" if config.sparsity_target == "params" else "multiply-adds per image (flops)"
+    how = ("OSSCAR's global allocation (every block's widths chosen from damage measured on held-out images in the "
+           "uniformly pruned model)" if budget.get("allocation") == "osscar"
+           else "the same fraction of every inner width")
+    kept = (f" ({budget['blocks_after']:,.0f} of {budget['blocks_before']:,.0f} kept, goal "
+            f"{budget['blocks_goal']:,.0f})"
+            if budget.get("blocks_before") else "")
+    return f"{config.sparsity:g} of the residual blocks' {unit} removed{kept}, by {how}."
 
 
 def _capitalised(text: str) -> str:

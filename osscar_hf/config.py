@@ -396,7 +396,9 @@ class OsscarConfig(QuantizationConfigMixin):
         sparsity: instead of the two per-block fractions, the fraction in [0, 1) of the decoder blocks' total
             parameters (or multiply-adds, see ``sparsity_target``) to remove, leaving osscar_hf to choose every
             block's attention and MLP sizes (see ``allocation``). Embeddings and the LM head are not counted and
-            never pruned. Excludes ``attention_sparsity``/``mlp_sparsity`` and ``block_sizes``.
+            never pruned. Excludes ``attention_sparsity``/``mlp_sparsity`` and ``block_sizes``. For a CNN: the
+            fraction of its residual blocks' parameters (or multiply-adds per image at the calibration size) removed,
+            every inner width chosen by osscar_hf (``docs/vision.md``); excludes ``channel_sparsity``.
         sparsity_target: what ``sparsity`` counts: ``"params"`` (the default) or ``"flops"`` (multiply-adds per
             token at ``seq_len``, the attention scores included: they shrink with the heads).
         allocation: how ``sparsity`` is spent: ``"global"`` (sizes chosen per block and part from damage
@@ -412,7 +414,8 @@ class OsscarConfig(QuantizationConfigMixin):
             every block, in [0, 1]; 0 lets a block lose its whole attention or MLP when the budget says so.
         min_block_keep: a global allocation keeps at least this fraction of every block's cost, in [0, 1].
         allocation_samples: windows of ``seq_len`` tokens of the calibration data, overlapping none of the
-            calibration windows, on which OSSCAR's global allocation measures damage (>= 1; default 8).
+            calibration windows, on which OSSCAR's global allocation measures damage (>= 1; default 8); for a CNN,
+            images of the dataset that are not calibration images.
         reuse_planning_grams: OSSCAR's global allocation solves every block at its planned sizes on the Gram
             matrices its planning accumulated in the uniformly pruned model (no second pass over the calibration
             data; better and faster on SmolLM2, see ``docs/budgets.md``). False: a fresh sequential pass at the
@@ -615,8 +618,12 @@ class OsscarConfig(QuantizationConfigMixin):
         self.channel_sparsity = _check_fraction("channel_sparsity", self.channel_sparsity)
         if not self.channel_sparsity:
             return
-        language = [f"{n}={getattr(self, n)!r}" for n in ("attention_sparsity", "mlp_sparsity", "sparsity",
-                                                          "block_sizes")
+        if self.sparsity is not None:
+            raise OsscarConfigError(
+                f"channel_sparsity={self.channel_sparsity} (the same fraction of every inner width of a CNN) and "
+                f"sparsity={self.sparsity} (a global budget: osscar_hf chooses the widths) exclude each other: give "
+                "one of them")
+        language = [f"{n}={getattr(self, n)!r}" for n in ("attention_sparsity", "mlp_sparsity", "block_sizes")
                     if getattr(self, n) not in (0.0, None)]
         if language:
             raise OsscarConfigError(

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from ..arch import get_submodule
 from ..arch.vision import ChannelProblem, VisionSpec
-from ..capture import CapturedInputs, call_block, move_to
+from ..activations import ActivationSpace
+from ..capture import CapturedInputs, call_block, capture_block_inputs, move_to
 from ..channel_surgery import consumer_ops, keep_input_channels, keep_output_channels
 from ..config import keep_count
 from ..host_memory import peak_host_rss_bytes
@@ -27,7 +28,7 @@ from ..report import ChannelBlockReport, ConsumerReport
 from .block import BlockStream, consumer_report, block_device, propagate_block
 from .statistics import InputStatistics, input_hooks
 
-__all__ = ["ChannelBlockStream", "ChannelSettings"]
+__all__ = ["ChannelBlockStream", "ChannelSettings", "capture_channel_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ class ChannelSettings:
     activation_storage: str = "memory"
     activation_dir: str | None = None
     dense_targets: bool = False  # what the activation space sizes for (one stream)
+    # Kept channels of every block's problems, in order (a global budget); None: ``channel_sparsity`` everywhere.
+    widths: tuple[tuple[int, ...], ...] | None = None
 
-    def keep(self, width: int) -> int:
-        """Channels kept of an inner width."""
+    def keep(self, width: int, block: int | None = None, problem: int = 0) -> int:
+        """Channels kept of an inner width (problem ``problem`` of block ``block``)."""
+        if self.widths is not None and block is not None:
+            return self.widths[block][problem]
         return keep_count(width, self.channel_sparsity)
 
 
@@ -68,7 +73,8 @@ class ChannelBlockStream(BlockStream):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad():
-                problems = [self._solve(block, index, problem) for problem in self.spec.layout(block)]
+                problems = [self._solve(block, index, j, problem)
+                            for j, problem in enumerate(self.spec.layout(block))]
                 states = propagate_block(block, self.states, self.kwargs[index], device, settings.storage_device,
                                          self.space)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -80,12 +86,12 @@ class ChannelBlockStream(BlockStream):
         return ChannelBlockReport(index=index, problems=problems, seconds=time.perf_counter() - start,
                                   peak_device_memory_bytes=peak, peak_host_rss_bytes=peak_host_rss_bytes())
 
-    def _solve(self, block: nn.Module, index: int, problem: ChannelProblem) -> ConsumerReport:
+    def _solve(self, block: nn.Module, index: int, position: int, problem: ChannelProblem) -> ConsumerReport:
         settings = self.settings
         consumer = get_submodule(block, problem.consumer)
         ops = consumer_ops(consumer)
         width = ops.width(consumer)
-        keep = settings.keep(width)
+        keep = settings.keep(width, index, position)
         if keep == width:
             return consumer_report(width, None, 0.0)
         started = time.perf_counter()
@@ -125,3 +131,14 @@ class ChannelBlockStream(BlockStream):
         logger.info("block %d: kept channels %s (rel. err masked->refit %s), %.2fs", report.index,
                     ", ".join(f"{p.kept}/{p.structures}" for p in report.problems), ", ".join(errors) or "-",
                     report.seconds)
+
+
+def capture_channel_inputs(run: Any, space: ActivationSpace) -> CapturedInputs:
+    """Block 0's inputs for ``run``'s calibration pixels (a :class:`~osscar_hf.pipeline.vision.ChannelRun`; none
+    for a method without statistics)."""
+    blocks = run.blocks
+    if run.pixel_values is None:
+        return CapturedInputs(hidden=[], kwargs=[[] for _ in range(len(blocks))])
+    return capture_block_inputs(run.model, blocks, run.pixel_values, batch_size=run.config.batch_size,
+                                storage_device=run.settings.storage_device, activations=space,
+                                model_inputs=lambda batch: {"pixel_values": batch})

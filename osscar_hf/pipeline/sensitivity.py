@@ -52,7 +52,7 @@ from .kept import keeps_planning_grams
 from .run import BlockSource, PruneRun, scratch_copy
 from .statistics import statistics_tensors
 
-__all__ = ["first_prune_sizes", "held_out_shares", "sensitivity_sizes"]
+__all__ = ["ConsumerMoments", "first_prune_sizes", "held_out_shares", "sensitivity_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _sampled_gradients(run: PruneRun, batches: Iterable[torch.Tensor]) -> list[t
     return grads
 
 
-class _Moments:
+class ConsumerMoments:
     """Token-weighted Gram of a consumer's inputs and second moment of its output gradients."""
 
     def __init__(self) -> None:
@@ -240,11 +240,11 @@ class _Moments:
 
 
 def _block_sensitivity(run: PruneRun, index: int, pruned: nn.Module, dense: nn.Module, inputs: ActivationStore,
-                       grads: list[torch.Tensor]) -> tuple[dict[str, _Moments], list[torch.Tensor]]:
+                       grads: list[torch.Tensor]) -> tuple[dict[str, ConsumerMoments], list[torch.Tensor]]:
     """One step of the backward sweep: the consumers' moments, and the gradients at the block's inputs."""
     device, storage = run.settings.device, run.settings.storage_device
     kwargs = run.held_out_inputs.kwargs[index]
-    moments = {part: _Moments() for part in PARTS}
+    moments = {part: ConsumerMoments() for part in PARTS}
     new_grads = []
     pruned_consumers, dense_consumers = block_consumers(pruned, run.spec), block_consumers(dense, run.spec)
     for b, state in enumerate(inputs):
@@ -279,7 +279,7 @@ def _block_sensitivity(run: PruneRun, index: int, pruned: nn.Module, dense: nn.M
     return moments, new_grads
 
 
-def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, _Moments]
+def _curves(run: PruneRun, index: int, dense: nn.Module, moments: dict[str, ConsumerMoments]
             ) -> dict[tuple[int, str], dict[int, float]]:
     config, settings = run.config, run.settings
     geometry = run.geometries[index]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,8 +15,16 @@ import torch.nn as nn
 from ..activations import ActivationSpace
 from ..arch import get_submodule
 from ..arch.vision import BlockList, VisionSpec, get_vision_spec, image_channels
-from ..calibration_images import check_image_processor, load_images, pixel_values
-from ..capture import CapturedInputs, capture_block_inputs
+from ..budgets import uses_global_allocation
+from ..budgets.channel_geometry import ChannelGeometry, channel_geometries
+from ..budgets.channel_plan import (
+    channel_goal,
+    check_channel_budget,
+    global_channel_widths,
+    uniform_channel_widths,
+)
+from ..calibration_images import check_image_processor, load_held_out_images, load_images, pixel_values
+from ..capture import CapturedInputs
 from ..channel_surgery import consumer_ops
 from ..config import OsscarConfig, keep_count
 from ..conv_flops import count_multiply_adds, probe_pixels
@@ -28,7 +36,7 @@ from ..io.save import attach_run, pruning_record
 from ..io.shapes import osscar_quantization_config
 from ..methods import SolveSettings, get_method, method_names
 from ..report import ChannelBlockReport, PruneReport
-from .channels import ChannelBlockStream, ChannelSettings
+from .channels import ChannelBlockStream, ChannelSettings, capture_channel_inputs
 from .run import InMemoryBlocks
 
 __all__ = ["ChannelRun", "check_channel_config", "prune_channels"]
@@ -36,8 +44,8 @@ __all__ = ["ChannelRun", "check_channel_config", "prune_channels"]
 logger = logging.getLogger(__name__)
 
 # Fields of a language model's budget, and the value that leaves them unused.
-_LANGUAGE_FIELDS = {"attention_sparsity": 0.0, "mlp_sparsity": 0.0, "sparsity": None, "block_sizes": None,
-                    "attention_structure": "kv_groups"}
+_LANGUAGE_FIELDS = {"attention_sparsity": 0.0, "mlp_sparsity": 0.0, "block_sizes": None,
+                    "attention_structure": "kv_groups", "allocation_search": 0}
 
 
 @dataclass
@@ -53,6 +61,10 @@ class ChannelRun:
     params_before: int
     multiply_adds_before: int
     started: float = field(default_factory=time.perf_counter)
+    # A global ``sparsity``: every block's cost as a function of its widths, and the held-out images that OSSCAR's
+    # allocation measures on (None for a uniform one).
+    geometries: list[ChannelGeometry] | None = None
+    held_out: torch.Tensor | None = None
 
     @property
     def blocks(self) -> BlockList:
@@ -67,7 +79,8 @@ def check_channel_config(config: OsscarConfig, spec: VisionSpec, model: nn.Modul
     if given:
         raise OsscarConfigError(f"{', '.join(given)}: language-model budgets, but model_type "
                                 f"{model.config.model_type!r} is a CNN, pruned by channel_sparsity (the fraction of "
-                                "every residual block's inner channels removed)")
+                                "every residual block's inner channels removed) or sparsity (a global budget of "
+                                "its residual blocks' parameters or FLOPs)")
     method = get_method(config.method)
     if method.adds_bias:
         accepted = [n for n in method_names() if not get_method(n).adds_bias]
@@ -76,6 +89,8 @@ def check_channel_config(config: OsscarConfig, spec: VisionSpec, model: nn.Modul
     if config.dense_targets or not config.propagate:
         raise OsscarConfigError("CNN channel pruning runs with propagate=True and dense_targets=False only, got "
                                 f"propagate={config.propagate}, dense_targets={config.dense_targets}")
+    if config.sparsity is not None:
+        return
     for path in spec.block_paths(model):
         block = get_submodule(model, path)
         for problem in spec.layout(block):
@@ -108,34 +123,60 @@ def channel_settings(config: OsscarConfig) -> ChannelSettings:
 
 
 def start_channel_run(config: OsscarConfig, model: nn.Module, image_processor: Any) -> ChannelRun:
-    """Every check, then the calibration images' pixel values (none for a method without statistics)."""
+    """Every check, then the calibration images' pixel values (none for a method without statistics) and, for a
+    global allocation, the held-out images'."""
     spec = get_vision_spec(model)
     _check_model(model, spec)
     check_channel_config(config, spec, model)
     settings = channel_settings(config)
-    pixels = None
-    if settings.method.statistics:
-        check_image_processor(image_processor)
-        images = load_images(config.dataset, num_samples=config.num_samples, seed=config.seed,
-                             image_column=config.image_column)
-        pixels = pixel_values(images, image_processor, num_channels=image_channels(model))
     was_training = model.training
     model.eval()
     try:
+        if config.sparsity is not None:  # refused from the shapes (FLOPs: at the model's own image size)
+            check_channel_budget(config, channel_geometries(model, spec, config.sparsity_target))
+        pixels, held_out = _images(config, model, image_processor, settings)
         multiply_adds = count_multiply_adds(model, probe_pixels(model, pixels))
+        geometries = (channel_geometries(model, spec, config.sparsity_target, pixels)
+                      if config.sparsity is not None else None)
     finally:
         model.train(was_training)
+    if geometries is not None and not uses_global_allocation(config):
+        settings = replace(settings, widths=tuple(uniform_channel_widths(config, geometries)))
     return ChannelRun(config=config, model=model, spec=spec, settings=settings, pixel_values=pixels,
-                      params_before=count_parameters(model), multiply_adds_before=multiply_adds)
+                      params_before=count_parameters(model), multiply_adds_before=multiply_adds,
+                      geometries=geometries, held_out=held_out)
 
 
-def capture_channel_inputs(run: ChannelRun, space: ActivationSpace) -> CapturedInputs:
-    blocks = run.blocks
-    if run.pixel_values is None:
-        return CapturedInputs(hidden=[], kwargs=[[] for _ in range(len(blocks))])
-    return capture_block_inputs(run.model, blocks, run.pixel_values, batch_size=run.config.batch_size,
-                                storage_device=run.settings.storage_device, activations=space,
-                                model_inputs=lambda batch: {"pixel_values": batch})
+def _images(config: OsscarConfig, model: nn.Module, image_processor: Any, settings: ChannelSettings
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pixel values of the calibration images and of a global allocation's held-out images (None where unused)."""
+    if not settings.method.statistics:
+        return None, None
+    check_image_processor(image_processor)
+    channels = image_channels(model)
+    if uses_global_allocation(config):
+        images, others = load_held_out_images(config.dataset, num_samples=config.num_samples,
+                                              held_out=config.allocation_samples, seed=config.seed,
+                                              image_column=config.image_column)
+        return (pixel_values(images, image_processor, num_channels=channels),
+                pixel_values(others, image_processor, num_channels=channels))
+    images = load_images(config.dataset, num_samples=config.num_samples, seed=config.seed,
+                         image_column=config.image_column)
+    return pixel_values(images, image_processor, num_channels=channels), None
+
+
+def plan_channel_widths(run: ChannelRun, *, progress: bool = True) -> None:
+    """A global allocation: measure the damage curves and set every block's widths in ``run.settings``."""
+    from .channel_sensitivity import channel_damage
+
+    started = time.perf_counter()
+    damage = channel_damage(run, run.held_out, progress=progress)
+    try:
+        widths = global_channel_widths(run.config, run.geometries, damage)
+    except ValueError as exc:  # the floors at the calibration size (the check ran at the model's own size)
+        raise OsscarConfigError(f"sparsity={run.config.sparsity}: {exc}; lower the sparsity or the floors") from None
+    run.settings = replace(run.settings, widths=tuple(widths))
+    logger.info("OSSCAR's allocation planned in %.1f s: widths %s", time.perf_counter() - started, widths)
 
 
 def prune_channels(config: OsscarConfig, model: nn.Module, image_processor: Any = None, *,
@@ -146,6 +187,8 @@ def prune_channels(config: OsscarConfig, model: nn.Module, image_processor: Any 
     model.eval()
     space = ActivationSpace.for_settings(run.settings)
     try:
+        if run.geometries is not None and run.settings.widths is None:
+            plan_channel_widths(run, progress=progress)
         with space, torch.no_grad():
             captured = capture_channel_inputs(run, space)
             reports = _prune_blocks(run, captured, progress)
@@ -184,4 +227,19 @@ def _report(run: ChannelRun, reports: list[ChannelBlockReport], activations: dic
     budget = {"method": config.method, "allocation": "uniform channels", "channel_sparsity": config.channel_sparsity,
               "params_before": run.params_before, "params_after": params_after,
               "multiply_adds_before": run.multiply_adds_before, "multiply_adds_after": multiply_adds}
+    if run.geometries is not None:
+        budget.update(_global_budget(run, reports))
+        calibration["held_out_images"] = 0 if run.held_out is None else int(run.held_out.shape[0])
     return run_report(run, calibration, reports, params_after, activations, budget)
+
+
+def _global_budget(run: ChannelRun, reports: list[ChannelBlockReport]) -> dict[str, Any]:
+    """What a ``sparsity`` asked of the residual blocks and what they keep (in its own units)."""
+    config, geometries = run.config, run.geometries
+    widths = [[p.kept for p in report.problems] for report in reports]
+    return {"allocation": config.resolved_allocation(), "sparsity": config.sparsity,
+            "sparsity_target": config.sparsity_target,
+            "blocks_before": sum(g.dense for g in geometries),
+            "blocks_goal": channel_goal(config, geometries),
+            "blocks_after": sum(g.cost(k) for g, k in zip(geometries, widths)),
+            "widths": widths}

@@ -14,7 +14,9 @@ import torch
 
 from osscar_hf.solver.layer import solve_layer
 
-__all__ = ["damage_curve", "interpolate_curve"]
+__all__ = ["damage_curve", "interpolate_curve", "output_factor"]
+
+RIDGES = (1e-6, 1e-4, 1e-2)  # relative to G's mean diagonal: the first, then the retries of a failed factorisation
 
 
 def damage_curve(
@@ -38,11 +40,7 @@ def damage_curve(
     non-decreasing."""
     W = W_hat.to(dtype)
     if output_gram is not None:
-        G = output_gram.to(dtype)
-        scale = float(G.diagonal().mean()) if G.shape[0] else 0.0
-        ridge = 1e-6 * scale if scale > 0 else 1e-12
-        L = torch.linalg.cholesky(G + ridge * torch.eye(G.shape[0], dtype=dtype, device=G.device))
-        W = W @ L
+        W = W @ output_factor(output_gram, dtype)
     m = W.shape[0] // group_size
     if floor >= m:
         return [m], [0.0]
@@ -53,6 +51,22 @@ def damage_curve(
                            swap_size=1, damping=damping, dtype=dtype)
     curve = solution.objective_curve.double()
     return [int(k) for k in solution.curve_num_kept.tolist()], (curve - curve[0]).tolist()
+
+
+def output_factor(output_gram: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``L`` with ``L L^T = G + ridge I`` (``ridge`` relative to G's mean diagonal), in ``dtype``. A factorisation
+    that fails in ``dtype`` (a rank-deficient ``G``: few gradient rows, or output channels that get none) is
+    retried in float64, then with more ridge; a clear error if none succeeds."""
+    scale = float(output_gram.diagonal().double().mean()) if output_gram.shape[0] else 0.0
+    attempts = [(dtype, RIDGES[0])] + [(torch.float64, ridge) for ridge in RIDGES]
+    for attempt_dtype, relative in attempts:
+        G = output_gram.to(attempt_dtype)
+        ridge = relative * scale if scale > 0 else 1e-12
+        L, info = torch.linalg.cholesky_ex(G + ridge * torch.eye(G.shape[0], dtype=attempt_dtype, device=G.device))
+        if int(info) == 0:
+            return L.to(dtype)
+    raise ValueError(f"the output-gradient second moment ({output_gram.shape[0]} x {output_gram.shape[0]}) is not "
+                     f"positive definite even with a ridge of {RIDGES[-1]} x its mean diagonal ({scale:.3g})")
 
 
 def _balanced_curve(H: torch.Tensor, W: torch.Tensor, *, group_size: int, floor: int, damping: float,

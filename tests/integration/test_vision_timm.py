@@ -61,6 +61,24 @@ def test_timm_pruned_logits_equal_the_masked_dense_model(kind, method):
     assert not torch.allclose(pruned_logits, dense_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", TIMM_KINDS)
+@pytest.mark.parametrize("target", ["params", "flops"])
+def test_timm_global_budget_meets_its_target_and_equals_the_masked_dense_model(kind, target):
+    dense = make_timm(kind)
+    model = copy.deepcopy(dense)
+    report = _prune(model, channel_sparsity=0.0, sparsity=0.4, sparsity_target=target, num_samples=8,
+                    allocation_samples=4).report
+    budget = report.budget
+    assert budget["allocation"] == "osscar" and budget["blocks_after"] <= budget["blocks_goal"]
+    assert budget["blocks_after"] > 0.9 * budget["blocks_goal"]
+    if target == "params":
+        blocks = get_vision_spec(model).block_paths(model)
+        assert budget["blocks_after"] == sum(p.numel() for path in blocks for p in get_submodule(model, path).parameters())
+    x = pixels(random_images(3, seed=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, masked_dense(dense, model, report)(x).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_timm_efficientnet_lite_keeps_its_same_padded_depthwise_convolutions():
     """tf_efficientnet_lite's stride-2 depthwise convolutions are timm's Conv2dSame (padding in forward): sliced as
     producers; the first block (DepthwiseSeparableConv) has no problem and keeps its widths."""
