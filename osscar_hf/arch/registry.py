@@ -196,8 +196,9 @@ def get_spec(model_or_config: Any) -> ArchSpec:
     if model_type in vision_model_types():
         raise UnsupportedModelError(
             f"model_type {model_type!r} is a CNN: osscar_hf prunes it in memory with OsscarPruner(OsscarConfig("
-            "channel_sparsity=...)).prune(model, image_processor); streamed pruning, the remote-code format and the "
-            "other language-model paths do not take CNNs yet (docs/vision.md)"
+            "channel_sparsity=... or sparsity=...)).prune(model, image_processor) (the command line: a local folder "
+            "of the model, or --channel-sparsity); streamed pruning, the remote-code format and the other "
+            "language-model paths do not take CNNs yet (docs/vision.md)"
         )
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
