@@ -68,6 +68,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, 32 held-out windows": {"allocation": "global", "allocation_samples": 32},
     # the curves' plan refined by 150 candidate exchanges, each evaluated as a whole model on the held-out windows
     "global, allocation search 150": {"allocation": "global", "allocation_search": 150},
+    "global, allocation search 400": {"allocation": "global", "allocation_search": 400},
 }
 
 
