@@ -120,7 +120,10 @@ def exchange(sizes: list[BlockSize], budget: ExchangeBudget, donor: tuple[int, s
 
 
 def propose_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random.Random) -> list[BlockSize] | None:
-    """A random exchange (:data:`EXCHANGES`, two distinct blocks) that fits, or None after :data:`TRIES` draws."""
+    """A random exchange (:data:`EXCHANGES`, two distinct blocks) that fits, or None after :data:`TRIES` draws (or
+    with fewer than two blocks)."""
+    if len(sizes) < 2:
+        return None
     kinds = [(d, r) for d, r, _ in EXCHANGES]
     weights = [p for _, _, p in EXCHANGES]
     for _ in range(TRIES):

@@ -78,3 +78,5 @@ def test_an_exchange_moves_one_step_to_the_receiver_and_the_least_from_the_donor
     assert exchange(sizes, budget, (2, "mlp"), (0, "attention")) == [
         BlockSize(3, 60), BlockSize(2, 40), BlockSize(1, 57)]
     assert exchange(sizes, budget, (1, "mlp"), (1, "attention")) is None  # one block with itself
+    one = ExchangeBudget.from_config(config, geometries[:1])
+    assert propose_exchange(sizes[:1], one, random.Random(0)) is None  # nothing to exchange with
