@@ -52,8 +52,8 @@ def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, 
     budget = ExchangeBudget.from_config(run.config, run.geometries)
     rng = random.Random(run.config.seed)
     with _Search(run, source) as search:
-        best = search.start(sizes)
-        first, accepted, tried = best, 0, 0
+        first = search.start(sizes)
+        accepted = tried = 0
         bar = tqdm(total=count, desc="planning: allocation search", unit="candidate", disable=not progress)
         try:
             for _ in range(count):
@@ -119,9 +119,9 @@ class _Search:
         finally:
             outputs.close()
         self.sizes = list(sizes)
-        built = {index: self._build(index, size) for index, size in enumerate(sizes)}
-        self.kl, states = self._evaluate(sizes, 0, built)
-        self._accept(sizes, built, 0, states)
+        for index, size in enumerate(sizes):  # each kept as it is built: one pruned block in memory at a time
+            self._keep(index, self._build(index, size))
+        self.kl, self.states[1:] = self._evaluate(sizes, 0, {})
         return self.kl
 
     def try_candidate(self, sizes: list[BlockSize]) -> bool:
@@ -140,12 +140,16 @@ class _Search:
     def _accept(self, sizes: list[BlockSize], built: dict[int, nn.Module], start: int,
                 states: list[ActivationStore]) -> None:
         for index, module in built.items():
-            self.source.keep_scratch(index, module)
-            self.kept[index] = module
+            self._keep(index, module)
         for store in self.states[start + 1:]:
             store.close()
         self.states[start + 1:] = states
         self.sizes = list(sizes)
+
+    def _keep(self, index: int, module: nn.Module) -> None:
+        """Block ``index`` of the plan is ``module`` now (a planning copy: in memory, or in the partial folder)."""
+        self.source.keep_scratch(index, module)
+        self.kept[index] = module
 
     def _build(self, index: int, size: BlockSize) -> nn.Module:
         """Block ``index`` pruned to ``size`` as the pruning pass prunes it: on the Grams the planning kept."""
