@@ -69,6 +69,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # the curves' plan refined by 150 candidate exchanges, each evaluated as a whole model on the held-out windows
     "global, allocation search 150": {"allocation": "global", "allocation_search": 150},
     "global, allocation search 400": {"allocation": "global", "allocation_search": 400},
+    "global, 16 held-out windows, allocation search 150": {"allocation": "global", "allocation_samples": 16,
+                                                          "allocation_search": 150},
 }
 
 
