@@ -425,7 +425,8 @@ class OsscarConfig(QuantizationConfigMixin):
             each a budget-neutral exchange of structures between two blocks, built as the pruning pass builds it
             and kept when the whole model's KL divergence from the dense model on the held-out windows is lower
             (``docs/budgets.md``). Costs a few block forwards and solves per candidate; needs
-            ``reuse_planning_grams``.
+            ``reuse_planning_grams``. Many candidates overfit the held-out windows (on SmolLM2, 150 helped, 400
+            less so).
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path
