@@ -124,6 +124,26 @@ def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, block: int,
+                 calls: list[int] | None = None) -> Callable:
+    """Make ``owner.name(self, index, ...)`` (a block loop's step) stop the run as Ctrl-C does when ``index ==
+    block``, recording the other indices in ``calls``; return the real method (the one under any earlier
+    interruption), to put back."""
+    real = getattr(owner, name)
+    real = getattr(real, "uninterrupted", real)
+
+    def stop(self: object, index: int, *args: object, **kwargs: object) -> object:
+        if index == block:
+            raise KeyboardInterrupt
+        if calls is not None:
+            calls.append(index)
+        return real(self, index, *args, **kwargs)
+
+    stop.uninterrupted = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(owner, name, stop)
+    return real
+
+
 def make_text(num_words: int = 4000, seed: int = 0) -> str:
     rng = random.Random(seed)
     # A little structure (bigram preferences) so activations are not pure noise.

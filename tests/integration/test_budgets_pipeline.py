@@ -16,7 +16,7 @@ from osscar_hf.budgets import block_geometries
 from osscar_hf.io import read_block_shapes
 from osscar_hf.pipeline import BlockStream
 from osscar_hf.streaming import PROGRESS_NAME, partial_folder
-from tests.conftest import VOCAB, make_model
+from tests.conftest import VOCAB, interrupt_at, make_model
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu")
 IDS = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -107,15 +107,9 @@ def test_a_measured_plan_is_kept_for_the_resume(tmp_path, tokenizer, calibration
     config = OsscarConfig(sparsity=0.4, method="flap", dataset=calibration_texts, **SMALL)
     reference = OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "reference", progress=False)
     plans: list[int] = []
-    real_measure, real_prune = measure.measured_sizes, BlockStream.prune
+    real_measure = measure.measured_sizes
     monkeypatch.setattr(measure, "measured_sizes", lambda *a, **k: plans.append(1) or real_measure(*a, **k))
-
-    def interrupt(self, index, block):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real_prune(self, index, block)
-
-    monkeypatch.setattr(BlockStream, "prune", interrupt)
+    real_prune = interrupt_at(monkeypatch, BlockStream, "prune", 1)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         OsscarPruner(config).prune_checkpoint(tmp_path / "dense", target, progress=False)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.pipeline.kept import KeptStatisticsStream
 from osscar_hf.streaming import PROGRESS_NAME, partial_folder
-from tests.conftest import make_model
+from tests.conftest import interrupt_at, make_model
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu", allocation_samples=4)
 GLOBAL = dict(sparsity=0.35, min_part_keep=0.0)
@@ -83,14 +83,8 @@ def test_a_streamed_run_keeps_its_grams_across_a_resume(tmp_path, tokenizer, cal
     config = OsscarConfig(dataset=calibration_texts, **SMALL, **GLOBAL)
     memory = OsscarPruner(config).prune(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), tokenizer,
                                         progress=False)
-    real_step = KeptStatisticsStream._select_and_slice
-
-    def interrupt(self, index, block):  # in the pruning pass only (the planning's first prune is a BlockStream)
-        if index == 1:
-            raise KeyboardInterrupt
-        return real_step(self, index, block)
-
-    monkeypatch.setattr(KeptStatisticsStream, "_select_and_slice", interrupt)
+    # in the pruning pass only (the planning's first prune is a BlockStream)
+    real_step = interrupt_at(monkeypatch, KeptStatisticsStream, "_select_and_slice", 1)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         OsscarPruner(config).prune_checkpoint(tmp_path / "dense", target, progress=False)

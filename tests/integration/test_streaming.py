@@ -38,7 +38,7 @@ from osscar_hf.streaming import (
     partial_folder,
 )
 from osscar_hf.streaming.resume import run_fingerprint
-from tests.conftest import VOCAB, make_model
+from tests.conftest import VOCAB, interrupt_at, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -263,20 +263,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-_REAL_PRUNE = BlockStream.prune
-
-
 def _interrupt_at(monkeypatch, block: int, calls: list[int]) -> None:
     """Make the run stop (as on Ctrl-C) when block ``block`` is about to be solved; record solved blocks."""
-    real = _REAL_PRUNE
-
-    def prune(self, index, module):
-        if index == block:
-            raise KeyboardInterrupt
-        calls.append(index)
-        return real(self, index, module)
-
-    monkeypatch.setattr(BlockStream, "prune", prune)
+    interrupt_at(monkeypatch, BlockStream, "prune", block, calls)
 
 
 @pytest.mark.parametrize("loop", [{}, {"dense_targets": True}, {"propagate": False}],
