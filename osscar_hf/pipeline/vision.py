@@ -132,12 +132,14 @@ def start_channel_run(config: OsscarConfig, model: nn.Module, image_processor: A
     was_training = model.training
     model.eval()
     try:
+        geometries = None
         if config.sparsity is not None:  # refused from the shapes (FLOPs: at the model's own image size)
-            check_channel_budget(config, channel_geometries(model, spec, config.sparsity_target))
+            geometries = channel_geometries(model, spec, config.sparsity_target)
+            check_channel_budget(config, geometries)
         pixels, held_out = _images(config, model, image_processor, settings)
         multiply_adds = count_multiply_adds(model, probe_pixels(model, pixels))
-        geometries = (channel_geometries(model, spec, config.sparsity_target, pixels)
-                      if config.sparsity is not None else None)
+        if geometries is not None and config.sparsity_target == "flops":  # at the calibration images' size
+            geometries = channel_geometries(model, spec, "flops", pixels)
     finally:
         model.train(was_training)
     if geometries is not None and not uses_global_allocation(config):
