@@ -24,7 +24,7 @@ from .run import BlockSource
 from .settings import LoopSettings
 from .statistics import statistics_from_tensors
 
-__all__ = ["KeptStatisticsStream", "keeps_planning_grams"]
+__all__ = ["KeptStatisticsStream", "keeps_planning_grams", "solve_on_kept"]
 
 
 def keeps_planning_grams(config: OsscarConfig) -> bool:
@@ -33,6 +33,17 @@ def keeps_planning_grams(config: OsscarConfig) -> bool:
     return (config.reuse_planning_grams and config.sparsity is not None
             and config.resolved_allocation() == "osscar" and get_method(config.method).statistics == {GRAM}
             and config.propagate and not config.dense_targets)
+
+
+def solve_on_kept(source: BlockSource, block: nn.Module, index: int, spec: ArchSpec, settings: LoopSettings
+                  ) -> dict[str, tuple[Selection, float]]:
+    """Select and slice block ``index`` (on ``settings.device``) at its size in ``settings`` on the statistics
+    ``source`` kept for it (which stay kept); return each pruned part's selection and its seconds."""
+    tensors = source.statistics(index)
+    if tensors is None:
+        raise RuntimeError(f"no statistics were kept for block {index}")
+    stats: dict[str, Any] = statistics_from_tensors(tensors, settings.device)
+    return solve_and_slice(block, index, spec, settings, stats)
 
 
 class KeptStatisticsStream(BlockStream):
@@ -50,11 +61,7 @@ class KeptStatisticsStream(BlockStream):
             hidden.close()
 
     def _select_and_slice(self, index: int, block: nn.Module) -> dict[str, tuple[Selection, float]]:
-        tensors = self.source.statistics(index)
-        if tensors is None:
-            raise RuntimeError(f"no statistics were kept for block {index}")
-        stats: dict[str, Any] = statistics_from_tensors(tensors, self.settings.device)
-        return solve_and_slice(block, index, self.spec, self.settings, stats)
+        return solve_on_kept(self.source, block, index, self.spec, self.settings)
 
     def replay(self, index: int, block: nn.Module, *, pruned: bool) -> None:
         """Nothing to move past: the blocks' statistics do not depend on the blocks before."""

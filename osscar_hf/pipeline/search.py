@@ -4,7 +4,7 @@ The damage curves (:mod:`.sensitivity`) are a second-order estimate around the u
 blocks as if their errors did not interact. With ``OsscarConfig(allocation_search=N)`` the plan they give is the
 start of a search that checks itself against the model: ``N`` candidates, each a budget-neutral exchange between two
 blocks' parts (:func:`osscar_hf.budgets.propose_exchange`), are built exactly as the pruning pass will build them
-(:func:`~osscar_hf.pipeline.block.solve_and_slice` on the Gram matrices the planning kept) and run on the held-out
+(:func:`~osscar_hf.pipeline.kept.solve_on_kept`: on the Gram matrices the planning kept) and run on the held-out
 windows from the first changed block on; a candidate replaces the plan when its KL divergence from the dense model's
 next-token distribution is lower. What the search holds: the current plan's pruned blocks (planning copies, in memory
 or in the partial folder, as the first prune's), their outputs on the held-out windows, and the dense model's
@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from ..activations import ActivationStore
 from ..budgets import BlockSize, ExchangeBudget, propose_exchange
 from ..distributed import step, sum_in_place
-from .block import block_device, propagate_block, solve_and_slice
+from .block import block_device, propagate_block
+from .kept import solve_on_kept
 from .run import BlockSource, PruneRun, scratch_copy
-from .statistics import statistics_from_tensors
 
 __all__ = ["SEARCH_POSITIONS", "search_sizes"]
 
@@ -154,16 +154,12 @@ class _Search:
     def _build(self, index: int, size: BlockSize) -> nn.Module:
         """Block ``index`` pruned to ``size`` as the pruning pass prunes it: on the Grams the planning kept."""
         run = self.run
-        tensors = self.source.statistics(index)
-        if tensors is None:
-            raise RuntimeError(f"no statistics were kept for block {index}")
         module = scratch_copy(self.source, index, run.blocks[index])
         home = block_device(module)
         sizes = list(self.sizes)
         sizes[index] = size
         with step(run.settings.ranks), torch.no_grad():
-            solve_and_slice(module.to(self.device), index, run.spec, run.settings.with_sizes(sizes),
-                            statistics_from_tensors(tensors, self.device))
+            solve_on_kept(self.source, module.to(self.device), index, run.spec, run.settings.with_sizes(sizes))
         return module.to(home)
 
     def _evaluate(self, sizes: list[BlockSize], start: int, built: dict[int, nn.Module]
