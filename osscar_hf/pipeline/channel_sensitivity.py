@@ -172,6 +172,7 @@ def _curves(run: Any, moments: dict[Key, ConsumerMoments], *, images: int, progr
     config, settings = run.config, run.settings
     dtype = PLANNING_DTYPE or settings.solve.dtype
     damage: Damage = {}
+    blocks = BlockList(run.model, run.spec.block_paths(run.model))
     for (b, j), moment in tqdm(moments.items(), desc="planning: damage curves", unit="problem",
                                disable=not progress):
         geometry = run.geometries[b]
@@ -180,7 +181,7 @@ def _curves(run: Any, moments: dict[Key, ConsumerMoments], *, images: int, progr
         if moment.weight == 0 or len(sizes) == 1:  # the loss does not reach it: free to remove
             damage[(b, j)] = {k: 0.0 for k in sizes}
             continue
-        block = get_submodule(run.model, run.spec.block_paths(run.model)[b])
+        block = blocks[b]
         consumer = get_submodule(block, run.spec.layout(block)[j].consumer)
         ops = consumer_ops(consumer)
         gram, output = moment.result()
