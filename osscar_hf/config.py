@@ -637,7 +637,7 @@ class OsscarConfig(QuantizationConfigMixin):
 
         Not part of ``post_init``: a model pruned with a method registered by the user's own code keeps that name
         in its config, and must load where that code is not imported."""
-        from osscar_hf.methods import GRAM, get_method
+        from osscar_hf.methods import get_method
 
         method = get_method(self.method)
         if self.dense_targets and not method.refits:
@@ -649,13 +649,21 @@ class OsscarConfig(QuantizationConfigMixin):
                 f"method {self.method!r} has no global allocation; use allocation='uniform' (or 'auto'), or a method "
                 "that has one (osscar, obs_greedy, flap)")
 
-        if self.allocation_search and (self.resolved_allocation() != "osscar" or method.statistics != {GRAM}
-                                       or self.dense_targets or not self.propagate):
+        if self.allocation_search and not self.keeps_planning_grams():
             raise OsscarConfigError(
                 f"allocation_search={self.allocation_search} refines OSSCAR's allocation, which method "
                 f"{self.method!r} with propagate={self.propagate}, dense_targets={self.dense_targets} does not use; "
                 "give a method with OSSCAR's allocation (osscar, obs_greedy), propagate=True, dense_targets=False, "
                 "or allocation_search=0")
+
+    def keeps_planning_grams(self) -> bool:
+        """Whether a run keeps its planning's Grams for the pruning pass (``osscar_hf.pipeline.kept``): OSSCAR's
+        global allocation, a method that selects on the Gram alone, sequential targets (``propagate``, no dense
+        targets)."""
+        from osscar_hf.methods import GRAM, get_method
+
+        return (self.reuse_planning_grams and self.sparsity is not None and self.resolved_allocation() == "osscar"
+                and get_method(self.method).statistics == {GRAM} and self.propagate and not self.dense_targets)
 
     def resolved_allocation(self) -> str:
         """The allocation a global ``sparsity`` uses: ``"uniform"``, or the name of the method's own allocation

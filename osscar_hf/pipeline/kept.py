@@ -2,7 +2,8 @@
 
 The planning's uniform first prune (:mod:`.sensitivity`) runs every block's consumers on the calibration windows
 carried through the uniformly pruned blocks, and accumulates their Grams there. With
-``OsscarConfig(reuse_planning_grams=True)`` (the default) those Grams are kept (:meth:`BlockSource.keep_statistics`),
+``OsscarConfig(reuse_planning_grams=True)`` (the default; :meth:`OsscarConfig.keeps_planning_grams` says when it
+applies) those Grams are kept (:meth:`BlockSource.keep_statistics`),
 and the pruning pass solves each block at its planned sizes on them: no second pass over the calibration data.
 Measured on SmolLM2 (``docs/budgets.md``), fitting every block on the uniformly pruned model's stream gives a
 better model than a fresh sequential pass at the planned sizes, in about half the pruning pass's time.
@@ -17,22 +18,13 @@ import torch.nn as nn
 from ..activations import ActivationStore
 from ..arch import ArchSpec
 from ..capture import CapturedInputs
-from ..config import OsscarConfig
-from ..methods import GRAM, Selection, get_method
+from ..methods import Selection
 from .block import BlockStream, solve_and_slice
 from .run import BlockSource
 from .settings import LoopSettings
 from .statistics import statistics_from_tensors
 
-__all__ = ["KeptStatisticsStream", "keeps_planning_grams", "solve_on_kept"]
-
-
-def keeps_planning_grams(config: OsscarConfig) -> bool:
-    """Whether a run with ``config`` keeps its planning's Grams for the pruning pass: OSSCAR's global allocation,
-    a method that selects on the Gram alone, sequential targets (``propagate``, no dense targets)."""
-    return (config.reuse_planning_grams and config.sparsity is not None
-            and config.resolved_allocation() == "osscar" and get_method(config.method).statistics == {GRAM}
-            and config.propagate and not config.dense_targets)
+__all__ = ["KeptStatisticsStream", "solve_on_kept"]
 
 
 def solve_on_kept(source: BlockSource, block: nn.Module, index: int, spec: ArchSpec, settings: LoopSettings

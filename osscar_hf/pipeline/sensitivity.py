@@ -48,7 +48,6 @@ from ..distributed import Ranks, gather_rows, step, sum_in_place
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
 from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
-from .kept import keeps_planning_grams
 from .run import BlockSource, PruneRun, scratch_copy
 from .statistics import statistics_tensors
 
@@ -101,7 +100,7 @@ def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, p
     stores = [held]
     batches = max(1, round(len(captured.hidden) * FIRST_PRUNE_BATCHES))
     sink = None
-    if keeps_planning_grams(run.config):  # the pruning pass solves on these Grams (see .kept)
+    if run.config.keeps_planning_grams():  # the pruning pass solves on these Grams (see .kept)
         def sink(index: int, stats: dict) -> None:
             source.keep_statistics(index, statistics_tensors(stats, settings.storage_device))
 
