@@ -32,7 +32,7 @@ from .settings import LoopSettings
 from .statistics import ExpertStatistics, InputStatistics, gated_input_hooks, input_hooks, routed_input_hooks
 
 __all__ = ["PARTS", "SHARED", "BlockStream", "StatisticsSink", "announce_block", "block_consumers", "block_device",
-           "consumer_report", "propagate_block", "solve_and_slice"]
+           "consumer_report", "modules_on", "propagate_block", "solve_and_slice"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,19 @@ SHARED = "shared_expert"  # a mixture of experts' shared expert: a third consume
 
 def block_device(block: nn.Module) -> torch.device:
     return next((p.device for p in block.parameters()), torch.device("cpu"))
+
+
+@contextmanager
+def modules_on(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """``modules`` on ``device`` for the body, then each back on its own device, also on errors."""
+    homes = [block_device(m) for m in modules]
+    try:
+        for module in modules:
+            module.to(device)
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
 
 
 def consumer_report(m: int, selection: Selection | None, seconds: float, experts: int = 1) -> ConsumerReport:

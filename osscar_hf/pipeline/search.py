@@ -20,8 +20,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm
 from ..activations import ActivationStore
 from ..budgets import BlockSize, ExchangeBudget, propose_exchange
 from ..distributed import step, sum_in_place
-from .block import block_device, propagate_block
+from .block import block_device, modules_on, propagate_block
 from .kept import solve_on_kept
 from .run import BlockSource, PruneRun, scratch_copy
 
@@ -114,7 +112,7 @@ class _Search:
                     outputs = self._forward(index, block, outputs, close_input=True)
                 finally:
                     self.source.release(index, block)
-            with self._head(), torch.no_grad():
+            with modules_on(self.head, self.device), torch.no_grad():
                 self.dense = [self._log_probs(hidden).to(self.storage) for hidden in outputs]
         finally:
             outputs.close()
@@ -185,28 +183,11 @@ class _Search:
 
     def _forward(self, index: int, module: nn.Module, inputs: ActivationStore, *, close_input: bool
                  ) -> ActivationStore:
-        home = block_device(module)
-        try:
-            with step(self.run.settings.ranks), torch.no_grad():
-                outputs = propagate_block(module.to(self.device), inputs, self.kwargs[index], self.device,
-                                          self.storage, inputs.space)
-        finally:
-            module.to(home)
+        with modules_on([module], self.device), step(self.run.settings.ranks), torch.no_grad():
+            outputs = propagate_block(module, inputs, self.kwargs[index], self.device, self.storage, inputs.space)
         if close_input:
             inputs.close()
         return outputs
-
-    @contextmanager
-    def _head(self) -> Iterator[None]:
-        """The LM head's modules on the compute device for the body, then back home."""
-        homes = [block_device(m) for m in self.head]
-        try:
-            for module in self.head:
-                module.to(self.device)
-            yield
-        finally:
-            for module, home in zip(self.head, homes):
-                module.to(home)
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden[:, ::self.stride].to(self.device)
@@ -216,7 +197,7 @@ class _Search:
     def _kl(self, outputs: ActivationStore) -> float:
         """KL(dense || pruned) per position, over every rank's held-out windows."""
         totals = torch.zeros(2, dtype=torch.float64)
-        with self._head(), torch.no_grad():
+        with modules_on(self.head, self.device), torch.no_grad():
             for dense, hidden in zip(self.dense, outputs):
                 pruned = self._log_probs(hidden)
                 reference = dense.to(self.device)

@@ -47,7 +47,7 @@ from ..config import OsscarConfig
 from ..distributed import Ranks, gather_rows, step, sum_in_place
 from ..methods import get_method
 from ..solver.curves import damage_curve, interpolate_curve
-from .block import PARTS, BlockStream, block_consumers, block_device, propagate_block
+from .block import PARTS, BlockStream, block_consumers, block_device, modules_on, propagate_block
 from .run import BlockSource, PruneRun, scratch_copy
 from .statistics import statistics_tensors
 
@@ -170,12 +170,9 @@ def _sampled_gradients(run: PruneRun, batches: Iterable[torch.Tensor]) -> list[t
     """:func:`_head_gradients` of ``batches`` (every held-out batch, in order, for the one generator)."""
     device, storage = run.settings.device, run.settings.storage_device
     modules = run.spec.head_modules(run.model)
-    homes = [block_device(m) for m in modules]
     generator = torch.Generator().manual_seed(run.config.seed)
     grads = []
-    try:
-        for module in modules:
-            module.to(device)
+    with modules_on(modules, device):
         for hidden in batches:
             grad = torch.zeros_like(hidden, device=storage)
             chunk_positions = max(1, HEAD_TOKENS // hidden.shape[0])
@@ -190,9 +187,6 @@ def _sampled_gradients(run: PruneRun, batches: Iterable[torch.Tensor]) -> list[t
                     (chunk,) = torch.autograd.grad(loss, x)
                 grad[:, start:start + chunk_positions] = chunk.to(storage)
             grads.append(grad)
-    finally:
-        for module, home in zip(modules, homes):
-            module.to(home)
     return grads
 
 
