@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,16 +65,25 @@ def _read_progress(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_progress(folder: Path, fingerprint: dict[str, Any], done: list[dict[str, Any]],
-                    plan: list[dict[str, int]] | None = None) -> None:
-    """Record in ``folder`` the run's fingerprint (:func:`run_fingerprint`), the planned sizes (of a measured plan)
-    and the finished blocks, atomically (a crash leaves the
-    previous record or this one)."""
+class PartialRun(NamedTuple):
+    """What an interrupted run recorded: its finished blocks, the sizes it planned (of a measured plan) and what its
+    allocation search did (when it ran)."""
+
+    done: list[dict[str, Any]]
+    plan: list[dict[str, int]] | None = None
+    search: dict[str, Any] | None = None
+
+
+def write_progress(folder: Path, fingerprint: dict[str, Any], partial: PartialRun) -> None:
+    """Record in ``folder`` the run's fingerprint (:func:`run_fingerprint`) and ``partial``, atomically (a crash
+    leaves the previous record or this one)."""
     path = folder / PROGRESS_NAME
     tmp = folder / f".{PROGRESS_NAME}.tmp"
-    record: dict[str, Any] = {"version": 1, "fingerprint": fingerprint, "blocks": done}
-    if plan is not None:
-        record["plan"] = plan
+    record: dict[str, Any] = {"version": 1, "fingerprint": fingerprint, "blocks": partial.done}
+    if partial.plan is not None:
+        record["plan"] = partial.plan
+    if partial.search is not None:
+        record["search"] = partial.search
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1)
         handle.flush()
@@ -93,19 +102,18 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, int]] | None]:
-    """The blocks an interrupted run in ``folder`` finished and the sizes it planned (a measured plan), as
-    :func:`write_progress` recorded them, when it can be continued; ``([], None)`` to start afresh (the folder is
-    removed). Raises :class:`ResumeError` when ``resume`` is set and the run had another ``fingerprint``."""
+def finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool) -> PartialRun:
+    """What an interrupted run in ``folder`` recorded (:func:`write_progress`), when it can be continued; nothing
+    finished to start afresh (the folder is removed). Raises :class:`ResumeError` when ``resume`` is set and the run
+    had another ``fingerprint``."""
     if not folder.exists():
-        return [], None
+        return PartialRun([])
     progress = _read_progress(folder)
     if not resume or progress is None:
         if progress is not None:
             logger.warning("discarding the partial run in %s (resume=False)", folder)
         shutil.rmtree(folder)
-        return [], None
+        return PartialRun([])
     if progress["fingerprint"] != fingerprint:
         changes = _differences(progress["fingerprint"], fingerprint)
         old, new = progress["fingerprint"].get("source"), fingerprint.get("source")
@@ -131,4 +139,4 @@ def finished_blocks(folder: Path, fingerprint: dict[str, Any], resume: bool
             break
         done.append(entry)
     logger.info("resuming the interrupted run in %s after %d finished blocks", folder, len(done))
-    return done, progress.get("plan")
+    return PartialRun(done, progress.get("plan"), progress.get("search"))

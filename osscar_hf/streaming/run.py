@@ -55,7 +55,7 @@ from ..pipeline import (
 from ..report import BlockReport, PruneReport
 from ..surgery import add_part_biases, resize_block
 from .lock import run_lock
-from .resume import PROGRESS_NAME, finished_blocks, partial_folder, run_fingerprint, write_progress
+from .resume import PROGRESS_NAME, PartialRun, finished_blocks, partial_folder, run_fingerprint, write_progress
 from .sources import (
     GENERATION_CONFIG_NAME,
     INDEX_NAME,
@@ -220,6 +220,7 @@ class ShardBlocks:
     spec: ArchSpec
     done: list[dict[str, Any]] = field(default_factory=list)
     plan: list[dict[str, int]] | None = None
+    search: dict[str, Any] | None = None  # the allocation search's summary, kept for a resumed run's report
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     scratch_modules: dict[int, nn.Module] = field(default_factory=dict)
@@ -289,7 +290,7 @@ class ShardBlocks:
 
     def save_progress(self) -> None:
         if self.writes:
-            write_progress(self.tmp, self.fingerprint, self.done, self.plan)
+            write_progress(self.tmp, self.fingerprint, PartialRun(self.done, self.plan, self.search))
 
     def finished_phase(self, phase: int) -> None:
         """Source files needed for the last time by ``phase`` (-1: the non-block weights) may go."""
@@ -521,13 +522,14 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
 
     fingerprint = run_fingerprint(files, reader, pruner.config, run.windows, run.settings.device)
     tmp = partial_folder(target)
-    done, plan = _open_partial(files, tmp, fingerprint, resume, ranks)
+    partial = _open_partial(files, tmp, fingerprint, resume, ranks)
     source = ShardBlocks(reader=reader, files=files, block_keys=block_keys, prefix=prefix, tmp=tmp,
                          fingerprint=fingerprint, num_shards=len(block_keys) + 1,
-                         last_uses=_last_uses(reader, other_keys, block_keys), spec=spec, done=done, plan=plan,
-                         rank=ranks.rank if ranks.distributed else None)
-    if plan is not None and not run.settings.sizes:
-        run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in plan])
+                         last_uses=_last_uses(reader, other_keys, block_keys), spec=spec, done=partial.done,
+                         plan=partial.plan, search=partial.search, rank=ranks.rank if ranks.distributed else None)
+    if partial.plan is not None and not run.settings.sizes:
+        run.settings = run.settings.with_sizes([BlockSize(**entry) for entry in partial.plan])
+        run.search_summary = partial.search
     try:
         reports, activations = _stream_blocks(run, source, other_keys, progress)
         if not source.writes:
@@ -553,19 +555,18 @@ def _prune_locked(pruner: CheckpointPruner, files: LocalFiles | HubFiles, target
 
 
 def _open_partial(files: LocalFiles | HubFiles, tmp: Path, fingerprint: dict[str, Any], resume: bool, ranks: Ranks
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, int]] | None]:
-    """The partial folder ``tmp``, made or continued by rank 0 (which alone writes there): the blocks an interrupted
-    run finished and its plan, the same on every rank."""
-    done: list[dict[str, Any]] = []
-    plan: list[dict[str, int]] | None = None
+                  ) -> PartialRun:
+    """The partial folder ``tmp``, made or continued by rank 0 (which alone writes there): what an interrupted run
+    recorded, the same on every rank."""
+    partial = PartialRun([])
     with step(ranks):
         if ranks.is_main:
             earlier_downloads = files.read_record(tmp) if resume else []
-            done, plan = finished_blocks(tmp, fingerprint, resume)
+            partial = finished_blocks(tmp, fingerprint, resume)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir(exist_ok=True)
             files.keep_record(tmp, earlier_downloads)
-    return broadcast((done, plan), ranks)
+    return PartialRun(*broadcast(tuple(partial), ranks))
 
 
 def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], progress: bool
@@ -592,6 +593,7 @@ def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], pr
                 shutil.rmtree(source.scratch_folder, ignore_errors=True)
             if measured:  # a resumed run reuses this plan instead of measuring again
                 source.plan = [size.to_dict() for size in run.settings.sizes]
+                source.search = run.search_summary
                 source.save_progress()
         _to_meta_outside(run.model, source.prefix)
         release_freed_memory()

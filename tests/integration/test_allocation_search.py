@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from osscar_hf import OsscarConfig, OsscarPruner
 from osscar_hf.card import build_model_card
 from osscar_hf.errors import OsscarConfigError
-from tests.conftest import make_model
+from tests.conftest import interrupt_at, make_model
 
 SMALL = dict(num_samples=8, seq_len=32, batch_size=4, device="cpu", allocation_samples=4, local_search=False)
 GLOBAL = dict(sparsity=0.35, min_part_keep=0.0)
@@ -104,6 +104,33 @@ def test_a_streamed_search_writes_the_in_memory_model(tmp_path, tokenizer, calib
     streamed = AutoModelForCausalLM.from_pretrained(folder)
     sa, sb = model.state_dict(), streamed.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_resumed_streamed_search_reports_the_search_it_did_not_repeat(tmp_path, tokenizer, calibration_texts,
+                                                                        monkeypatch):
+    from osscar_hf.pipeline import measure
+    from osscar_hf.pipeline.kept import KeptStatisticsStream
+
+    make_model("llama-gqa", num_hidden_layers=3).save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    config = OsscarConfig(dataset=calibration_texts, **SMALL, **GLOBAL, allocation_search=4)
+    reference = OsscarPruner(config)
+    reference.prune_checkpoint(tmp_path / "dense", tmp_path / "reference", progress=False)
+    searches: list[int] = []
+    real_search = measure.search_sizes
+    monkeypatch.setattr(measure, "search_sizes", lambda *a, **k: searches.append(1) or real_search(*a, **k))
+    real_prune = interrupt_at(monkeypatch, KeptStatisticsStream, "prune", 1)
+    with pytest.raises(KeyboardInterrupt):
+        OsscarPruner(config).prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    monkeypatch.setattr(KeptStatisticsStream, "prune", real_prune)
+    resumed = OsscarPruner(config)
+    resumed.prune_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+    assert searches == [1]  # searched once; the resume read the plan and the search's summary back
+    got, expected = resumed.report.budget["allocation_search"], reference.report.budget["allocation_search"]
+    assert got.keys() == expected.keys() and got["seconds"] > 0
+    for key in ("candidates", "accepted", "kl_plan", "kl_searched"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert "candidate exchanges between blocks" in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("fields, words", [
