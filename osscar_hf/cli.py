@@ -407,8 +407,8 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
                        "a CNN: images of --dataset that are not calibration images)")
     sizes.add_argument("--allocation-search", type=positive_int, default=None, metavar="N",
                        help="with OSSCAR's global allocation of a language model: refine its plan by N candidate "
-                       "exchanges between blocks, each kept when the pruned model's held-out KL from the dense model "
-                       "is lower (slower; off)")
+                       "exchanges between blocks, each taken when the pruned model's held-out KL from the dense model "
+                       "is lower, the best on validation windows pruned (slower; off)")
 
 
 def register_prune(subparsers: argparse._SubParsersAction) -> None:

@@ -424,9 +424,9 @@ class OsscarConfig(QuantizationConfigMixin):
         allocation_search: candidates (>= 0; default 0, off) of a search that refines OSSCAR's global allocation:
             each a budget-neutral exchange of structures between two blocks, built as the pruning pass builds it
             and kept when the whole model's KL divergence from the dense model on the held-out windows is lower
-            (``docs/budgets.md``). Costs a few block forwards and solves per candidate; needs
-            ``reuse_planning_grams``. Many candidates overfit the held-out windows (on SmolLM2, 150 helped, 400
-            less so).
+            (``docs/budgets.md``), on three in four of the held-out windows; of the plans it takes, the one of
+            lowest KL on the others (validation windows) is pruned. Costs a few block forwards and solves per
+            candidate; needs ``reuse_planning_grams``.
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path

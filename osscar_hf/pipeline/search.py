@@ -6,7 +6,10 @@ start of a search that checks itself against the model: ``N`` candidates, each a
 blocks' parts (:func:`osscar_hf.budgets.propose_exchange`), are built exactly as the pruning pass will build them
 (:func:`~osscar_hf.pipeline.kept.solve_on_kept`: on the Gram matrices the planning kept) and run on the held-out
 windows from the first changed block on; a candidate replaces the plan when its KL divergence from the dense model's
-next-token distribution is lower. What the search holds: the current plan's pruned blocks (planning copies, in memory
+next-token distribution is lower on the search windows. Every :data:`VALIDATION_EVERY`-th held-out window is kept
+out of that choice (a validation window): each plan the search takes is measured on them too, and the search
+returns the one of lowest validation KL (the curves' plan included), so that a long search which overfits the
+search windows gives back its later plans. What the search holds: the current plan's pruned blocks (planning copies, in memory
 or in the partial folder, as the first prune's), their outputs on the held-out windows, and the dense model's
 log-probabilities at up to :data:`SEARCH_POSITIONS` positions.
 
@@ -20,6 +23,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -32,12 +36,33 @@ from ..distributed import step, sum_in_place
 from .block import block_device, modules_on, propagate_block
 from .kept import solve_on_kept
 from .run import BlockSource, PruneRun, scratch_copy
+from .sensitivity import held_out_shares
 
-__all__ = ["SEARCH_POSITIONS", "search_sizes"]
+__all__ = ["SEARCH_POSITIONS", "VALIDATION_EVERY", "search_sizes"]
 
 logger = logging.getLogger(__name__)
 
 SEARCH_POSITIONS = 1024  # next-token distributions the KL is measured on at most (the held-out windows, strided)
+VALIDATION_EVERY = 4  # held-out windows 3, 7, 11, ... (of every rank's together) choose among the plans taken
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The KL from the dense model per position: on the search windows, on the validation windows, on both."""
+
+    search: float
+    validation: float
+    all: float
+
+    @classmethod
+    def from_totals(cls, totals: torch.Tensor) -> Divergence:
+        """``totals[g] = (KL sum, positions)`` of the search (g = 0) and validation (g = 1) windows."""
+        def mean(kl: torch.Tensor, count: torch.Tensor) -> float:
+            return float(kl / count) if count > 0 else math.nan
+
+        both = totals.sum(0)
+        search = mean(*totals[0])
+        return cls(search=search, validation=mean(*totals[1]) if totals[1, 1] > 0 else search, all=mean(*both))
 
 
 def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, progress: bool = True
@@ -51,6 +76,7 @@ def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, 
     rng = random.Random(run.config.seed)
     with _Search(run, source) as search:
         first = search.start(sizes)
+        best, best_at, result = first, 0, list(sizes)
         accepted = tried = 0
         bar = tqdm(total=count, desc="planning: allocation search", unit="candidate", disable=not progress)
         try:
@@ -62,15 +88,19 @@ def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, 
                 tried += 1
                 if search.try_candidate(candidate):
                     accepted += 1
-                bar.set_postfix({"kl": f"{search.kl:.4f}"})
+                    if search.kl.validation < best.validation:
+                        best, best_at, result = search.kl, accepted, list(search.sizes)
+                bar.set_postfix({"kl": f"{search.kl.search:.4f}", "validation": f"{best.validation:.4f}"})
                 bar.update(1)
         finally:
             bar.close()
-        result = list(search.sizes)
-    run.search_summary = {"candidates": tried, "accepted": accepted, "kl_plan": first, "kl_searched": search.kl,
-                          "seconds": time.perf_counter() - started}
-    logger.info("allocation search: %d of %d candidates kept; held-out KL from the dense model %.4f -> %.4f (%.1f s)",
-                accepted, tried, first, search.kl, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    run.search_summary = {"candidates": tried, "accepted": accepted, "chosen": best_at, "kl_plan": first.all,
+                          "kl_searched": best.all, "validation_kl_plan": first.validation,
+                          "validation_kl_searched": best.validation, "seconds": seconds}
+    logger.info("allocation search: %d of %d candidates taken, the plan after %d of them chosen on the validation "
+                "windows; held-out KL from the dense model %.4f -> %.4f (validation %.4f -> %.4f; %.1f s)", accepted,
+                tried, best_at, first.all, best.all, first.validation, best.validation, seconds)
     return result
 
 
@@ -87,7 +117,8 @@ class _Search:
         tokens = int(run.held_out.numel()) if run.held_out is not None else 0
         self.stride = max(1, math.ceil(tokens / SEARCH_POSITIONS))
         self.sizes: list[BlockSize] = []
-        self.kl = math.inf
+        self.kl = Divergence(math.inf, math.inf, math.inf)
+        self.validation = _validation_windows(run)
         self.states: list[ActivationStore] = [run.held_out_inputs.hidden.copy()]
         self.kept: dict[int, nn.Module] = {}
         self.dense: list[torch.Tensor] = []
@@ -102,7 +133,7 @@ class _Search:
             self.source.drop_scratch(index, module)
         self.kept.clear()
 
-    def start(self, sizes: list[BlockSize]) -> float:
+    def start(self, sizes: list[BlockSize]) -> Divergence:
         """Measure the dense model's log-probabilities and the plan ``sizes``; return the plan's KL."""
         outputs = self.states[0].copy()
         try:
@@ -123,11 +154,12 @@ class _Search:
         return self.kl
 
     def try_candidate(self, sizes: list[BlockSize]) -> bool:
-        """Evaluate ``sizes`` (which differs from the plan in a few blocks); keep it when its KL is lower."""
+        """Evaluate ``sizes`` (which differs from the plan in a few blocks); keep it when its KL on the search
+        windows is lower."""
         changed = [i for i, (a, b) in enumerate(zip(sizes, self.sizes)) if a != b]
         built = {index: self._build(index, sizes[index]) for index in changed}
         kl, states = self._evaluate(sizes, changed[0], built)
-        if kl < self.kl:
+        if kl.search < self.kl.search:
             self.kl = kl
             self._accept(sizes, built, changed[0], states)
             return True
@@ -161,7 +193,7 @@ class _Search:
         return module.to(home)
 
     def _evaluate(self, sizes: list[BlockSize], start: int, built: dict[int, nn.Module]
-                  ) -> tuple[float, list[ActivationStore]]:
+                  ) -> tuple[Divergence, list[ActivationStore]]:
         """The KL of the model at ``sizes`` (blocks before ``start`` as in the plan), and its outputs of blocks
         ``start`` onwards on the held-out windows."""
         states: list[ActivationStore] = []
@@ -194,16 +226,29 @@ class _Search:
         logits = self.run.spec.head_logits(self.run.model.config, self.head, x).float()
         return F.log_softmax(logits, -1)
 
-    def _kl(self, outputs: ActivationStore) -> float:
-        """KL(dense || pruned) per position, over every rank's held-out windows."""
-        totals = torch.zeros(2, dtype=torch.float64)
+    def _kl(self, outputs: ActivationStore) -> Divergence:
+        """KL(dense || pruned) per position, over every rank's search and validation windows."""
+        totals = torch.zeros(2, 2, dtype=torch.float64)
+        first = 0
         with modules_on(self.head, self.device), torch.no_grad():
             for dense, hidden in zip(self.dense, outputs):
                 pruned = self._log_probs(hidden)
                 reference = dense.to(self.device)
-                totals[0] += float((reference.exp() * (reference - pruned)).sum(-1).double().sum())
-                totals[1] += reference.shape[0] * reference.shape[1]
+                per_window = (reference.exp() * (reference - pruned)).sum(-1).double().sum(-1).cpu()
+                group = self.validation[first:first + per_window.shape[0]].long()
+                first += per_window.shape[0]
+                totals[:, 0].index_add_(0, group, per_window)
+                totals[:, 1].index_add_(0, group, torch.full_like(per_window, reference.shape[1]))
         if self.run.settings.ranks.distributed:
             sum_in_place(totals, self.run.settings.ranks)
-        return float(totals[0] / max(float(totals[1]), 1.0))
+        return Divergence.from_totals(totals)
+
+
+def _validation_windows(run: PruneRun) -> torch.Tensor:
+    """Which of this rank's held-out windows are validation windows (every :data:`VALIDATION_EVERY`-th of all
+    ranks' windows together, counted from 0)."""
+    count = int(run.held_out.shape[0]) if run.held_out is not None else 0
+    shares = held_out_shares(count, run.settings.ranks)
+    mine = shares[run.settings.ranks.rank] if shares is not None else range(count)
+    return torch.tensor([index % VALIDATION_EVERY == VALIDATION_EVERY - 1 for index in mine])
 

@@ -62,7 +62,69 @@ def test_the_search_evaluates_the_model_the_pruning_pass_builds(monkeypatch, tok
     assert limit - neuron < budget["block_params_after"] <= limit
     card = str(build_model_card(pruner.report, base_model=None, config=pruner.config))
     assert f"refined by a search of 6 candidate exchanges between blocks evaluated as whole models " \
-           f"({summary['accepted']} kept" in card
+           f"({summary['accepted']} taken, the plan after {summary['chosen']} of them chosen" in card
+
+
+def test_the_search_returns_the_plan_it_took_of_lowest_validation_kl(monkeypatch, tokenizer, calibration_texts):
+    """Every fourth held-out window (3 and 7 of 8) is left out of the search's choices; of the plans it took (the
+    curves' plan included) it returns the one of lowest KL on those windows."""
+    from osscar_hf.pipeline.search import SEARCH_POSITIONS, _Search
+
+    seen = _spy(monkeypatch)
+    taken = []
+    real_try = _Search.try_candidate
+
+    def record(self, sizes):
+        if not taken:
+            taken.append((self.kl, list(self.sizes)))  # the curves' plan
+        accepted = real_try(self, sizes)
+        if accepted:
+            taken.append((self.kl, list(self.sizes)))
+        return accepted
+
+    monkeypatch.setattr(_Search, "try_candidate", record)
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    dense = copy.deepcopy(model)
+    fields = dict(SMALL, allocation_samples=8)
+    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=10))
+    pruner.prune(model, tokenizer, progress=False)
+    summary = pruner.report.budget["allocation_search"]
+    assert len(taken) >= 3  # the plan and at least two taken candidates: a choice to make
+    best = min(range(len(taken)), key=lambda i: taken[i][0].validation)
+    assert summary["chosen"] == best and summary["accepted"] == len(taken) - 1
+    assert [[b.attention.kept, b.mlp.kept] for b in pruner.report.blocks] == \
+        [[s.attention, s.mlp] for s in taken[best][1]]
+    windows = seen["run"].held_out
+    stride = max(1, -(-windows.numel() // SEARCH_POSITIONS))
+    assert _held_out_kl(dense, model, windows[3::4], stride) == pytest.approx(summary["validation_kl_searched"],
+                                                                             rel=1e-4)
+    assert _held_out_kl(dense, model, windows, stride) == pytest.approx(summary["kl_searched"], rel=1e-4)
+
+
+def test_a_search_that_only_overfits_gives_back_the_curves_plan(monkeypatch, tokenizer, calibration_texts):
+    """When every plan the search takes is worse on the validation windows (here made so), the curves' plan is
+    pruned."""
+    from osscar_hf.pipeline.search import Divergence, _Search
+
+    seen = _spy(monkeypatch)
+    real_kl = _Search._kl
+    calls = []
+
+    def worse_later(self, outputs):
+        kl = real_kl(self, outputs)
+        calls.append(1)
+        return Divergence(kl.search, kl.validation + 10.0 * len(calls), kl.all)
+
+    monkeypatch.setattr(_Search, "_kl", worse_later)
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    fields = dict(SMALL, allocation_samples=8)
+    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=10))
+    pruner.prune(model, tokenizer, progress=False)
+    summary = pruner.report.budget["allocation_search"]
+    assert summary["accepted"] > 0 and summary["chosen"] == 0
+    assert summary["kl_searched"] == summary["kl_plan"]
+    assert [[b.attention.kept, b.mlp.kept] for b in pruner.report.blocks] == \
+        [[s.attention, s.mlp] for s in seen["plan"]]
 
 
 def test_the_search_takes_the_neurons_of_a_redundant_block(monkeypatch, tokenizer, calibration_texts):
