@@ -10,7 +10,7 @@ The measurements themselves run in the pipeline (:mod:`osscar_hf.pipeline.measur
 """
 
 from .allocate import PartCurve, allocate, lower_hull
-from .exchange import ExchangeBudget, PartDamage, guided_exchange, predicted_damage, propose_exchange
+from .exchange import ExchangeBudget, propose_exchange
 from .flap import flap_sizes, level_scores, standardised_structure_scores
 from .geometry import BlockGeometry, block_geometries
 from .plan import (
@@ -29,6 +29,6 @@ from .sizes import BlockSize
 
 __all__ = [
     "BlockGeometry", "BlockSize", "ExchangeBudget", "PartCurve", "allocate", "allowed_sizes", "block_geometries", "check_budget",
-    "explicit_sizes", "flap_sizes", "guided_exchange", "PartDamage", "predicted_damage", "propose_exchange", "global_sizes", "level_scores", "lower_hull", "part_floor", "part_floors",
+    "explicit_sizes", "flap_sizes", "propose_exchange", "global_sizes", "level_scores", "lower_hull", "part_floor", "part_floors",
     "plan_fixed_sizes", "round_neurons", "standardised_structure_scores", "uniform_budget_sizes", "uses_global_allocation",
 ]

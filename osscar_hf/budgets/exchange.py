@@ -18,9 +18,7 @@ from .geometry import BlockGeometry
 from .plan import allowed_sizes, part_floors
 from .sizes import BlockSize
 
-__all__ = ["ExchangeBudget", "PartDamage", "guided_exchange", "predicted_damage", "propose_exchange"]
-
-PartDamage = dict[tuple[int, str], dict[int, float]]  # (block, part) -> kept count -> measured damage (the curves)
+__all__ = ["ExchangeBudget", "propose_exchange"]
 
 MOVE_STEPS = 24  # a receiving MLP grows by about 1/24 of its neurons (64 of SmolLM2's 1536)
 # (donor part, receiver part, probability): neurons between MLPs most often; an attention structure for neurons, or
@@ -28,7 +26,6 @@ MOVE_STEPS = 24  # a receiving MLP grows by about 1/24 of its neurons (64 of Smo
 EXCHANGES: tuple[tuple[str, str, float], ...] = (("mlp", "mlp", 0.7), ("attention", "mlp", 0.15),
                                                  ("mlp", "attention", 0.15))
 TRIES = 100  # random draws before giving up on finding an exchange that fits
-GUIDED_DRAWS = 4  # random exchanges drawn per guided proposal, the one the curves predict least harmful proposed
 
 
 @dataclass(frozen=True)
@@ -136,27 +133,3 @@ def propose_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random
         if new is not None:
             return new
     return None
-
-
-def predicted_damage(sizes: list[BlockSize], damage: PartDamage) -> float:
-    """The damage the curves add up for ``sizes`` (every part's kept count must be on its curve)."""
-    return sum(damage[(i, part)][_count(size, part)] for i, size in enumerate(sizes) for part in ("attention", "mlp"))
-
-
-def guided_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random.Random, damage: PartDamage,
-                    tried: set[tuple[BlockSize, ...]] = frozenset(), draws: int = GUIDED_DRAWS
-                    ) -> list[BlockSize] | None:
-    """Of ``draws`` random exchanges (:func:`propose_exchange`) not in ``tried``, the one of least
-    :func:`predicted_damage`: the curves' plan is their optimum, so every exchange looks harmful to them, and those
-    that look least so are where their second-order, additive estimate is most likely wrong in the search's favour.
-    None when none fits (in :data:`TRIES` draws)."""
-    drawn: list[list[BlockSize]] = []
-    for _ in range(TRIES):
-        new = propose_exchange(sizes, budget, rng)
-        if new is None:
-            break
-        if tuple(new) not in tried:
-            drawn.append(new)
-            if len(drawn) == draws:
-                break
-    return min(drawn, key=lambda new: predicted_damage(new, damage)) if drawn else None

@@ -28,7 +28,7 @@ from ..methods import LayerProblem, LayerStatistics, get_method
 from .block import PARTS, block_consumers, block_device
 from .run import BlockSource, PruneRun
 from .search import search_sizes
-from .sensitivity import sensitivity_plan
+from .sensitivity import sensitivity_sizes
 from .statistics import InputStatistics, input_hooks
 
 __all__ = ["dense_pass", "measured_sizes"]
@@ -126,8 +126,8 @@ def _flap(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress
 
 
 def _osscar(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool) -> list[BlockSize]:
-    sizes, damage = sensitivity_plan(run, source, captured, progress=progress)
-    return search_sizes(run, source, sizes, damage, progress=progress)
+    sizes = sensitivity_sizes(run, source, captured, progress=progress)
+    return search_sizes(run, source, sizes, progress=progress)
 
 
 _ALLOCATIONS: dict[str, Callable[[PruneRun, BlockSource, CapturedInputs, bool], list[BlockSize]]] = {

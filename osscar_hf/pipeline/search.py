@@ -3,8 +3,7 @@
 The damage curves (:mod:`.sensitivity`) are a second-order estimate around the uniformly pruned model, summed over
 blocks as if their errors did not interact. With ``OsscarConfig(allocation_search=N)`` the plan they give is the
 start of a search that checks itself against the model: ``N`` candidates, each a budget-neutral exchange between two
-blocks' parts (:func:`osscar_hf.budgets.guided_exchange`: of a few random ones, the one the curves predict least
-harmful), are built exactly as the pruning pass will build them
+blocks' parts (:func:`osscar_hf.budgets.propose_exchange`), are built exactly as the pruning pass will build them
 (:func:`~osscar_hf.pipeline.kept.solve_on_kept`: on the Gram matrices the planning kept) and run on the held-out
 windows from the first changed block on; a candidate replaces the plan when its KL divergence from the dense model's
 next-token distribution is lower on the search windows. Every :data:`VALIDATION_EVERY`-th held-out window is kept
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..budgets import BlockSize, ExchangeBudget, PartDamage, guided_exchange
-from ..distributed import broadcast, step, sum_in_place
+from ..budgets import BlockSize, ExchangeBudget, propose_exchange
+from ..distributed import step, sum_in_place
 from .block import block_device, modules_on, propagate_block
 from .kept import solve_on_kept
 from .run import BlockSource, PruneRun, scratch_copy
@@ -66,34 +65,28 @@ class Divergence:
         return cls(search=search, validation=mean(*totals[1]) if totals[1, 1] > 0 else search, all=mean(*both))
 
 
-def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], damage: PartDamage, *,
-                 progress: bool = True) -> list[BlockSize]:
-    """``sizes`` (the curves' plan from ``damage``) improved by ``run.config.allocation_search`` candidate exchanges
-    (see the module docstring)."""
+def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, progress: bool = True
+                 ) -> list[BlockSize]:
+    """``sizes`` improved by ``run.config.allocation_search`` candidate exchanges (see the module docstring)."""
     count = run.config.allocation_search
     if not count:
         return sizes
     started = time.perf_counter()
     budget = ExchangeBudget.from_config(run.config, run.geometries)
     rng = random.Random(run.config.seed)
-    damage = broadcast(damage, run.settings.ranks)  # rank 0's curves: every rank proposes the same candidates
     with _Search(run, source) as search:
         first = search.start(sizes)
         best, best_at, result = first, 0, list(sizes)
         accepted = tried = 0
         bar = tqdm(total=count, desc="planning: allocation search", unit="candidate", disable=not progress)
         try:
-            rejected: set[tuple[BlockSize, ...]] = set()  # since the last plan taken: they would be again
             for _ in range(count):
-                candidate = guided_exchange(search.sizes, budget, rng, damage, rejected)
+                candidate = propose_exchange(search.sizes, budget, rng)
                 if candidate is None:
-                    logger.info("allocation search: no untried exchange fits the floors and the target any more")
+                    logger.info("allocation search: no exchange fits the floors and the target any more")
                     break
                 tried += 1
-                if not search.try_candidate(candidate):
-                    rejected.add(tuple(candidate))
-                else:
-                    rejected.clear()
+                if search.try_candidate(candidate):
                     accepted += 1
                     if search.kl.validation < best.validation:
                         best, best_at, result = search.kl, accepted, list(search.sizes)

@@ -41,15 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
-from ..budgets import (
-    BlockGeometry,
-    BlockSize,
-    PartDamage,
-    allowed_sizes,
-    global_sizes,
-    part_floors,
-    uniform_budget_sizes,
-)
+from ..budgets import BlockGeometry, BlockSize, allowed_sizes, global_sizes, part_floors, uniform_budget_sizes
 from ..capture import CapturedInputs, call_block, move_to
 from ..config import OsscarConfig
 from ..distributed import Ranks, gather_rows, step, sum_in_place
@@ -59,7 +51,7 @@ from .block import PARTS, BlockStream, block_consumers, block_device, modules_on
 from .run import BlockSource, PruneRun, scratch_copy
 from .statistics import statistics_tensors
 
-__all__ = ["ConsumerMoments", "first_prune_sizes", "held_out_shares", "sensitivity_plan"]
+__all__ = ["ConsumerMoments", "first_prune_sizes", "held_out_shares", "sensitivity_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +66,9 @@ FIRST_PRUNE_BATCHES = 1.0
 PLANNING_DTYPE: torch.dtype | None = torch.float32
 
 
-def sensitivity_plan(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True
-                     ) -> tuple[list[BlockSize], PartDamage]:
-    """Every block's kept sizes from damage measured in the uniformly pruned model (see the module docstring), and
-    that damage (the curves)."""
+def sensitivity_sizes(run: PruneRun, source: BlockSource, captured: CapturedInputs, *, progress: bool = True
+                      ) -> list[BlockSize]:
+    """Every block's kept sizes from damage measured in the uniformly pruned model (see the module docstring)."""
     if run.held_out_inputs is None or not isinstance(run.held_out_inputs.hidden, ActivationStore):
         raise RuntimeError("OSSCAR's allocation needs the held-out windows captured (see orchestrate.capture)")
     started = time.perf_counter()
@@ -90,7 +81,7 @@ def sensitivity_plan(run: PruneRun, source: BlockSource, captured: CapturedInput
             store.close()
     logger.info("planning: uniform first prune %.1f s, sensitivity sweep and damage curves %.1f s",
                 pruned - started, time.perf_counter() - pruned)
-    return global_sizes(run.config, run.geometries, damage), damage
+    return global_sizes(run.config, run.geometries, damage)
 
 
 def _first_prune(run: PruneRun, source: BlockSource, captured: CapturedInputs, progress: bool

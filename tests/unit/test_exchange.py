@@ -9,16 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from osscar_hf.budgets import (
-    BlockGeometry,
-    BlockSize,
-    ExchangeBudget,
-    global_sizes,
-    guided_exchange,
-    predicted_damage,
-    propose_exchange,
-)
-from osscar_hf.budgets.exchange import GUIDED_DRAWS, exchange
+from osscar_hf.budgets import BlockGeometry, BlockSize, ExchangeBudget, global_sizes, propose_exchange
+from osscar_hf.budgets.exchange import exchange
 from osscar_hf.config import OsscarConfig
 
 
@@ -88,50 +80,3 @@ def test_an_exchange_moves_one_step_to_the_receiver_and_the_least_from_the_donor
     assert exchange(sizes, budget, (1, "mlp"), (1, "attention")) is None  # one block with itself
     one = ExchangeBudget.from_config(config, geometries[:1])
     assert propose_exchange(sizes[:1], one, random.Random(0)) is None  # nothing to exchange with
-
-
-def _damage(geometries: list[BlockGeometry]) -> dict:
-    """Damage curves that differ per block: quadratic in what is removed, block 0's neurons ten times costlier."""
-    damage = {}
-    for i, g in enumerate(geometries):
-        damage[(i, "attention")] = {k: float(g.attention_structures - k) ** 2 for k in range(g.attention_structures + 1)}
-        damage[(i, "mlp")] = {k: (10.0 if i == 0 else 1.0) * (g.mlp_structures - k) ** 2
-                              for k in range(g.mlp_structures + 1)}
-    return damage
-
-
-def test_the_predicted_damage_adds_up_every_part_on_its_curve():
-    geometries = _geometries()[:2]
-    damage = _damage(geometries)
-    sizes = [BlockSize(3, 94), BlockSize(4, 59)]  # of (4, 96) and (4, 64)
-    assert predicted_damage(sizes, damage) == 1.0 + 10.0 * 2 ** 2 + 0.0 + 5.0 ** 2
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_a_guided_exchange_is_the_least_harmful_of_its_draws_by_the_curves(seed):
-    geometries = _geometries()
-    config = OsscarConfig(sparsity=0.4, min_part_keep=0.05, min_block_keep=0.3)
-    budget = ExchangeBudget.from_config(config, geometries)
-    damage = _damage(geometries)
-    sizes = _plan(config, geometries)
-    rng = random.Random(seed)
-    draws = [propose_exchange(sizes, budget, rng) for _ in range(GUIDED_DRAWS)]
-    guided = guided_exchange(sizes, budget, random.Random(seed), damage)
-    assert guided in draws
-    assert predicted_damage(guided, damage) == min(predicted_damage(d, damage) for d in draws)
-    single = guided_exchange(sizes, budget, random.Random(seed), damage, draws=1)
-    assert single == draws[0]  # one draw: the random exchange itself
-
-
-def test_guided_exchanges_skip_the_tried_ones_until_none_is_left():
-    geometries = _geometries()[:2]
-    config = OsscarConfig(sparsity=0.4, min_part_keep=0.0, min_block_keep=0.0)
-    budget = ExchangeBudget.from_config(config, geometries)
-    sizes = _plan(config, geometries)
-    damage = _damage(geometries)
-    rng = random.Random(0)
-    tried: set = set()
-    while (new := guided_exchange(sizes, budget, rng, damage, tried)) is not None:
-        assert tuple(new) not in tried
-        tried.add(tuple(new))
-    assert 1 < len(tried) <= 4  # two blocks: each part of each block can only grow at the other's expense
