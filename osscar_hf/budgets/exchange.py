@@ -11,6 +11,7 @@ would leave it short by more than before (and by a run of ``round_to`` neurons o
 from __future__ import annotations
 
 import random
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,9 +120,10 @@ def exchange(sizes: list[BlockSize], budget: ExchangeBudget, donor: tuple[int, s
     return new if short < budget.run_cost or short <= short_before + 1e-6 else None
 
 
-def propose_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random.Random) -> list[BlockSize] | None:
-    """A random exchange (:data:`EXCHANGES`, two distinct blocks) that fits, or None after :data:`TRIES` draws (or
-    with fewer than two blocks)."""
+def propose_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random.Random,
+                     tried: Container[tuple[BlockSize, ...]] = frozenset()) -> list[BlockSize] | None:
+    """A random exchange (:data:`EXCHANGES`, two distinct blocks) that fits and is not in ``tried``, or None after
+    :data:`TRIES` draws (or with fewer than two blocks)."""
     if len(sizes) < 2:
         return None
     kinds = [(d, r) for d, r, _ in EXCHANGES]
@@ -130,6 +132,6 @@ def propose_exchange(sizes: list[BlockSize], budget: ExchangeBudget, rng: random
         donor_part, receiver_part = rng.choices(kinds, weights)[0]
         i, j = rng.sample(range(len(sizes)), 2)
         new = exchange(sizes, budget, (i, donor_part), (j, receiver_part))
-        if new is not None:
+        if new is not None and tuple(new) not in tried:
             return new
     return None

@@ -80,13 +80,17 @@ def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, 
         accepted = tried = 0
         bar = tqdm(total=count, desc="planning: allocation search", unit="candidate", disable=not progress)
         try:
+            rejected: set[tuple[BlockSize, ...]] = set()  # since the last plan taken: they would be again
             for _ in range(count):
-                candidate = propose_exchange(search.sizes, budget, rng)
+                candidate = propose_exchange(search.sizes, budget, rng, rejected)
                 if candidate is None:
-                    logger.info("allocation search: no exchange fits the floors and the target any more")
+                    logger.info("allocation search: no untried exchange fits the floors and the target any more")
                     break
                 tried += 1
-                if search.try_candidate(candidate):
+                if not search.try_candidate(candidate):
+                    rejected.add(tuple(candidate))
+                else:
+                    rejected.clear()
                     accepted += 1
                     if search.kl.validation < best.validation:
                         best, best_at, result = search.kl, accepted, list(search.sizes)

@@ -74,22 +74,27 @@ def test_the_search_returns_the_plan_it_took_of_lowest_validation_kl(monkeypatch
     taken = []
     real_try = _Search.try_candidate
 
+    segments = [[]]  # the candidates tried between two plans taken
+
     def record(self, sizes):
         if not taken:
             taken.append((self.kl, list(self.sizes)))  # the curves' plan
+        segments[-1].append(tuple(sizes))
         accepted = real_try(self, sizes)
         if accepted:
             taken.append((self.kl, list(self.sizes)))
+            segments.append([])
         return accepted
 
     monkeypatch.setattr(_Search, "try_candidate", record)
     model = make_model("llama-gqa", num_hidden_layers=3)
     dense = copy.deepcopy(model)
     fields = dict(SMALL, allocation_samples=8)
-    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=10))
+    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=40))
     pruner.prune(model, tokenizer, progress=False)
     summary = pruner.report.budget["allocation_search"]
     assert len(taken) >= 3  # the plan and at least two taken candidates: a choice to make
+    assert all(len(set(tried)) == len(tried) for tried in segments)  # a rejected candidate is not tried again
     best = min(range(len(taken)), key=lambda i: taken[i][0].validation)
     assert summary["chosen"] == best and summary["accepted"] == len(taken) - 1
     assert [[b.attention.kept, b.mlp.kept] for b in pruner.report.blocks] == \

@@ -80,3 +80,16 @@ def test_an_exchange_moves_one_step_to_the_receiver_and_the_least_from_the_donor
     assert exchange(sizes, budget, (1, "mlp"), (1, "attention")) is None  # one block with itself
     one = ExchangeBudget.from_config(config, geometries[:1])
     assert propose_exchange(sizes[:1], one, random.Random(0)) is None  # nothing to exchange with
+
+
+def test_an_exchange_already_tried_is_not_proposed_again():
+    geometries = _geometries()[:2]
+    config = OsscarConfig(sparsity=0.4, min_part_keep=0.0, min_block_keep=0.0)
+    budget = ExchangeBudget.from_config(config, geometries)
+    sizes = _plan(config, geometries)
+    rng = random.Random(0)
+    tried: set = set()
+    while (new := propose_exchange(sizes, budget, rng, tried)) is not None:
+        assert tuple(new) not in tried
+        tried.add(tuple(new))
+    assert 1 < len(tried) <= 4  # two blocks: each part of each block can only grow at the other's expense
