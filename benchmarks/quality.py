@@ -247,10 +247,8 @@ def _search(row: Row) -> str:
     if not row.search:
         return ""
     s = row.search
-    text = f"{s['accepted']} / {s.get('chosen', s['accepted'])} of {s['candidates']}, {s['kl_plan']:.4f} -> {s['kl_searched']:.4f}"
-    if "validation_kl_plan" in s:
-        text += f" ({s['validation_kl_plan']:.4f} -> {s['validation_kl_searched']:.4f})"
-    return text
+    return (f"{s['accepted']} / {s['chosen']} of {s['candidates']}, {s['kl_plan']:.4f} -> {s['kl_searched']:.4f} "
+            f"({s['validation_kl_plan']:.4f} -> {s['validation_kl_searched']:.4f})")
 
 
 def save(args: argparse.Namespace, rows: list[Row], settings: dict[str, Any]) -> None:

@@ -261,9 +261,8 @@ def _describe_sizes(config: OsscarConfig, report: PruneReport) -> str:
            "flap": "chosen by FLAP's global ranking of standardised fluctuation scores"}.get(allocation, allocation)
     search = (report.budget or {}).get("allocation_search")
     if search:
-        chosen = search.get("chosen", search["accepted"])  # (a report from before the validation windows)
         how += (f", then refined by a search of {search['candidates']} candidate exchanges between blocks evaluated as "
-                f"whole models ({search['accepted']} taken, the plan after {chosen} of them chosen on validation "
+                f"whole models ({search['accepted']} taken, the plan after {search['chosen']} of them chosen on validation "
                 f"windows; held-out KL from the dense model {search['kl_plan']:.4f} -> {search['kl_searched']:.4f})")
     return f"a global budget, {_number(config.sparsity)} of the decoder blocks' {what} removed, {how}"
 

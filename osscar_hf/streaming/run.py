@@ -566,7 +566,7 @@ def _open_partial(files: LocalFiles | HubFiles, tmp: Path, fingerprint: dict[str
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir(exist_ok=True)
             files.keep_record(tmp, earlier_downloads)
-    return PartialRun(*broadcast(tuple(partial), ranks))
+    return broadcast(partial, ranks)
 
 
 def _stream_blocks(run: PruneRun, source: ShardBlocks, other_keys: list[str], progress: bool
