@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,9 +427,13 @@ class ActivationStore:
     def copy(self, count: int | None = None) -> ActivationStore:
         """A second store with the same tensors (the first ``count`` of them; all by default); on disk, the same
         files, deleted once every store holding them is closed."""
+        return self.subset(range(len(self._items))[:count])
+
+    def subset(self, indices: Sequence[int]) -> ActivationStore:
+        """A second store with the tensors at ``indices``, in that order, shared as :meth:`copy` shares them."""
         self._check_open()
         other = ActivationStore(self.space)
-        for item in self._items[:count]:
+        for item in (self._items[i] for i in indices):
             if self._disk:
                 with self.space._lock:
                     item.refs += 1

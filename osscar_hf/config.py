@@ -426,7 +426,8 @@ class OsscarConfig(QuantizationConfigMixin):
             and kept when the whole model's KL divergence from the dense model on the held-out windows is lower
             (``docs/budgets.md``), on three in four of the held-out windows; of the plans it takes, the one of
             lowest KL on the others (validation windows) is pruned. Costs a few block forwards and solves per
-            candidate; needs ``reuse_planning_grams``.
+            candidate (with more than ``batch_size`` held-out windows, a candidate not better on every fourth batch
+            of them is not run on the rest); needs ``reuse_planning_grams``.
         method: the selection method, one of :func:`osscar_hf.methods.method_names`: ``"osscar"`` (the default),
             ``"obs_greedy"``, ``"magnitude"``, ``"wanda_sp"``, ``"flap"``. See :mod:`osscar_hf.methods`.
         dataset: calibration data: a name (``"c4"``, ``"wikitext2"``, ``"ptb"``, loaded from the Hub), a path

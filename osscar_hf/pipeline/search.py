@@ -9,9 +9,18 @@ windows from the first changed block on; a candidate replaces the plan when its 
 next-token distribution is lower on the search windows. Every :data:`VALIDATION_EVERY`-th held-out window is kept
 out of that choice (a validation window): each plan the search takes is measured on them too, and the search
 returns the one of lowest validation KL (the curves' plan included), so that a long search which overfits the
-search windows gives back its later plans. What the search holds: the current plan's pruned blocks (planning copies, in memory
-or in the partial folder, as the first prune's), their outputs on the held-out windows, and the dense model's
-log-probabilities at up to :data:`SEARCH_POSITIONS` positions.
+search windows gives back its later plans.
+
+A candidate is measured in two stages (racing): first on every :data:`FIRST_STAGE_EVERY`-th batch of held-out windows
+(batches 0, 4, 8, ... of ``batch_size`` windows, of every rank's windows together), and only if its search KL there is
+lower than the plan's on the same windows, on the rest. Most candidates are rejected, many of them after the first
+stage, so more held-out windows cost less than their forwards; a candidate taken was measured on all of them. (With
+a single batch of held-out windows there is one stage.) Which windows a stage holds does not depend on how the ranks
+share them, so every layout takes the same decisions; the first stage runs on the ranks that hold its windows.
+
+What the search holds: the current plan's pruned blocks (planning copies, in memory or in the partial folder, as
+the first prune's), their outputs on the held-out windows, and the dense model's log-probabilities at up to
+:data:`SEARCH_POSITIONS` positions.
 
 Under ``torch.distributed`` every rank runs the same candidates (one generator, seeded) on its share of the held-out
 windows, and the KL's sums are summed over the ranks, so every rank takes the same decisions.
@@ -38,12 +47,13 @@ from .kept import solve_on_kept
 from .run import BlockSource, PruneRun, scratch_copy
 from .sensitivity import held_out_shares
 
-__all__ = ["SEARCH_POSITIONS", "VALIDATION_EVERY", "search_sizes"]
+__all__ = ["FIRST_STAGE_EVERY", "SEARCH_POSITIONS", "VALIDATION_EVERY", "search_sizes"]
 
 logger = logging.getLogger(__name__)
 
 SEARCH_POSITIONS = 1024  # next-token distributions the KL is measured on at most (the held-out windows, strided)
 VALIDATION_EVERY = 4  # held-out windows 3, 7, 11, ... (of every rank's together) choose among the plans taken
+FIRST_STAGE_EVERY = 4  # held-out batches 0, 4, 8, ...: a candidate not better there is not measured further
 
 
 @dataclass(frozen=True)
@@ -98,18 +108,26 @@ def search_sizes(run: PruneRun, source: BlockSource, sizes: list[BlockSize], *, 
                 bar.update(1)
         finally:
             bar.close()
+        rejected_early = search.rejected_early
     seconds = time.perf_counter() - started
-    run.search_summary = {"candidates": tried, "accepted": accepted, "chosen": best_at, "kl_plan": first.all,
-                          "kl_searched": best.all, "validation_kl_plan": first.validation,
-                          "validation_kl_searched": best.validation, "seconds": seconds}
-    logger.info("allocation search: %d of %d candidates taken, the plan after %d of them chosen on the validation "
-                "windows; held-out KL from the dense model %.4f -> %.4f (validation %.4f -> %.4f; %.1f s)", accepted,
-                tried, best_at, first.all, best.all, first.validation, best.validation, seconds)
+    run.search_summary = {"candidates": tried, "accepted": accepted, "rejected_early": rejected_early,
+                          "chosen": best_at, "kl_plan": first.all, "kl_searched": best.all,
+                          "validation_kl_plan": first.validation, "validation_kl_searched": best.validation,
+                          "seconds": seconds}
+    logger.info("allocation search: %d of %d candidates taken (%d rejected on the first stage of windows), the plan "
+                "after %d of them chosen on the validation windows; held-out KL from the dense model %.4f -> %.4f "
+                "(validation %.4f -> %.4f; %.1f s)", accepted, tried, rejected_early, best_at, first.all, best.all,
+                first.validation, best.validation, seconds)
     return result
 
 
 class _Search:
-    """The current plan's pruned blocks and held-out outputs, and the dense model's log-probabilities."""
+    """The current plan's pruned blocks and held-out outputs, and the dense model's log-probabilities.
+
+    ``states[i][k]``: the inputs of block ``i`` (``i = len(blocks)``: the last block's outputs) for this rank's held-out
+    batches measured in stage ``k`` (``stages[k]``), in the current plan; ``totals[s, g] = (KL sum, positions)`` of the
+    plan over every rank's windows of stage ``s`` and group ``g`` (0: search windows, 1: validation windows).
+    """
 
     def __init__(self, run: PruneRun, source: BlockSource) -> None:
         if run.held_out_inputs is None or not isinstance(run.held_out_inputs.hidden, ActivationStore):
@@ -122,24 +140,51 @@ class _Search:
         self.stride = max(1, math.ceil(tokens / SEARCH_POSITIONS))
         self.sizes: list[BlockSize] = []
         self.kl = Divergence(math.inf, math.inf, math.inf)
-        self.validation = _validation_windows(run)
-        self.states: list[ActivationStore] = [run.held_out_inputs.hidden.copy()]
+        self.validation, self.window_stage = _window_groups(run)
+        self.racing = int(run.held_out.shape[0]) > run.config.batch_size  # a window in the second stage
+        self.stages: list[list[int]] = []
+        self.states: list[list[ActivationStore]] = []
+        self.totals = torch.zeros(2, 2, 2, dtype=torch.float64)
         self.kept: dict[int, nn.Module] = {}
-        self.dense: list[torch.Tensor] = []
+        self.dense: list[torch.Tensor] = []  # the dense model's log-probabilities, per batch
+        self.first_window: list[int] = []  # per batch: the index of its first window among this rank's
+        self.rejected_early = 0
 
     def __enter__(self) -> _Search:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for store in self.states:
-            store.close()
+        for stores in self.states:
+            _close(stores)
         for index, module in self.kept.items():
             self.source.drop_scratch(index, module)
         self.kept.clear()
 
     def start(self, sizes: list[BlockSize]) -> Divergence:
         """Measure the dense model's log-probabilities and the plan ``sizes``; return the plan's KL."""
-        outputs = self.states[0].copy()
+        self._measure_dense()
+        self.stages = self._batch_stages()
+        self.states = [[self.run.held_out_inputs.hidden.subset(batches) for batches in self.stages]]
+        self.sizes = list(sizes)
+        for index, size in enumerate(sizes):  # each kept as it is built: one pruned block in memory at a time
+            self._keep(index, self._build(index, size))
+        measured: list[list[ActivationStore]] = []
+        try:
+            for stage in range(len(self.stages)):
+                totals, states = self._evaluate(sizes, 0, {}, stage)
+                self.totals += totals
+                measured.append(states)
+        except BaseException:
+            for states in measured:
+                _close(states)
+            raise
+        self.states[1:] = [list(stores) for stores in zip(*measured)]
+        self.kl = Divergence.from_totals(self.totals.sum(0))
+        return self.kl
+
+    def _measure_dense(self) -> None:
+        """The dense model's log-probabilities on every held-out batch of this rank, and where each batch starts."""
+        outputs = self.run.held_out_inputs.hidden.copy()
         try:
             for index, block in enumerate(self.run.blocks):
                 self.source.load(index, block)
@@ -148,35 +193,52 @@ class _Search:
                 finally:
                     self.source.release(index, block)
             with modules_on(self.head, self.device), torch.no_grad():
-                self.dense = [self._log_probs(hidden).to(self.storage) for hidden in outputs]
+                for hidden in outputs:
+                    self.first_window.append(sum(d.shape[0] for d in self.dense))
+                    self.dense.append(self._log_probs(hidden).to(self.storage))
         finally:
             outputs.close()
-        self.sizes = list(sizes)
-        for index, size in enumerate(sizes):  # each kept as it is built: one pruned block in memory at a time
-            self._keep(index, self._build(index, size))
-        self.kl, self.states[1:] = self._evaluate(sizes, 0, {})
-        return self.kl
 
     def try_candidate(self, sizes: list[BlockSize]) -> bool:
-        """Evaluate ``sizes`` (which differs from the plan in a few blocks); keep it when its KL on the search
-        windows is lower."""
+        """Evaluate ``sizes`` (which differs from the plan in a few blocks) stage by stage; keep it when its KL on the
+        search windows is lower (a candidate not lower on the first stage's windows is rejected there)."""
         changed = [i for i, (a, b) in enumerate(zip(sizes, self.sizes)) if a != b]
         built = {index: self._build(index, sizes[index]) for index in changed}
-        kl, states = self._evaluate(sizes, changed[0], built)
-        if kl.search < self.kl.search:
-            self.kl = kl
-            self._accept(sizes, built, changed[0], states)
+        totals = torch.zeros_like(self.totals)
+        states: list[list[ActivationStore]] = []
+        try:
+            for stage in range(len(self.stages)):
+                stage_totals, stage_states = self._evaluate(sizes, changed[0], built, stage)
+                totals += stage_totals
+                states.append(stage_states)
+                if stage == 0 and self.racing and not totals[0, 0, 0] < self.totals[0, 0, 0]:
+                    self.rejected_early += 1
+                    return False
+            kl = Divergence.from_totals(totals.sum(0))
+            if kl.search >= self.kl.search:
+                return False
+            self.kl, self.totals = kl, totals
+            self._accept(sizes, built, changed[0], [list(stores) for stores in zip(*states)])
+            states = []  # the plan's now
             return True
-        for store in states:
-            store.close()
-        return False
+        finally:
+            for stores in states:
+                _close(stores)
+
+    def _batch_stages(self) -> list[list[int]]:
+        """This rank's held-out batches in the order of the stages: first those holding a window of the first stage."""
+        if not self.racing:
+            return [list(range(len(self.dense)))]
+        first = [bool((self.window_stage[start:start + d.shape[0]] == 0).any())
+                 for start, d in zip(self.first_window, self.dense)]
+        return [[b for b, f in enumerate(first) if f], [b for b, f in enumerate(first) if not f]]
 
     def _accept(self, sizes: list[BlockSize], built: dict[int, nn.Module], start: int,
-                states: list[ActivationStore]) -> None:
+                states: list[list[ActivationStore]]) -> None:
         for index, module in built.items():
             self._keep(index, module)
-        for store in self.states[start + 1:]:
-            store.close()
+        for stores in self.states[start + 1:]:
+            _close(stores)
         self.states[start + 1:] = states
         self.sizes = list(sizes)
 
@@ -196,12 +258,12 @@ class _Search:
             solve_on_kept(self.source, module.to(self.device), index, run.spec, run.settings.with_sizes(sizes))
         return module.to(home)
 
-    def _evaluate(self, sizes: list[BlockSize], start: int, built: dict[int, nn.Module]
-                  ) -> tuple[Divergence, list[ActivationStore]]:
-        """The KL of the model at ``sizes`` (blocks before ``start`` as in the plan), and its outputs of blocks
-        ``start`` onwards on the held-out windows."""
+    def _evaluate(self, sizes: list[BlockSize], start: int, built: dict[int, nn.Module], stage: int
+                  ) -> tuple[torch.Tensor, list[ActivationStore]]:
+        """The KL sums of the model at ``sizes`` (blocks before ``start`` as in the plan) on the held-out batches of
+        ``stage``, and its outputs of blocks ``start`` onwards there."""
         states: list[ActivationStore] = []
-        hidden = self.states[start]
+        hidden = self.states[start][stage]
         try:
             for index in range(start, len(self.run.blocks)):
                 module = built.get(index)
@@ -211,10 +273,9 @@ class _Search:
                 states.append(hidden)
                 if index not in built:
                     self.source.release_scratch(index, module)
-            return self._kl(hidden), states
+            return self._totals(hidden, self.stages[stage]), states
         except BaseException:
-            for store in states:
-                store.close()
+            _close(states)
             raise
 
     def _forward(self, index: int, module: nn.Module, inputs: ActivationStore, *, close_input: bool
@@ -230,29 +291,39 @@ class _Search:
         logits = self.run.spec.head_logits(self.run.model.config, self.head, x).float()
         return F.log_softmax(logits, -1)
 
-    def _kl(self, outputs: ActivationStore) -> Divergence:
-        """KL(dense || pruned) per position, over every rank's search and validation windows."""
-        totals = torch.zeros(2, 2, dtype=torch.float64)
-        first = 0
+    def _totals(self, outputs: ActivationStore, batches: list[int]) -> torch.Tensor:
+        """``totals[s, g] = (sum of KL(dense || pruned), positions)`` over every rank's windows of stage ``s`` and
+        group ``g`` in the held-out ``batches`` (this rank's, whose last block outputs are ``outputs``)."""
+        totals = torch.zeros(2, 2, 2, dtype=torch.float64)
         with modules_on(self.head, self.device), torch.no_grad():
-            for dense, hidden in zip(self.dense, outputs):
+            for batch, hidden in zip(batches, outputs):
                 pruned = self._log_probs(hidden)
-                reference = dense.to(self.device)
+                reference = self.dense[batch].to(self.device)
                 per_window = (reference.exp() * (reference - pruned)).sum(-1).double().sum(-1).cpu()
-                group = self.validation[first:first + per_window.shape[0]].long()
-                first += per_window.shape[0]
-                totals[:, 0].index_add_(0, group, per_window)
-                totals[:, 1].index_add_(0, group, torch.full_like(per_window, reference.shape[1]))
+                windows = slice(self.first_window[batch], self.first_window[batch] + per_window.shape[0])
+                cell = (self.window_stage[windows] * 2 + self.validation[windows]).long()
+                flat = totals.view(4, 2)
+                flat[:, 0].index_add_(0, cell, per_window)
+                flat[:, 1].index_add_(0, cell, torch.full_like(per_window, reference.shape[1]))
         if self.run.settings.ranks.distributed:
             sum_in_place(totals, self.run.settings.ranks)
-        return Divergence.from_totals(totals)
+        return totals
 
 
-def _validation_windows(run: PruneRun) -> torch.Tensor:
-    """Which of this rank's held-out windows are validation windows (every :data:`VALIDATION_EVERY`-th of all
-    ranks' windows together, counted from 0)."""
+def _close(stores: list[ActivationStore]) -> None:
+    for store in stores:
+        store.close()
+
+
+def _window_groups(run: PruneRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of this rank's held-out windows: whether it is a validation window (every :data:`VALIDATION_EVERY`-th
+    of all ranks' windows together, counted from 0), and its stage (0: in every :data:`FIRST_STAGE_EVERY`-th batch of
+    ``batch_size`` of all ranks' windows together, measured first; 1: the others)."""
     count = int(run.held_out.shape[0]) if run.held_out is not None else 0
     shares = held_out_shares(count, run.settings.ranks)
     mine = shares[run.settings.ranks.rank] if shares is not None else range(count)
-    return torch.tensor([index % VALIDATION_EVERY == VALIDATION_EVERY - 1 for index in mine])
+    validation = torch.tensor([index % VALIDATION_EVERY == VALIDATION_EVERY - 1 for index in mine], dtype=torch.long)
+    stage = torch.tensor([(index // run.config.batch_size) % FIRST_STAGE_EVERY != 0 for index in mine],
+                         dtype=torch.long)
+    return validation, stage
 

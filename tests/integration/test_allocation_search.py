@@ -106,21 +106,68 @@ def test_the_search_returns_the_plan_it_took_of_lowest_validation_kl(monkeypatch
     assert _held_out_kl(dense, model, windows, stride) == pytest.approx(summary["kl_searched"], rel=1e-4)
 
 
+@pytest.mark.parametrize("samples, stages", [(8, 2), (4, 1)])
+def test_a_candidate_not_better_on_the_first_stage_is_not_measured_further(monkeypatch, tokenizer, calibration_texts,
+                                                                           samples, stages):
+    """Racing: with two batches of held-out windows, a candidate is measured on the first batch (windows 0-3), and
+    on the second only when its search KL on the first is lower than the plan's there; every plan taken was measured
+    on both. With one batch there is one stage."""
+    from osscar_hf.pipeline.search import _Search
+
+    real_try, real_evaluate = _Search.try_candidate, _Search._evaluate
+    trials = []  # per candidate: [(stage, candidate's KL sums of that stage's batches)], the plan's, accepted
+
+    def evaluate(self, sizes, start, built, stage):
+        totals, states = real_evaluate(self, sizes, start, built, stage)
+        if trials:
+            trials[-1][0].append((stage, totals.clone()))
+        return totals, states
+
+    def record(self, sizes):
+        trials.append(([], self.totals.clone(), None))
+        accepted = real_try(self, sizes)
+        trials[-1] = trials[-1][:2] + (accepted,)
+        return accepted
+
+    monkeypatch.setattr(_Search, "_evaluate", evaluate)
+    monkeypatch.setattr(_Search, "try_candidate", record)
+    model = make_model("llama-gqa", num_hidden_layers=3)
+    fields = dict(SMALL, allocation_samples=samples)
+    pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=30))
+    pruner.prune(model, tokenizer, progress=False)
+    summary = pruner.report.budget["allocation_search"]
+    early = [m for m, _, _ in trials if len(m) < stages]
+    assert summary["rejected_early"] == len(early)
+    for measured, plan, accepted in trials:
+        first = measured[0][1]
+        if stages == 2:  # the first stage measured windows 0-3 alone: nothing of the second stage's windows
+            assert first[1].sum() == 0 and first[0, :, 1].sum() > 0
+        first_lower = bool(first[0, 0, 0] < plan[0, 0, 0])
+        assert [stage for stage, _ in measured] == (list(range(stages)) if first_lower or stages == 1 else [0])
+        if accepted:
+            whole = sum(totals for _, totals in measured)
+            assert whole[:, 0, 0].sum() < plan[:, 0, 0].sum() and whole[:, :, 1].sum() == plan[:, :, 1].sum()
+    if stages == 2:
+        assert 0 < len(early) < len(trials) and summary["accepted"] > 0
+    else:
+        assert summary["rejected_early"] == 0
+
+
 def test_a_search_that_only_overfits_gives_back_the_curves_plan(monkeypatch, tokenizer, calibration_texts):
     """When every plan the search takes is worse on the validation windows (here made so), the curves' plan is
     pruned."""
-    from osscar_hf.pipeline.search import Divergence, _Search
+    from osscar_hf.pipeline.search import Divergence
 
     seen = _spy(monkeypatch)
-    real_kl = _Search._kl
+    real_kl = Divergence.from_totals
     calls = []
 
-    def worse_later(self, outputs):
-        kl = real_kl(self, outputs)
+    def worse_later(totals):
+        kl = real_kl(totals)
         calls.append(1)
         return Divergence(kl.search, kl.validation + 10.0 * len(calls), kl.all)
 
-    monkeypatch.setattr(_Search, "_kl", worse_later)
+    monkeypatch.setattr(Divergence, "from_totals", worse_later)
     model = make_model("llama-gqa", num_hidden_layers=3)
     fields = dict(SMALL, allocation_samples=8)
     pruner = OsscarPruner(OsscarConfig(dataset=calibration_texts, **fields, **GLOBAL, allocation_search=10))

@@ -200,8 +200,12 @@ def test_each_rank_solves_half_the_experts(runs):
 @pytest.mark.parametrize("case", sorted(c for c, (_, _, calibration_only) in CASES.items() if calibration_only))
 def test_each_rank_runs_half_the_block_forwards(runs, case):
     counts = [r[case]["forwards"] for r in runs["ranks"]]
-    assert counts == [runs["single"][case]["forwards"] // WORLD] * WORLD
-    assert runs["single"][case]["forwards"] > 0
+    single = runs["single"][case]["forwards"]
+    assert single > 0 and sum(counts) == single  # no forward run twice
+    if case == "llama-gqa-search":  # the search's first stage (held-out batch 0) runs on the rank that holds it
+        assert counts[0] > counts[1]
+    else:
+        assert counts == [single // WORLD] * WORLD
 
 
 def test_ranks_measure_the_damage_of_one_process_on_half_the_held_out_windows(runs):

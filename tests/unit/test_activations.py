@@ -130,6 +130,22 @@ def test_copy_shares_files_until_both_are_closed(tmp_path):
         assert not list(space.folder.iterdir()) and space.bytes_on_disk == 0
 
 
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_subset_shares_the_chosen_tensors(tmp_path, storage):
+    with ActivationSpace(storage, tmp_path) as space:
+        space.resolve(16)
+        a = space.store()
+        a.extend(torch.full((2,), float(i)) for i in range(4))
+        some, prefix, none = a.subset([3, 1]), a.copy(1), a.subset([])
+        a.close()  # the copies keep their tensors
+        assert [float(t[0]) for t in some] == [3.0, 1.0] and [float(t[0]) for t in prefix] == [0.0]
+        assert len(none) == 0
+        for store in (some, prefix, none):
+            store.close()
+        if storage == "disk":
+            assert space.bytes_on_disk == 0
+
+
 def test_space_removes_its_folder_also_on_errors(tmp_path):
     parent = tmp_path / "new" / "parent"  # created when needed
     with pytest.raises(RuntimeError, match="boom"):
