@@ -66,13 +66,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "global, sequential pruning pass": {"allocation": "global", "reuse_planning_grams": False},
     "global, 16 held-out windows": {"allocation": "global", "allocation_samples": 16},
     "global, 32 held-out windows": {"allocation": "global", "allocation_samples": 32},
+    "global, 64 held-out windows": {"allocation": "global", "allocation_samples": 64},
+    "global, 128 held-out windows": {"allocation": "global", "allocation_samples": 128},
     "global, damping 0.001": {"allocation": "global", "damping": 0.001},
     # The curves' plan refined by candidate exchanges, each evaluated as a whole model on the held-out windows. The
-    # rows "..., first version" in quality.json were measured before the search kept validation windows apart.
+    # rows "..., first version" in quality.json were measured before the search kept validation windows apart, and
+    # "..., before racing" before a candidate was measured first on every fourth batch of held-out windows (with 8
+    # windows, one batch, there is no racing).
     "global, allocation search 150, validation": {"allocation": "global", "allocation_search": 150},
-    "global, 16 held-out windows, allocation search 150, validation": {
-        "allocation": "global", "allocation_samples": 16, "allocation_search": 150},
     "global, allocation search 400, validation": {"allocation": "global", "allocation_search": 400},
+    "global, 16 held-out windows, allocation search 150, racing": {
+        "allocation": "global", "allocation_samples": 16, "allocation_search": 150},
+    "global, 32 held-out windows, allocation search 150, racing": {
+        "allocation": "global", "allocation_samples": 32, "allocation_search": 150},
 }
 
 
@@ -247,8 +253,9 @@ def _search(row: Row) -> str:
     if not row.search:
         return ""
     s = row.search
-    return (f"{s['accepted']} / {s['chosen']} of {s['candidates']}, {s['kl_plan']:.4f} -> {s['kl_searched']:.4f} "
-            f"({s['validation_kl_plan']:.4f} -> {s['validation_kl_searched']:.4f})")
+    early = f" ({s['rejected_early']} stopped at the first stage)" if s.get("rejected_early") else ""
+    return (f"{s['accepted']} / {s['chosen']} of {s['candidates']}{early}, {s['kl_plan']:.4f} -> "
+            f"{s['kl_searched']:.4f} ({s['validation_kl_plan']:.4f} -> {s['validation_kl_searched']:.4f})")
 
 
 def save(args: argparse.Namespace, rows: list[Row], settings: dict[str, Any]) -> None:
