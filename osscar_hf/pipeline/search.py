@@ -141,7 +141,6 @@ class _Search:
         self.sizes: list[BlockSize] = []
         self.kl = Divergence(math.inf, math.inf, math.inf)
         self.validation, self.window_stage = _window_groups(run)
-        self.racing = int(run.held_out.shape[0]) > run.config.batch_size  # a window in the second stage
         self.stages: list[list[int]] = []
         self.states: list[list[ActivationStore]] = []
         self.totals = torch.zeros(2, 2, 2, dtype=torch.float64)
@@ -211,7 +210,7 @@ class _Search:
                 stage_totals, stage_states = self._evaluate(sizes, changed[0], built, stage)
                 totals += stage_totals
                 states.append(stage_states)
-                if stage == 0 and self.racing and not totals[0, 0, 0] < self.totals[0, 0, 0]:
+                if stage + 1 < len(self.stages) and not totals[0, 0, 0] < self.totals[0, 0, 0]:
                     self.rejected_early += 1
                     return False
             kl = Divergence.from_totals(totals.sum(0))
@@ -226,8 +225,9 @@ class _Search:
                 _close(stores)
 
     def _batch_stages(self) -> list[list[int]]:
-        """This rank's held-out batches in the order of the stages: first those holding a window of the first stage."""
-        if not self.racing:
+        """This rank's held-out batches in the order of the stages: first those holding a window of the first stage;
+        one stage when no window of any rank is in the second (all of them in one batch)."""
+        if int(self.run.held_out.shape[0]) <= self.run.config.batch_size:
             return [list(range(len(self.dense)))]
         first = [bool((self.window_stage[start:start + d.shape[0]] == 0).any())
                  for start, d in zip(self.first_window, self.dense)]
@@ -295,16 +295,16 @@ class _Search:
         """``totals[s, g] = (sum of KL(dense || pruned), positions)`` over every rank's windows of stage ``s`` and
         group ``g`` in the held-out ``batches`` (this rank's, whose last block outputs are ``outputs``)."""
         totals = torch.zeros(2, 2, 2, dtype=torch.float64)
+        cells = totals.view(4, 2)  # (stage, group) flattened
         with modules_on(self.head, self.device), torch.no_grad():
             for batch, hidden in zip(batches, outputs):
                 pruned = self._log_probs(hidden)
                 reference = self.dense[batch].to(self.device)
                 per_window = (reference.exp() * (reference - pruned)).sum(-1).double().sum(-1).cpu()
                 windows = slice(self.first_window[batch], self.first_window[batch] + per_window.shape[0])
-                cell = (self.window_stage[windows] * 2 + self.validation[windows]).long()
-                flat = totals.view(4, 2)
-                flat[:, 0].index_add_(0, cell, per_window)
-                flat[:, 1].index_add_(0, cell, torch.full_like(per_window, reference.shape[1]))
+                cell = self.window_stage[windows] * 2 + self.validation[windows]
+                cells[:, 0].index_add_(0, cell, per_window)
+                cells[:, 1].index_add_(0, cell, torch.full_like(per_window, reference.shape[1]))
         if self.run.settings.ranks.distributed:
             sum_in_place(totals, self.run.settings.ranks)
         return totals
